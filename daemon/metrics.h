@@ -1,0 +1,53 @@
+/*
+ * metrics.h — the daemon's telemetry registry (counters, gauges, fixed-bucket
+ * histograms). Worker threads record with atomics on per-metric cells (no
+ * global lock); the loop thread renders snapshots as a msgpack map
+ * (metrics.get, metrics.subscribe) or Prometheus text exposition.
+ * Names follow Prometheus conventions: nsad_ prefix, base units, _total.
+ */
+#ifndef NSAD_METRICS_H
+#define NSAD_METRICS_H
+
+#include <msgpack.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "nsa/sel_attn.h"
+#include "nsa_proto.h"
+
+typedef struct nsad_metrics nsad_metrics_t;
+
+nsad_metrics_t *nsad_metrics_new(void);
+void nsad_metrics_free(nsad_metrics_t *m);
+
+/* One finished request (any method). path < 0 when no kernel path applies;
+ * code NSA_E_OK on success. latency_s is receive → reply. */
+void nsad_metrics_request(nsad_metrics_t *m, nsa_method_t method, int path, nsa_proto_code_t code,
+                          double latency_s);
+/* A kernel run: device time by path, rows, row-length histogram from the plan. */
+void nsad_metrics_kernel(nsad_metrics_t *m, int path, const nsa_run_info_t *info);
+/* A shadow comparison between two paths. */
+void nsad_metrics_shadow(nsad_metrics_t *m, int primary, int shadow, double max_abs,
+                         double max_rel);
+
+/* Gauges set by their owners. */
+typedef enum {
+  NSAD_G_SESSIONS = 0,
+  NSAD_G_REGIONS,
+  NSAD_G_MAPPED_BYTES,
+  NSAD_G_WORKSPACE_BYTES,
+  NSAD_G_QUEUE_DEPTH,
+  NSAD_G_FLAGS_EPOCH,
+  NSAD_G_COUNT
+} nsad_gauge_t;
+void nsad_metrics_gauge_set(nsad_metrics_t *m, nsad_gauge_t g, double v);
+void nsad_metrics_gauge_add(nsad_metrics_t *m, nsad_gauge_t g, double dv);
+/* Flag values exported as nsad_flag_value{flag="..."}. */
+void nsad_metrics_flag_value(nsad_metrics_t *m, int flag_id, const char *name, double v);
+
+/* Renders. */
+void nsad_metrics_pack_map(nsad_metrics_t *m, msgpack_packer *pk);
+/* Returns a malloc'd NUL-terminated Prometheus text; *len its length. */
+char *nsad_metrics_prometheus(nsad_metrics_t *m, size_t *len);
+
+#endif
