@@ -23,6 +23,9 @@ extern "C" {
 
 #define NSA_PROTO_VERSION 1
 #define NSA_PROTO_DEFAULT_MAX_MESSAGE (1u << 20)
+/* Deepest container nesting a message may have (msgpack-c's own parse stack is
+ * 32 deep); deeper input is a fatal bad_request. */
+#define NSA_PROTO_MAX_DEPTH 32
 
 /* DESIGN.md §4 error codes, in order. */
 typedef enum {
@@ -100,6 +103,16 @@ int nsa_proto_decoder_feed(nsa_proto_decoder_t *d, const void *data, size_t len)
 int nsa_proto_decoder_next(nsa_proto_decoder_t *d, nsa_proto_msg_t *out, nsa_proto_err_t *err,
                            int *msgid_known, uint32_t *msgid);
 
+/* Bytes fed but not yet returned as messages (bounded: the message being
+ * assembled never exceeds max_message before next() fails). */
+size_t nsa_proto_decoder_pending(const nsa_proto_decoder_t *d);
+
+/* For clients: the error of a response. Returns 0 when error is nil, 1 when
+ * *err was filled from {code, message} (message cut to fit the buffer; unknown
+ * code strings map to internal), -1 when the error object is malformed (err
+ * is then filled with an internal error describing that). */
+int nsa_proto_response_error(const nsa_proto_msg_t *m, nsa_proto_err_t *err);
+
 /* ----------------------------------------------------- typed requests --- */
 
 typedef enum {
@@ -149,6 +162,9 @@ typedef struct {
  * shape/strides lies in [offset, offset + *end_excl). Returns 0, or -1 if any
  * arithmetic overflows 64 bits. A tensor with a zero dimension has extent 0. */
 int nsa_proto_tensor_extent(const nsa_proto_tensor_t *t, uint64_t *end_excl);
+/* Fills strides as contiguous row-major for the shape (has_strides stays as
+ * is). Returns 0, or -1 if ndim is out of range or a stride overflows. */
+int nsa_proto_tensor_set_contiguous(nsa_proto_tensor_t *t);
 
 typedef struct {
   nsa_sel_kind_t kind;
@@ -231,6 +247,12 @@ typedef struct {
  * (e.g. "missing key 'q'", "key 'q.shape' must be an array of ≤5 ints"). */
 int nsa_proto_parse_request(const nsa_proto_msg_t *m, nsa_request_t *req, nsa_proto_err_t *err);
 
+/* Required keys (DESIGN.md §4). hello: protocol, client, pid (labels
+ * optional); region.register: kind + (device, handle, size) or (name, size);
+ * sel_attn.*: see nsa_req_sel_attn_t. Optional keys may be absent or nil.
+ * Integers must be msgpack integers (never floats); strings never contain NUL
+ * and must fit their buffers (never truncated). */
+
 /* Map lookup helper: value for key or NULL (map must be MSGPACK_OBJECT_MAP). */
 const msgpack_object *nsa_proto_map_get(const msgpack_object *map, const char *key);
 
@@ -257,6 +279,11 @@ void nsa_proto_write_error(nsa_proto_writer_t *w, uint32_t msgid, nsa_proto_code
 /* [2, method, ...         — caller then packs the params map. */
 void nsa_proto_write_notification_begin(nsa_proto_writer_t *w, const char *method);
 
+/* Encodes a typed request: [0, msgid, method, params] with params built from
+ * req (the inverse of nsa_proto_parse_request; tensors without has_strides are
+ * sent without strides). */
+void nsa_proto_write_request(nsa_proto_writer_t *w, uint32_t msgid, const nsa_request_t *req);
+
 /* Packing helpers (key/value pairs inside a map the caller opened). */
 void nsa_proto_pack_str(msgpack_packer *pk, const char *s);
 void nsa_proto_pack_kv_str(msgpack_packer *pk, const char *key, const char *val);
@@ -273,6 +300,11 @@ int nsa_proto_get_int(const msgpack_object *map, const char *key, int64_t *out);
 int nsa_proto_get_uint(const msgpack_object *map, const char *key, uint64_t *out);
 int nsa_proto_get_double(const msgpack_object *map, const char *key, double *out);
 int nsa_proto_get_str(const msgpack_object *map, const char *key, char *buf, size_t len);
+/* (get_str fails with -1 rather than truncate when the string does not fit.) */
+int nsa_proto_get_bool(const msgpack_object *map, const char *key, int *out);
+/* Zero-copy string value: pointer into the message (not NUL-terminated) and
+ * its length, or NULL when missing / not a string. */
+const char *nsa_proto_get_strn(const msgpack_object *map, const char *key, size_t *len);
 
 #ifdef __cplusplus
 }
