@@ -75,4 +75,39 @@ uint64_t nsad_flags_epoch(nsad_flags_t *f);
 void nsad_flags_pack_get(nsad_flags_t *f, const nsa_proto_label_t *labels, int nlabels,
                          msgpack_packer *pk);
 
+/* ---- additions (ops helper) ---------------------------------------- */
+
+/* Flag id for a name, or -1; name of an id, or NULL. */
+int nsad_flag_lookup(const char *name);
+const char *nsad_flag_name(int id);
+/* Parses a value as in the environment for flag `id` (bools 1/true/yes/on,
+ * 0/false/no/off, case-insensitive; MIN_L 0..2147483647; rate 0..1). Returns
+ * 0, or -1 with a message saying what is allowed. */
+int nsad_flag_parse_value(int id, const char *text, double *out, char *msg, size_t msglen);
+/* Canonical text of a value ("1", "128", "0.25"). */
+void nsad_flag_format_value(int id, double v, char *buf, size_t len);
+
+/* Rollout bucket 0..9999 of a session (hash of its labels sorted by key,
+ * plus the flag name). A percent rule p admits buckets < round(p*100). */
+uint32_t nsad_flags_rollout_bucket(const nsa_proto_label_t *labels, int nlabels, const char *flag);
+
+/* Reads the config file (KEY=VALUE, # comments, optional quotes; may be NULL)
+ * and then envp (NULL = environ; NSA_* variables, which win over the file) and
+ * calls nsad_flags_set_config with the NSA_* pairs. Call at start and on
+ * SIGHUP. A bad file/value changes nothing and returns -1 with msg. */
+int nsad_flags_load_config(nsad_flags_t *f, const char *config_path, char *const *envp, char *msg,
+                           size_t msglen);
+
+/* Keeps nsad_flag_value{flag} and nsad_flags_epoch in `m` current (now and on
+ * every change). m must outlive f, or be detached with NULL first. */
+struct nsad_metrics;
+void nsad_flags_attach_metrics(nsad_flags_t *f, struct nsad_metrics *m);
+
+/* Audit sink: one complete line without '\n' per change, e.g.
+ *   2026-11-27T03:20:18.123Z audit [nsad] flags.set uid=0 pid=42 client="nsactl"
+ *   flag=NSA_SEL_VARLEN_V2 old=1(default) new=0(runtime) rule=percent=30 epoch=7
+ * Default (fn NULL): written to stderr. Called with the writer lock held. */
+typedef void (*nsad_flags_audit_fn)(void *ud, const char *line);
+void nsad_flags_set_audit(nsad_flags_t *f, nsad_flags_audit_fn fn, void *ud);
+
 #endif

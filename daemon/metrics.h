@@ -50,4 +50,23 @@ void nsad_metrics_pack_map(nsad_metrics_t *m, msgpack_packer *pk);
 /* Returns a malloc'd NUL-terminated Prometheus text; *len its length. */
 char *nsad_metrics_prometheus(nsad_metrics_t *m, size_t *len);
 
+/* ---- additions (ops helper) ---------------------------------------- */
+
+/* Reads back a gauge (tests, nsactl-like status). */
+double nsad_metrics_gauge_get(nsad_metrics_t *m, nsad_gauge_t g);
+/* Sum of nsad_requests_total cells matching method (-1 any), path (-2 any,
+ * -1 none, else nsa_path_t) and code (-1 any). */
+uint64_t nsad_metrics_requests(nsad_metrics_t *m, int method, int path, int code);
+
+/*
+ * Map form (metrics.get default, metrics.subscribe notifications): one map
+ *   { family_name: { "type": "counter"|"gauge"|"histogram", "help": str,
+ *                    "samples": [ sample, ... ] }, ... }
+ * counter/gauge sample: { "labels": {k: v}, "value": uint (counter) | double }
+ * histogram sample:     { "labels": {k: v}, "le": [finite upper bounds...],
+ *                         "counts": [cumulative counts, len(le)+1, last = +Inf],
+ *                         "sum": double, "count": uint }
+ * Names, labels and units are the same as in the Prometheus text.
+ */
+
 #endif
