@@ -57,4 +57,33 @@ static inline int nsa_sel_entry(const nsa_selection_t *sel, const nsa_dims_t *d,
   return 1;
 }
 
+/* ---- packed path (packed_common.c) ----
+ *
+ * Non-empty rows are bucketed by padded length Lp = max(16, next_pow2(len)):
+ * the 16/32/64 buckets are the dense fallback buckets for short rows, the
+ * rest double up to the longest row. Each bucket is processed in chunks of
+ * rows whose padded K/V copies fit NSA_CPU_PACKED_WS_CAP. */
+#define NSA_CPU_PACKED_MIN_L 16
+#define NSA_CPU_PACKED_NB 32 /* bucket b has Lp = 16 << b */
+
+typedef struct {
+  int64_t *order;                       /* [rows]: empty rows first, then bucket by bucket */
+  int64_t n_empty;                      /* order[0..n_empty) are the empty rows */
+  int64_t start[NSA_CPU_PACKED_NB + 1]; /* bucket b is order[start[b]..start[b+1]) */
+} nsa_cpu_buckets_t;
+
+int nsa_cpu_bucketize(const nsa_plan_t *plan, nsa_cpu_buckets_t *bk);
+void nsa_cpu_buckets_free(nsa_cpu_buckets_t *bk);
+static inline int64_t nsa_cpu_bucket_lp(int b) { return (int64_t)NSA_CPU_PACKED_MIN_L << b; }
+/* Rows per chunk so that count rows of per_row bytes stay under the cap (>= 1). */
+int64_t nsa_cpu_chunk_rows(size_t per_row, int64_t count);
+/* Gathers row r's keys through the plan into kp[Lp][Dk], vp[Lp][Dv] (f32),
+ * zero-padding positions >= row_len. */
+void nsa_cpu_gather_row(const nsa_tensor_t *k, const nsa_tensor_t *v, const nsa_dims_t *d,
+                        const nsa_plan_t *plan, int64_t r, int64_t Lp, float *kp, float *vp);
+/* Per-thread scratch: nthreads buffers of `floats` floats each. */
+float **nsa_cpu_thread_scratch(size_t floats, int *nthreads);
+void nsa_cpu_thread_scratch_free(float **s, int nthreads);
+int nsa_cpu_thread_id(void);
+
 #endif /* NSA_CPU_INTERNAL_H */
