@@ -1,0 +1,444 @@
+/* dispatch.c — request handling on the loop thread (see dispatch.h). */
+#include "dispatch.h"
+
+#include <grp.h>
+#include <inttypes.h>
+#include <pwd.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "server.h"
+#include "session.h"
+
+static nsad_out_t *result_begin(uint32_t msgid) {
+  nsad_out_t *o = nsad_out_new();
+  if (o) nsa_proto_write_result_begin(&o->w, msgid);
+  return o;
+}
+
+static void reply_nil(nsad_session_t *s, uint32_t msgid) {
+  nsad_out_t *o = result_begin(msgid);
+  if (!o) return;
+  msgpack_pack_nil(&o->w.pk);
+  nsad_session_send(s, o);
+}
+
+static void reply_uint(nsad_session_t *s, uint32_t msgid, const char *key, uint64_t v) {
+  nsad_out_t *o = result_begin(msgid);
+  if (!o) return;
+  msgpack_pack_map(&o->w.pk, 1);
+  nsa_proto_pack_kv_uint(&o->w.pk, key, v);
+  nsad_session_send(s, o);
+}
+
+int nsad_is_admin(nsad_server_t *srv, uid_t uid, gid_t gid) {
+  if (uid == 0 || uid == getuid()) return 1;
+  const char *name = srv->cfg->admin_group;
+  if (!name || !*name) return 0;
+  struct group grb, *gr = NULL;
+  char gbuf[16384];
+  if (getgrnam_r(name, &grb, gbuf, sizeof gbuf, &gr) != 0 || !gr) return 0;
+  gid_t admin = gr->gr_gid;
+  if (gid == admin) return 1;
+  /* Supplementary groups of the peer's user (SO_PEERCRED has only the primary). */
+  struct passwd pwb, *pw = NULL;
+  char pbuf[16384];
+  if (getpwuid_r(uid, &pwb, pbuf, sizeof pbuf, &pw) != 0 || !pw) return 0;
+  gid_t groups[512];
+  int n = 512;
+  if (getgrouplist(pw->pw_name, pw->pw_gid, groups, &n) < 0) n = 512;
+  for (int i = 0; i < n; i++)
+    if (groups[i] == admin) return 1;
+  return 0;
+}
+
+/* ------------------------------------------------------ tensor resolving --- */
+
+static int job_ref(nsad_job_t *job, nsad_region_t *r) {
+  for (int i = 0; i < job->nrefs; i++)
+    if (job->refs[i] == r) return 0;
+  if (job->nrefs == NSAD_JOB_MAX_REFS) return -1;
+  nsad_region_ref(r);
+  job->refs[job->nrefs++] = r;
+  return 0;
+}
+
+/* Maps a wire tensor ref to a pointer, checking that every element its
+ * shape/strides can reach lies inside the region (overflow-safe). */
+static int resolve(nsad_session_t *s, nsad_job_t *job, const char *name,
+                   const nsa_proto_tensor_t *pt, nsa_tensor_t *out, nsa_proto_err_t *err) {
+  nsad_region_t *r = nsad_registry_find(&s->reg, pt->region, 0);
+  if (!r)
+    return nsa_proto_err_set(err, NSA_E_NOT_FOUND, "tensor '%s': no region %" PRIu64
+                             " in this session", name, pt->region);
+  size_t es = nsa_dtype_size(pt->dtype);
+  if (es == 0 || pt->offset % es)
+    return nsa_proto_err_set(err, NSA_E_BAD_REQUEST,
+                             "tensor '%s': offset %" PRIu64 " is not a multiple of the %s size",
+                             name, pt->offset, nsa_dtype_name(pt->dtype));
+  uint64_t ext = 0;
+  if (nsa_proto_tensor_extent(pt, &ext) != 0)
+    return nsa_proto_err_set(err, NSA_E_OUT_OF_BOUNDS,
+                             "tensor '%s': its extent overflows 64 bits", name);
+  if (pt->offset > r->size || ext > r->size - pt->offset)
+    return nsa_proto_err_set(err, NSA_E_OUT_OF_BOUNDS,
+                             "tensor '%s' needs bytes [%" PRIu64 ", %" PRIu64 "+%" PRIu64
+                             ") of region %" PRIu64 ", which has %" PRIu64 " bytes",
+                             name, pt->offset, pt->offset, ext, r->id, r->size);
+  if (job->nrefs > 0 && job->refs[0]->device != r->device)
+    return nsa_proto_err_set(err, NSA_E_BAD_REQUEST,
+                             "tensor '%s' is on device %d, the other tensors on %d", name,
+                             r->device, job->refs[0]->device);
+  if (job_ref(job, r) != 0)
+    return nsa_proto_err_set(err, NSA_E_BAD_REQUEST, "too many regions in one request");
+  memset(out, 0, sizeof *out);
+  out->data = (char *)r->base + pt->offset;
+  out->dtype = pt->dtype;
+  out->ndim = pt->ndim;
+  for (int i = 0; i < pt->ndim && i < NSA_MAX_DIMS; i++) {
+    out->shape[i] = pt->shape[i];
+    out->stride[i] = pt->strides[i];
+  }
+  return 0;
+}
+
+static int resolve_event(nsad_session_t *s, nsad_job_t *job, uint64_t id, void **out,
+                         nsa_proto_err_t *err) {
+  nsad_region_t *ev = nsad_registry_find(&s->reg, id, 1);
+  if (!ev)
+    return nsa_proto_err_set(err, NSA_E_NOT_FOUND, "no event %" PRIu64 " in this session", id);
+  if (job_ref(job, ev) != 0)
+    return nsa_proto_err_set(err, NSA_E_BAD_REQUEST, "too many regions in one request");
+  *out = ev->base;
+  return 0;
+}
+
+static int resolve_sel(nsad_session_t *s, nsad_job_t *job, const nsa_proto_sel_t *ps,
+                       nsa_selection_t *sel, nsa_proto_err_t *err) {
+  sel->kind = ps->kind;
+  sel->block_size = ps->block_size;
+  return resolve(s, job, ps->kind == NSA_SEL_RANGES ? "sel.ranges" : "sel.indices", &ps->t,
+                 &sel->t, err);
+}
+
+void nsad_dispatch_job_free(nsad_server_t *srv, nsad_job_t *job) {
+  for (int i = 0; i < job->nrefs; i++) nsad_region_unref(job->refs[i], &srv->backend);
+  free(job);
+}
+
+/* Builds and queues a sel_attn.forward/backward job. */
+static int submit_sel(nsad_session_t *s, const nsa_request_t *req, double t0,
+                      nsa_proto_err_t *err) {
+  nsad_server_t *srv = s->srv;
+  const nsa_req_sel_attn_t *ra = &req->u.sel_attn;
+  nsad_job_t *job = calloc(1, sizeof *job);
+  if (!job) return nsa_proto_err_set(err, NSA_E_INTERNAL, "out of memory");
+  job->session = s;
+  job->msgid = req->msgid;
+  job->t_recv = t0;
+  job->kind = req->method == NSA_M_SEL_FORWARD ? NSAD_JOB_FWD : NSAD_JOB_BWD;
+  char msg[256] = "";
+  nsa_dims_t dims;
+  int rc;
+  float scale = ra->has_scale ? (float)ra->scale : 0.0f;
+  if (job->kind == NSAD_JOB_FWD) {
+    nsa_fwd_args_t *a = &job->fwd;
+    if ((rc = resolve(s, job, "q", &ra->q, &a->q, err)) || (rc = resolve(s, job, "k", &ra->k, &a->k, err)) ||
+        (rc = resolve(s, job, "v", &ra->v, &a->v, err)) || (rc = resolve(s, job, "o", &ra->o, &a->o, err)) ||
+        (ra->has_lse && (rc = resolve(s, job, "lse", &ra->lse, &a->lse, err))) ||
+        (rc = resolve_sel(s, job, &ra->sel, &a->sel, err)))
+      goto fail;
+    a->scale = scale;
+    if (nsa_fwd_check(a, &dims, msg, sizeof msg) != NSA_OK) {
+      nsa_proto_err_set(err, NSA_E_BAD_REQUEST, "%s", msg);
+      goto fail;
+    }
+  } else {
+    nsa_bwd_args_t *a = &job->bwd;
+    if ((rc = resolve(s, job, "q", &ra->q, &a->q, err)) || (rc = resolve(s, job, "k", &ra->k, &a->k, err)) ||
+        (rc = resolve(s, job, "v", &ra->v, &a->v, err)) || (rc = resolve(s, job, "o", &ra->o, &a->o, err)) ||
+        (rc = resolve(s, job, "lse", &ra->lse, &a->lse, err)) ||
+        (rc = resolve(s, job, "do", &ra->dout, &a->dout, err)) ||
+        (rc = resolve(s, job, "dq", &ra->dq, &a->dq, err)) || (rc = resolve(s, job, "dk", &ra->dk, &a->dk, err)) ||
+        (rc = resolve(s, job, "dv", &ra->dv, &a->dv, err)) ||
+        (rc = resolve_sel(s, job, &ra->sel, &a->sel, err)))
+      goto fail;
+    a->scale = scale;
+    if (nsa_bwd_check(a, &dims, msg, sizeof msg) != NSA_OK) {
+      nsa_proto_err_set(err, NSA_E_BAD_REQUEST, "%s", msg);
+      goto fail;
+    }
+  }
+  if ((ra->has_wait_event && resolve_event(s, job, ra->wait_event, &job->ex.wait_event, err)) ||
+      (ra->has_done_event && resolve_event(s, job, ra->done_event, &job->ex.done_event, err)))
+    goto fail;
+  job->ex.sync = ra->sync;
+  if (srv->backend.ops->region_check)
+    for (int i = 0; i < job->nrefs; i++)
+      if (job->refs[i]->kind != NSAD_ENTRY_EVENT &&
+          srv->backend.ops->region_check(&srv->backend, job->refs[i], err))
+        goto fail;
+  /* One consistent flag snapshot for the whole request, taken now. */
+  nsad_flags_snapshot(srv->flags, s->labels, s->nlabels, &job->flags);
+  const nsad_region_t *qr = job->refs[0];
+  int queue = 0;
+  if (srv->backend.ops->queue_for)
+    queue = srv->backend.ops->queue_for(&srv->backend, qr);
+  else if (qr->device >= 0)
+    queue = qr->device % srv->backend.nqueues;
+  if (queue < 0 || queue >= srv->jq.nqueues) queue = 0;
+  job->queue = queue;
+  job->lane = &s->lanes[queue];
+  nsad_session_job_queued(s);
+  nsad_jobq_push(&srv->jq, job);
+  return 0;
+fail:
+  nsad_dispatch_job_free(srv, job);
+  return -1;
+}
+
+void nsad_dispatch_job_done(nsad_server_t *srv, nsad_job_t *job) {
+  nsad_session_t *s = job->session;
+  nsa_method_t method = job->kind == NSAD_JOB_FWD ? NSA_M_SEL_FORWARD : NSA_M_SEL_BACKWARD;
+  nsa_proto_code_t code = job->status == NSA_OK ? NSA_E_OK : nsa_proto_code_from_status(job->status);
+  int path = job->info.path >= 0 && job->info.path < NSA_PATH_COUNT ? (int)job->info.path : -1;
+  if (srv->metrics) {
+    nsad_metrics_request(srv->metrics, method, path, code, nsad_now() - job->t_recv);
+    if (code == NSA_E_OK) nsad_metrics_kernel(srv->metrics, path, &job->info);
+    if (job->shadow_done)
+      nsad_metrics_shadow(srv->metrics, path, (int)job->shadow.shadow_path, job->shadow.max_abs,
+                          job->shadow.max_rel);
+  }
+  if (!s->closing) {
+    if (code == NSA_E_OK) {
+      nsad_out_t *o = result_begin(job->msgid);
+      if (o) {
+        msgpack_pack_map(&o->w.pk, 6);
+        nsa_proto_pack_kv_str(&o->w.pk, "path", nsa_path_name(job->info.path));
+        nsa_proto_pack_kv_int(&o->w.pk, "rows", job->info.rows);
+        nsa_proto_pack_kv_int(&o->w.pk, "max_len", job->info.max_len);
+        nsa_proto_pack_kv_double(&o->w.pk, "mean_len", job->info.mean_len);
+        nsa_proto_pack_kv_uint(&o->w.pk, "flags_epoch", job->flags.epoch);
+        nsa_proto_pack_kv_double(&o->w.pk, "device_us", job->info.device_us);
+        nsad_session_send(s, o);
+      }
+    } else {
+      if (!job->msg[0]) {
+        if (code == NSA_E_INVALID_SELECTION)
+          snprintf(job->msg, sizeof job->msg, "%" PRId64 " invalid selection entries",
+                   job->info.invalid);
+        else
+          snprintf(job->msg, sizeof job->msg, "%s", nsa_status_code_name(job->status));
+      }
+      nsad_session_send_error(s, job->msgid, code, job->msg);
+    }
+  }
+  if (job->status == NSA_ERR_DEVICE_FATAL) {
+    nsad_err("fatal device error: %s; shutting down so that nsad can be restarted", job->msg);
+    nsad_server_begin_shutdown(srv, "fatal device error", 70);
+  }
+  nsad_dispatch_job_free(srv, job);
+  nsad_session_job_finished(s);
+}
+
+/* ------------------------------------------------------------- methods --- */
+
+static void do_hello(nsad_session_t *s, const nsa_request_t *req, nsa_proto_err_t *err) {
+  nsad_server_t *srv = s->srv;
+  const nsa_req_hello_t *h = &req->u.hello;
+  if (s->hello_done) {
+    nsa_proto_err_set(err, NSA_E_BAD_REQUEST, "hello was already done on this connection");
+    return;
+  }
+  if (h->protocol != NSA_PROTO_VERSION) {
+    nsa_proto_err_set(err, NSA_E_PROTOCOL_VERSION,
+                      "client speaks protocol %lld, this nsad speaks protocol %d",
+                      (long long)h->protocol, NSA_PROTO_VERSION);
+    return;
+  }
+  s->hello_done = 1;
+  snprintf(s->client, sizeof s->client, "%s", h->client);
+  s->pid = h->pid;
+  s->nlabels = h->nlabels;
+  memcpy(s->labels, h->labels, sizeof(s->labels[0]) * (size_t)h->nlabels);
+  nsad_info("session %llu: hello from '%s' (pid %lld, peer uid %u pid %d, %d labels)",
+            (unsigned long long)s->id, s->client, (long long)s->pid, (unsigned)s->uid,
+            (int)s->peer_pid, s->nlabels);
+  nsad_out_t *o = result_begin(req->msgid);
+  if (!o) return;
+  msgpack_packer *pk = &o->w.pk;
+  msgpack_pack_map(pk, 6);
+  nsa_proto_pack_kv_int(pk, "protocol", NSA_PROTO_VERSION);
+  nsa_proto_pack_kv_str(pk, "server", "nsad " NSAD_VERSION);
+  nsa_proto_pack_kv_str(pk, "backend", srv->backend.ops->name);
+  nsa_proto_pack_str(pk, "devices");
+  msgpack_pack_array(pk, (size_t)srv->backend.ndevices);
+  for (int i = 0; i < srv->backend.ndevices; i++) nsa_proto_pack_str(pk, srv->backend.devices[i]);
+  nsa_proto_pack_kv_uint(pk, "session", s->id);
+  nsa_proto_pack_kv_uint(pk, "flags_epoch", nsad_flags_epoch(srv->flags));
+  nsad_session_send(s, o);
+}
+
+static void do_region_register(nsad_session_t *s, const nsa_request_t *req, int event,
+                               nsa_proto_err_t *err) {
+  nsad_server_t *srv = s->srv;
+  if (s->reg.count >= srv->cfg->max_regions) {
+    nsa_proto_err_set(err, NSA_E_BUSY,
+                      "this session already holds %d regions/events (the limit); unregister some",
+                      s->reg.count);
+    return;
+  }
+  nsad_region_t *r = nsad_region_alloc(event ? NSAD_ENTRY_EVENT : NSAD_ENTRY_SHM);
+  if (!r) {
+    nsa_proto_err_set(err, NSA_E_INTERNAL, "out of memory");
+    return;
+  }
+  int rc = event ? srv->backend.ops->event_open(&srv->backend, &req->u.event_register, r, err)
+                 : srv->backend.ops->region_open(&srv->backend, &req->u.region_register, s->uid,
+                                                 r, err);
+  if (rc != 0) {
+    free(r);
+    return;
+  }
+  nsad_registry_add(&s->reg, r);
+  nsad_debug("session %llu: %s %llu registered (%s, %llu bytes)", (unsigned long long)s->id,
+             event ? "event" : "region", (unsigned long long)r->id, r->name,
+             (unsigned long long)r->size);
+  reply_uint(s, req->msgid, event ? "event" : "region", r->id);
+  nsad_server_update_gauges(srv);
+}
+
+static void do_unregister(nsad_session_t *s, const nsa_request_t *req, int event,
+                          nsa_proto_err_t *err) {
+  uint64_t id = event ? req->u.event : req->u.region;
+  if (nsad_registry_remove(&s->reg, &s->srv->backend, id, event) != 0) {
+    nsa_proto_err_set(err, NSA_E_NOT_FOUND, "no %s %llu in this session",
+                      event ? "event" : "region", (unsigned long long)id);
+    return;
+  }
+  reply_nil(s, req->msgid);
+  nsad_server_update_gauges(s->srv);
+}
+
+static int require_admin(nsad_session_t *s, const char *what, nsa_proto_err_t *err) {
+  if (nsad_is_admin(s->srv, s->uid, s->gid)) return 0;
+  nsad_warn("session %llu: %s refused for uid %u (pid %d, client '%s'): not an admin",
+            (unsigned long long)s->id, what, (unsigned)s->uid, (int)s->peer_pid, s->client);
+  return nsa_proto_err_set(err, NSA_E_PERMISSION_DENIED,
+                           "%s needs root, the daemon's uid or the admin group%s%s", what,
+                           s->srv->cfg->admin_group ? " " : "",
+                           s->srv->cfg->admin_group ? s->srv->cfg->admin_group : "");
+}
+
+static void do_flags(nsad_session_t *s, const nsa_request_t *req, nsa_proto_err_t *err) {
+  nsad_server_t *srv = s->srv;
+  if (req->method == NSA_M_FLAGS_GET) {
+    nsad_out_t *o = result_begin(req->msgid);
+    if (!o) return;
+    nsad_flags_pack_get(srv->flags, s->labels, s->nlabels, &o->w.pk);
+    nsad_session_send(s, o);
+    return;
+  }
+  const char *what = req->method == NSA_M_FLAGS_SET ? "flags.set" : "flags.reset";
+  if (require_admin(s, what, err)) return;
+  nsad_actor_t who = {.uid = (uint32_t)s->uid, .pid = (int32_t)s->peer_pid, .client = s->client};
+  uint64_t epoch = 0;
+  int rc = req->method == NSA_M_FLAGS_SET
+               ? nsad_flags_set(srv->flags, &req->u.flags_set, &who, &epoch, err)
+               : nsad_flags_reset(srv->flags, req->u.flag_name, &who, &epoch, err);
+  if (rc != 0) {
+    if (err->code == NSA_E_OK) nsa_proto_err_set(err, NSA_E_INTERNAL, "%s failed", what);
+    return;
+  }
+  reply_uint(s, req->msgid, "epoch", epoch);
+  nsad_server_update_gauges(srv);
+}
+
+static void do_metrics_get(nsad_session_t *s, const nsa_request_t *req, nsa_proto_err_t *err) {
+  nsad_server_t *srv = s->srv;
+  nsad_server_update_gauges(srv);
+  nsad_out_t *o = result_begin(req->msgid);
+  if (!o) return;
+  msgpack_pack_map(&o->w.pk, 1);
+  if (req->u.metrics_get.prometheus) {
+    size_t len = 0;
+    char *text = nsad_metrics_prometheus(srv->metrics, &len);
+    nsa_proto_pack_str(&o->w.pk, "text");
+    msgpack_pack_str(&o->w.pk, text ? len : 0);
+    msgpack_pack_str_body(&o->w.pk, text ? text : "", text ? len : 0);
+    free(text);
+  } else {
+    nsa_proto_pack_str(&o->w.pk, "metrics");
+    nsad_metrics_pack_map(srv->metrics, &o->w.pk);
+  }
+  nsad_session_send(s, o);
+}
+
+void nsad_dispatch(nsad_session_t *s, const nsa_proto_msg_t *msg) {
+  nsad_server_t *srv = s->srv;
+  double t0 = nsad_now();
+  /* The request union is ~15 KB: keep it off the stack; the loop thread is
+   * the only caller, so one static buffer serves. */
+  static nsa_request_t req;
+  nsa_proto_err_t err;
+  memset(&err, 0, sizeof err);
+  int path = -1;
+  nsa_method_t method = NSA_M_COUNT;
+  if (nsa_proto_parse_request(msg, &req, &err) != 0) {
+    int m = nsa_method_lookup(msg->method, msg->method_len);
+    method = m >= 0 ? (nsa_method_t)m : NSA_M_COUNT;
+    goto error;
+  }
+  method = req.method;
+  if (!s->hello_done && method != NSA_M_HELLO) {
+    nsa_proto_err_set(&err, NSA_E_BAD_REQUEST, "the first request must be hello (got %s)",
+                      nsa_method_name(method));
+    goto error;
+  }
+  switch (method) {
+    case NSA_M_HELLO: do_hello(s, &req, &err); break;
+    case NSA_M_PING: reply_nil(s, req.msgid); break;
+    case NSA_M_REGION_REGISTER: do_region_register(s, &req, 0, &err); break;
+    case NSA_M_REGION_UNREGISTER: do_unregister(s, &req, 0, &err); break;
+    case NSA_M_EVENT_REGISTER: do_region_register(s, &req, 1, &err); break;
+    case NSA_M_EVENT_UNREGISTER: do_unregister(s, &req, 1, &err); break;
+    case NSA_M_SEL_FORWARD:
+    case NSA_M_SEL_BACKWARD:
+      if (submit_sel(s, &req, t0, &err) == 0) {
+        nsad_server_update_gauges(srv);
+        return; /* replied and counted when the job comes back */
+      }
+      break;
+    case NSA_M_FLAGS_GET:
+    case NSA_M_FLAGS_SET:
+    case NSA_M_FLAGS_RESET: do_flags(s, &req, &err); break;
+    case NSA_M_METRICS_GET: do_metrics_get(s, &req, &err); break;
+    case NSA_M_METRICS_SUBSCRIBE:
+      if (nsad_session_subscribe(s, req.u.metrics_subscribe.interval_ms) != 0)
+        nsa_proto_err_set(&err, NSA_E_INTERNAL, "cannot start the subscription timer");
+      else
+        reply_nil(s, req.msgid);
+      break;
+    case NSA_M_SHUTDOWN:
+      if (require_admin(s, "shutdown", &err)) break;
+      nsad_info("shutdown requested by uid %u (pid %d, client '%s')", (unsigned)s->uid,
+                (int)s->peer_pid, s->client);
+      reply_nil(s, req.msgid);
+      if (srv->metrics) nsad_metrics_request(srv->metrics, method, -1, NSA_E_OK, nsad_now() - t0);
+      nsad_server_begin_shutdown(srv, "shutdown request", 0);
+      return;
+    default: nsa_proto_err_set(&err, NSA_E_UNKNOWN_METHOD, "unknown method"); break;
+  }
+  if (err.code != NSA_E_OK) goto error;
+  if (srv->metrics) nsad_metrics_request(srv->metrics, method, path, NSA_E_OK, nsad_now() - t0);
+  return;
+error:
+  nsad_debug("session %llu: msgid %u: %s: %s", (unsigned long long)s->id, msg->msgid,
+             nsa_proto_code_name(err.code), err.message);
+  nsad_session_send_error(s, msg->msgid, err.code, err.message);
+  if (srv->metrics && method != NSA_M_COUNT)
+    nsad_metrics_request(srv->metrics, method, -1, err.code, nsad_now() - t0);
+}
