@@ -123,7 +123,7 @@ int nsa_cpu_varlen_fwd(const nsa_fwd_args_t *a, const nsa_dims_t *d, const nsa_p
   int oom = 0;
 #pragma omp parallel
   {
-    fwd_scratch_t w;
+    fwd_scratch_t w = {0};
     float *buf = scratch_alloc(d, &w);
     if (!buf) {
 #pragma omp atomic write

@@ -44,6 +44,8 @@ static void check_all_paths(const nsa_tu_case_cfg_t *cfg) {
     nsa_tu_to_f64(&c.o.t, go);
     nsa_tu_to_f64(&c.lse.t, gl);
     double eo = nsa_tu_rel_err(go, ro, no), el = nsa_tu_rel_err(gl, rl, nl);
+    cr_log_info("%s: o %.3g lse %.3g (h=%lld %s)", nsa_path_name(k_paths[pi]), eo, el,
+                (long long)cfg->h, nsa_dtype_name(cfg->dtype));
     cr_expect(eo <= tol_for(cfg->dtype),
               "%s o rel err %.3g (h=%lld dtype=%s bs=%d ranges=%d seed=%llu)",
               nsa_path_name(k_paths[pi]), eo, (long long)cfg->h, nsa_dtype_name(cfg->dtype),
