@@ -313,6 +313,10 @@ static int parse_region_register(const msgpack_object *P, nsa_req_region_registe
   } else if (str_is(kind, "shm")) {
     r->kind = NSA_REGION_SHM;
     if (req_str(P, NULL, "name", r->name, sizeof r->name, 1, err)) return -1;
+    /* A POSIX shm name is one path component after a leading '/'. */
+    if (r->name[0] != '/' || r->name[1] == '\0' || strchr(r->name + 1, '/'))
+      return nsa_proto_err_set(err, NSA_E_BAD_REQUEST,
+                               "key 'name' must be a shared-memory name like \"/nsa-...\"");
   } else {
     return nsa_proto_err_set(err, NSA_E_BAD_REQUEST,
                              "key 'kind' must be \"cuda_ipc\" or \"shm\"");

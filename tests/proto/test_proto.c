@@ -156,7 +156,12 @@ static void rand_request(nsa_method_t m, nsa_request_t *r) {
         r->u.region_register.device = (int32_t)rng_int(0, INT32_MAX);
         for (int i = 0; i < 64; i++) r->u.region_register.handle[i] = (uint8_t)rng_u64();
       } else {
-        rand_str(r->u.region_register.name, sizeof r->u.region_register.name);
+        char *nm = r->u.region_register.name;
+        rand_str(nm, sizeof r->u.region_register.name);
+        nm[0] = '/';
+        for (char *c = nm + 1; *c; c++)
+          if (*c == '/') *c = '_';
+        if (!nm[1]) nm[1] = 'x', nm[2] = '\0';
       }
       r->u.region_register.size = 1 + (rng_u64() >> rng_int(1, 63));
       break;
@@ -806,6 +811,9 @@ Test(params, wrong_types) {
   expect_err("region.register", "{\"kind\": \"shm\", \"name\": \"/x\", \"size\": 0}", NSA_E_BAD_REQUEST, "key 'size' must be a positive integer");
   expect_err("region.register", "{\"kind\": \"shm\", \"name\": \"\", \"size\": 4}", NSA_E_BAD_REQUEST, "key 'name' must not be empty");
   expect_err("region.register", "{\"kind\": \"shm\", \"name\": \"/nsa\\0x\", \"size\": 4}", NSA_E_BAD_REQUEST, "NUL");
+  expect_err("region.register", "{\"kind\": \"shm\", \"name\": \"nsa-1\", \"size\": 4}", NSA_E_BAD_REQUEST, "key 'name' must be a shared-memory name");
+  expect_err("region.register", "{\"kind\": \"shm\", \"name\": \"/\", \"size\": 4}", NSA_E_BAD_REQUEST, "key 'name'");
+  expect_err("region.register", "{\"kind\": \"shm\", \"name\": \"/../etc/passwd\", \"size\": 4}", NSA_E_BAD_REQUEST, "key 'name'");
   expect_err("event.register", "{\"device\": true, \"handle\": bin64}", NSA_E_BAD_REQUEST, "key 'device'");
   expect_err("sel_attn.forward", FWD_Q("[1]"), NSA_E_BAD_REQUEST, "key 'q' must be a map");
   expect_err("sel_attn.forward", FWD_Q("{\"region\": 1, \"offset\": 0, \"dtype\": \"f64\", \"shape\": [1]}"), NSA_E_BAD_REQUEST, "key 'q.dtype'");
@@ -896,7 +904,15 @@ Test(params, strings_never_truncated) {
   cr_assert(eq(sz, strlen(req.u.hello.client), 127));
   expect_err("hello", "{\"protocol\": 1, \"client\": str128, \"pid\": 1}", NSA_E_BAD_REQUEST, "key 'client' is too long");
   expect_err("region.register", "{\"kind\": \"shm\", \"name\": str256, \"size\": 1}", NSA_E_BAD_REQUEST, "key 'name' is too long");
-  expect_ok("region.register", "{\"kind\": \"shm\", \"name\": str255, \"size\": 1}", &req);
+  expect_err("region.register", "{\"kind\": \"shm\", \"name\": str255, \"size\": 1}", NSA_E_BAD_REQUEST, "shared-memory name");
+  {
+    char name[300] = "{\"kind\": \"shm\", \"name\": \"/";
+    size_t k = strlen(name);
+    memset(name + k, 'n', 254);
+    strcpy(name + k + 254, "\", \"size\": 1}");
+    expect_ok("region.register", name, &req);
+    cr_assert(eq(sz, strlen(req.u.region_register.name), 255));
+  }
   expect_err("flags.set", "{\"name\": str64, \"value\": \"1\"}", NSA_E_BAD_REQUEST, "key 'name' is too long");
   expect_err("flags.set", "{\"name\": \"X\", \"value\": str256}", NSA_E_BAD_REQUEST, "key 'value' is too long");
   expect_err("flags.reset", "{\"name\": str64}", NSA_E_BAD_REQUEST, "key 'name' is too long");
