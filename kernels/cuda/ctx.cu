@@ -151,6 +151,8 @@ extern "C" size_t nsa_cuda_ctx_workspace_bytes(const nsa_cuda_ctx_t *ctx) {
   return ctx ? ctx->arena_size : 0;
 }
 
+extern "C" void *nsa_cuda_ctx_stream(nsa_cuda_ctx_t *ctx) { return ctx ? (void *)ctx->stream : NULL; }
+
 static size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
 
 // Makes the arena at least `need` bytes, keeping its first `keep` bytes.

@@ -29,6 +29,9 @@ int nsa_cuda_device_name(int device, char *buf, size_t len);
 int nsa_cuda_ctx_create(int device, size_t ws_cap, nsa_cuda_ctx_t **out, char *msg, size_t msglen);
 void nsa_cuda_ctx_destroy(nsa_cuda_ctx_t *ctx);
 size_t nsa_cuda_ctx_workspace_bytes(const nsa_cuda_ctx_t *ctx); /* current arena size */
+/* The context's cudaStream_t (for CUDA graph capture of a sync=0 request and
+ * for callers that order their own work after the context's). */
+void *nsa_cuda_ctx_stream(nsa_cuda_ctx_t *ctx);
 
 /* Options of one request. wait_event/done_event are cudaEvent_t (may be NULL).
  * sync = 1: the call returns after the work finished and info is complete.

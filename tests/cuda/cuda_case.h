@@ -1,0 +1,84 @@
+/*
+ * cuda_case.h — device mirrors of a tests/common selection case.
+ *
+ * Each host buffer of an nsa_tu_case_t (whole allocation, so gaps, padding
+ * and storage order survive) is copied to a cudaMalloc'd twin; the device
+ * views keep the host views' shapes and strides. Outputs are copied back into
+ * the host buffers, so the tests compare through the same helpers as the CPU
+ * suites.
+ */
+#ifndef NSA_TEST_CUDA_CASE_H
+#define NSA_TEST_CUDA_CASE_H
+
+#include <cuda_runtime.h>
+#include <string.h>
+
+#include "nsa/sel_attn_cuda.h"
+#include "sel_case.h"
+
+typedef struct {
+  void *q, *k, *v, *o, *lse, *sel;
+  nsa_fwd_args_t fwd; /* device views */
+} nsa_tc_dev_t;
+
+static inline nsa_tensor_t nsa_tc_up(const nsa_tu_buf_t *b, void **d) {
+  nsa_tensor_t t = b->t;
+  *d = NULL;
+  if (cudaMalloc(d, b->bytes ? b->bytes : 16) != cudaSuccess) return t;
+  cudaMemcpy(*d, b->mem, b->bytes, cudaMemcpyHostToDevice);
+  t.data = (char *)*d + ((char *)b->t.data - (char *)b->mem);
+  return t;
+}
+
+static inline void nsa_tc_down(nsa_tu_buf_t *b, const void *d) {
+  cudaMemcpy(b->mem, d, b->bytes, cudaMemcpyDeviceToHost);
+}
+
+/* Uploads every forward tensor (outputs as they are now: poison first). */
+static inline int nsa_tc_dev_init(nsa_tc_dev_t *dv, const nsa_tu_case_t *c) {
+  memset(dv, 0, sizeof(*dv));
+  dv->fwd = c->fwd;
+  dv->fwd.q = nsa_tc_up(&c->q, &dv->q);
+  dv->fwd.k = nsa_tc_up(&c->k, &dv->k);
+  dv->fwd.v = nsa_tc_up(&c->v, &dv->v);
+  dv->fwd.o = nsa_tc_up(&c->o, &dv->o);
+  dv->fwd.lse = nsa_tc_up(&c->lse, &dv->lse);
+  dv->fwd.sel.t = nsa_tc_up(&c->sel, &dv->sel);
+  return (dv->q && dv->k && dv->v && dv->o && dv->lse && dv->sel) ? 0 : -1;
+}
+
+/* Re-poisons the outputs on the host and uploads the poison. */
+static inline void nsa_tc_poison(nsa_tc_dev_t *dv, nsa_tu_case_t *c) {
+  nsa_tu_case_poison_outputs(c);
+  cudaMemcpy(dv->o, c->o.mem, c->o.bytes, cudaMemcpyHostToDevice);
+  cudaMemcpy(dv->lse, c->lse.mem, c->lse.bytes, cudaMemcpyHostToDevice);
+}
+
+/* Re-uploads the selection after a test edited c->sel_raw. */
+static inline void nsa_tc_sync_sel(nsa_tc_dev_t *dv, nsa_tu_case_t *c) {
+  nsa_tu_case_sync_sel(c);
+  cudaMemcpy(dv->sel, c->sel.mem, c->sel.bytes, cudaMemcpyHostToDevice);
+}
+
+static inline void nsa_tc_fetch(nsa_tc_dev_t *dv, nsa_tu_case_t *c) {
+  nsa_tc_down(&c->o, dv->o);
+  nsa_tc_down(&c->lse, dv->lse);
+}
+
+static inline void nsa_tc_dev_free(nsa_tc_dev_t *dv) {
+  cudaFree(dv->q);
+  cudaFree(dv->k);
+  cudaFree(dv->v);
+  cudaFree(dv->o);
+  cudaFree(dv->lse);
+  cudaFree(dv->sel);
+  memset(dv, 0, sizeof(*dv));
+}
+
+#define NSA_REQUIRE_GPU()                                                                  \
+  do {                                                                                     \
+    if (nsa_cuda_device_count() == 0)                                                      \
+      cr_skip_test("no CUDA device visible: gpu suite skipped (run it on a GPU machine)"); \
+  } while (0)
+
+#endif

@@ -1,0 +1,414 @@
+/*
+ * test_cuda_fwd.c — every CUDA forward path vs the float64 reference.
+ *
+ * Inputs are fresh random values exactly representable in the dtype (the
+ * reference sees what the kernel reads); outputs are NaN-poisoned on the
+ * device before each run. f32 (generic kernel) must agree to <= 1e-5
+ * relative (max-norm); bf16/f16 (tensor cores, P rounded to the dtype before
+ * P.V, output rounded) within 1e-2 / 5e-3.
+ */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+#include <stdlib.h>
+
+#include "cuda_case.h"
+
+static const nsa_path_t k_paths[] = {NSA_PATH_VARLEN_V2, NSA_PATH_VARLEN_V1, NSA_PATH_PACKED};
+
+static double tol_o(nsa_dtype_t dt) { return dt == NSA_F32 ? 1e-5 : dt == NSA_F16 ? 5e-3 : 1e-2; }
+static double tol_l(nsa_dtype_t dt) { return dt == NSA_F32 ? 1e-5 : 1e-4; }
+
+typedef struct {
+  nsa_tu_case_t c;
+  nsa_tc_dev_t dv;
+  double *ro, *rl, *go, *gl;
+  int64_t no, nl;
+} fx_t;
+
+static void fx_init(fx_t *f, const nsa_tu_case_cfg_t *cfg) {
+  cr_assert_eq(nsa_tu_case_init(&f->c, cfg), 0, "case init");
+  cr_assert_eq(nsa_tc_dev_init(&f->dv, &f->c), 0, "device copy");
+  f->no = cfg->B * cfg->S * f->c.H * cfg->Dv;
+  f->nl = cfg->B * cfg->S * f->c.H;
+  f->ro = malloc(sizeof(double) * (size_t)(f->no + 1));
+  f->rl = malloc(sizeof(double) * (size_t)(f->nl + 1));
+  f->go = malloc(sizeof(double) * (size_t)(f->no + 1));
+  f->gl = malloc(sizeof(double) * (size_t)(f->nl + 1));
+  nsa_ref_fwd(&f->c.ref, f->ro, f->rl);
+}
+
+static void fx_free(fx_t *f) {
+  free(f->ro);
+  free(f->rl);
+  free(f->go);
+  free(f->gl);
+  nsa_tc_dev_free(&f->dv);
+  nsa_tu_case_teardown(&f->c);
+}
+
+static const char *cfg_str(const nsa_tu_case_cfg_t *c, char *buf, size_t len) {
+  snprintf(buf, len, "B=%lld S=%lld Skv=%lld G=%lld h=%lld Dk=%lld Dv=%lld n=%lld %s %s bs=%d%s%s seed=%llu",
+           (long long)c->B, (long long)c->S, (long long)c->Skv, (long long)c->G, (long long)c->h,
+           (long long)c->Dk, (long long)c->Dv, (long long)c->n, nsa_dtype_name(c->dtype),
+           c->ranges ? "ranges" : "blocks", c->block_size, c->gapped ? " gapped" : "",
+           c->kv_bgsd ? " kv_bgsd" : "", (unsigned long long)c->seed);
+  return buf;
+}
+
+/* Runs one path (sync) and compares with the reference. */
+static void run_check(nsa_cuda_ctx_t *ctx, fx_t *f, nsa_path_t path) {
+  char msg[256], cs[256];
+  nsa_tc_poison(&f->dv, &f->c);
+  nsa_run_info_t info;
+  nsa_cuda_exec_t ex = {.sync = 1};
+  int rc = nsa_cuda_sel_fwd(ctx, &f->dv.fwd, NULL, path, &ex, &info, msg, sizeof msg);
+  cr_assert_eq(rc, NSA_OK, "%s: rc %d: %s [%s]", nsa_path_name(path), rc, msg,
+               cfg_str(&f->c.cfg, cs, sizeof cs));
+  cr_expect_eq(info.path, path);
+  cr_expect_eq(info.rows, f->c.cfg.B * f->c.cfg.S * f->c.cfg.G);
+  nsa_tc_fetch(&f->dv, &f->c);
+  nsa_tu_to_f64(&f->c.o.t, f->go);
+  nsa_tu_to_f64(&f->c.lse.t, f->gl);
+  double eo = nsa_tu_rel_err(f->go, f->ro, f->no), el = nsa_tu_rel_err(f->gl, f->rl, f->nl);
+  cr_log_info("%s: o %.3g lse %.3g [%s]", nsa_path_name(path), eo, el, cfg_str(&f->c.cfg, cs, sizeof cs));
+  cr_expect(eo <= tol_o(f->c.cfg.dtype), "%s o rel err %.3g [%s]", nsa_path_name(path), eo,
+            cfg_str(&f->c.cfg, cs, sizeof cs));
+  cr_expect(el <= tol_l(f->c.cfg.dtype), "%s lse rel err %.3g [%s]", nsa_path_name(path), el,
+            cfg_str(&f->c.cfg, cs, sizeof cs));
+}
+
+static void check_paths(nsa_cuda_ctx_t *ctx, const nsa_tu_case_cfg_t *cfg) {
+  fx_t f;
+  fx_init(&f, cfg);
+  for (size_t p = 0; p < 3; p++) run_check(ctx, &f, k_paths[p]);
+  fx_free(&f);
+}
+
+static nsa_cuda_ctx_t *mkctx(size_t cap) {
+  nsa_cuda_ctx_t *ctx = NULL;
+  char msg[256];
+  cr_assert_eq(nsa_cuda_ctx_create(0, cap, &ctx, msg, sizeof msg), NSA_OK, "%s", msg);
+  return ctx;
+}
+
+static nsa_tu_case_cfg_t base(void) {
+  return (nsa_tu_case_cfg_t){.B = 2, .S = 24, .Skv = 130, .G = 2, .h = 2, .Dk = 128, .Dv = 64,
+                             .n = 5, .dtype = NSA_BF16, .block_size = 16,
+                             .sel_flags = NSA_TU_SEL_ALL, .seed = 1};
+}
+
+/* The foundation matrix: h x dtype x path, (Dk, Dv) rotating over the
+ * tensor-core sizes with Dk != Dv. */
+static void heads_matrix(nsa_dtype_t dt, int ranges, uint64_t seed0) {
+  NSA_REQUIRE_GPU();
+  nsa_cuda_ctx_t *ctx = mkctx(0);
+  const int64_t hs[] = {1, 2, 3, 4, 8, 16, 20};
+  const int64_t dks[] = {128, 64, 192, 256, 128, 64, 256};
+  const int64_t dvs[] = {64, 128, 256, 192, 128, 192, 64};
+  for (size_t i = 0; i < sizeof hs / sizeof hs[0]; i++) {
+    nsa_tu_case_cfg_t cfg = base();
+    cfg.dtype = dt;
+    cfg.h = hs[i];
+    cfg.Dk = dks[i];
+    cfg.Dv = dvs[i];
+    cfg.ranges = ranges;
+    cfg.n = ranges ? 6 : 5;
+    cfg.seed = seed0 + i;
+    check_paths(ctx, &cfg);
+  }
+  nsa_cuda_ctx_destroy(ctx);
+}
+
+Test(cuda_fwd, heads_bf16_blocks) { heads_matrix(NSA_BF16, 0, 100); }
+Test(cuda_fwd, heads_f16_blocks) { heads_matrix(NSA_F16, 0, 200); }
+Test(cuda_fwd, heads_f32_blocks) { heads_matrix(NSA_F32, 0, 300); }
+Test(cuda_fwd, heads_bf16_ranges) { heads_matrix(NSA_BF16, 1, 400); }
+Test(cuda_fwd, heads_f16_ranges) { heads_matrix(NSA_F16, 1, 500); }
+Test(cuda_fwd, heads_f32_ranges) { heads_matrix(NSA_F32, 1, 600); }
+
+/* Every (Dk, Dv) instantiation of the tensor-core kernel, both dtypes. */
+Test(cuda_fwd, all_head_dims) {
+  NSA_REQUIRE_GPU();
+  nsa_cuda_ctx_t *ctx = mkctx(0);
+  const int64_t ds[] = {64, 128, 192, 256};
+  int k = 0;
+  for (int dt = 0; dt < 2; dt++)
+    for (int i = 0; i < 4; i++)
+      for (int j = 0; j < 4; j++) {
+        nsa_tu_case_cfg_t cfg = base();
+        cfg.dtype = dt ? NSA_F16 : NSA_BF16;
+        cfg.Dk = ds[i];
+        cfg.Dv = ds[j];
+        cfg.h = 1 + (k % 5);
+        cfg.S = 9;
+        cfg.seed = 700 + k++;
+        fx_t f;
+        fx_init(&f, &cfg);
+        run_check(ctx, &f, NSA_PATH_VARLEN_V2);
+        fx_free(&f);
+      }
+  nsa_cuda_ctx_destroy(ctx);
+}
+
+/* Layouts: K/V stored [B,G,Skv,D] (strided but aligned: tensor cores),
+ * gapped + padded everything (generic kernel), head dims the tensor-core
+ * kernel does not build (generic kernel). */
+Test(cuda_fwd, layouts_and_fallbacks) {
+  NSA_REQUIRE_GPU();
+  nsa_cuda_ctx_t *ctx = mkctx(0);
+  for (int dt = 0; dt < 3; dt++) {
+    nsa_tu_case_cfg_t cfg = base();
+    cfg.dtype = (nsa_dtype_t)dt;
+    cfg.kv_bgsd = 1;
+    cfg.h = 3;
+    cfg.seed = 800 + dt;
+    check_paths(ctx, &cfg);
+    cfg.kv_bgsd = 0;
+    cfg.gapped = 1;
+    cfg.seed = 810 + dt;
+    check_paths(ctx, &cfg);
+    cfg.gapped = 0;
+    cfg.Dk = 40;
+    cfg.Dv = 24;
+    cfg.seed = 820 + dt;
+    check_paths(ctx, &cfg);
+  }
+  nsa_cuda_ctx_destroy(ctx);
+}
+
+/* Decode (S = 1), training alignment (S = Skv), B > 1, non-power-of-two
+ * blocks with a partial last block, long rows over many key tiles,
+ * correlated selections (query packing shares tiles), explicit scale. */
+Test(cuda_fwd, shapes_and_blocks) {
+  NSA_REQUIRE_GPU();
+  nsa_cuda_ctx_t *ctx = mkctx(0);
+  for (int dt = 0; dt < 3; dt++) {
+    nsa_tu_case_cfg_t cfg = base();
+    cfg.dtype = (nsa_dtype_t)dt;
+    cfg.S = 1;
+    cfg.Skv = 333;
+    cfg.B = 3;
+    cfg.h = 4;
+    cfg.n = 6;
+    cfg.seed = 900 + dt;
+    check_paths(ctx, &cfg);
+    cfg.S = cfg.Skv = 90;
+    cfg.B = 2;
+    cfg.h = 1;
+    cfg.block_size = 20;
+    cfg.seed = 910 + dt;
+    check_paths(ctx, &cfg);
+    cfg.S = 17;
+    cfg.Skv = 700;
+    cfg.block_size = 48;
+    cfg.n = 12;
+    cfg.h = 2;
+    cfg.sel_flags = NSA_TU_SEL_CORRELATED | NSA_TU_SEL_DUP;
+    cfg.scale = 0.37f;
+    cfg.seed = 920 + dt;
+    check_paths(ctx, &cfg);
+    cfg.block_size = 100;
+    cfg.h = 16;
+    cfg.sel_flags = NSA_TU_SEL_ALL;
+    cfg.scale = 0;
+    cfg.seed = 930 + dt;
+    check_paths(ctx, &cfg);
+  }
+  nsa_cuda_ctx_destroy(ctx);
+}
+
+/* Bad selection data: each path reports invalid_selection with the count,
+ * writes nothing (sync), and never reads out of bounds (run this suite under
+ * compute-sanitizer memcheck). With sync=0 on v2 the call is only queued: the
+ * kernels then write NaN instead of reading anything. */
+Test(cuda_fwd, invalid_selection) {
+  NSA_REQUIRE_GPU();
+  nsa_cuda_ctx_t *ctx = mkctx(0);
+  for (int ranges = 0; ranges < 2; ranges++) {
+    nsa_tu_case_cfg_t cfg = base();
+    cfg.ranges = ranges;
+    cfg.seed = 1000 + ranges;
+    fx_t f;
+    fx_init(&f, &cfg);
+    /* huge ids / spans: an unchecked kernel would read far outside K/V */
+    int32_t *s = f.c.sel_raw;
+    if (ranges) {
+      s[0] = 5, s[1] = 2;                    /* start > end */
+      s[10] = -70000, s[11] = 1000000;       /* negative start */
+      s[22] = 0x7ffffff0, s[23] = 0x7fffffff; /* valid, past Skv: clipped */
+    } else {
+      s[0] = 1 << 30;  /* id far past the end */
+      s[7] = -5;       /* below -1 */
+      s[13] = (int32_t)((cfg.Skv + cfg.block_size - 1) / cfg.block_size); /* one past */
+    }
+    nsa_tc_sync_sel(&f.dv, &f.c);
+    const int64_t want = nsa_ref_count_invalid(&f.c.ref);
+    cr_assert_gt(want, 0);
+    for (size_t p = 0; p < 3; p++) {
+      nsa_tc_poison(&f.dv, &f.c);
+      nsa_run_info_t info;
+      char msg[256];
+      nsa_cuda_exec_t ex = {.sync = 1};
+      int rc = nsa_cuda_sel_fwd(ctx, &f.dv.fwd, NULL, k_paths[p], &ex, &info, msg, sizeof msg);
+      cr_expect_eq(rc, NSA_ERR_INVALID_SELECTION, "%s: rc %d (%s)", nsa_path_name(k_paths[p]), rc, msg);
+      cr_expect_eq(info.invalid, want, "%s: invalid %lld want %lld", nsa_path_name(k_paths[p]),
+                   (long long)info.invalid, (long long)want);
+      nsa_tc_fetch(&f.dv, &f.c);
+      cr_expect(nsa_tu_is_poisoned(&f.c.o), "%s wrote o on invalid selection", nsa_path_name(k_paths[p]));
+    }
+    /* sync = 0, v2: queued; no reads; NaN out */
+    nsa_tc_poison(&f.dv, &f.c);
+    cudaMemset(f.dv.o, 0, f.c.o.bytes);
+    nsa_run_info_t info;
+    char msg[256];
+    nsa_cuda_exec_t ex = {.sync = 0};
+    int rc = nsa_cuda_sel_fwd(ctx, &f.dv.fwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg);
+    cr_expect_eq(rc, NSA_OK, "async v2: rc %d (%s)", rc, msg);
+    cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+    nsa_tc_fetch(&f.dv, &f.c);
+    nsa_tu_to_f64(&f.c.o.t, f.go);
+    int64_t nan = 0;
+    for (int64_t i = 0; i < f.no; i++) nan += isnan(f.go[i]) != 0;
+    cr_expect_eq(nan, f.no, "async invalid: %lld of %lld outputs NaN", (long long)nan, (long long)f.no);
+    /* the context stays usable: a valid request right after */
+    fx_free(&f);
+    fx_init(&f, &cfg);
+    run_check(ctx, &f, NSA_PATH_VARLEN_V2);
+    fx_free(&f);
+  }
+  nsa_cuda_ctx_destroy(ctx);
+}
+
+/* sync = 0 with wait/done events; CUDA graph capture of the v2 path;
+ * determinism (bitwise equal reruns). */
+Test(cuda_fwd, async_graph_determinism) {
+  NSA_REQUIRE_GPU();
+  nsa_cuda_ctx_t *ctx = mkctx(0);
+  nsa_tu_case_cfg_t cfg = base();
+  cfg.h = 3;
+  cfg.seed = 1100;
+  fx_t f;
+  fx_init(&f, &cfg);
+  run_check(ctx, &f, NSA_PATH_VARLEN_V2); /* warm: arena at its high-water mark */
+  void *first = malloc(f.c.o.bytes);
+  memcpy(first, f.c.o.mem, f.c.o.bytes);
+
+  cudaEvent_t wait_ev, done_ev;
+  cudaStream_t user;
+  cr_assert_eq(cudaStreamCreateWithFlags(&user, cudaStreamNonBlocking), cudaSuccess);
+  cudaEventCreateWithFlags(&wait_ev, cudaEventDisableTiming);
+  cudaEventCreateWithFlags(&done_ev, cudaEventDisableTiming);
+  nsa_tc_poison(&f.dv, &f.c);
+  cudaEventRecord(wait_ev, user);
+  nsa_cuda_exec_t ex = {.wait_event = wait_ev, .done_event = done_ev, .sync = 0};
+  nsa_run_info_t info;
+  char msg[256];
+  int rc = nsa_cuda_sel_fwd(ctx, &f.dv.fwd, NULL, NSA_PATH_AUTO, &ex, &info, msg, sizeof msg);
+  cr_assert_eq(rc, NSA_OK, "async: %s", msg);
+  cr_expect_eq(info.path, NSA_PATH_VARLEN_V2);
+  cudaStreamWaitEvent(user, done_ev, 0);
+  cr_assert_eq(cudaStreamSynchronize(user), cudaSuccess);
+  nsa_tc_fetch(&f.dv, &f.c);
+  cr_expect_eq(memcmp(first, f.c.o.mem, f.c.o.bytes), 0, "async result differs from sync result");
+
+  /* graph capture of the whole v2 request (planner + kernels) */
+  cudaStream_t st = (cudaStream_t)nsa_cuda_ctx_stream(ctx);
+  nsa_tc_poison(&f.dv, &f.c);
+  cudaGraph_t graph = NULL;
+  cr_assert_eq(cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed), cudaSuccess);
+  nsa_cuda_exec_t ex0 = {.sync = 0};
+  rc = nsa_cuda_sel_fwd(ctx, &f.dv.fwd, NULL, NSA_PATH_VARLEN_V2, &ex0, &info, msg, sizeof msg);
+  cudaError_t ce = cudaStreamEndCapture(st, &graph);
+  cr_assert_eq(rc, NSA_OK, "captured request: %s", msg);
+  cr_assert_eq(ce, cudaSuccess, "end capture: %s", cudaGetErrorString(ce));
+  cudaGraphExec_t exec;
+  cr_assert_eq(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  cr_assert_eq(cudaGraphLaunch(exec, st), cudaSuccess);
+  cr_assert_eq(cudaStreamSynchronize(st), cudaSuccess);
+  nsa_tc_fetch(&f.dv, &f.c);
+  cr_expect_eq(memcmp(first, f.c.o.mem, f.c.o.bytes), 0, "graph replay differs from direct run");
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+
+  cudaEventDestroy(wait_ev);
+  cudaEventDestroy(done_ev);
+  cudaStreamDestroy(user);
+  free(first);
+  fx_free(&f);
+  nsa_cuda_ctx_destroy(ctx);
+}
+
+/* Flags: AUTO follows them; MIN_L bypasses v2 for short rows. */
+Test(cuda_fwd, flags_choose_path) {
+  NSA_REQUIRE_GPU();
+  nsa_cuda_ctx_t *ctx = mkctx(0);
+  nsa_tu_case_cfg_t cfg = base();
+  cfg.seed = 1200;
+  fx_t f;
+  fx_init(&f, &cfg);
+  struct {
+    nsa_path_flags_t fl;
+    nsa_path_t want;
+  } cases[] = {
+      {{1, 1, 0}, NSA_PATH_VARLEN_V2},
+      {{1, 0, 0}, NSA_PATH_VARLEN_V1},
+      {{0, 1, 0}, NSA_PATH_PACKED},
+      {{1, 1, 1 << 20}, NSA_PATH_PACKED},
+      {{1, 1, 1}, NSA_PATH_VARLEN_V2},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+    for (int sync = 0; sync < 2; sync++) {
+      nsa_tc_poison(&f.dv, &f.c);
+      nsa_cuda_exec_t ex = {.sync = sync};
+      nsa_run_info_t info;
+      char msg[256];
+      int rc = nsa_cuda_sel_fwd(ctx, &f.dv.fwd, &cases[i].fl, NSA_PATH_AUTO, &ex, &info, msg, sizeof msg);
+      cr_assert_eq(rc, NSA_OK, "%s", msg);
+      cr_expect_eq(info.path, cases[i].want, "case %zu sync %d: path %s", i, sync, nsa_path_name(info.path));
+      cudaDeviceSynchronize();
+      nsa_tc_fetch(&f.dv, &f.c);
+      nsa_tu_to_f64(&f.c.o.t, f.go);
+      double eo = nsa_tu_rel_err(f.go, f.ro, f.no);
+      cr_expect(eo <= tol_o(cfg.dtype), "case %zu sync %d: o rel err %.3g", i, sync, eo);
+    }
+  fx_free(&f);
+  nsa_cuda_ctx_destroy(ctx);
+}
+
+/* Limits: workspace cap → busy; head dims over the limit → unsupported,
+ * naming it; a bad request shape → bad_request. */
+Test(cuda_fwd, limits) {
+  NSA_REQUIRE_GPU();
+  nsa_tu_case_cfg_t cfg = base();
+  cfg.seed = 1300;
+  fx_t f;
+  fx_init(&f, &cfg);
+  char msg[256];
+  nsa_cuda_exec_t ex = {.sync = 1};
+  nsa_run_info_t info;
+  nsa_cuda_ctx_t *small = mkctx(1024);
+  int rc = nsa_cuda_sel_fwd(small, &f.dv.fwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg);
+  cr_expect_eq(rc, NSA_ERR_BUSY, "rc %d (%s)", rc, msg);
+  nsa_cuda_ctx_destroy(small);
+  fx_free(&f);
+
+  nsa_cuda_ctx_t *ctx = mkctx(0);
+  cfg.Dk = 320;
+  cfg.Dv = 64;
+  cfg.S = 4;
+  fx_init(&f, &cfg);
+  rc = nsa_cuda_sel_fwd(ctx, &f.dv.fwd, NULL, NSA_PATH_AUTO, &ex, &info, msg, sizeof msg);
+  cr_expect_eq(rc, NSA_ERR_UNSUPPORTED, "rc %d (%s)", rc, msg);
+  cr_expect(strstr(msg, "256") != NULL, "message names the limit: %s", msg);
+  fx_free(&f);
+  cfg.Dk = 64;
+  fx_init(&f, &cfg);
+  nsa_fwd_args_t bad = f.dv.fwd;
+  bad.q.shape[2] = 3; /* H not a multiple of G */
+  rc = nsa_cuda_sel_fwd(ctx, &bad, NULL, NSA_PATH_AUTO, &ex, &info, msg, sizeof msg);
+  cr_expect_eq(rc, NSA_ERR_BAD_REQUEST, "rc %d (%s)", rc, msg);
+  fx_free(&f);
+  nsa_cuda_ctx_destroy(ctx);
+}
