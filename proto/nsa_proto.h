@@ -80,7 +80,14 @@ typedef struct {
 typedef struct nsa_proto_decoder nsa_proto_decoder_t;
 
 /* Streaming decoder on msgpack-c's unpacker; a message whose encoding exceeds
- * max_message bytes is a fatal stream error. */
+ * max_message bytes (0 = NSA_PROTO_DEFAULT_MAX_MESSAGE) is a fatal stream
+ * error. Every byte is pre-scanned without allocating before msgpack-c sees it:
+ * a header declaring more than the limit (e.g. a str32 of 4 GiB) fails at once,
+ * nesting deeper than NSA_PROTO_MAX_DEPTH fails, and the bytes held for the
+ * message being assembled never exceed the limit (+ a partial header). Call
+ * next() until it returns 0 after every commit. After a fatal error the
+ * decoder stays failed (next() repeats the error; further bytes are dropped).
+ * No global state: one decoder per connection, any thread. */
 nsa_proto_decoder_t *nsa_proto_decoder_new(size_t max_message);
 void nsa_proto_decoder_free(nsa_proto_decoder_t *d);
 
@@ -160,7 +167,10 @@ typedef struct {
 
 /* Overflow-safe byte extent of a tensor ref: every element reachable through
  * shape/strides lies in [offset, offset + *end_excl). Returns 0, or -1 if any
- * arithmetic overflows 64 bits. A tensor with a zero dimension has extent 0. */
+ * arithmetic overflows 64 bits — including offset + *end_excl, so on success
+ * that sum is safe to compare with a region size. A tensor with a zero
+ * dimension has extent 0. Also -1 for ndim outside 1..5, a negative
+ * shape/stride or an unknown dtype. */
 int nsa_proto_tensor_extent(const nsa_proto_tensor_t *t, uint64_t *end_excl);
 /* Fills strides as contiguous row-major for the shape (has_strides stays as
  * is). Returns 0, or -1 if ndim is out of range or a stride overflows. */
@@ -259,7 +269,8 @@ const msgpack_object *nsa_proto_map_get(const msgpack_object *map, const char *k
 /* ------------------------------------------------------------ encoding --- */
 
 /* A growable output buffer + packer. Pack into w->pk with msgpack-c calls or
- * the helpers below, then send w->sbuf.data / w->sbuf.size. */
+ * the helpers below, then send w->sbuf.data / w->sbuf.size. w->pk points at
+ * w->sbuf: use a writer in place, never copy it after init. */
 typedef struct {
   msgpack_sbuffer sbuf;
   msgpack_packer pk;
