@@ -1,0 +1,76 @@
+/* nsaclient_internal.h — state shared by nsaclient.c (connection, replies)
+ * and nsaclient_ops.c (regions, requests, values). Not installed. */
+#ifndef NSACLIENT_INTERNAL_H
+#define NSACLIENT_INTERNAL_H
+
+#include <msgpack.h>
+
+#include "nsa_proto.h"
+#include "nsaclient.h"
+
+/* A reply or notification read while waiting for something else. */
+typedef struct nsac_stash {
+  struct nsac_stash *next;
+  int notification;
+  uint32_t msgid;
+  char method[32];
+  char *err, *res; /* packed msgpack */
+  size_t err_len, res_len;
+} nsac_stash_t;
+
+typedef struct {
+  uint32_t msgid;
+  int gen; /* connection generation it was sent on */
+} nsac_out_t;
+
+/* A registered region: the caller's id stays; the wire id changes on reconnect. */
+typedef struct {
+  uint64_t id;      /* what the caller uses */
+  uint64_t wire_id; /* what the current connection's daemon knows */
+  char name[NSA_PROTO_STR];
+  uint64_t size;
+} nsac_region_t;
+
+struct nsa_client {
+  int fd;
+  int gen;
+  int connections;
+  char path[108];
+  char name[128];
+  nsa_proto_label_t labels[NSA_PROTO_MAX_LABELS];
+  int nlabels;
+  int timeout_ms;
+  int attempts;
+  nsa_proto_decoder_t *dec;
+  uint32_t next_msgid;
+  nsac_stash_t *stash_head, *stash_tail;
+  nsac_out_t *out;
+  int nout, capout;
+  nsac_region_t *regions;
+  int nregions, capregions;
+  nsa_client_shm_t **shms;
+  int nshm, capshm;
+  nsa_client_info_t info;
+  char err_code[32];
+  char err_msg[512];
+};
+
+struct nsa_client_value {
+  msgpack_unpacked up;
+  char *bytes; /* unpacked strings point into these bytes */
+};
+
+typedef void (*nsac_pack_fn)(nsa_client_t *c, msgpack_packer *pk, const void *ctx);
+
+int nsac_fail(nsa_client_t *c, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+int nsac_submit(nsa_client_t *c, const char *method, nsac_pack_fn fn, const void *ctx,
+                uint32_t *msgid);
+int nsac_wait_reply(nsa_client_t *c, uint32_t msgid, char **res, size_t *res_len);
+int nsac_call(nsa_client_t *c, const char *method, nsac_pack_fn fn, const void *ctx, char **res,
+              size_t *res_len);
+/* region.register kind=shm on the current connection (no reconnect). */
+int nsac_register_shm_wire(nsa_client_t *c, const char *name, uint64_t size, uint64_t *wire_id);
+int nsac_value_from_bytes(nsa_client_t *c, char *bytes, size_t len, nsa_client_value_t **out);
+
+#endif
