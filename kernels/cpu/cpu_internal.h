@@ -75,12 +75,21 @@ typedef struct {
 int nsa_cpu_bucketize(const nsa_plan_t *plan, nsa_cpu_buckets_t *bk);
 void nsa_cpu_buckets_free(nsa_cpu_buckets_t *bk);
 static inline int64_t nsa_cpu_bucket_lp(int b) { return (int64_t)NSA_CPU_PACKED_MIN_L << b; }
+/* Row stride of the transposed K tile kpt[Dk][ld]: Lp plus 16 floats, so the
+ * Dk rows of a power-of-two Lp do not alias the same cache sets (4 KiB). */
+static inline int64_t nsa_cpu_kld(int64_t Lp) { return Lp + 16; }
+/* f32 elements of one row's padded tiles: kpt[Dk][ld] + vp[Lp][Dv]. */
+static inline size_t nsa_cpu_tile_floats(const nsa_dims_t *d, int64_t Lp) {
+  return (size_t)(d->Dk * nsa_cpu_kld(Lp) + Lp * d->Dv);
+}
 /* Rows per chunk so that count rows of per_row bytes stay under the cap (>= 1). */
 int64_t nsa_cpu_chunk_rows(size_t per_row, int64_t count);
-/* Gathers row r's keys through the plan into kp[Lp][Dk], vp[Lp][Dv] (f32),
+/* Gathers row r's keys through the plan into kpt[Dk][ld = nsa_cpu_kld(Lp)] (K transposed, so
+ * the scores of all Lp keys are one vector loop) and vp[Lp][Dv] (f32),
  * zero-padding positions >= row_len. */
 void nsa_cpu_gather_row(const nsa_tensor_t *k, const nsa_tensor_t *v, const nsa_dims_t *d,
-                        const nsa_plan_t *plan, int64_t r, int64_t Lp, float *kp, float *vp);
+                        const nsa_plan_t *plan, int64_t r, int64_t Lp, float *kpt, float *vp,
+                        float *krow /* [Dk] */);
 /* Per-thread scratch: nthreads buffers of `floats` floats each. */
 float **nsa_cpu_thread_scratch(size_t floats, int *nthreads);
 void nsa_cpu_thread_scratch_free(float **s, int nthreads);

@@ -2,7 +2,7 @@
  * packed_bwd.c — the `packed` path backward on the CPU.
  *
  * Same buckets and chunks as the packed forward: gather each row's keys into
- * padded kp[i][Lp][Dk], vp[i][Lp][Dv], then per row (all its heads in one
+ * padded kpt[i][Dk][Lp] (transposed), vp[i][Lp][Dv], then per row (all its heads in one
  * task) dense masked gradients into padded dkp[i][Lp][Dk], dvp[i][Lp][Dv]
  * and dq directly (formulas in varlen_bwd.c). The padded key gradients are
  * then scattered back through the plan into f32 accumulators
@@ -14,13 +14,14 @@
 
 #include "cpu_internal.h"
 
+/* kp is kpt[Dk][nsa_cpu_kld(Lp)] (transposed), vp/dkp/dvp are [Lp][D]. */
 static void dense_row_bwd(const nsa_bwd_args_t *a, const nsa_dims_t *d, int64_t r, int64_t len,
                           int64_t Lp, const float *kp, const float *vp, float *dkp, float *dvp,
-                          float scale, float *w /* Dk + 2*Dv + Dk */) {
+                          float scale, float *w /* 2*Dk + 2*Dv + 2*Lp */) {
   int64_t b, t, g;
   nsa_row_decode(d, r, &b, &t, &g);
   const int64_t Dk = d->Dk, Dv = d->Dv;
-  float *q = w, *dout = q + Dk, *o = dout + Dv, *dq = o + Dv;
+  float *q = w, *dout = q + Dk, *o = dout + Dv, *dq = o + Dv, *p = dq + Dk, *ds = p + Lp;
   memset(dkp, 0, sizeof(float) * (size_t)(Lp * Dk));
   memset(dvp, 0, sizeof(float) * (size_t)(Lp * Dv));
   for (int64_t j = 0; j < d->h; j++) {
@@ -31,19 +32,20 @@ static void dense_row_bwd(const nsa_bwd_args_t *a, const nsa_dims_t *d, int64_t 
     nsa_load_vec(o, a->o.data, a->o.dtype, nsa_off3(&a->o, b, t, hd), a->o.stride[3], Dv);
     const float D = nsa_dot(dout, o, Dv);
     const float lse = ((const float *)a->lse.data)[nsa_off3(&a->lse, b, t, hd)];
-    memset(dq, 0, sizeof(float) * (size_t)Dk);
-    for (int64_t c = 0; c < Lp; c++) {
-      if (c >= len) continue; /* length mask: padded keys have P = 0 */
-      const float *kc = kp + c * Dk, *vc = vp + c * Dv;
-      float p = expf(scale * nsa_dot(q, kc, Dk) - lse);
-      float ds = p * (nsa_dot(dout, vc, Dv) - D) * scale;
-      float *dkc = dkp + c * Dk, *dvc = dvp + c * Dv;
-      for (int64_t e = 0; e < Dv; e++) dvc[e] += p * dout[e];
-      for (int64_t e = 0; e < Dk; e++) {
-        dq[e] += ds * kc[e];
-        dkc[e] += ds * q[e];
-      }
+    /* P = exp(scale * q K^T - lse) over the padded tile, 0 past len (mask) */
+    for (int64_t c = 0; c < Lp; c++) p[c] = 0.0f;
+    for (int64_t e = 0; e < Dk; e++) {
+      const float qe = q[e], *ke = kp + e * nsa_cpu_kld(Lp);
+      for (int64_t c = 0; c < Lp; c++) p[c] += qe * ke[c];
     }
+    for (int64_t c = 0; c < Lp; c++) {
+      p[c] = c < len ? expf(scale * p[c] - lse) : 0.0f;
+      ds[c] = p[c] * (nsa_dot(dout, vp + c * Dv, Dv) - D) * scale;
+      float *dkc = dkp + c * Dk, *dvc = dvp + c * Dv;
+      for (int64_t e = 0; e < Dv; e++) dvc[e] += p[c] * dout[e];
+      for (int64_t e = 0; e < Dk; e++) dkc[e] += ds[c] * q[e];
+    }
+    for (int64_t e = 0; e < Dk; e++) dq[e] = nsa_dot(ds, kp + e * nsa_cpu_kld(Lp), Lp);
     nsa_store_vec(a->dq.data, a->dq.dtype, nsa_off3(&a->dq, b, t, hd), a->dq.stride[3], dq, Dk);
   }
 }
@@ -56,20 +58,24 @@ int nsa_cpu_packed_bwd(const nsa_bwd_args_t *a, const nsa_dims_t *d, const nsa_p
   nsa_cpu_buckets_t bk;
   if (nsa_cpu_bucketize(plan, &bk) != NSA_OK) goto oom0;
 
-  const size_t per_key = 2 * sizeof(float) * (size_t)(Dk + Dv); /* kp,vp + dkp,dvp */
   size_t ws = 0;
   for (int bi = 0; bi < NSA_CPU_PACKED_NB; bi++) {
     int64_t cnt = bk.start[bi + 1] - bk.start[bi];
     if (!cnt) continue;
     int64_t Lp = nsa_cpu_bucket_lp(bi);
-    int64_t ch = nsa_cpu_chunk_rows(per_key * (size_t)Lp, cnt);
-    if ((size_t)ch * per_key * (size_t)Lp > ws) ws = (size_t)ch * per_key * (size_t)Lp;
+    /* kpt, vp + dkp, dvp */
+    size_t per_row = sizeof(float) * (nsa_cpu_tile_floats(d, Lp) + (size_t)(Lp * (Dk + Dv)));
+    int64_t ch = nsa_cpu_chunk_rows(per_row, cnt);
+    if ((size_t)ch * per_row > ws) ws = (size_t)ch * per_row;
   }
   const size_t acc_floats = (size_t)BG * (size_t)Skv * (size_t)(Dk + Dv);
   float *buf = malloc(ws ? ws : 1);
   float *acc = calloc(acc_floats ? acc_floats : 1, sizeof(float));
   int nt = 0;
-  float **scr = nsa_cpu_thread_scratch((size_t)(2 * Dk + 2 * Dv), &nt);
+  int64_t lp_max = NSA_CPU_PACKED_MIN_L;
+  for (int bi = 0; bi < NSA_CPU_PACKED_NB; bi++)
+    if (bk.start[bi + 1] > bk.start[bi]) lp_max = nsa_cpu_bucket_lp(bi);
+  float **scr = nsa_cpu_thread_scratch((size_t)(2 * Dk + 2 * Dv + 2 * lp_max), &nt);
   if (!buf || !acc || !scr) {
     free(buf);
     free(acc);
@@ -80,7 +86,7 @@ int nsa_cpu_packed_bwd(const nsa_bwd_args_t *a, const nsa_dims_t *d, const nsa_p
   float *dk_acc = acc, *dv_acc = acc + (size_t)BG * (size_t)Skv * (size_t)Dk;
   if (workspace_bytes)
     *workspace_bytes = ws + acc_floats * sizeof(float) + sizeof(int64_t) * (size_t)plan->rows +
-                       (size_t)nt * sizeof(float) * (size_t)(2 * Dk + 2 * Dv);
+                       (size_t)nt * sizeof(float) * (size_t)(2 * Dk + 2 * Dv + 2 * lp_max);
 
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < bk.n_empty; i++) {
@@ -94,18 +100,20 @@ int nsa_cpu_packed_bwd(const nsa_bwd_args_t *a, const nsa_dims_t *d, const nsa_p
     const int64_t b0 = bk.start[bi], cnt = bk.start[bi + 1] - b0;
     if (!cnt) continue;
     const int64_t Lp = nsa_cpu_bucket_lp(bi);
-    const int64_t ch = nsa_cpu_chunk_rows(per_key * (size_t)Lp, cnt);
-    /* kp[ch][Lp][Dk] vp[ch][Lp][Dv] dkp[ch][Lp][Dk] dvp[ch][Lp][Dv] */
-    float *kp = buf, *vp = kp + ch * Lp * Dk, *dkp = vp + ch * Lp * Dv, *dvp = dkp + ch * Lp * Dk;
+    const int64_t ch = nsa_cpu_chunk_rows(
+        sizeof(float) * (nsa_cpu_tile_floats(d, Lp) + (size_t)(Lp * (Dk + Dv))), cnt);
+    const int64_t kld = nsa_cpu_kld(Lp);
+    /* kpt[ch][Dk][kld] vp[ch][Lp][Dv] dkp[ch][Lp][Dk] dvp[ch][Lp][Dv] */
+    float *kp = buf, *vp = kp + ch * kld * Dk, *dkp = vp + ch * Lp * Dv, *dvp = dkp + ch * Lp * Dk;
     for (int64_t c0 = 0; c0 < cnt; c0 += ch) {
       const int64_t nrow = cnt - c0 < ch ? cnt - c0 : ch;
       const int64_t *rows = bk.order + b0 + c0;
 #pragma omp parallel for schedule(dynamic, 2)
       for (int64_t i = 0; i < nrow; i++) {
-        nsa_cpu_gather_row(&a->k, &a->v, d, plan, rows[i], Lp, kp + i * Lp * Dk, vp + i * Lp * Dv);
-        dense_row_bwd(a, d, rows[i], plan->row_len[rows[i]], Lp, kp + i * Lp * Dk,
-                      vp + i * Lp * Dv, dkp + i * Lp * Dk, dvp + i * Lp * Dv, scale,
-                      scr[nsa_cpu_thread_id()]);
+        float *w = scr[nsa_cpu_thread_id()];
+        nsa_cpu_gather_row(&a->k, &a->v, d, plan, rows[i], Lp, kp + i * kld * Dk, vp + i * Lp * Dv, w);
+        dense_row_bwd(a, d, rows[i], plan->row_len[rows[i]], Lp, kp + i * kld * Dk,
+                      vp + i * Lp * Dv, dkp + i * Lp * Dk, dvp + i * Lp * Dv, scale, w);
       }
       /* scatter: the task of (b, g) adds its rows' padded gradients in row order */
 #pragma omp parallel for schedule(dynamic, 1)

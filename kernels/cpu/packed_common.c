@@ -57,19 +57,21 @@ int64_t nsa_cpu_chunk_rows(size_t per_row, int64_t count) {
 }
 
 void nsa_cpu_gather_row(const nsa_tensor_t *k, const nsa_tensor_t *v, const nsa_dims_t *d,
-                        const nsa_plan_t *plan, int64_t r, int64_t Lp, float *kp, float *vp) {
+                        const nsa_plan_t *plan, int64_t r, int64_t Lp, float *kpt, float *vp,
+                        float *krow) {
   int64_t b, t, g;
   nsa_row_decode(d, r, &b, &t, &g);
   const int32_t *sp = plan->spans + r * plan->n * 2;
-  const int64_t Dk = d->Dk, Dv = d->Dv;
+  const int64_t Dk = d->Dk, Dv = d->Dv, ld = nsa_cpu_kld(Lp);
   int64_t c = 0;
   for (int32_t si = 0; si < plan->nspans[r]; si++)
     for (int64_t pos = sp[2 * si]; pos < sp[2 * si + 1]; pos++, c++) {
-      /* kp[c][:] = k[b][pos][g][:], vp[c][:] = v[b][pos][g][:] */
-      nsa_load_vec(kp + c * Dk, k->data, k->dtype, nsa_off3(k, b, pos, g), k->stride[3], Dk);
+      /* kpt[:][c] = k[b][pos][g][:], vp[c][:] = v[b][pos][g][:] */
+      nsa_load_vec(krow, k->data, k->dtype, nsa_off3(k, b, pos, g), k->stride[3], Dk);
+      for (int64_t e = 0; e < Dk; e++) kpt[e * ld + c] = krow[e];
       nsa_load_vec(vp + c * Dv, v->data, v->dtype, nsa_off3(v, b, pos, g), v->stride[3], Dv);
     }
-  memset(kp + c * Dk, 0, sizeof(float) * (size_t)((Lp - c) * Dk));
+  for (int64_t e = 0; e < Dk; e++) memset(kpt + e * ld + c, 0, sizeof(float) * (size_t)(ld - c));
   memset(vp + c * Dv, 0, sizeof(float) * (size_t)((Lp - c) * Dv));
 }
 

@@ -4,8 +4,9 @@
  * Unlike varlen (which streams keys through spans with an online softmax),
  * packed first GATHERS each row's keys into a padded workspace
  *
- *   kp[i][c][:] = k[b][key_c][g][:]   c < len(row), zero for len <= c < Lp
- *   vp[i][c][:] = v[b][key_c][g][:]
+ *   kpt[i][:][c] = k[b][key_c][g][:]  c < len(row), zero for len <= c < Lp
+ *                                     (K transposed: scores are one vector loop)
+ *   vp[i][c][:]  = v[b][key_c][g][:]
  *
  * for the rows i of one chunk of one length bucket, then runs plain dense
  * attention over the padded tile with a length mask (two-pass softmax:
@@ -24,9 +25,14 @@ static void dense_head(const nsa_fwd_args_t *a, const nsa_dims_t *d, int64_t r, 
   nsa_row_decode(d, r, &b, &t, &g);
   const int64_t Dk = d->Dk, Dv = d->Dv, hd = g * d->h + j;
   nsa_load_vec(q, a->q.data, a->q.dtype, nsa_off3(&a->q, b, t, hd), a->q.stride[3], Dk);
+  for (int64_t c = 0; c < Lp; c++) s[c] = 0.0f;
+  for (int64_t e = 0; e < Dk; e++) {
+    const float qe = scale * q[e], *ke = kp + e * nsa_cpu_kld(Lp); /* kp is kpt[Dk][ld] */
+    for (int64_t c = 0; c < Lp; c++) s[c] += qe * ke[c];
+  }
   float mx = -INFINITY;
   for (int64_t c = 0; c < Lp; c++) {
-    s[c] = c < len ? scale * nsa_dot(q, kp + c * Dk, Dk) : -INFINITY; /* length mask */
+    if (c >= len) s[c] = -INFINITY; /* length mask */
     if (s[c] > mx) mx = s[c];
   }
   float sum = 0.0f;
@@ -54,20 +60,20 @@ int nsa_cpu_packed_fwd(const nsa_fwd_args_t *a, const nsa_dims_t *d, const nsa_p
   if (nsa_cpu_bucketize(plan, &bk) != NSA_OK) goto oom0;
 
   /* Size the one padded buffer for the largest chunk of any bucket. */
-  const size_t per_key = sizeof(float) * (size_t)(Dk + Dv);
   size_t ws = 0;
   int64_t lp_max = NSA_CPU_PACKED_MIN_L;
   for (int bi = 0; bi < NSA_CPU_PACKED_NB; bi++) {
     int64_t cnt = bk.start[bi + 1] - bk.start[bi];
     if (!cnt) continue;
     int64_t Lp = nsa_cpu_bucket_lp(bi);
-    int64_t ch = nsa_cpu_chunk_rows(per_key * (size_t)Lp, cnt);
-    if ((size_t)ch * per_key * (size_t)Lp > ws) ws = (size_t)ch * per_key * (size_t)Lp;
+    size_t per_row = sizeof(float) * nsa_cpu_tile_floats(d, Lp);
+    int64_t ch = nsa_cpu_chunk_rows(per_row, cnt);
+    if ((size_t)ch * per_row > ws) ws = (size_t)ch * per_row;
     if (Lp > lp_max) lp_max = Lp;
   }
   float *kvbuf = malloc(ws ? ws : 1);
   int nt = 0;
-  float **scr = nsa_cpu_thread_scratch((size_t)(lp_max + Dk + Dv), &nt);
+  float **scr = nsa_cpu_thread_scratch((size_t)(lp_max + Dk + Dv + Dk), &nt);
   if (!kvbuf || !scr) {
     free(kvbuf);
     nsa_cpu_thread_scratch_free(scr, nt);
@@ -76,7 +82,7 @@ int nsa_cpu_packed_fwd(const nsa_fwd_args_t *a, const nsa_dims_t *d, const nsa_p
   }
   if (workspace_bytes)
     *workspace_bytes = ws + sizeof(int64_t) * (size_t)plan->rows +
-                       (size_t)nt * sizeof(float) * (size_t)(lp_max + Dk + Dv);
+                       (size_t)nt * sizeof(float) * (size_t)(lp_max + Dk + Dv + Dk);
 
   /* empty rows: o = 0, lse = -inf */
 #pragma omp parallel for schedule(static)
@@ -93,19 +99,21 @@ int nsa_cpu_packed_fwd(const nsa_fwd_args_t *a, const nsa_dims_t *d, const nsa_p
     const int64_t b0 = bk.start[bi], cnt = bk.start[bi + 1] - b0;
     if (!cnt) continue;
     const int64_t Lp = nsa_cpu_bucket_lp(bi);
-    const int64_t ch = nsa_cpu_chunk_rows(per_key * (size_t)Lp, cnt);
-    float *kp = kvbuf, *vp = kvbuf + ch * Lp * Dk; /* kp[ch][Lp][Dk], vp[ch][Lp][Dv] */
+    const int64_t ch = nsa_cpu_chunk_rows(sizeof(float) * nsa_cpu_tile_floats(d, Lp), cnt);
+    const int64_t kld = nsa_cpu_kld(Lp);
+    float *kp = kvbuf, *vp = kvbuf + ch * kld * Dk; /* kpt[ch][Dk][kld], vp[ch][Lp][Dv] */
     for (int64_t c0 = 0; c0 < cnt; c0 += ch) {
       const int64_t nrow = cnt - c0 < ch ? cnt - c0 : ch;
       const int64_t *rows = bk.order + b0 + c0;
 #pragma omp parallel for schedule(dynamic, 4)
       for (int64_t i = 0; i < nrow; i++)
-        nsa_cpu_gather_row(&a->k, &a->v, d, plan, rows[i], Lp, kp + i * Lp * Dk, vp + i * Lp * Dv);
+        nsa_cpu_gather_row(&a->k, &a->v, d, plan, rows[i], Lp, kp + i * kld * Dk, vp + i * Lp * Dv,
+                           scr[nsa_cpu_thread_id()]);
 #pragma omp parallel for schedule(dynamic, 4)
       for (int64_t ij = 0; ij < nrow * h; ij++) {
         const int64_t i = ij / h, j = ij % h;
         float *s = scr[nsa_cpu_thread_id()];
-        dense_head(a, d, rows[i], j, plan->row_len[rows[i]], Lp, kp + i * Lp * Dk,
+        dense_head(a, d, rows[i], j, plan->row_len[rows[i]], Lp, kp + i * kld * Dk,
                    vp + i * Lp * Dv, scale, s, s + Lp, s + Lp + Dk);
       }
     }

@@ -6,7 +6,7 @@
  * NSA_CPU_KT keys is loaded once (K/V read in place through their strides,
  * converted to f32) and used by every head. Online softmax per head:
  *
- *   s_i  = scale * q_j . k_i
+ *   s_i  = scale * q_j . k_i  (q pre-scaled once per row)
  *   m'   = max(m, max_i s_i);  a = exp(m - m')
  *   l    = a*l + sum_i exp(s_i - m');   acc = a*acc + sum_i exp(s_i - m') v_i
  *
@@ -22,14 +22,15 @@ typedef struct {
   float *acc; /* [h][Dv] */
   float *m;   /* [h] */
   float *l;   /* [h] */
-  float *kt;  /* [KT][Dk] */
+  float *kt;  /* [Dk][KT] (transposed tile) */
+  float *krow; /* [Dk] */
   float *vt;  /* [KT][Dv] */
   float *s;   /* [KT] */
 } fwd_scratch_t;
 
 static float *scratch_alloc(const nsa_dims_t *d, fwd_scratch_t *w) {
   size_t h = (size_t)d->h, dk = (size_t)d->Dk, dv = (size_t)d->Dv, kt = NSA_CPU_KT;
-  size_t total = h * dk + h * dv + 2 * h + kt * dk + kt * dv + kt;
+  size_t total = h * dk + h * dv + 2 * h + kt * dk + kt * dv + kt + dk;
   float *buf = malloc(total * sizeof(float));
   if (!buf) return NULL;
   w->q = buf;
@@ -39,26 +40,32 @@ static float *scratch_alloc(const nsa_dims_t *d, fwd_scratch_t *w) {
   w->kt = w->l + h;
   w->vt = w->kt + kt * dk;
   w->s = w->vt + kt * dv;
+  w->krow = w->s + kt;
   return buf;
 }
 
-/* Folds a tile of nk keys into every head's running softmax state. */
-static void fold_tile(const nsa_dims_t *d, fwd_scratch_t *w, int64_t nk, float scale) {
+/* Folds a tile of nk keys into every head's running softmax state. The K
+ * tile is stored transposed (kt[c][i], c < Dk, i < KT) so the scores of all
+ * keys of the tile accumulate as one vector loop over i. q is pre-scaled. */
+static void fold_tile(const nsa_dims_t *d, fwd_scratch_t *w, int64_t nk) {
   const int64_t Dk = d->Dk, Dv = d->Dv;
   for (int64_t j = 0; j < d->h; j++) {
     const float *qj = w->q + j * Dk;
-    float mt = -INFINITY;
-    for (int64_t i = 0; i < nk; i++) {
-      w->s[i] = scale * nsa_dot(qj, w->kt + i * Dk, Dk);
-      if (w->s[i] > mt) mt = w->s[i];
+    float *s = w->s;
+    for (int64_t i = 0; i < nk; i++) s[i] = 0.0f;
+    for (int64_t c = 0; c < Dk; c++) {
+      const float qc = qj[c], *kc = w->kt + c * NSA_CPU_KT;
+      for (int64_t i = 0; i < nk; i++) s[i] += qc * kc[i];
     }
+    float mt = -INFINITY;
+    for (int64_t i = 0; i < nk; i++) mt = s[i] > mt ? s[i] : mt;
     float mnew = w->m[j] > mt ? w->m[j] : mt;
     float alpha = expf(w->m[j] - mnew); /* m = -inf on the first tile → 0 */
     float *acc = w->acc + j * Dv;
     float lsum = 0.0f;
     for (int64_t c = 0; c < Dv; c++) acc[c] *= alpha;
     for (int64_t i = 0; i < nk; i++) {
-      float p = expf(w->s[i] - mnew);
+      float p = expf(s[i] - mnew);
       lsum += p;
       const float *vi = w->vt + i * Dv;
       for (int64_t c = 0; c < Dv; c++) acc[c] += p * vi[c];
@@ -88,6 +95,7 @@ static void fwd_row(const nsa_fwd_args_t *a, const nsa_dims_t *d, const nsa_plan
   for (int64_t j = 0; j < h; j++) {
     /* q[b][t][g*h+j][:] */
     nsa_load_vec(w->q + j * Dk, q->data, q->dtype, nsa_off3(q, b, t, g * h + j), q->stride[3], Dk);
+    for (int64_t c = 0; c < Dk; c++) w->q[j * Dk + c] *= scale;
     w->m[j] = -INFINITY;
     w->l[j] = 0.0f;
   }
@@ -97,15 +105,16 @@ static void fwd_row(const nsa_fwd_args_t *a, const nsa_dims_t *d, const nsa_plan
   for (int32_t si = 0; si < ns; si++) {
     for (int64_t pos = sp[2 * si]; pos < sp[2 * si + 1]; pos++) {
       /* k[b][pos][g][:], v[b][pos][g][:] */
-      nsa_load_vec(w->kt + nk * Dk, k->data, k->dtype, nsa_off3(k, b, pos, g), k->stride[3], Dk);
+      nsa_load_vec(w->krow, k->data, k->dtype, nsa_off3(k, b, pos, g), k->stride[3], Dk);
+      for (int64_t c = 0; c < Dk; c++) w->kt[c * NSA_CPU_KT + nk] = w->krow[c];
       nsa_load_vec(w->vt + nk * Dv, v->data, v->dtype, nsa_off3(v, b, pos, g), v->stride[3], Dv);
       if (++nk == NSA_CPU_KT) {
-        fold_tile(d, w, nk, scale);
+        fold_tile(d, w, nk);
         nk = 0;
       }
     }
   }
-  if (nk) fold_tile(d, w, nk, scale);
+  if (nk) fold_tile(d, w, nk);
 
   for (int64_t j = 0; j < h; j++) {
     float inv = 1.0f / w->l[j];
