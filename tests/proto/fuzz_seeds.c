@@ -69,6 +69,33 @@ static const struct {
     {"nope.method", "{}"},
 };
 
+/* Every msgpack format family once (same bytes as test_proto.c). */
+static const unsigned char k_all_types[] = {
+    0xdc, 0x00, 0x27,                                   /* array16 of 39 */
+    0xc0, 0xc2, 0xc3,                                   /* nil false true */
+    0x05, 0xe0,                                         /* fixint, negative fixint */
+    0xcc, 0xff, 0xcd, 0xff, 0xff, 0xce, 0, 0, 0, 1,     /* uint8/16/32 */
+    0xcf, 0, 0, 0, 0, 0, 0, 0, 2,                       /* uint64 */
+    0xd0, 0x80, 0xd1, 0x80, 0x00, 0xd2, 0xff, 0xff, 0xff, 0xfe, /* int8/16/32 */
+    0xd3, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xfd,       /* int64 */
+    0xca, 0x3f, 0x80, 0x00, 0x00,                       /* float32 1.0 */
+    0xcb, 0x40, 0x00, 0, 0, 0, 0, 0, 0,                 /* float64 2.0 */
+    0xa2, 'h', 'i', 0xd9, 0x01, 'a', 0xda, 0x00, 0x01, 'b',
+    0xdb, 0x00, 0x00, 0x00, 0x01, 'c',                  /* fixstr, str8/16/32 */
+    0xc4, 0x01, 0x01, 0xc5, 0x00, 0x01, 0x02, 0xc6, 0, 0, 0, 1, 0x03, /* bin8/16/32 */
+    0xd4, 0x01, 0xaa,                                   /* fixext1 */
+    0xd5, 0x02, 0xaa, 0xbb,                             /* fixext2 */
+    0xd6, 0x03, 1, 2, 3, 4,                             /* fixext4 */
+    0xd7, 0xff, 0, 0, 0, 0, 0, 0, 0, 1,                 /* fixext8 (timestamp) */
+    0xd8, 0x04, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, /* fixext16 */
+    0xc7, 0x01, 0x05, 0xee, 0xc8, 0x00, 0x01, 0x06, 0xee,
+    0xc9, 0x00, 0x00, 0x00, 0x01, 0x07, 0xee,           /* ext8/16/32 */
+    0x92, 0x01, 0x02, 0xdc, 0x00, 0x01, 0x03, 0xdd, 0, 0, 0, 1, 0x04, /* arrays */
+    0x81, 0x01, 0x02, 0xde, 0x00, 0x01, 0x03, 0x04,
+    0xdf, 0, 0, 0, 1, 0x05, 0x06,                       /* maps */
+    0x90, 0x80, 0xa0,                                   /* empty array, map, str */
+};
+
 int main(int argc, char **argv) {
   if (argc != 2) {
     fprintf(stderr, "usage: %s DIR\n", argv[0]);
@@ -124,6 +151,14 @@ int main(int argc, char **argv) {
       emit(0x00, badid, sizeof badid) || emit(0x10, ext, sizeof ext) ||
       emit(0x00, deep, sizeof deep))
     return 1;
+  /* [0, 33, "ping", {"x": <every encoding>}] */
+  {
+    unsigned char buf[512];
+    memcpy(buf, "\x94\x00\x21\xa4ping\x81\xa1x", 11);
+    memcpy(buf + 11, k_all_types, sizeof k_all_types);
+    if (emit(0x00, buf, 11 + sizeof k_all_types) || emit(0x02, buf, 11 + sizeof k_all_types))
+      return 1;
+  }
   /* over the 4 KiB limit (ctl bit 0) by a long string */
   mpb_request(&w, 11, "hello", "{\"protocol\": 1, \"client\": str5000, \"pid\": 1}");
   if (emit(0x01, w.sbuf.data, w.sbuf.size)) return 1;

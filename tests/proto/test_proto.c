@@ -1077,3 +1077,152 @@ Test(extent, random_against_int128) {
   cr_assert(gt(int, overflows, 1000));
   cr_assert(gt(int, fits, 1000));
 }
+
+/* ------------------------------------------ every msgpack encoding --- */
+
+/* One value of every msgpack format family, hand-encoded (msgpack-c's packer
+ * always picks the shortest form, so str32/array32/... need raw bytes). The
+ * pre-scanner must find the same message end msgpack-c does, for each. */
+static const unsigned char k_all_types[] = {
+    0xdc, 0x00, 0x27,                                   /* array16 of 39 */
+    0xc0, 0xc2, 0xc3,                                   /* nil false true */
+    0x05, 0xe0,                                         /* fixint, negative fixint */
+    0xcc, 0xff, 0xcd, 0xff, 0xff, 0xce, 0, 0, 0, 1,     /* uint8/16/32 */
+    0xcf, 0, 0, 0, 0, 0, 0, 0, 2,                       /* uint64 */
+    0xd0, 0x80, 0xd1, 0x80, 0x00, 0xd2, 0xff, 0xff, 0xff, 0xfe, /* int8/16/32 */
+    0xd3, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xfd,       /* int64 */
+    0xca, 0x3f, 0x80, 0x00, 0x00,                       /* float32 1.0 */
+    0xcb, 0x40, 0x00, 0, 0, 0, 0, 0, 0,                 /* float64 2.0 */
+    0xa2, 'h', 'i', 0xd9, 0x01, 'a', 0xda, 0x00, 0x01, 'b',
+    0xdb, 0x00, 0x00, 0x00, 0x01, 'c',                  /* fixstr, str8/16/32 */
+    0xc4, 0x01, 0x01, 0xc5, 0x00, 0x01, 0x02, 0xc6, 0, 0, 0, 1, 0x03, /* bin8/16/32 */
+    0xd4, 0x01, 0xaa,                                   /* fixext1 */
+    0xd5, 0x02, 0xaa, 0xbb,                             /* fixext2 */
+    0xd6, 0x03, 1, 2, 3, 4,                             /* fixext4 */
+    0xd7, 0xff, 0, 0, 0, 0, 0, 0, 0, 1,                 /* fixext8 (timestamp) */
+    0xd8, 0x04, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, /* fixext16 */
+    0xc7, 0x01, 0x05, 0xee, 0xc8, 0x00, 0x01, 0x06, 0xee,
+    0xc9, 0x00, 0x00, 0x00, 0x01, 0x07, 0xee,           /* ext8/16/32 */
+    0x92, 0x01, 0x02, 0xdc, 0x00, 0x01, 0x03, 0xdd, 0, 0, 0, 1, 0x04, /* arrays */
+    0x81, 0x01, 0x02, 0xde, 0x00, 0x01, 0x03, 0x04,
+    0xdf, 0, 0, 0, 1, 0x05, 0x06,                       /* maps */
+    0x90, 0x80, 0xa0,                                   /* empty array, map, str */
+};
+
+Test(stream, every_msgpack_encoding) {
+  unsigned char buf[512];
+  const unsigned char head[] = {0x94, 0x00, 0x21, 0xa4, 'p', 'i', 'n', 'g', 0x81, 0xa1, 'x'};
+  memcpy(buf, head, sizeof head);
+  memcpy(buf + sizeof head, k_all_types, sizeof k_all_types);
+  size_t n = sizeof head + sizeof k_all_types;
+  buf[n++] = 0x94; /* and the start of a next message */
+  nsa_proto_decoder_t *d = nsa_proto_decoder_new(0);
+  nsa_proto_msg_t m;
+  nsa_proto_err_t e;
+  int known, r = 0, got = 0;
+  uint32_t id;
+  for (size_t i = 0; i < n; i++) {
+    cr_assert(eq(int, nsa_proto_decoder_feed(d, buf + i, 1), 0));
+    r = nsa_proto_decoder_next(d, &m, &e, &known, &id);
+    cr_assert(ge(int, r, 0), "byte %zu: %s", i, e.message);
+    if (r == 1) {
+      cr_assert(eq(sz, i, n - 2), "message ended at byte %zu, not %zu", i, n - 2);
+      cr_assert(eq(u32, m.msgid, 0x21));
+      const msgpack_object *x = nsa_proto_map_get(&m.params, "x");
+      cr_assert(x && x->type == MSGPACK_OBJECT_ARRAY && x->via.array.size == 39);
+      cr_assert(eq(int, x->via.array.ptr[13].type, MSGPACK_OBJECT_FLOAT32));
+      cr_assert(eq(dbl, x->via.array.ptr[13].via.f64, 1.0));
+      cr_assert(eq(int, x->via.array.ptr[22].type, MSGPACK_OBJECT_EXT));
+      nsa_request_t req;
+      cr_assert(eq(int, nsa_proto_parse_request(&m, &req, &e), 0));
+      got++;
+    }
+  }
+  cr_assert(eq(int, got, 1));
+  cr_assert(eq(sz, nsa_proto_decoder_pending(d), 1));
+  nsa_proto_decoder_free(d);
+}
+
+Test(limits, msgid_recovered_from_every_integer_encoding) {
+  /* [0, <id>, "ping", 0xc1...] — the id in each uint/int encoding */
+  static const struct {
+    unsigned char enc[9];
+    size_t len;
+    int known;
+    uint32_t id;
+  } cases[] = {
+      {{0x07}, 1, 1, 7},
+      {{0xcc, 0xfe}, 2, 1, 254},
+      {{0xcd, 0x12, 0x34}, 3, 1, 0x1234},
+      {{0xce, 0x89, 0xab, 0xcd, 0xef}, 5, 1, 0x89abcdef},
+      {{0xcf, 0, 0, 0, 0, 0x01, 0x02, 0x03, 0x04}, 9, 1, 0x01020304},
+      {{0xcf, 0, 0, 0, 1, 0, 0, 0, 0}, 9, 0, 0}, /* 2^32: not a msgid */
+      {{0xd0, 0x11}, 2, 1, 0x11},
+      {{0xd0, 0x91}, 2, 0, 0}, /* negative */
+      {{0xd1, 0x01, 0x00}, 3, 1, 256},
+      {{0xd2, 0x7f, 0xff, 0xff, 0xff}, 5, 1, 0x7fffffff},
+      {{0xd2, 0x80, 0, 0, 0}, 5, 0, 0},
+      {{0xd3, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff}, 9, 1, UINT32_MAX},
+      {{0xff}, 1, 0, 0},  /* -1 */
+      {{0xc0}, 1, 0, 0},  /* nil */
+      {{0xca, 0x3f, 0x80, 0, 0}, 5, 0, 0}, /* float */
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    unsigned char buf[32] = {0x94, 0x00};
+    memcpy(buf + 2, cases[i].enc, cases[i].len);
+    size_t n = 2 + cases[i].len;
+    memcpy(buf + n, "\xa4ping\xc1", 6);
+    n += 6;
+    expect_fatal(buf, n, 0, cases[i].known, cases[i].id, "not msgpack");
+  }
+  /* a response or notification prefix gives no msgid */
+  expect_fatal("\x94\x01\x05\xc1", 4, 0, 0, 0, "not msgpack");
+  expect_fatal("\x93\x02\x05\xc1", 4, 0, 0, 0, "not msgpack");
+  /* array16/array32 envelope headers */
+  expect_fatal("\xdc\x00\x04\x00\x09\xc1", 6, 0, 1, 9, "not msgpack");
+  expect_fatal("\xdd\x00\x00\x00\x04\x00\x0a\xc1", 8, 0, 1, 10, "not msgpack");
+}
+
+Test(roundtrip, reader_helpers_edge_cases) {
+  nsa_proto_writer_t w;
+  nsa_proto_writer_init(&w);
+  nsa_proto_write_result_begin(&w, 1);
+  cr_assert(eq(int, mpb_pack(&w.pk, "{\"big\": 9223372036854775808, \"pos\": 12, \"neg\": -3, "
+                                    "\"s\": \"x\", \"b\": false}"), 0));
+  /* a response whose error object is malformed (no code) */
+  msgpack_pack_array(&w.pk, 4);
+  msgpack_pack_uint8(&w.pk, 1);
+  msgpack_pack_uint8(&w.pk, 2);
+  cr_assert(eq(int, mpb_pack(&w.pk, "{\"message\": \"m\"}"), 0));
+  msgpack_pack_nil(&w.pk);
+  nsa_proto_decoder_t *d = nsa_proto_decoder_new(0);
+  nsa_proto_msg_t m;
+  nsa_proto_err_t e;
+  int known;
+  uint32_t id;
+  cr_assert(eq(int, decode1(d, w.sbuf.data, w.sbuf.size, &m, &e, &known, &id), 1));
+  int64_t i;
+  double dd;
+  int b = -1;
+  cr_assert(eq(int, nsa_proto_get_int(&m.result, "big", &i), -1)); /* > INT64_MAX */
+  cr_assert(eq(int, nsa_proto_get_int(&m.result, "pos", &i), 0));
+  cr_assert(eq(i64, i, 12));
+  cr_assert(eq(int, nsa_proto_get_int(&m.result, "neg", &i), 0));
+  cr_assert(eq(i64, i, -3));
+  cr_assert(eq(int, nsa_proto_get_double(&m.result, "pos", &dd), 0));
+  cr_assert(eq(dbl, dd, 12.0));
+  cr_assert(eq(int, nsa_proto_get_double(&m.result, "neg", &dd), 0));
+  cr_assert(eq(dbl, dd, -3.0));
+  cr_assert(eq(int, nsa_proto_get_double(&m.result, "s", &dd), -1));
+  cr_assert(eq(int, nsa_proto_get_bool(&m.result, "b", &b), 0));
+  cr_assert(eq(int, b, 0));
+  cr_assert(eq(int, nsa_proto_get_bool(&m.result, "pos", &b), -1));
+  cr_assert(nsa_proto_get_strn(&m.result, "pos", NULL) == NULL);
+  cr_assert(nsa_proto_map_get(&m.error, "x") == NULL); /* nil, not a map */
+  cr_assert(eq(int, nsa_proto_decoder_next(d, &m, &e, &known, &id), 1));
+  cr_assert(eq(int, nsa_proto_response_error(&m, &e), -1));
+  cr_assert(eq(int, e.code, NSA_E_INTERNAL));
+  nsa_proto_decoder_free(d);
+  nsa_proto_writer_destroy(&w);
+  expect_err("flags.set", "{\"name\": \"X\", \"value\": nan}", NSA_E_BAD_REQUEST, "key 'value'");
+}
