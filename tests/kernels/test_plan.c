@@ -427,3 +427,33 @@ Test(check, empty_batch_is_ok) {
   }
   nsa_tu_case_teardown(&c);
 }
+
+/* One bad kind at a time, a random number of entries each: exact counts. */
+Test(invalid, exact_count_per_kind) {
+  nsa_tu_rng_t r;
+  nsa_tu_rng_seed(&r, 909);
+  for (int kind = 0; kind < 5; kind++) {
+    nsa_tu_case_cfg_t cfg = {.B = 2, .S = 5, .Skv = 50, .G = 2, .h = 1, .Dk = 4, .Dv = 4, .n = 3,
+                             .dtype = NSA_F32, .ranges = kind >= 2, .block_size = 8,
+                             .sel_flags = NSA_TU_SEL_UNUSED, .seed = 910 + (uint64_t)kind};
+    nsa_tu_case_t c;
+    cr_assert_eq(nsa_tu_case_init(&c, &cfg), 0); /* 7 blocks: ids 0..6 */
+    int64_t entries = cfg.B * cfg.S * cfg.G * cfg.n, want = 0;
+    for (int64_t e = 0; e < entries; e++) {
+      if (nsa_tu_rng_int(&r, 0, 2)) continue;
+      want++;
+      switch (kind) {
+        case 0: c.sel_raw[e] = -(int32_t)nsa_tu_rng_int(&r, 2, 1000); break;    /* id < -1 */
+        case 1: c.sel_raw[e] = (int32_t)nsa_tu_rng_int(&r, 7, 1 << 30); break;   /* id >= nblocks */
+        case 2: c.sel_raw[2 * e] = 20; c.sel_raw[2 * e + 1] = 19; break;          /* start > end */
+        case 3: c.sel_raw[2 * e] = -3; c.sel_raw[2 * e + 1] = 10; break;          /* start < 0 */
+        case 4: c.sel_raw[2 * e] = -1; c.sel_raw[2 * e + 1] = 0; break;           /* start < 0, [-1,0) */
+      }
+    }
+    nsa_tu_case_sync_sel(&c);
+    cr_assert(want > 0);
+    cr_assert_eq(nsa_ref_count_invalid(&c.ref), want);
+    expect_invalid(&c, want);
+    nsa_tu_case_teardown(&c);
+  }
+}
