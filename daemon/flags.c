@@ -88,6 +88,13 @@ struct nsad_flags {
   nsad_metrics_t *metrics;
   nsad_flags_audit_fn audit_fn;
   void *audit_ud;
+  /* nsad_flags_load_config: which NSA_* environment variables merely repeat
+   * the config file as it was at the first load (systemd EnvironmentFile=
+   * pointing at the same file). Those yield to the file on later loads, so
+   * a SIGHUP after editing the file takes effect. */
+  pthread_mutex_t cmu;
+  int env_init;
+  int env_from_file[NSAD_FLAG_COUNT];
 };
 
 /* ------------------------------------------------------- helpers --- */
@@ -474,6 +481,7 @@ nsad_flags_t *nsad_flags_new(const char *state_dir, char *msg, size_t msglen) {
   }
   pthread_mutex_init(&f->mu, NULL);
   pthread_mutex_init(&f->wmu, NULL);
+  pthread_mutex_init(&f->cmu, NULL);
   f->st.epoch = 1;
   if (state_dir && *state_dir) {
     f->state_dir = strdup(state_dir);
@@ -513,6 +521,7 @@ void nsad_flags_free(nsad_flags_t *f) {
   if (!f) return;
   pthread_mutex_destroy(&f->mu);
   pthread_mutex_destroy(&f->wmu);
+  pthread_mutex_destroy(&f->cmu);
   free(f->state_dir);
   free(f);
 }
@@ -715,6 +724,9 @@ int nsad_flags_load_config(nsad_flags_t *f, const char *config_path, char *const
     fclose(fp);
   }
   int nfile = n;
+  pthread_mutex_lock(&f->cmu);
+  int from_file[NSAD_FLAG_COUNT];
+  memcpy(from_file, f->env_from_file, sizeof from_file);
   if (rc == 0) {
     char *const *env = envp ? envp : environ;
     for (int i = 0; env && env[i] && n < MAXP; i++) {
@@ -722,6 +734,24 @@ int nsad_flags_load_config(nsad_flags_t *f, const char *config_path, char *const
       const char *eq = strchr(env[i], '=');
       if (!eq) continue;
       size_t kl = (size_t)(eq - env[i]);
+      char kbuf[128];
+      if (kl < sizeof kbuf) {
+        memcpy(kbuf, env[i], kl);
+        kbuf[kl] = 0;
+        int id = nsad_flag_lookup(kbuf);
+        if (id >= 0 && !f->env_init) {
+          /* Same value as the file's (last) entry for this key? */
+          double ve, vf;
+          from_file[id] = 0;
+          for (int j = nfile - 1; j >= 0; j--) {
+            if (strcmp(keys[j], kbuf) != 0) continue;
+            from_file[id] = nsad_flag_parse_value(id, eq + 1, &ve, NULL, 0) == 0 &&
+                            nsad_flag_parse_value(id, vals[j], &vf, NULL, 0) == 0 && ve == vf;
+            break;
+          }
+        }
+        if (id >= 0 && from_file[id]) continue; /* the file speaks for it */
+      }
       store[n] = malloc(strlen(env[i]) + 1);
       if (!store[n]) { rc = -1; setmsg(msg, msglen, "out of memory"); break; }
       memcpy(store[n], env[i], kl);
@@ -738,6 +768,11 @@ int nsad_flags_load_config(nsad_flags_t *f, const char *config_path, char *const
     if (rc != 0) setmsg(msg, msglen, "%s%s%s", nfile && config_path ? config_path : "",
                         nfile && config_path ? " / environment: " : "", sub);
   }
+  if (rc == 0 && !f->env_init) {
+    memcpy(f->env_from_file, from_file, sizeof from_file);
+    f->env_init = 1;
+  }
+  pthread_mutex_unlock(&f->cmu);
   for (int i = 0; i < n; i++) free(store[i]);
   return rc;
 }

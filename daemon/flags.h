@@ -94,7 +94,11 @@ uint32_t nsad_flags_rollout_bucket(const nsa_proto_label_t *labels, int nlabels,
 /* Reads the config file (KEY=VALUE, # comments, optional quotes; may be NULL)
  * and then envp (NULL = environ; NSA_* variables, which win over the file) and
  * calls nsad_flags_set_config with the NSA_* pairs. Call at start and on
- * SIGHUP. A bad file/value changes nothing and returns -1 with msg. */
+ * SIGHUP. A bad file/value changes nothing and returns -1 with msg.
+ * An environment variable whose value equals the file's at the FIRST
+ * successful call is taken to come from the file (systemd EnvironmentFile=
+ * naming the same file) and yields to the file on later calls, so editing
+ * the file + SIGHUP works under systemd. */
 int nsad_flags_load_config(nsad_flags_t *f, const char *config_path, char *const *envp, char *msg,
                            size_t msglen);
 

@@ -15,7 +15,7 @@
  *
  * Label index maps:
  *   path index p = 0..NSA_PATH_COUNT-1 (nsa_path_t), NSA_PATH_COUNT = "none"
- *   req[method][p][code]
+ *   req[method][p][code]   method NSA_M_COUNT = "unknown" (unparseable name)
  *   shadow[primary][shadow] (paths only)
  */
 #include "metrics.h"
@@ -55,7 +55,7 @@ typedef struct {
 } flag_cell_t;
 
 struct nsad_metrics {
-  _Atomic uint64_t req[NSA_M_COUNT][NP][NSA_E_COUNT];
+  _Atomic uint64_t req[NSA_M_COUNT + 1][NP][NSA_E_COUNT];
   _Atomic uint64_t errors[NSA_E_COUNT];
   lat_hist_t req_lat[NP];
   lat_hist_t dev_lat[NSA_PATH_COUNT];
@@ -150,7 +150,8 @@ void nsad_metrics_request(nsad_metrics_t *m, nsa_method_t method, int path, nsa_
   if (!m) return;
   int p = pidx(path);
   int c = ((int)code >= 0 && code < NSA_E_COUNT) ? (int)code : NSA_E_INTERNAL;
-  if ((int)method >= 0 && method < NSA_M_COUNT) cnt_add(&m->req[method][p][c], 1);
+  int a = ((int)method >= 0 && method < NSA_M_COUNT) ? (int)method : NSA_M_COUNT;
+  cnt_add(&m->req[a][p][c], 1);
   if (c != NSA_E_OK) cnt_add(&m->errors[c], 1);
   lat_observe(&m->req_lat[p], latency_s);
 }
@@ -211,7 +212,7 @@ void nsad_metrics_flag_value(nsad_metrics_t *m, int flag_id, const char *name, d
 
 uint64_t nsad_metrics_requests(nsad_metrics_t *m, int method, int path, int code) {
   uint64_t n = 0;
-  for (int a = 0; a < NSA_M_COUNT; a++)
+  for (int a = 0; a <= NSA_M_COUNT; a++)
     for (int p = 0; p < NP; p++)
       for (int c = 0; c < NSA_E_COUNT; c++)
         if ((method < 0 || a == method) && (path == -2 || p == pidx(path)) &&
@@ -440,12 +441,12 @@ static void gauge_family(emit_t *e, const char *name, const char *help, double v
 static void render(nsad_metrics_t *m, emit_t *e) {
   sample_t *s;
   /* requests: only non-zero cells, or the family would have 672 series. */
-  for (int a = 0; a < NSA_M_COUNT; a++)
+  for (int a = 0; a <= NSA_M_COUNT; a++)
     for (int p = 0; p < NP; p++)
       for (int c = 0; c < NSA_E_COUNT; c++) {
         uint64_t v = cnt_get(&m->req[a][p][c]);
         if (!v || !(s = add_sample(e))) continue;
-        lab(s, "method", nsa_method_name((nsa_method_t)a));
+        lab(s, "method", a < NSA_M_COUNT ? nsa_method_name((nsa_method_t)a) : "unknown");
         lab(s, "path", pname(p));
         lab(s, "code", nsa_proto_code_name((nsa_proto_code_t)c));
         s->is_int = 1;

@@ -21,7 +21,9 @@ nsad_metrics_t *nsad_metrics_new(void);
 void nsad_metrics_free(nsad_metrics_t *m);
 
 /* One finished request (any method). path < 0 when no kernel path applies;
- * code NSA_E_OK on success. latency_s is receive → reply. */
+ * code NSA_E_OK on success. latency_s is receive → reply. A method outside
+ * 0..NSA_M_COUNT-1 (e.g. NSA_M_COUNT for an unknown method name) is counted
+ * as method="unknown", so unknown_method errors show up too. */
 void nsad_metrics_request(nsad_metrics_t *m, nsa_method_t method, int path, nsa_proto_code_t code,
                           double latency_s);
 /* A kernel run: device time by path, rows, row-length histogram from the plan. */

@@ -160,6 +160,33 @@ Test(flags, load_config_file_and_env) {
   free(dir);
 }
 
+Test(flags, sighup_reload_with_environmentfile) {
+  /* Under systemd, EnvironmentFile= puts the config file's pairs into the
+   * environment at start; a later edit + SIGHUP must still take effect,
+   * while a variable set only in the environment keeps winning. */
+  char *dir = ops_tmpdir();
+  char path[512];
+  snprintf(path, sizeof path, "%s/nsad.conf", dir);
+  ops_write_file(path, "NSA_SEL_VARLEN_MIN_L=64\nNSA_SEL_VARLEN_V2=on\n");
+  char *env[] = {"NSA_SEL_VARLEN_MIN_L=64", "NSA_SEL_VARLEN_V2=1", "NSA_USE_SEL_VARLEN=0", NULL};
+  nsad_flags_t *f = open_store(NULL);
+  char msg[256];
+  cr_assert_eq(nsad_flags_load_config(f, path, env, msg, sizeof msg), 0, "%s", msg);
+  nsad_flag_snapshot_t s;
+  nsad_flags_snapshot(f, NULL, 0, &s);
+  cr_expect_eq(s.path.sel_varlen_min_l, 64);
+  cr_expect_eq(s.path.use_sel_varlen, 0);
+  ops_write_file(path, "NSA_SEL_VARLEN_MIN_L=128\n");
+  cr_assert_eq(nsad_flags_load_config(f, path, env, msg, sizeof msg), 0, "%s", msg);
+  nsad_flags_snapshot(f, NULL, 0, &s);
+  cr_expect_eq(s.path.sel_varlen_min_l, 128, "the edited file wins over its stale copy in env");
+  cr_expect_eq(s.path.sel_varlen_v2, 1, "removed from the file: default");
+  cr_expect_eq(s.path.use_sel_varlen, 0, "an environment-only variable still applies");
+  nsad_flags_free(f);
+  ops_rmtree(dir);
+  free(dir);
+}
+
 Test(flags, validation_messages) {
   nsad_flags_t *f = open_store(NULL);
   struct {

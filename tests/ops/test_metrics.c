@@ -441,3 +441,14 @@ Test(shadow, choose_rate_and_pairs) {
   cr_expect(hits > 0.28 * 20000 && hits < 0.32 * 20000, "rate 0.3 sampled %d of 20000", hits);
   cr_expect_eq(nsad_shadow_choose(1.0, NSA_PATH_AUTO, 1), NSA_PATH_AUTO);
 }
+
+Test(metrics, unknown_method_counted) {
+  nsad_metrics_t *m = nsad_metrics_new();
+  nsad_metrics_request(m, NSA_M_COUNT, -1, NSA_E_UNKNOWN_METHOD, 1e-5);
+  nsad_metrics_request(m, (nsa_method_t)-5, -1, NSA_E_UNKNOWN_METHOD, 1e-5);
+  char *t = render_checked(m);
+  cr_expect_eq(val(t, "nsad_requests_total{method=\"unknown\",path=\"none\",code=\"unknown_method\"}"), 2);
+  cr_expect_eq(val(t, "nsad_errors_total{code=\"unknown_method\"}"), 2);
+  free(t);
+  nsad_metrics_free(m);
+}
