@@ -14,7 +14,7 @@
 #define NSA_CPU_KT 32
 
 /* Packed path: cap on the padded K/V workspace of one chunk of rows. */
-#define NSA_CPU_PACKED_WS_CAP ((size_t)64 << 20)
+#define NSA_CPU_PACKED_WS_CAP ((size_t)32 << 20)
 
 /* Row r = ((b*S)+t)*G + g → (b, t, g). */
 static inline void nsa_row_decode(const nsa_dims_t *d, int64_t r, int64_t *b, int64_t *t,
