@@ -137,15 +137,16 @@ void nsad_session_job_queued(nsad_session_t *s) {
 }
 
 void nsad_session_job_finished(nsad_session_t *s) {
+  nsad_server_t *srv = s->srv; /* s may be freed below */
   s->inflight--;
-  s->srv->inflight--;
+  srv->inflight--;
   if (s->closing) {
     session_maybe_free(s);
-  } else if (s->paused && s->inflight < s->srv->cfg->max_inflight) {
+  } else if (s->paused && s->inflight < srv->cfg->max_inflight) {
     s->paused = 0;
     session_pump(s); /* buffered requests first, then read again */
   }
-  if (s->srv->shutting_down) nsad_server_check_drained(s->srv);
+  if (srv->shutting_down) nsad_server_check_drained(srv);
 }
 
 static void on_handle_closed(uv_handle_t *h) {

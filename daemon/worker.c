@@ -67,7 +67,7 @@ static void *worker_main(void *p) {
       run_job(b, wctx, job);
     } else {
       job->status = NSA_ERR_DEVICE_FATAL;
-      snprintf(job->msg, sizeof job->msg, "worker %d failed to start: %s", a->index, msg);
+      snprintf(job->msg, sizeof job->msg, "worker %d failed to start: %.200s", a->index, msg);
     }
     nsad_jobq_complete(w->jq, job);
   }

@@ -192,7 +192,9 @@ Test(robust, client_killed_mid_request) {
   nsa_client_value_t *m = NULL;
   double regions = -1;
   for (int i = 0; i < 200; i++) {
-    cr_assert_eq(nsa_client_metrics_get(a, &m), 0);
+    if (nsa_client_metrics_get(a, &m) != 0) th_dump_log(&d);
+    cr_assert_not_null(m, "metrics.get: %s: %s", nsa_client_error_code(a),
+                       nsa_client_error_message(a));
     nsa_client_value_get_double(m, "nsad_regions.samples.0.value", &regions);
     nsa_client_value_free(m);
     if (regions == 1) break;
