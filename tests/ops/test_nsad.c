@@ -655,6 +655,7 @@ Test(nsad, shadow_metrics_appear_and_agree, .timeout = 120) {
     double x = NAN;
     cr_assert_eq(prom_value(t, pairs[i], &x), 0, "%s missing", pairs[i]);
     cr_expect(x >= 0 && x < 1e-4, "%s = %g over tolerance", pairs[i], x);
+    cr_log_info("%s %g", pairs[i], x);
   }
   cr_expect_eq(prom_sum(t, "nsad_rows_total", (const char *const[]){"path=\"varlen_v2\"", NULL}),
                (double)NFWD * S * G);
