@@ -1,0 +1,211 @@
+/*
+ * test_client.c — libnsaclient and nsactl against a real nsad: reconnect
+ * after a daemon restart (regions re-registered, same ids), a request in
+ * flight when the daemon dies fails, submit/wait, subscriptions, label
+ * rollout rules seen by sessions, and every nsactl command with --json.
+ */
+#define _GNU_SOURCE
+#include <criterion/criterion.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "harness.h"
+
+TestSuite(client, .fini = th_fini, .timeout = 300);
+
+Test(client, open_without_daemon_fails_cleanly) {
+  nsa_client_opts_t o = {.socket_path = "/tmp/nsad-test-nobody-here.sock", .reconnect_attempts = 2};
+  nsa_client_t *c = (nsa_client_t *)1;
+  cr_expect_eq(nsa_client_open(&c, &o), -1);
+  cr_expect_null(c);
+  cr_expect(strstr(nsa_client_open_error(), "disconnected") != NULL, "%s", nsa_client_open_error());
+}
+
+Test(client, reconnects_after_restart_with_same_region_ids) {
+  th_nsad_t d;
+  cr_assert_eq(th_start(&d, NULL), 0);
+  nsa_client_t *c = th_client(&d, "trainer");
+  cr_assert_not_null(c);
+  th_prob_t p, extra;
+  /* a second region first, so the restarted daemon hands out different ids */
+  cr_assert_eq(th_prob_init(&extra, c, 1, 4, 32, 1, 1, 8, 2, 8, 0, 3), 0);
+  cr_assert_eq(th_prob_init(&p, c, 1, 16, 96, 2, 2, 16, 4, 16, 0, 9), 0);
+  uint64_t id = p.shm->region;
+  th_prob_fill(&p);
+  nsa_client_result_t r;
+  cr_assert_eq(nsa_client_forward(c, &p.fwd, &r), 0);
+  th_prob_free(&extra, c); /* unregistered: not re-registered later */
+  cr_assert_eq(th_stop(&d, 0), 0);
+  d.pid = th_spawn(&d, d.sock, NULL, 1);
+  cr_assert_gt(d.pid, 0);
+  th_prob_fill(&p);
+  cr_expect_eq(nsa_client_forward(c, &p.fwd, &r), 0, "%s: %s", nsa_client_error_code(c),
+               nsa_client_error_message(c));
+  cr_expect_leq(th_prob_check_fwd(&p), 1e-5);
+  cr_expect_eq(nsa_client_connections(c), 2);
+  cr_expect_eq(p.shm->region, id, "the caller's region id did not change");
+  cr_expect_eq(nsa_client_ping(c), 0);
+  th_prob_free(&p, c);
+  nsa_client_close(c);
+  cr_expect_eq(th_stop(&d, 1), 0);
+}
+
+Test(client, request_in_flight_when_daemon_dies_fails) {
+  th_nsad_t d;
+  cr_assert_eq(th_start(&d, NULL), 0);
+  nsa_client_t *c = th_client(&d, "trainer");
+  th_prob_t p;
+  cr_assert_eq(th_prob_init(&p, c, 2, 128, 1024, 2, 8, 64, 16, 32, 0, 5), 0);
+  th_prob_fill(&p);
+  uint32_t t[4];
+  for (int i = 0; i < 4; i++) cr_assert_eq(nsa_client_forward_submit(c, &p.fwd, &t[i]), 0);
+  cr_assert_eq(nsa_client_ping(c), 0);
+  kill(d.pid, SIGKILL);
+  cr_expect_eq(th_wait_exit(d.pid, 10000), 128 + SIGKILL);
+  d.pid = 0;
+  int failed = 0;
+  for (int i = 0; i < 4; i++) {
+    nsa_client_result_t r;
+    if (nsa_client_wait(c, t[i], &r) != 0) {
+      failed++;
+      cr_expect_str_eq(nsa_client_error_code(c), "disconnected");
+    }
+  }
+  cr_expect_gt(failed, 0, "at least the unfinished requests fail");
+  /* the next call after a restart reconnects */
+  d.pid = th_spawn(&d, d.sock, NULL, 1);
+  cr_assert_gt(d.pid, 0);
+  cr_expect_eq(nsa_client_ping(c), 0, "%s", nsa_client_error_message(c));
+  th_prob_fill(&p);
+  nsa_client_result_t r;
+  cr_expect_eq(nsa_client_forward(c, &p.fwd, &r), 0, "%s", nsa_client_error_message(c));
+  cr_expect_leq(th_prob_check_fwd(&p), 1e-5);
+  th_prob_free(&p, c);
+  nsa_client_close(c);
+  cr_expect_eq(th_stop(&d, 1), 0);
+}
+
+Test(client, subscribe_gets_metrics_notifications) {
+  th_nsad_t d;
+  cr_assert_eq(th_start(&d, NULL), 0);
+  nsa_client_t *c = th_client(&d, "watcher");
+  cr_assert_eq(nsa_client_subscribe(c, 50), 0);
+  for (int i = 0; i < 3; i++) {
+    char method[32];
+    nsa_client_value_t *v = NULL;
+    cr_assert_eq(nsa_client_next_notification(c, 3000, method, &v), 0, "%s",
+                 nsa_client_error_message(c));
+    cr_expect_str_eq(method, "metrics");
+    cr_expect_gt(nsa_client_value_len(v, "nsad_requests_total.samples"), 0);
+    nsa_client_value_free(v);
+  }
+  cr_expect_eq(nsa_client_ping(c), 0, "replies still arrive between notifications");
+  nsa_client_close(c);
+  cr_expect_eq(th_stop(&d, 1), 0);
+}
+
+Test(client, label_rule_selects_path_per_session) {
+  th_nsad_t d;
+  cr_assert_eq(th_start(&d, NULL), 0);
+  nsa_client_t *admin = th_client(&d, "admin");
+  nsa_client_label_t match[] = {{"role", "canary"}};
+  uint64_t epoch;
+  cr_assert_eq(nsa_client_flags_set(admin, "NSA_SEL_VARLEN_V2", "0", -1, match, 1, &epoch), 0);
+  nsa_client_label_t lc[] = {{"role", "canary"}}, lp[] = {{"role", "prod"}};
+  nsa_client_t *canary = th_client_labels(&d, "c", lc, 1), *prod = th_client_labels(&d, "p", lp, 1);
+  th_prob_t pc, pp;
+  cr_assert_eq(th_prob_init(&pc, canary, 1, 8, 64, 1, 2, 16, 3, 16, 0, 1), 0);
+  cr_assert_eq(th_prob_init(&pp, prod, 1, 8, 64, 1, 2, 16, 3, 16, 0, 2), 0);
+  th_prob_fill(&pc);
+  th_prob_fill(&pp);
+  nsa_client_result_t rc, rp;
+  cr_assert_eq(nsa_client_forward(canary, &pc.fwd, &rc), 0);
+  cr_assert_eq(nsa_client_forward(prod, &pp.fwd, &rp), 0);
+  cr_expect_str_eq(rc.path, "varlen_v1");
+  cr_expect_str_eq(rp.path, "varlen_v2");
+  cr_expect_eq(rc.flags_epoch, epoch);
+  cr_expect_leq(th_prob_check_fwd(&pc), 1e-5);
+  cr_expect_leq(th_prob_check_fwd(&pp), 1e-5);
+  th_prob_free(&pc, canary);
+  th_prob_free(&pp, prod);
+  nsa_client_close(canary);
+  nsa_client_close(prod);
+  nsa_client_close(admin);
+  cr_expect_eq(th_stop(&d, 1), 0);
+}
+
+/* Runs nsactl; returns its exit status and stdout (malloc'd). */
+static int nsactl(const th_nsad_t *d, const char *args, char **out) {
+  char cmd[512];
+  snprintf(cmd, sizeof cmd, "%s --socket %s %s 2>/dev/null", NSACTL_BIN, d->sock, args);
+  FILE *f = popen(cmd, "r");
+  if (!f) return -1;
+  size_t cap = 1 << 16, n = 0;
+  char *buf = malloc(cap);
+  size_t r;
+  while ((r = fread(buf + n, 1, cap - n - 1, f)) > 0) {
+    n += r;
+    if (n + 1 >= cap) buf = realloc(buf, cap *= 2);
+  }
+  buf[n] = 0;
+  int st = pclose(f);
+  if (out)
+    *out = buf;
+  else
+    free(buf);
+  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+Test(client, nsactl_commands) {
+  th_nsad_t d;
+  cr_assert_eq(th_start(&d, NULL), 0);
+  char *o = NULL;
+  cr_expect_eq(nsactl(&d, "--json ping", &o), 0);
+  cr_expect(strstr(o, "\"ok\":true") && strstr(o, "rtt_ms"), "%s", o);
+  free(o);
+  cr_expect_eq(nsactl(&d, "--json status", &o), 0);
+  cr_expect(strstr(o, "\"backend\":\"cpu\"") && strstr(o, "\"flags_epoch\""), "%s", o);
+  free(o);
+  cr_expect_eq(nsactl(&d, "status", &o), 0);
+  cr_expect(strstr(o, "backend:") != NULL, "%s", o);
+  free(o);
+  cr_expect_eq(nsactl(&d, "--json flags set NSA_SEL_VARLEN_MIN_L=64 --percent 30 --match team=a", &o), 0);
+  cr_expect(strstr(o, "\"epoch\":") != NULL, "%s", o);
+  free(o);
+  cr_expect_eq(nsactl(&d, "--json flags get", &o), 0);
+  cr_expect(strstr(o, "\"NSA_SEL_VARLEN_MIN_L\":{\"value\":64") != NULL, "%s", o);
+  cr_expect(strstr(o, "\"percent\":30") != NULL, "%s", o);
+  free(o);
+  cr_expect_eq(nsactl(&d, "flags get", &o), 0);
+  cr_expect(strstr(o, "NSA_SEL_VARLEN_MIN_L") && strstr(o, "runtime"), "%s", o);
+  free(o);
+  cr_expect_eq(nsactl(&d, "flags set NSA_SEL_VARLEN_V2=perhaps", NULL), 1, "bad value: exit 1");
+  cr_expect_eq(nsactl(&d, "flags reset NSA_SEL_VARLEN_MIN_L", &o), 0);
+  free(o);
+  cr_expect_eq(nsactl(&d, "metrics --prometheus", &o), 0);
+  cr_expect(strstr(o, "# TYPE nsad_requests_total counter") != NULL, "%.400s", o);
+  free(o);
+  cr_expect_eq(nsactl(&d, "--json metrics", &o), 0);
+  cr_expect(o[0] == '{' && strstr(o, "\"nsad_sessions\"") != NULL, "%.400s", o);
+  free(o);
+  cr_expect_eq(nsactl(&d, "metrics", &o), 0);
+  cr_expect(strstr(o, "nsad_requests_total{") != NULL, "%.400s", o);
+  free(o);
+  cr_expect_eq(nsactl(&d, "top --count 2 --interval 100", &o), 0);
+  cr_expect(strstr(o, "varlen_v2") && strstr(o, "NSA_SEL_VARLEN_V2"), "%.600s", o);
+  free(o);
+  cr_expect_eq(nsactl(&d, "--json top --count 2 --interval 100", &o), 0);
+  cr_expect(strstr(o, "\"paths\"") != NULL, "%.600s", o);
+  free(o);
+  cr_expect_eq(nsactl(&d, "frobnicate", NULL), 2, "unknown command: usage, exit 2");
+  cr_expect_eq(nsactl(&d, "--json shutdown", &o), 0);
+  free(o);
+  int rc = th_wait_exit(d.pid, 20000);
+  d.pid = 0;
+  cr_expect_eq(rc, 0, "nsad exits 0 after nsactl shutdown");
+  th_stop(&d, 1);
+}
