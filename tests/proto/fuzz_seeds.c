@@ -1,7 +1,7 @@
 /*
  * fuzz_seeds.c — writes the seed corpus for fuzz_proto into a directory:
  * one valid request per method (several feed patterns), all methods in one
- * stream, responses/notifications, and the malformed classes of test_proto.c.
+ * stream, responses/notifications, and the malformed classes of test_proto_wire.c.
  * Usage: proto_fuzz_seeds DIR
  */
 #include <stdio.h>
@@ -69,7 +69,7 @@ static const struct {
     {"nope.method", "{}"},
 };
 
-/* Every msgpack format family once (same bytes as test_proto.c). */
+/* Every msgpack format family once (same bytes as test_proto_wire.c). */
 static const unsigned char k_all_types[] = {
     0xdc, 0x00, 0x27,                                   /* array16 of 39 */
     0xc0, 0xc2, 0xc3,                                   /* nil false true */
