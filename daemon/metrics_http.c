@@ -153,6 +153,8 @@ nsad_metrics_http_t *nsad_metrics_http_start(const char *listen, nsad_metrics_t 
 
 int nsad_metrics_http_port(const nsad_metrics_http_t *h) { return h ? h->port : -1; }
 
+int nsad_metrics_http_available(void) { return 1; }
+
 void nsad_metrics_http_stop(nsad_metrics_http_t *h) {
   if (!h) return;
   if (h->d) MHD_stop_daemon(h->d);
@@ -177,5 +179,7 @@ int nsad_metrics_http_port(const nsad_metrics_http_t *h) {
   return -1;
 }
 void nsad_metrics_http_stop(nsad_metrics_http_t *h) { (void)h; }
+
+int nsad_metrics_http_available(void) { return 0; }
 
 #endif

@@ -28,6 +28,9 @@ int nsad_metrics_http_port(const nsad_metrics_http_t *h);
 /* Stops the thread, closes the socket, frees. NULL is fine. */
 void nsad_metrics_http_stop(nsad_metrics_http_t *h);
 
+/* 1 when built with libmicrohttpd (else start always fails). */
+int nsad_metrics_http_available(void);
+
 /* Splits "HOST:PORT" (host may be [v6], empty = any). 0 or -1 with msg. */
 int nsad_metrics_http_parse_listen(const char *listen, char *host, size_t hostlen, int *port,
                                    char *msg, size_t msglen);

@@ -49,6 +49,7 @@ static nsad_metrics_http_t *start(nsad_metrics_t *m) {
 }
 
 Test(http, get_metrics_serves_valid_exposition) {
+  if (!nsad_metrics_http_available()) cr_skip_test("built without libmicrohttpd");
   nsad_metrics_t *m = nsad_metrics_new();
   nsad_metrics_request(m, NSA_M_PING, -1, NSA_E_OK, 1e-4);
   nsad_metrics_gauge_set(m, NSAD_G_SESSIONS, 4);
@@ -102,6 +103,7 @@ Test(http, get_metrics_serves_valid_exposition) {
 }
 
 Test(http, bad_listen_addresses) {
+  if (!nsad_metrics_http_available()) cr_skip_test("built without libmicrohttpd");
   nsad_metrics_t *m = nsad_metrics_new();
   const char *bad[] = {"localhost", "127.0.0.1:99999", "127.0.0.1:", "::1:9000",
                        "127.0.0.1:12ab", "no.such.host.invalid:9000"};
