@@ -1,7 +1,9 @@
 /*
  * cuda_bench.c — CUDA selection-attention forward benchmark (issue 7 configs).
  *
- *   build/bin/nsa_bench_cuda [--quick] [--reps N] [--csv FILE]
+ *   build/bin/nsa_bench_cuda [--quick] [--reps N] [--csv FILE] [--no-pack] [--small-h]
+ * --quick: T = 16k only; --small-h: h in {1, 4} only; --no-pack: one query per
+ * MMA tile even when h < 16 (to measure what query packing buys).
  *
  * One sequence (B = 1), S = Skv = T, G = 4 KV heads, block 64, n = 16
  * selected blocks, bf16. Selections: "random" (block 0, the query's own block
@@ -98,12 +100,20 @@ static void tensor4(nsa_tensor_t *t, void *d, nsa_dtype_t dt, int64_t a, int64_t
 }
 
 int main(int argc, char **argv) {
-  int quick = 0, reps = 20;
+  int quick = 0, reps = 20, small_h = 0, one_corr = -1;
+  long long one_T = 0, one_h = 0; /* --one T h corr: a single config (for profilers) */
   const char *csv = NULL;
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--quick")) quick = 1;
     else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--csv") && i + 1 < argc) csv = argv[++i];
+    else if (!strcmp(argv[i], "--no-pack")) setenv("NSA_CUDA_NO_PACK", "1", 1);
+    else if (!strcmp(argv[i], "--small-h")) small_h = 1;
+    else if (!strcmp(argv[i], "--one") && i + 3 < argc) {
+      one_T = atoll(argv[++i]);
+      one_h = atoll(argv[++i]);
+      one_corr = atoi(argv[++i]);
+    }
   }
   if (nsa_cuda_device_count() == 0) {
     printf("nsa_bench_cuda: no CUDA device, nothing to time\n");
@@ -138,21 +148,24 @@ int main(int argc, char **argv) {
   printf("%6s %3s %4s %4s %6s | %9s %9s %8s %8s %12s\n", "T", "h", "Dk", "Dv", "sel", "fwd_ms",
          "plan_ms", "TFLOP/s", "mean_L", "ws_bytes");
   for (int ti = 0; ti < nT; ti++) {
-    const int64_t T = Ts[ti];
+    const int64_t T = one_T ? one_T : Ts[ti];
+    if (one_T && ti > 0) break;
     int32_t *hsel = malloc(sizeof(int32_t) * T * G * n);
     void *dsel;
     CKC(cudaMalloc(&dsel, sizeof(int32_t) * T * G * n));
     for (int dkv = 0; dkv < 2; dkv++) {
       const int64_t Dk = dkv ? 192 : 128, Dv = 128;
-      if (dkv && T != 16384) continue; /* Dk = 192 at T = 16k only */
+      if (dkv && (T != 16384 || one_T)) continue; /* Dk = 192 at T = 16k only */
       void *k = dev_random_bf16((size_t)T * G * Dk), *v = dev_random_bf16((size_t)T * G * Dv);
-      for (size_t hi = 0; hi < 4; hi++) {
+      for (size_t hi = 0; hi < (small_h ? 2 : 4); hi++) {
         const int64_t h = hs[hi], H = G * h;
+        if (one_h && h != one_h) continue;
         void *q = dev_random_bf16((size_t)T * H * Dk), *o;
         float *lse;
         CKC(cudaMalloc(&o, (size_t)T * H * Dv * 2));
         CKC(cudaMalloc((void **)&lse, (size_t)T * H * 4));
         for (int corr = 0; corr < 2; corr++) {
+          if (one_corr >= 0 && corr != one_corr) continue;
           make_sel(hsel, T, G, n, bs, corr);
           CKC(cudaMemcpy(dsel, hsel, sizeof(int32_t) * T * G * n, cudaMemcpyHostToDevice));
           nsa_fwd_args_t a;

@@ -36,6 +36,7 @@ struct nsa_cuda_ctx {
   nsa_cuda_summary_t *h_sum;  // pinned
   cudaEvent_t ev0, ev1, ev2;
   int fatal;  // a sticky error was seen: every later call fails fast
+  int no_pack;  // NSA_CUDA_NO_PACK=1 (benchmarks): one query per tile even when h < 16
 };
 
 static void setmsg(char *msg, size_t len, const char *fmt, ...) {
@@ -117,6 +118,8 @@ extern "C" int nsa_cuda_ctx_create(int device, size_t ws_cap, nsa_cuda_ctx_t **o
   }
   ctx->device = device;
   ctx->ws_cap = ws_cap;
+  const char *np = getenv("NSA_CUDA_NO_PACK");
+  ctx->no_pack = np && np[0] == '1';
   cudaError_t e = cudaSetDevice(device);
   if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&ctx->stream, cudaStreamNonBlocking);
   if (e == cudaSuccess) e = cudaMallocHost((void **)&ctx->h_sum, sizeof(nsa_cuda_summary_t));
@@ -441,7 +444,7 @@ extern "C" int nsa_cuda_sel_fwd(nsa_cuda_ctx_t *ctx, const nsa_fwd_args_t *a,
                       (!flags->use_sel_varlen || (flags->sel_varlen_v2 && flags->sel_varlen_min_l > 0)));
   int need_summary = sync || maybe_packed || planner == NSA_PATH_VARLEN_V1;
 
-  const int P = nsa_cuda_pack_queries(d.h);
+  const int P = ctx->no_pack ? 1 : nsa_cuda_pack_queries(d.h);
   req_layout_t L;
   req_layout(&d, P, &L);
   st = arena_reserve(ctx, L.end_plan, 0, msg, msglen);

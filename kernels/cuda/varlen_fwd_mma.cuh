@@ -22,6 +22,7 @@ namespace nsa_mma {
 
 constexpr int kThreads = 128;
 constexpr int kBN = 64;  // keys per tile (16 per warp)
+constexpr int kPieceCache = 64;  // groups with at most this many pieces search them in smem
 
 template <typename T> struct MmaOp;
 template <> struct MmaOp<__nv_bfloat16> {
@@ -36,7 +37,10 @@ template <> struct MmaOp<__nv_bfloat16> {
     __nv_bfloat162 v = __floats2bfloat162_rn(x, y);
     return *reinterpret_cast<unsigned *>(&v);
   }
-  static __device__ __forceinline__ void store(__nv_bfloat16 *p, float x) { *p = __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ void store(__nv_bfloat16 *p, float x) {
+    __nv_bfloat16 v = __float2bfloat16_rn(x);
+    asm volatile("st.global.cs.b16 [%0], %1;\n" ::"l"(p), "h"(*reinterpret_cast<unsigned short *>(&v)));
+  }
 };
 template <> struct MmaOp<__half> {
   static __device__ __forceinline__ void mma(float *c, const unsigned *a, unsigned b0, unsigned b1) {
@@ -50,7 +54,10 @@ template <> struct MmaOp<__half> {
     __half2 v = __floats2half2_rn(x, y);
     return *reinterpret_cast<unsigned *>(&v);
   }
-  static __device__ __forceinline__ void store(__half *p, float x) { *p = __float2half_rn(x); }
+  static __device__ __forceinline__ void store(__half *p, float x) {
+    __half v = __float2half_rn(x);
+    asm volatile("st.global.cs.b16 [%0], %1;\n" ::"l"(p), "h"(*reinterpret_cast<unsigned short *>(&v)));
+  }
 };
 
 __device__ __forceinline__ unsigned smem_u32(const void *p) {
@@ -68,10 +75,24 @@ __device__ __forceinline__ void ldsm_x4_t(unsigned addr, unsigned &r0, unsigned 
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                : "r"(addr));
 }
-// 16-byte async copy; src_bytes = 0 zero-fills without reading src.
-__device__ __forceinline__ void cp_async16(unsigned dst, const void *src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes));
+// 16-byte async copy with an L2 cache policy; src_bytes = 0 zero-fills
+// without reading src.
+__device__ __forceinline__ void cp_async16(unsigned dst, const void *src, int src_bytes,
+                                           unsigned long long pol) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst),
+               "l"(src), "r"(src_bytes), "l"(pol));
+}
+// L2 policies: K/V are re-read by many CTAs (keep them, evict_last); Q and O
+// stream through once (evict_first), so at large h they do not push K/V out.
+__device__ __forceinline__ unsigned long long policy_evict_last() {
+  unsigned long long p;
+  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(p));
+  return p;
+}
+__device__ __forceinline__ unsigned long long policy_evict_first() {
+  unsigned long long p;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(p));
+  return p;
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_wait() {
@@ -90,9 +111,10 @@ template <int DK, int DV> struct Smem {
   static constexpr size_t q_off = 0;
   static constexpr size_t k_off = q_off + 16 * QS * 2;
   static constexpr size_t v_off = k_off + 2 * kBN * KS * 2;
-  static constexpr size_t tok_off = v_off + 2 * kBN * VS * 2;
-  static constexpr size_t mask_off = tok_off + 2 * kBN * 4;
-  static constexpr size_t red_off = mask_off + 2 * kBN * 4;  // m[4][16], l[4][16], M[16], L[16]
+  static constexpr size_t tok_off = v_off + 2 * kBN * VS * 2;   // 3 lookup buffers
+  static constexpr size_t mask_off = tok_off + 3 * kBN * 4;
+  static constexpr size_t pc_off = mask_off + 3 * kBN * 4;      // piece cache
+  static constexpr size_t red_off = pc_off + kPieceCache * 16;  // m[4][16], l[4][16], M[16], L[16]
   static constexpr size_t bytes = red_off + (2 * 4 * 16 + 2 * 16) * 4;
   // The final merge reuses the K/V ring as acc[4 warps][16][DV] f32.
   static_assert(4 * 16 * DV * 4 <= 2 * kBN * (KS + VS) * 2, "merge buffer fits in K/V ring");
@@ -109,6 +131,7 @@ __global__ void __launch_bounds__(kThreads)
   T *sV = reinterpret_cast<T *>(smem + L::v_off);
   int *sTok = reinterpret_cast<int *>(smem + L::tok_off);
   int *sMask = reinterpret_cast<int *>(smem + L::mask_off);
+  nsa_cuda_piece_t *sPc = reinterpret_cast<nsa_cuda_piece_t *>(smem + L::pc_off);
   float *sRm = reinterpret_cast<float *>(smem + L::red_off);
   float *sRl = sRm + 64;
   float *sMt = sRl + 64;
@@ -127,6 +150,13 @@ __global__ void __launch_bounds__(kThreads)
   const int2 gc = gcount[grp];
   const int np = gc.x, Lg = bad ? 0 : gc.y;
   const nsa_cuda_piece_t *gp = pieces + grp * maxp;
+  const unsigned long long pol_kv = policy_evict_last(), pol_q = policy_evict_first();
+  // Short piece lists (always at h >= 16, where a group is one query) are
+  // searched in shared memory: the lookup is on every tile's critical path.
+  if (np <= kPieceCache) {
+    for (int i = tid; i < np; i += kThreads) sPc[i] = gp[i];
+    gp = sPc;
+  }
 
   // MMA row m -> (query, head); -1 head when the row is padding.
   auto row_head = [&](int m, int64_t *t) -> int64_t {
@@ -151,7 +181,7 @@ __global__ void __launch_bounds__(kThreads)
         src = q + b * a.qs[0] + t * a.qs[1] + head * a.qs[2] + part * 8;
         bytes = 16;
       }
-      cp_async16(smem_u32(sQ + m * L::QS + part * 8), src, bytes);
+      cp_async16(smem_u32(sQ + m * L::QS + part * 8), src, bytes, pol_q);
     }
   }
 
@@ -178,19 +208,19 @@ __global__ void __launch_bounds__(kThreads)
       sMask[stg * kBN + tid] = mask;
     }
   };
-  auto issue = [&](int stg) {
+  auto issue = [&](int stg, int lb) {
     constexpr int CK = DK / 8, CV = DV / 8;
     for (int c = tid; c < kBN * CK; c += kThreads) {
       int kk = c / CK, part = c % CK;
-      int tok = sTok[stg * kBN + kk];
+      int tok = sTok[lb * kBN + kk];
       const T *src = tok >= 0 ? kbase + (int64_t)tok * a.ks[1] + part * 8 : kbase;
-      cp_async16(smem_u32(sK + (stg * kBN + kk) * L::KS + part * 8), src, tok >= 0 ? 16 : 0);
+      cp_async16(smem_u32(sK + (stg * kBN + kk) * L::KS + part * 8), src, tok >= 0 ? 16 : 0, pol_kv);
     }
     for (int c = tid; c < kBN * CV; c += kThreads) {
       int kk = c / CV, part = c % CV;
-      int tok = sTok[stg * kBN + kk];
+      int tok = sTok[lb * kBN + kk];
       const T *src = tok >= 0 ? vbase + (int64_t)tok * a.vs[1] + part * 8 : vbase;
-      cp_async16(smem_u32(sV + (stg * kBN + kk) * L::VS + part * 8), src, tok >= 0 ? 16 : 0);
+      cp_async16(smem_u32(sV + (stg * kBN + kk) * L::VS + part * 8), src, tok >= 0 ? 16 : 0, pol_kv);
     }
   };
 
@@ -209,21 +239,23 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = 0; i < DV / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};
 
+  // Pipeline: lookups run two tiles ahead (3 buffers), K/V loads one tile
+  // ahead (2 stages), so neither the piece search nor the copy latency sits
+  // between two tiles' MMAs.
   const int ntiles = (Lg + kBN - 1) / kBN;
-  if (ntiles > 0) {
-    lookup(0, 0);
-    __syncthreads();
-    issue(0);
-  }
+  __syncthreads();  // piece cache
+  if (ntiles > 0) lookup(0, 0);
+  if (ntiles > 1) lookup(1, 1);
+  __syncthreads();
+  if (ntiles > 0) issue(0, 0);
   cp_commit();  // Q (+ tile 0)
 
   for (int it = 0; it < ntiles; it++) {
-    const int stg = it & 1;
+    const int stg = it & 1, lb = it % 3;
     if (it + 1 < ntiles) {
-      lookup(it + 1, stg ^ 1);
-      __syncthreads();
-      issue(stg ^ 1);
+      issue(stg ^ 1, (it + 1) % 3);
       cp_commit();
+      if (it + 2 < ntiles) lookup(it + 2, (it + 2) % 3);
       cp_wait<1>();
     } else {
       cp_wait<0>();
@@ -245,7 +277,7 @@ __global__ void __launch_bounds__(kThreads)
     }
 
     // ---- online softmax (per thread: rows r0, r1; 4 columns each) ----
-    const int *mk = sMask + stg * kBN + warp * 16;
+    const int *mk = sMask + lb * kBN + warp * 16;
     float p[2][4];
 #pragma unroll
     for (int rh = 0; rh < 2; rh++) {
