@@ -645,10 +645,13 @@ int nsad_flags_set_config(nsad_flags_t *f, const char *const *keys, const char *
   pthread_mutex_lock(&f->wmu);
   state_t st;
   copy_state(f, &st);
-  int changed = 0;
+  int changed = 0, flag_changed[NSAD_FLAG_COUNT] = {0};
+  fstate_t old[NSAD_FLAG_COUNT];
   for (int i = 0; i < NSAD_FLAG_COUNT; i++) {
     fstate_t *s = &st.fl[i];
-    if (s->has_config != has[i] || (has[i] && s->config != val[i])) changed = 1;
+    old[i] = *s;
+    if (s->has_config != has[i] || (has[i] && s->config != val[i]))
+      changed = flag_changed[i] = 1;
     s->has_config = has[i];
     s->config = has[i] ? val[i] : 0;
   }
@@ -656,6 +659,17 @@ int nsad_flags_set_config(nsad_flags_t *f, const char *const *keys, const char *
   if (changed) {
     st.epoch++;
     rc = commit(f, &st, msg, msglen);
+  }
+  if (rc == 0 && changed) {
+    /* Audit the config layer itself (the runtime layer, if any, still wins
+     * and is shown by flags.get). The actor is the daemon. */
+    nsad_actor_t self = {(uint32_t)getuid(), (int32_t)getpid(), "config"};
+    for (int i = 0; i < NSAD_FLAG_COUNT; i++) {
+      if (!flag_changed[i]) continue;
+      fstate_t a = old[i], b = st.fl[i];
+      a.has_runtime = b.has_runtime = 0;
+      audit(f, &self, "config", i, &a, &b, st.epoch);
+    }
   }
   pthread_mutex_unlock(&f->wmu);
   return rc;

@@ -566,6 +566,26 @@ Test(flags, audit_lines) {
   nsad_flags_free(f);
 }
 
+Test(flags, config_changes_are_audited) {
+  nsad_flags_t *f = open_store(NULL);
+  audit_buf_t b = {.n = 0};
+  nsad_flags_set_audit(f, grab_audit, &b);
+  const char *k[] = {"NSA_SEL_VARLEN_V2", "NSA_SEL_SHADOW_RATE"};
+  const char *v[] = {"off", "0"};
+  char msg[256];
+  cr_assert_eq(nsad_flags_set_config(f, k, v, 2, msg, sizeof msg), 0, "%s", msg);
+  cr_assert_eq(b.n, 2, "both config layers changed (%d lines)", b.n);
+  cr_expect(strstr(b.lines[1], "flag=NSA_SEL_SHADOW_RATE") && strstr(b.lines[1], "new=0(config)"),
+            "the source changed even though the value did not: %s", b.lines[1]);
+  cr_expect(strstr(b.lines[0], " config ") && strstr(b.lines[0], "client=\"config\"") &&
+                strstr(b.lines[0], "flag=NSA_SEL_VARLEN_V2") &&
+                strstr(b.lines[0], "old=1(default)") && strstr(b.lines[0], "new=0(config)"),
+            "%s", b.lines[0]);
+  cr_assert_eq(nsad_flags_set_config(f, k, v, 2, msg, sizeof msg), 0, "%s", msg);
+  cr_expect_eq(b.n, 2, "an unchanged reload is silent");
+  nsad_flags_free(f);
+}
+
 Test(flags, audit_default_goes_to_stderr) {
   char msg[256];
   nsad_flags_t *f = nsad_flags_new(NULL, msg, sizeof msg);
