@@ -439,6 +439,6 @@ error:
   nsad_debug("session %llu: msgid %u: %s: %s", (unsigned long long)s->id, msg->msgid,
              nsa_proto_code_name(err.code), err.message);
   nsad_session_send_error(s, msg->msgid, err.code, err.message);
-  if (srv->metrics && method != NSA_M_COUNT)
+  if (srv->metrics) /* NSA_M_COUNT: the method was unknown */
     nsad_metrics_request(srv->metrics, method, -1, err.code, nsad_now() - t0);
 }

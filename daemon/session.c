@@ -14,6 +14,9 @@
 
 /* Notifications are skipped while this much output is still unsent. */
 #define NSAD_NOTIFY_BACKLOG (1u << 20)
+/* A peer that sends requests but does not read its replies: stop reading
+ * its socket while this much output is queued (resume below half). */
+#define NSAD_WRITE_BACKLOG (16u << 20)
 #define NSAD_READ_CHUNK (64u * 1024u)
 
 static void session_maybe_free(nsad_session_t *s);
@@ -38,6 +41,12 @@ static void on_write(uv_write_t *req, int status) {
   if (status < 0 && status != UV_ECANCELED && s && !s->closing) {
     nsad_debug("session %llu: write failed: %s", (unsigned long long)s->id, uv_strerror(status));
     nsad_session_close(s, 0, "write failed");
+    return;
+  }
+  if (s && s->write_paused && !s->closing &&
+      uv_stream_get_write_queue_size((uv_stream_t *)&s->pipe) < NSAD_WRITE_BACKLOG / 2) {
+    s->write_paused = 0;
+    session_pump(s);
   }
 }
 
@@ -100,6 +109,11 @@ void nsad_session_stop_reading(nsad_session_t *s) {
 static void session_pump(nsad_session_t *s) {
   nsad_server_t *srv = s->srv;
   while (!s->closing && !srv->shutting_down) {
+    if (uv_stream_get_write_queue_size((uv_stream_t *)&s->pipe) > NSAD_WRITE_BACKLOG) {
+      s->write_paused = 1;
+      nsad_session_stop_reading(s);
+      return;
+    }
     if (s->inflight >= srv->cfg->max_inflight) {
       /* Backpressure: stop reading this socket until work drains, instead of
        * queueing without bound. */
@@ -117,7 +131,7 @@ static void session_pump(nsad_session_t *s) {
       nsad_warn("session %llu (pid %d): %s; closing the connection", (unsigned long long)s->id,
                 (int)s->peer_pid, err.message);
       if (known) nsad_session_send_error(s, msgid, err.code, err.message);
-      /* Not counted in nsad_metrics_request: no method is known here. */
+      if (srv->metrics) nsad_metrics_request(srv->metrics, NSA_M_COUNT, -1, err.code, 0.0);
       nsad_session_close(s, 1, "protocol error");
       return;
     }
@@ -128,7 +142,7 @@ static void session_pump(nsad_session_t *s) {
     }
     nsad_dispatch(s, &msg);
   }
-  if (!s->closing && !srv->shutting_down && !s->paused) start_reading(s);
+  if (!s->closing && !srv->shutting_down && !s->paused && !s->write_paused) start_reading(s);
 }
 
 void nsad_session_job_queued(nsad_session_t *s) {

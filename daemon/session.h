@@ -47,6 +47,7 @@ typedef struct nsad_session {
   nsad_lane_t lanes[NSAD_MAX_DEVICES];
   int inflight;
   int paused;      /* reading stopped by the in-flight limit */
+  int write_paused; /* reading stopped: too many unsent replies */
   int reading;     /* uv_read_start active */
   int closing;     /* no more requests; handles closing */
   int write_shut;  /* uv_shutdown issued: no more writes */
