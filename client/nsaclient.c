@@ -252,8 +252,11 @@ static int handshake(nsa_client_t *c) {
     nsac_region_t *r = &c->regions[i];
     uint64_t id = 0;
     if (nsac_register_shm_wire(c, r->name, r->size, &id) != 0) {
+      if (c->fd < 0) return -1; /* the daemon went away again */
+      /* e.g. the object was unlinked meanwhile: requests naming this region
+       * get not_found from the daemon (id 0 is never handed out). */
       r->wire_id = 0;
-      return -1;
+      continue;
     }
     r->wire_id = id;
   }
@@ -323,6 +326,13 @@ static int ensure_connected(nsa_client_t *c) {
   }
   return nsac_fail(c, "disconnected", "cannot connect to nsad at %s: %s", c->path,
                    last ? strerror(last) : "connection lost during hello");
+}
+
+int nsac_connected(nsa_client_t *c) {
+  if (c->fd >= 0)
+    while (pump(c, 0) > 0) {
+    }
+  return c->fd >= 0;
 }
 
 /* Sends a request already packed in w and waits for its reply. */

@@ -71,6 +71,8 @@ int nsac_call(nsa_client_t *c, const char *method, nsac_pack_fn fn, const void *
               size_t *res_len);
 /* region.register kind=shm on the current connection (no reconnect). */
 int nsac_register_shm_wire(nsa_client_t *c, const char *name, uint64_t size, uint64_t *wire_id);
+/* 1 when the connection is (still) up; never reconnects. */
+int nsac_connected(nsa_client_t *c);
 int nsac_value_from_bytes(nsa_client_t *c, char *bytes, size_t len, nsa_client_value_t **out);
 
 #endif

@@ -335,7 +335,13 @@ static void pack_unreg(nsa_client_t *c, msgpack_packer *pk, const void *ctx) {
 }
 
 int nsa_client_region_unregister(nsa_client_t *c, uint64_t region) {
-  int rc = nsac_call(c, "region.unregister", pack_unreg, &region, NULL, NULL);
+  int ours = 0;
+  for (int i = 0; i < c->nregions; i++) ours |= c->regions[i].id == region;
+  /* A region of ours while the daemon is gone: it only exists here (a new
+   * daemon learns it at reconnect), so forgetting it is the whole job. */
+  int rc = (ours && !nsac_connected(c))
+               ? 0
+               : nsac_call(c, "region.unregister", pack_unreg, &region, NULL, NULL);
   for (int i = 0; i < c->nregions; i++)
     if (c->regions[i].id == region) {
       c->regions[i] = c->regions[--c->nregions];
@@ -412,15 +418,7 @@ int nsa_client_shm_destroy(nsa_client_t *c, nsa_client_shm_t *s) {
       c->shms[i] = c->shms[--c->nshm];
       break;
     }
-  if (c->fd >= 0) {
-    rc = nsa_client_region_unregister(c, s->region);
-  } else {
-    for (int i = 0; i < c->nregions; i++)
-      if (c->regions[i].id == s->region) {
-        c->regions[i] = c->regions[--c->nregions];
-        break;
-      }
-  }
+  rc = nsa_client_region_unregister(c, s->region);
   munmap(s->ptr, s->size);
   shm_unlink(s->name);
   free(s);

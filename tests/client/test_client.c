@@ -6,6 +6,9 @@
  */
 #define _GNU_SOURCE
 #include <criterion/criterion.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <time.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -208,4 +211,64 @@ Test(client, nsactl_commands) {
   d.pid = 0;
   cr_expect_eq(rc, 0, "nsad exits 0 after nsactl shutdown");
   th_stop(&d, 1);
+}
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+Test(client, close_after_daemon_death_is_quick_and_unlinks) {
+  th_nsad_t d;
+  cr_assert_eq(th_start(&d, NULL), 0);
+  nsa_client_t *c = th_client(&d, "t");
+  nsa_client_shm_t *s;
+  cr_assert_eq(nsa_client_shm_create(c, 4096, &s), 0);
+  char path[128];
+  snprintf(path, sizeof path, "/dev/shm%s", s->name);
+  cr_assert_eq(access(path, F_OK), 0);
+  kill(d.pid, SIGKILL);
+  th_wait_exit(d.pid, 10000);
+  d.pid = 0;
+  double t0 = now_s();
+  nsa_client_close(c);
+  cr_expect_lt(now_s() - t0, 1.0, "no reconnect attempts just to unregister");
+  cr_expect_neq(access(path, F_OK), 0, "the shm object is unlinked");
+  th_stop(&d, 1);
+}
+
+Test(client, region_lost_across_restart_is_not_found_others_work) {
+  th_nsad_t d;
+  cr_assert_eq(th_start(&d, NULL), 0);
+  nsa_client_t *c = th_client(&d, "t");
+  /* an object the caller owns and registers by name */
+  char name[64];
+  snprintf(name, sizeof name, "/nsa-test-own-%d", (int)getpid());
+  int fd = shm_open(name, O_RDWR | O_CREAT | O_TRUNC, 0600);
+  cr_assert_geq(fd, 0);
+  cr_assert_eq(ftruncate(fd, 1 << 16), 0);
+  close(fd);
+  uint64_t own;
+  cr_assert_eq(nsa_client_region_register_shm(c, name, 1 << 16, &own), 0);
+  th_prob_t p;
+  cr_assert_eq(th_prob_init(&p, c, 1, 8, 64, 1, 2, 16, 3, 16, 0, 6), 0);
+  cr_assert_eq(th_stop(&d, 0), 0);
+  shm_unlink(name); /* gone before the daemon comes back */
+  d.pid = th_spawn(&d, d.sock, NULL, 1);
+  cr_assert_gt(d.pid, 0);
+  nsa_client_result_t r;
+  th_prob_fill(&p);
+  cr_expect_eq(nsa_client_forward(c, &p.fwd, &r), 0, "%s: %s", nsa_client_error_code(c),
+               nsa_client_error_message(c));
+  cr_expect_leq(th_prob_check_fwd(&p), 1e-5);
+  nsa_client_fwd_t bad = p.fwd;
+  bad.o.region = own;
+  bad.o.offset = 0;
+  cr_expect_eq(nsa_client_forward(c, &bad, &r), -1);
+  cr_expect_str_eq(nsa_client_error_code(c), "not_found");
+  th_prob_free(&p, c);
+  nsa_client_region_unregister(c, own);
+  nsa_client_close(c);
+  cr_expect_eq(th_stop(&d, 1), 0);
 }

@@ -18,6 +18,7 @@
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "harness.h"
@@ -349,4 +350,40 @@ Test(robust, stale_socket_file_is_replaced) {
   cr_expect_eq(th_stop(&d, 0), 0);
   cr_expect_neq(access(d.sock, F_OK), 0, "nsad removes its socket file at exit");
   th_stop(&d, 1);
+}
+
+/* Round-robin across sessions: a session with one request is served before
+ * a busy session's long queue drains. */
+Test(robust, fair_across_sessions) {
+  th_nsad_t d;
+  const char *args[] = {"--workers", "1", "--max-inflight", "64", NULL};
+  cr_assert_eq(th_start(&d, args), 0);
+  nsa_client_t *busy = th_client(&d, "busy"), *small = th_client(&d, "small");
+  th_prob_t pb, ps;
+  cr_assert_eq(th_prob_init(&pb, busy, 1, 64, 512, 2, 4, 64, 16, 32, 0, 1), 0);
+  cr_assert_eq(th_prob_init(&ps, small, 1, 8, 64, 1, 2, 16, 3, 16, 0, 2), 0);
+  th_prob_fill(&pb);
+  th_prob_fill(&ps);
+  enum { N = 24 };
+  uint32_t t[N];
+  struct timespec a, b, e;
+  clock_gettime(CLOCK_MONOTONIC, &a);
+  for (int i = 0; i < N; i++) cr_assert_eq(nsa_client_forward_submit(busy, &pb.fwd, &t[i]), 0);
+  cr_assert_eq(nsa_client_ping(busy), 0); /* all N are queued in nsad */
+  nsa_client_result_t r;
+  cr_assert_eq(nsa_client_forward(small, &ps.fwd, &r), 0);
+  clock_gettime(CLOCK_MONOTONIC, &b);
+  for (int i = 0; i < N; i++) cr_expect_eq(nsa_client_wait(busy, t[i], &r), 0);
+  clock_gettime(CLOCK_MONOTONIC, &e);
+  double t_small = (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) * 1e-9;
+  double t_all = (e.tv_sec - a.tv_sec) + (e.tv_nsec - a.tv_nsec) * 1e-9;
+  /* FIFO would answer the small request after all N busy ones (ratio ~1);
+   * round-robin after the one running (ratio ~1/N). */
+  cr_expect_lt(t_small, 0.5 * t_all, "small request took %.3fs, busy queue %.3fs", t_small, t_all);
+  cr_expect_leq(th_prob_check_fwd(&ps), 1e-5);
+  th_prob_free(&pb, busy);
+  th_prob_free(&ps, small);
+  nsa_client_close(busy);
+  nsa_client_close(small);
+  cr_expect_eq(th_stop(&d, 1), 0);
 }
