@@ -3,7 +3,8 @@
  *
  *   build/bin/nsa_bench_cuda [--quick] [--reps N] [--csv FILE] [--no-pack] [--small-h]
  * --quick: T = 16k only; --small-h: h in {1, 4} only; --no-pack: one query per
- * MMA tile even when h < 16 (to measure what query packing buys).
+ * MMA tile even when h < 16 (to measure what query packing buys); --qt1: one
+ * 16-row query tile per CTA (to measure what the second query tile buys).
  *
  * One sequence (B = 1), S = Skv = T, G = 4 KV heads, block 64, n = 16
  * selected blocks, bf16. Selections: "random" (block 0, the query's own block
@@ -109,6 +110,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--csv") && i + 1 < argc) csv = argv[++i];
     else if (!strcmp(argv[i], "--no-pack")) setenv("NSA_CUDA_NO_PACK", "1", 1);
     else if (!strcmp(argv[i], "--small-h")) small_h = 1;
+    else if (!strcmp(argv[i], "--qt1")) setenv("NSA_CUDA_QTILES", "1", 1);
     else if (!strcmp(argv[i], "--one") && i + 3 < argc) {
       one_T = atoll(argv[++i]);
       one_h = atoll(argv[++i]);

@@ -37,6 +37,7 @@ struct nsa_cuda_ctx {
   cudaEvent_t ev0, ev1, ev2;
   int fatal;  // a sticky error was seen: every later call fails fast
   int no_pack;  // NSA_CUDA_NO_PACK=1 (benchmarks): one query per tile even when h < 16
+  int qt_max;   // NSA_CUDA_QTILES=1 (benchmarks): one query tile per CTA
 };
 
 static void setmsg(char *msg, size_t len, const char *fmt, ...) {
@@ -120,6 +121,8 @@ extern "C" int nsa_cuda_ctx_create(int device, size_t ws_cap, nsa_cuda_ctx_t **o
   ctx->ws_cap = ws_cap;
   const char *np = getenv("NSA_CUDA_NO_PACK");
   ctx->no_pack = np && np[0] == '1';
+  const char *qt = getenv("NSA_CUDA_QTILES");
+  ctx->qt_max = (qt && qt[0] == '1') ? 1 : 2;
   cudaError_t e = cudaSetDevice(device);
   if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&ctx->stream, cudaStreamNonBlocking);
   if (e == cudaSuccess) e = cudaMallocHost((void **)&ctx->h_sum, sizeof(nsa_cuda_summary_t));
@@ -299,6 +302,7 @@ typedef struct {
 } req_layout_t;
 
 static void req_layout(const nsa_dims_t *d, int P, req_layout_t *L) {
+  P *= nsa_cuda_qtiles(d->Dv, P, 2); /* group size of the tensor-core kernel (upper bound) */
   nsa_plan_layout_t pl;
   size_t o = 0;
   L->sum = o;
@@ -367,9 +371,10 @@ static int run_attention(nsa_cuda_ctx_t *ctx, const nsa_cuda_attn_t *at, nsa_dty
                          int use_mma, const nsa_plan_t *plan, nsa_cuda_piece_t *pieces, int2 *gcount,
                          char *msg, size_t msglen) {
   if (use_mma) {
-    CK(nsa_cuda_launch_plan_group(plan, at->B, at->S, at->G, P, pieces, gcount, ctx->stream),
+    const int Pg = P * nsa_cuda_qtiles(at->Dv, P, at->qt_max);
+    CK(nsa_cuda_launch_plan_group(plan, at->B, at->S, at->G, Pg, pieces, gcount, ctx->stream),
        "group planner launch");
-    CK(nsa_cuda_launch_fwd_mma(at, dt, P, pieces, gcount, nsa_cuda_max_pieces(plan->n, P), ctx->stream),
+    CK(nsa_cuda_launch_fwd_mma(at, dt, P, pieces, gcount, nsa_cuda_max_pieces(plan->n, Pg), ctx->stream),
        "tensor-core forward launch");
   } else {
     CK(nsa_cuda_launch_fwd_simple(at, dt, plan, ctx->stream), "forward launch");
@@ -495,6 +500,7 @@ extern "C" int nsa_cuda_sel_fwd(nsa_cuda_ctx_t *ctx, const nsa_fwd_args_t *a,
 
   nsa_cuda_attn_t at;
   fill_attn(&at, a, &d, &dsum->invalid);
+  at.qt_max = ctx->qt_max;
   const int q_ok = aligned16(&a->q);
   size_t used = L.end_plan;
   if (path == NSA_PATH_PACKED) {
@@ -508,8 +514,9 @@ extern "C" int nsa_cuda_sel_fwd(nsa_cuda_ctx_t *ctx, const nsa_fwd_args_t *a,
     size_t kp_off = align256(pplan_off + nsa_plan_layout(d.rows, 1, &pl));
     size_t vp_off = align256(kp_off + (size_t)hsum.total * d.Dk * es);
     size_t pieces_off = align256(vp_off + (size_t)hsum.total * d.Dv * es);
-    int64_t ng = nsa_cuda_num_groups(d.B, d.S, d.G, 1);
-    size_t gcount_off = align256(pieces_off + (size_t)ng * nsa_cuda_max_pieces(1, 1) * sizeof(nsa_cuda_piece_t));
+    const int Pg = nsa_cuda_qtiles(d.Dv, 1, ctx->qt_max);
+    int64_t ng = nsa_cuda_num_groups(d.B, d.S, d.G, Pg);
+    size_t gcount_off = align256(pieces_off + (size_t)ng * nsa_cuda_max_pieces(1, Pg) * sizeof(nsa_cuda_piece_t));
     used = align256(gcount_off + (size_t)ng * sizeof(int2));
     st = arena_reserve(ctx, used, L.end_plan, msg, msglen);
     if (st) return st;

@@ -95,7 +95,16 @@ typedef struct {
   int64_t B, S, Skv, G, h, Dk, Dv, n;
   float scale;
   const long long *invalid;   /* device; kernels exit when *invalid > 0 (may be NULL) */
+  int qt_max;                 /* query tiles per tensor-core CTA allowed (1 or 2) */
 } nsa_cuda_attn_t;
+
+/* Query tiles (16 MMA rows each) per tensor-core CTA: 2 where the f32
+ * accumulators fit in registers (Dv <= 128) and the group (P * tiles queries)
+ * fits the 32 lanes of the group planner's warp; else 1. The group planner
+ * runs with P * nsa_cuda_qtiles(Dv, P) queries per group. */
+static inline int nsa_cuda_qtiles(int64_t Dv, int P, int qt_max) {
+  return (qt_max >= 2 && Dv <= 128 && 2 * P <= 32) ? 2 : 1;
+}
 
 /* Tensor-core kernel (bf16/f16, Dk/Dv in {64,128,192,256}, 16-byte aligned
  * rows). Returns cudaErrorInvalidValue when the combination is not built. */

@@ -104,12 +104,12 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
-template <int DK, int DV> struct Smem {
+template <int DK, int DV, int QT> struct Smem {
   static constexpr int QS = DK + 8;  // padded row strides (elements): conflict-free ldmatrix
   static constexpr int KS = DK + 8;
   static constexpr int VS = DV + 8;
   static constexpr size_t q_off = 0;
-  static constexpr size_t k_off = q_off + 16 * QS * 2;
+  static constexpr size_t k_off = q_off + QT * 16 * QS * 2;
   static constexpr size_t v_off = k_off + 2 * kBN * KS * 2;
   static constexpr size_t tok_off = v_off + 2 * kBN * VS * 2;   // 3 lookup buffers
   static constexpr size_t mask_off = tok_off + 3 * kBN * 4;
@@ -120,11 +120,17 @@ template <int DK, int DV> struct Smem {
   static_assert(4 * 16 * DV * 4 <= 2 * kBN * (KS + VS) * 2, "merge buffer fits in K/V ring");
 };
 
-template <typename T, int DK, int DV>
+// QT = number of 16-row MMA tiles (query tiles) per CTA. A group holds
+// Pg = P * QT queries; tile mt has rows (query mt*P + m / HT, head m % HT).
+// Each warp skips a query tile on the key tiles where none of its 16 keys
+// belongs to that tile's queries (warp-uniform test), so random selections
+// (whose union is ~Pg rows long) cost no more MMAs than QT = 1, while
+// correlated ones load each K/V tile once for all Pg queries.
+template <typename T, int DK, int DV, int QT>
 __global__ void __launch_bounds__(kThreads)
     fwd_mma_kernel(nsa_cuda_attn_t a, int P, int HT, int njt, const nsa_cuda_piece_t *__restrict__ pieces,
                    const int2 *__restrict__ gcount, int64_t maxp) {
-  using L = Smem<DK, DV>;
+  using L = Smem<DK, DV, QT>;
   extern __shared__ __align__(16) unsigned char smem[];
   T *sQ = reinterpret_cast<T *>(smem + L::q_off);
   T *sK = reinterpret_cast<T *>(smem + L::k_off);
@@ -142,11 +148,12 @@ __global__ void __launch_bounds__(kThreads)
   const bool bad = a.invalid != nullptr && *a.invalid > 0;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int Pg = P * QT;
   const int64_t grp = blockIdx.x / njt;
   const int jt = blockIdx.x % njt;
-  const int64_t ngt = (a.S + P - 1) / P;
+  const int64_t ngt = (a.S + Pg - 1) / Pg;
   const int64_t g = grp % a.G, tg = (grp / a.G) % ngt, b = grp / (a.G * ngt);
-  const int64_t t0 = tg * P;
+  const int64_t t0 = tg * Pg;
   const int2 gc = gcount[grp];
   const int np = gc.x, Lg = bad ? 0 : gc.y;
   const nsa_cuda_piece_t *gp = pieces + grp * maxp;
@@ -158,30 +165,30 @@ __global__ void __launch_bounds__(kThreads)
     gp = sPc;
   }
 
-  // MMA row m -> (query, head); -1 head when the row is padding.
-  auto row_head = [&](int m, int64_t *t) -> int64_t {
-    int q = m / HT;
+  // Row m of query tile mt -> (query, head); -1 head when the row is padding.
+  auto row_head = [&](int mt, int m, int64_t *t) -> int64_t {
+    int q = mt * P + m / HT;
     int64_t j = (int64_t)jt * 16 + m % HT;
     *t = t0 + q;
     if (m >= P * HT || *t >= a.S || j >= a.h) return -1;
     return g * a.h + j;
   };
 
-  // ---- Q tile: 16 rows x DK -> smem (zero rows for padding) ----
+  // ---- Q tiles: QT x 16 rows x DK -> smem (zero rows for padding) ----
   {
     constexpr int CH = DK / 8;
     const T *q = reinterpret_cast<const T *>(a.q);
-    for (int c = tid; c < 16 * CH; c += kThreads) {
-      int m = c / CH, part = c % CH;
+    for (int c = tid; c < QT * 16 * CH; c += kThreads) {
+      int mr = c / CH, part = c % CH;
       int64_t t;
-      int64_t head = row_head(m, &t);
+      int64_t head = row_head(mr / 16, mr % 16, &t);
       const T *src = q;
       int bytes = 0;
       if (head >= 0) {
         src = q + b * a.qs[0] + t * a.qs[1] + head * a.qs[2] + part * 8;
         bytes = 16;
       }
-      cp_async16(smem_u32(sQ + m * L::QS + part * 8), src, bytes, pol_q);
+      cp_async16(smem_u32(sQ + mr * L::QS + part * 8), src, bytes, pol_q);
     }
   }
 
@@ -224,20 +231,28 @@ __global__ void __launch_bounds__(kThreads)
     }
   };
 
-  // This thread's two rows (lane/4 and lane/4+8) and their query bits.
+  // This thread's two rows (lane/4 and lane/4+8) of each query tile, their
+  // query bits, and each tile's query bits.
   const int r0 = lane >> 2, r1 = r0 + 8;
-  unsigned bit0 = 0, bit1 = 0;
-  {
+  unsigned bit0[QT], bit1[QT], tbits[QT];
+#pragma unroll
+  for (int mt = 0; mt < QT; mt++) {
     int64_t t;
-    if (row_head(r0, &t) >= 0) bit0 = 1u << (r0 / HT);
-    if (row_head(r1, &t) >= 0) bit1 = 1u << (r1 / HT);
+    bit0[mt] = row_head(mt, r0, &t) >= 0 ? 1u << (mt * P + r0 / HT) : 0u;
+    bit1[mt] = row_head(mt, r1, &t) >= 0 ? 1u << (mt * P + r1 / HT) : 0u;
+    tbits[mt] = (P >= 32 ? 0xffffffffu : ((1u << P) - 1u)) << (mt * P);
   }
   const float c2 = a.scale * 1.4426950408889634f;  // scores in log2 units
 
-  float acc[DV / 8][4];
+  float acc[QT][DV / 8][4];
+  float mrow[QT][2], lrow[QT][2];
 #pragma unroll
-  for (int i = 0; i < DV / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};
+  for (int mt = 0; mt < QT; mt++) {
+#pragma unroll
+    for (int i = 0; i < DV / 8; i++) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
+    mrow[mt][0] = mrow[mt][1] = -INFINITY;
+    lrow[mt][0] = lrow[mt][1] = 0.f;
+  }
 
   // Pipeline: lookups run two tiles ahead (3 buffers), K/V loads one tile
   // ahead (2 stages), so neither the piece search nor the copy latency sits
@@ -262,152 +277,194 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
 
-    // ---- S = Q K^T for this warp's 16 keys ----
-    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-    const T *kw = sK + (stg * kBN + warp * 16) * L::KS;
-#pragma unroll
-    for (int ks = 0; ks < DK / 16; ks++) {
-      unsigned af[4], b0, b1, b2, b3;
-      ldsm_x4(smem_u32(sQ + (lane & 15) * L::QS + ks * 16 + (lane >> 4) * 8), af[0], af[1], af[2],
-              af[3]);
-      ldsm_x4(smem_u32(kw + ((lane & 7) + (lane >> 4) * 8) * L::KS + ks * 16 + ((lane >> 3) & 1) * 8),
-              b0, b1, b2, b3);
-      MmaOp<T>::mma(s[0], af, b0, b1);
-      MmaOp<T>::mma(s[1], af, b2, b3);
-    }
-
-    // ---- online softmax (per thread: rows r0, r1; 4 columns each) ----
     const int *mk = sMask + lb * kBN + warp * 16;
-    float p[2][4];
+    const int kmask = mk[lane & 15];
+    bool act[QT];
+    bool any = false;
 #pragma unroll
-    for (int rh = 0; rh < 2; rh++) {
-      const unsigned bit = rh ? bit1 : bit0;
-      float x[4];
-#pragma unroll
-      for (int nt = 0; nt < 2; nt++)
-#pragma unroll
-        for (int e = 0; e < 2; e++) {
-          int kc = nt * 8 + (lane & 3) * 2 + e;
-          x[nt * 2 + e] = (mk[kc] & bit) ? s[nt][rh * 2 + e] * c2 : -INFINITY;
-        }
-      float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float mnew = fmaxf(mrow[rh], mx);
-      const float muse = mnew == -INFINITY ? 0.f : mnew;
-      const float alpha = ex2(mrow[rh] - muse);
-      float sum = 0.f;
-#pragma unroll
-      for (int i = 0; i < 4; i++) {
-        float pv = ex2(x[i] - muse);
-        sum += pv;
-        p[i >> 1][rh * 2 + (i & 1)] = pv;
-      }
-      lrow[rh] = lrow[rh] * alpha + sum;
-      mrow[rh] = mnew;
-#pragma unroll
-      for (int i = 0; i < DV / 8; i++) {
-        acc[i][rh * 2] *= alpha;
-        acc[i][rh * 2 + 1] *= alpha;
-      }
+    for (int mt = 0; mt < QT; mt++) {
+      act[mt] = __any_sync(0xffffffffu, (kmask & tbits[mt]) != 0);
+      any |= act[mt];
     }
-
-    // ---- O += P V ----
-    unsigned pa[4];
-    pa[0] = MmaOp<T>::pack(p[0][0], p[0][1]);
-    pa[1] = MmaOp<T>::pack(p[0][2], p[0][3]);
-    pa[2] = MmaOp<T>::pack(p[1][0], p[1][1]);
-    pa[3] = MmaOp<T>::pack(p[1][2], p[1][3]);
-    const T *vw = sV + (stg * kBN + warp * 16) * L::VS;
+    if (any) {
+      // ---- S = Q K^T for this warp's 16 keys, each active query tile ----
+      float s[QT][2][4];
 #pragma unroll
-    for (int nd = 0; nd < DV / 16; nd++) {
-      unsigned b0, b1, b2, b3;
-      ldsm_x4_t(smem_u32(vw + ((lane & 7) + ((lane >> 3) & 1) * 8) * L::VS + nd * 16 + (lane >> 4) * 8),
+      for (int mt = 0; mt < QT; mt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) s[mt][0][i] = s[mt][1][i] = 0.f;
+      const T *kw = sK + (stg * kBN + warp * 16) * L::KS;
+#pragma unroll
+      for (int ks = 0; ks < DK / 16; ks++) {
+        unsigned b0, b1, b2, b3;
+        ldsm_x4(smem_u32(kw + ((lane & 7) + (lane >> 4) * 8) * L::KS + ks * 16 + ((lane >> 3) & 1) * 8),
                 b0, b1, b2, b3);
-      MmaOp<T>::mma(acc[2 * nd], pa, b0, b1);
-      MmaOp<T>::mma(acc[2 * nd + 1], pa, b2, b3);
+#pragma unroll
+        for (int mt = 0; mt < QT; mt++) {
+          if (!act[mt]) continue;
+          unsigned af[4];
+          ldsm_x4(smem_u32(sQ + (mt * 16 + (lane & 15)) * L::QS + ks * 16 + (lane >> 4) * 8), af[0],
+                  af[1], af[2], af[3]);
+          MmaOp<T>::mma(s[mt][0], af, b0, b1);
+          MmaOp<T>::mma(s[mt][1], af, b2, b3);
+        }
+      }
+
+      // ---- online softmax (per thread: rows r0, r1; 4 columns each) ----
+      unsigned pa[QT][4];
+#pragma unroll
+      for (int mt = 0; mt < QT; mt++) {
+        if (!act[mt]) continue;
+        float p[2][4];
+#pragma unroll
+        for (int rh = 0; rh < 2; rh++) {
+          const unsigned bit = rh ? bit1[mt] : bit0[mt];
+          float x[4];
+#pragma unroll
+          for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+              int kc = nt * 8 + (lane & 3) * 2 + e;
+              x[nt * 2 + e] = (mk[kc] & bit) ? s[mt][nt][rh * 2 + e] * c2 : -INFINITY;
+            }
+          float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          const float mnew = fmaxf(mrow[mt][rh], mx);
+          const float muse = mnew == -INFINITY ? 0.f : mnew;
+          const float alpha = ex2(mrow[mt][rh] - muse);
+          float sum = 0.f;
+#pragma unroll
+          for (int i = 0; i < 4; i++) {
+            float pv = ex2(x[i] - muse);
+            sum += pv;
+            p[i >> 1][rh * 2 + (i & 1)] = pv;
+          }
+          lrow[mt][rh] = lrow[mt][rh] * alpha + sum;
+          mrow[mt][rh] = mnew;
+#pragma unroll
+          for (int i = 0; i < DV / 8; i++) {
+            acc[mt][i][rh * 2] *= alpha;
+            acc[mt][i][rh * 2 + 1] *= alpha;
+          }
+        }
+        pa[mt][0] = MmaOp<T>::pack(p[0][0], p[0][1]);
+        pa[mt][1] = MmaOp<T>::pack(p[0][2], p[0][3]);
+        pa[mt][2] = MmaOp<T>::pack(p[1][0], p[1][1]);
+        pa[mt][3] = MmaOp<T>::pack(p[1][2], p[1][3]);
+      }
+
+      // ---- O += P V ----
+      const T *vw = sV + (stg * kBN + warp * 16) * L::VS;
+#pragma unroll
+      for (int nd = 0; nd < DV / 16; nd++) {
+        unsigned b0, b1, b2, b3;
+        ldsm_x4_t(smem_u32(vw + ((lane & 7) + ((lane >> 3) & 1) * 8) * L::VS + nd * 16 + (lane >> 4) * 8),
+                  b0, b1, b2, b3);
+#pragma unroll
+        for (int mt = 0; mt < QT; mt++) {
+          if (!act[mt]) continue;
+          MmaOp<T>::mma(acc[mt][2 * nd], pa[mt], b0, b1);
+          MmaOp<T>::mma(acc[mt][2 * nd + 1], pa[mt], b2, b3);
+        }
+      }
     }
     __syncthreads();  // stage stg is refilled by the next iteration's issue
   }
-
-  // ---- merge the four warps' states (fixed order: deterministic) ----
-#pragma unroll
-  for (int rh = 0; rh < 2; rh++) {
-    lrow[rh] += __shfl_xor_sync(0xffffffffu, lrow[rh], 1);
-    lrow[rh] += __shfl_xor_sync(0xffffffffu, lrow[rh], 2);
-  }
-  if ((lane & 3) == 0) {
-    sRm[warp * 16 + r0] = mrow[0];
-    sRm[warp * 16 + r1] = mrow[1];
-    sRl[warp * 16 + r0] = lrow[0];
-    sRl[warp * 16 + r1] = lrow[1];
-  }
   cp_wait<0>();
-  __syncthreads();
-  if (tid < 16) {
-    float M = -INFINITY;
-    for (int w = 0; w < 4; w++) M = fmaxf(M, sRm[w * 16 + tid]);
-    const float Mu = M == -INFINITY ? 0.f : M;
-    float Lt = 0.f;
-    for (int w = 0; w < 4; w++) Lt += sRl[w * 16 + tid] * ex2(sRm[w * 16 + tid] - Mu);
-    sMt[tid] = M;
-    sLt[tid] = Lt;
-  }
-  __syncthreads();
+
+  // ---- per query tile: merge the four warps' states (fixed order) ----
   float *sAcc = reinterpret_cast<float *>(smem + L::k_off);  // [4][16][DV]
-  {
-    const float f0 = ex2(mrow[0] - (sMt[r0] == -INFINITY ? 0.f : sMt[r0]));
-    const float f1 = ex2(mrow[1] - (sMt[r1] == -INFINITY ? 0.f : sMt[r1]));
-    float *aw = sAcc + warp * 16 * DV;
-#pragma unroll
-    for (int i = 0; i < DV / 8; i++) {
-      int col = i * 8 + (lane & 3) * 2;
-      aw[r0 * DV + col] = acc[i][0] * f0;
-      aw[r0 * DV + col + 1] = acc[i][1] * f0;
-      aw[r1 * DV + col] = acc[i][2] * f1;
-      aw[r1 * DV + col + 1] = acc[i][3] * f1;
-    }
-  }
-  __syncthreads();
   T *o = reinterpret_cast<T *>(a.o);
-  for (int e = tid; e < 16 * DV; e += kThreads) {
-    int m = e / DV, col = e % DV;
-    int64_t t;
-    int64_t head = row_head(m, &t);
-    if (head < 0) continue;
-    float sum = sAcc[m * DV + col] + sAcc[(16 + m) * DV + col] + sAcc[(32 + m) * DV + col] +
-                sAcc[(48 + m) * DV + col];
-    float Lt = sLt[m];
-    float val = bad ? NAN : (Lt > 0.f ? sum / Lt : 0.f);
-    MmaOp<T>::store(o + b * a.os[0] + t * a.os[1] + head * a.os[2] + col * a.os[3], val);
-  }
-  if (a.lse != nullptr && tid < 16) {
-    int64_t t;
-    int64_t head = row_head(tid, &t);
-    if (head >= 0) {
-      float Lt = sLt[tid];
-      float v = bad ? NAN : (Lt > 0.f ? (sMt[tid] + log2f(Lt)) * 0.6931471805599453f : -INFINITY);
-      a.lse[b * a.ls[0] + t * a.ls[1] + head * a.ls[2]] = v;
+#pragma unroll
+  for (int mt = 0; mt < QT; mt++) {
+#pragma unroll
+    for (int rh = 0; rh < 2; rh++) {
+      lrow[mt][rh] += __shfl_xor_sync(0xffffffffu, lrow[mt][rh], 1);
+      lrow[mt][rh] += __shfl_xor_sync(0xffffffffu, lrow[mt][rh], 2);
+    }
+    __syncthreads();  // previous tile's sAcc / sMt readers are done
+    if ((lane & 3) == 0) {
+      sRm[warp * 16 + r0] = mrow[mt][0];
+      sRm[warp * 16 + r1] = mrow[mt][1];
+      sRl[warp * 16 + r0] = lrow[mt][0];
+      sRl[warp * 16 + r1] = lrow[mt][1];
+    }
+    __syncthreads();
+    if (tid < 16) {
+      float M = -INFINITY;
+      for (int w = 0; w < 4; w++) M = fmaxf(M, sRm[w * 16 + tid]);
+      const float Mu = M == -INFINITY ? 0.f : M;
+      float Lt = 0.f;
+      for (int w = 0; w < 4; w++) Lt += sRl[w * 16 + tid] * ex2(sRm[w * 16 + tid] - Mu);
+      sMt[tid] = M;
+      sLt[tid] = Lt;
+    }
+    __syncthreads();
+    {
+      const float f0 = ex2(mrow[mt][0] - (sMt[r0] == -INFINITY ? 0.f : sMt[r0]));
+      const float f1 = ex2(mrow[mt][1] - (sMt[r1] == -INFINITY ? 0.f : sMt[r1]));
+      float *aw = sAcc + warp * 16 * DV;
+#pragma unroll
+      for (int i = 0; i < DV / 8; i++) {
+        int col = i * 8 + (lane & 3) * 2;
+        aw[r0 * DV + col] = acc[mt][i][0] * f0;
+        aw[r0 * DV + col + 1] = acc[mt][i][1] * f0;
+        aw[r1 * DV + col] = acc[mt][i][2] * f1;
+        aw[r1 * DV + col + 1] = acc[mt][i][3] * f1;
+      }
+    }
+    __syncthreads();
+    for (int e = tid; e < 16 * DV; e += kThreads) {
+      int m = e / DV, col = e % DV;
+      int64_t t;
+      int64_t head = row_head(mt, m, &t);
+      if (head < 0) continue;
+      float sum = sAcc[m * DV + col] + sAcc[(16 + m) * DV + col] + sAcc[(32 + m) * DV + col] +
+                  sAcc[(48 + m) * DV + col];
+      float Lt = sLt[m];
+      float val = bad ? NAN : (Lt > 0.f ? sum / Lt : 0.f);
+      MmaOp<T>::store(o + b * a.os[0] + t * a.os[1] + head * a.os[2] + col * a.os[3], val);
+    }
+    if (a.lse != nullptr && tid < 16) {
+      int64_t t;
+      int64_t head = row_head(mt, tid, &t);
+      if (head >= 0) {
+        float Lt = sLt[tid];
+        float v = bad ? NAN : (Lt > 0.f ? (sMt[tid] + log2f(Lt)) * 0.6931471805599453f : -INFINITY);
+        a.lse[b * a.ls[0] + t * a.ls[1] + head * a.ls[2]] = v;
+      }
     }
   }
 }
 
-template <typename T, int DK, int DV>
-cudaError_t launch(const nsa_cuda_attn_t *a, int P, const nsa_cuda_piece_t *pieces,
-                   const int2 *gcount, int64_t maxp, cudaStream_t st) {
-  using L = Smem<DK, DV>;
+template <typename T, int DK, int DV, int QT>
+cudaError_t launch_qt(const nsa_cuda_attn_t *a, int P, const nsa_cuda_piece_t *pieces,
+                      const int2 *gcount, int64_t maxp, cudaStream_t st) {
+  using L = Smem<DK, DV, QT>;
   const int HT = a->h >= 16 ? 16 : (int)a->h;
   const int njt = (int)((a->h + 15) / 16);
-  const int64_t ngroups = nsa_cuda_num_groups(a->B, a->S, a->G, P);
+  const int64_t ngroups = nsa_cuda_num_groups(a->B, a->S, a->G, P * QT);
   const int64_t grid = ngroups * njt;
   if (grid == 0) return cudaSuccess;
   if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  cudaError_t e = cudaFuncSetAttribute(fwd_mma_kernel<T, DK, DV>,
+  cudaError_t e = cudaFuncSetAttribute(fwd_mma_kernel<T, DK, DV, QT>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)L::bytes);
   if (e != cudaSuccess) return e;
-  fwd_mma_kernel<T, DK, DV><<<(unsigned)grid, kThreads, L::bytes, st>>>(*a, P, HT, njt, pieces,
-                                                                        gcount, maxp);
+  fwd_mma_kernel<T, DK, DV, QT><<<(unsigned)grid, kThreads, L::bytes, st>>>(*a, P, HT, njt, pieces,
+                                                                            gcount, maxp);
   return cudaGetLastError();
+}
+
+// P here is the queries per MMA tile; the group planner must have been run
+// with P * nsa_cuda_qtiles(DV, P, qt_max) queries per group.
+template <typename T, int DK, int DV>
+cudaError_t launch(const nsa_cuda_attn_t *a, int P, const nsa_cuda_piece_t *pieces,
+                   const int2 *gcount, int64_t maxp, cudaStream_t st) {
+  if constexpr (DV <= 128) {
+    if (nsa_cuda_qtiles(DV, P, a->qt_max) == 2) return launch_qt<T, DK, DV, 2>(a, P, pieces, gcount, maxp, st);
+  }
+  return launch_qt<T, DK, DV, 1>(a, P, pieces, gcount, maxp, st);
 }
 
 // Dispatch over the built (Dk, Dv) pairs.

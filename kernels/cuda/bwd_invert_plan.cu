@@ -1,0 +1,216 @@
+// bwd_invert_plan.cu — the inverted plan of the backward (bwd_internal.h).
+//
+// For every 64-key tile x = (b*G + g)*NT + kt, the rows whose key set touches
+// keys [kt*64, kt*64 + 64) of (b, g), as a CSR ordered by row ascending:
+//   1. count_kernel: per row, the distinct tiles its merged spans touch
+//      (spans are sorted and disjoint, so a tile repeats only across the
+//      boundary of two consecutive spans: skip tiles <= the previous last);
+//   2. exclusive scan (CUB) → pair_off; pads past the total get key = ntiles;
+//   3. write_kernel: pairs (key = tile, value = row) in row order;
+//   4. CUB radix sort by key. LSD radix sort is stable, the input is in row
+//      order, so rows stay ascending within a tile: the dk/dv summation order
+//      is fixed and the result deterministic, with no atomics at all;
+//   5. tile_off[x] = lower_bound(keys, x) (binary search, no atomics);
+//   6. segments: tile x with c rows gets max(1, ceil(c / seg_rows)) CTA items,
+//      and, when that is > 1, as many f32 partial slots; two scans give the
+//      item and partial offsets.
+// Capacity `cap` is a host bound on the number of pairs (see bwd_request.cu);
+// everything runs on the stream without a host synchronization.
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_scan.cuh>
+
+#include "bwd_internal.h"
+
+namespace {
+
+constexpr int kT = NSA_BWD_TILE;
+
+__global__ void count_kernel(const int2 *__restrict__ spans, const int32_t *__restrict__ nspans,
+                             int64_t rows, int64_t n, int32_t *__restrict__ cnt) {
+  const int64_t r = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (r > rows) return;
+  if (r == rows) {
+    cnt[rows] = 0;
+    return;
+  }
+  const int nsp = nspans[r];
+  int c = 0, prev = -1;
+  for (int i = 0; i < nsp; i++) {
+    const int2 sp = spans[r * n + i];
+    if (sp.y <= sp.x) continue;
+    int first = sp.x / kT, last = (sp.y - 1) / kT;
+    if (first <= prev) first = prev + 1;
+    if (last >= first) c += last - first + 1;
+    if (last > prev) prev = last;
+  }
+  cnt[r] = c;
+}
+
+__global__ void pad_kernel(const int32_t *__restrict__ pair_off, int64_t rows, int64_t cap,
+                           unsigned pad, unsigned *__restrict__ keys, int32_t *__restrict__ vals) {
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= cap) return;
+  if (i >= pair_off[rows]) {
+    keys[i] = pad;
+    vals[i] = -1;
+  }
+}
+
+__global__ void write_kernel(const int2 *__restrict__ spans, const int32_t *__restrict__ nspans,
+                             int64_t rows, int64_t n, int64_t S, int64_t G, int64_t NT, int64_t cap,
+                             const int32_t *__restrict__ pair_off, unsigned *__restrict__ keys,
+                             int32_t *__restrict__ vals) {
+  const int64_t r = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= rows) return;
+  const int64_t g = r % G, b = r / (G * S);
+  const int64_t base = (b * G + g) * NT;
+  const int nsp = nspans[r];
+  int64_t pos = pair_off[r];
+  int prev = -1;
+  for (int i = 0; i < nsp; i++) {
+    const int2 sp = spans[r * n + i];
+    if (sp.y <= sp.x) continue;
+    int first = sp.x / kT, last = (sp.y - 1) / kT;
+    if (first <= prev) first = prev + 1;
+    for (int kt = first; kt <= last && pos < cap; kt++, pos++) {  // pos < cap: never past the bound
+      keys[pos] = (unsigned)(base + kt);
+      vals[pos] = (int32_t)r;
+    }
+    if (last > prev) prev = last;
+  }
+}
+
+__global__ void tile_off_kernel(const unsigned *__restrict__ keys, int64_t cap, int64_t ntiles,
+                                int32_t *__restrict__ tile_off) {
+  const int64_t x = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (x > ntiles) return;
+  int64_t lo = 0, hi = cap;  // first i with keys[i] >= x
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) >> 1;
+    if ((int64_t)keys[mid] < x) lo = mid + 1;
+    else hi = mid;
+  }
+  tile_off[x] = (int32_t)lo;
+}
+
+__global__ void seg_kernel(const int32_t *__restrict__ tile_off, int64_t ntiles, int seg_rows,
+                           int32_t *__restrict__ nitem, int32_t *__restrict__ npart) {
+  const int64_t x = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (x > ntiles) return;
+  if (x == ntiles) {
+    nitem[x] = 0;
+    npart[x] = 0;
+    return;
+  }
+  const int c = tile_off[x + 1] - tile_off[x];
+  const int ns = c <= seg_rows ? 1 : (c + seg_rows - 1) / seg_rows;
+  nitem[x] = ns;
+  npart[x] = ns > 1 ? ns : 0;
+}
+
+size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
+
+int key_bits(int64_t ntiles) {
+  int bits = 1;
+  while (bits < 32 && ((int64_t)1 << bits) <= ntiles) bits++;  // pad key = ntiles fits
+  return bits;
+}
+
+}  // namespace
+
+extern "C" int64_t nsa_cuda_inv_row_bound_blocks(int64_t n, int32_t bs, int64_t NT) {
+  if (bs <= 0) return NT;
+  const int64_t per = (bs % kT == 0) ? bs / kT : (bs + kT - 1) / kT + 1;
+  const int64_t b = n * per;
+  return b < NT ? b : NT;
+}
+
+extern "C" size_t nsa_cuda_inv_layout(int64_t rows, int64_t cap, int64_t ntiles,
+                                      nsa_cuda_inv_layout_t *L) {
+  size_t o = 0;
+  L->cnt = o;
+  o = align256(o + (size_t)(rows + 1) * 4);
+  L->pair_off = o;
+  o = align256(o + (size_t)(rows + 1) * 4);
+  L->keys_in = o;
+  o = align256(o + (size_t)cap * 4);
+  L->vals_in = o;
+  o = align256(o + (size_t)cap * 4);
+  L->keys_out = o;
+  o = align256(o + (size_t)cap * 4);
+  L->vals_out = o;
+  o = align256(o + (size_t)cap * 4);
+  L->tile_off = o;
+  o = align256(o + (size_t)(ntiles + 1) * 4);
+  L->nseg = o;  // nitem [ntiles+1], then npart [ntiles+1]
+  o = align256(o + (size_t)(ntiles + 1) * 8);
+  L->item_off = o;
+  o = align256(o + (size_t)(ntiles + 1) * 4);
+  L->part_off = o;
+  o = align256(o + (size_t)(ntiles + 1) * 4);
+  size_t t1 = 0, t2 = 0, t3 = 0;
+  cub::DeviceScan::ExclusiveSum(nullptr, t1, (const int32_t *)nullptr, (int32_t *)nullptr, (int)(rows + 1));
+  cub::DeviceScan::ExclusiveSum(nullptr, t2, (const int32_t *)nullptr, (int32_t *)nullptr, (int)(ntiles + 1));
+  cub::DeviceRadixSort::SortPairs(nullptr, t3, (const unsigned *)nullptr, (unsigned *)nullptr,
+                                  (const int32_t *)nullptr, (int32_t *)nullptr, (int)(cap > 0 ? cap : 1),
+                                  0, key_bits(ntiles));
+  size_t t = t1 > t2 ? t1 : t2;
+  if (t3 > t) t = t3;
+  L->temp = o;
+  L->temp_bytes = t;
+  o = align256(o + t);
+  L->total = o;
+  return o;
+}
+
+#define NSA_CK(x)                       \
+  do {                                  \
+    cudaError_t e_ = (x);               \
+    if (e_ != cudaSuccess) return e_;   \
+  } while (0)
+
+extern "C" cudaError_t nsa_cuda_launch_invert_plan(const nsa_plan_t *plan, int64_t B, int64_t S,
+                                                   int64_t G, int64_t NT, int64_t cap, int seg_rows,
+                                                   void *ws, const nsa_cuda_inv_layout_t *L,
+                                                   cudaStream_t st) {
+  const int64_t rows = B * S * G, ntiles = B * G * NT;
+  if (rows + 1 > 0x7fffffff || cap > 0x7fffffff || ntiles + 1 > 0x7fffffff)
+    return cudaErrorInvalidConfiguration;
+  char *w = (char *)ws;
+  int32_t *cnt = (int32_t *)(w + L->cnt), *pair_off = (int32_t *)(w + L->pair_off);
+  unsigned *kin = (unsigned *)(w + L->keys_in), *kout = (unsigned *)(w + L->keys_out);
+  int32_t *vin = (int32_t *)(w + L->vals_in), *vout = (int32_t *)(w + L->vals_out);
+  int32_t *tile_off = (int32_t *)(w + L->tile_off);
+  int32_t *nitem = (int32_t *)(w + L->nseg), *npart = nitem + (ntiles + 1);
+  int32_t *item_off = (int32_t *)(w + L->item_off), *part_off = (int32_t *)(w + L->part_off);
+  void *temp = w + L->temp;
+  const int th = 256;
+  const int2 *sp = (const int2 *)plan->spans;
+
+  count_kernel<<<(unsigned)((rows + 1 + th - 1) / th), th, 0, st>>>(sp, plan->nspans, rows, plan->n, cnt);
+  NSA_CK(cudaGetLastError());
+  size_t tb = L->temp_bytes;
+  NSA_CK(cub::DeviceScan::ExclusiveSum(temp, tb, cnt, pair_off, (int)(rows + 1), st));
+  if (cap > 0) {
+    pad_kernel<<<(unsigned)((cap + th - 1) / th), th, 0, st>>>(pair_off, rows, cap, (unsigned)ntiles, kin, vin);
+    NSA_CK(cudaGetLastError());
+  }
+  if (rows > 0) {
+    write_kernel<<<(unsigned)((rows + th - 1) / th), th, 0, st>>>(sp, plan->nspans, rows, plan->n, S, G,
+                                                                  NT, cap, pair_off, kin, vin);
+    NSA_CK(cudaGetLastError());
+  }
+  if (cap > 0) {
+    tb = L->temp_bytes;
+    NSA_CK(cub::DeviceRadixSort::SortPairs(temp, tb, kin, kout, vin, vout, (int)cap, 0, key_bits(ntiles), st));
+  }
+  tile_off_kernel<<<(unsigned)((ntiles + 1 + th - 1) / th), th, 0, st>>>(kout, cap, ntiles, tile_off);
+  NSA_CK(cudaGetLastError());
+  seg_kernel<<<(unsigned)((ntiles + 1 + th - 1) / th), th, 0, st>>>(tile_off, ntiles, seg_rows, nitem, npart);
+  NSA_CK(cudaGetLastError());
+  tb = L->temp_bytes;
+  NSA_CK(cub::DeviceScan::ExclusiveSum(temp, tb, nitem, item_off, (int)(ntiles + 1), st));
+  tb = L->temp_bytes;
+  NSA_CK(cub::DeviceScan::ExclusiveSum(temp, tb, npart, part_off, (int)(ntiles + 1), st));
+  return cudaSuccess;
+}
