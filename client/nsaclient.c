@@ -251,7 +251,7 @@ static int handshake(nsa_client_t *c) {
   for (int i = 0; i < c->nregions; i++) {
     nsac_region_t *r = &c->regions[i];
     uint64_t id = 0;
-    if (nsac_register_shm_wire(c, r->name, r->size, &id) != 0) {
+    if (nsac_register_wire(c, r, &id) != 0) {
       if (c->fd < 0) return -1; /* the daemon went away again */
       /* e.g. the object was unlinked meanwhile: requests naming this region
        * get not_found from the daemon (id 0 is never handed out). */
@@ -263,29 +263,51 @@ static int handshake(nsa_client_t *c) {
   return 0;
 }
 
-int nsac_register_shm_wire(nsa_client_t *c, const char *name, uint64_t size, uint64_t *wire_id) {
-  nsa_proto_writer_t w;
+/* Packs the register request of r: region.register {kind shm|cuda_ipc} or
+ * event.register. Returns the method name. */
+const char *nsac_pack_register(msgpack_packer *pk, const nsac_region_t *r) {
+  if (r->kind == NSAC_SHM) {
+    msgpack_pack_map(pk, 3);
+    nsa_proto_pack_kv_str(pk, "kind", "shm");
+    nsa_proto_pack_kv_str(pk, "name", r->name);
+    nsa_proto_pack_kv_uint(pk, "size", r->size);
+    return "region.register";
+  }
+  int ev = r->kind == NSAC_EVENT;
+  msgpack_pack_map(pk, ev ? 2 : 4);
+  if (!ev) nsa_proto_pack_kv_str(pk, "kind", "cuda_ipc");
+  nsa_proto_pack_kv_int(pk, "device", r->device);
+  nsa_proto_pack_str(pk, "handle");
+  msgpack_pack_bin(pk, 64);
+  msgpack_pack_bin_body(pk, r->handle, 64);
+  if (!ev) nsa_proto_pack_kv_uint(pk, "size", r->size);
+  return ev ? "event.register" : "region.register";
+}
+
+int nsac_register_wire(nsa_client_t *c, const nsac_region_t *r, uint64_t *wire_id) {
+  nsa_proto_writer_t w, body;
   nsa_proto_writer_init(&w);
+  nsa_proto_writer_init(&body);
   uint32_t id = c->next_msgid++;
-  nsa_proto_write_request_begin(&w, id, "region.register");
-  msgpack_pack_map(&w.pk, 3);
-  nsa_proto_pack_kv_str(&w.pk, "kind", "shm");
-  nsa_proto_pack_kv_str(&w.pk, "name", name);
-  nsa_proto_pack_kv_uint(&w.pk, "size", size);
+  const char *method = nsac_pack_register(&body.pk, r);
+  nsa_proto_write_request_begin(&w, id, method);
+  msgpack_sbuffer_write(&w.sbuf, body.sbuf.data, body.sbuf.size);
+  nsa_proto_writer_destroy(&body);
   char *res = NULL;
   size_t rl = 0;
   int rc = rpc_raw(c, &w, id, &res, &rl);
   nsa_proto_writer_destroy(&w);
   if (rc) return -1;
+  const char *key = r->kind == NSAC_EVENT ? "event" : "region";
   msgpack_unpacked up;
   msgpack_unpacked_init(&up);
   rc = -1;
   if (msgpack_unpack_next(&up, res, rl, NULL) == MSGPACK_UNPACK_SUCCESS &&
-      up.data.type == MSGPACK_OBJECT_MAP && nsa_proto_get_uint(&up.data, "region", wire_id) == 0)
+      up.data.type == MSGPACK_OBJECT_MAP && nsa_proto_get_uint(&up.data, key, wire_id) == 0)
     rc = 0;
   msgpack_unpacked_destroy(&up);
   free(res);
-  if (rc) nsac_fail(c, "bad_reply", "region.register reply has no 'region'");
+  if (rc) nsac_fail(c, "bad_reply", "register reply has no '%s'", key);
   return rc;
 }
 

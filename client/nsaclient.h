@@ -39,6 +39,7 @@ extern "C" {
 #define NSA_CLIENT_MAX_DIMS 5
 
 typedef struct nsa_client nsa_client_t;
+struct nsa_client_tensor;
 
 /* Same numbering as nsa_dtype_t (nsa/sel_attn.h). */
 typedef enum { NSA_CLIENT_BF16 = 0, NSA_CLIENT_F16 = 1, NSA_CLIENT_F32 = 2, NSA_CLIENT_I32 = 3 } nsa_client_dtype_t;
@@ -108,9 +109,36 @@ int nsa_client_region_register_shm(nsa_client_t *c, const char *name, uint64_t s
                                    uint64_t *region);
 int nsa_client_region_unregister(nsa_client_t *c, uint64_t region);
 
+/* ---- CUDA regions and events (the cuda backend) ---- */
+
+/* Raw forms: a cudaIpcMemHandle_t (64 bytes) of an allocation's BASE with the
+ * allocation's size, or a cudaIpcEventHandle_t of an event created with
+ * cudaEventInterprocess | cudaEventDisableTiming. Re-registered after a
+ * reconnect like shm regions. */
+int nsa_client_region_register_cuda_ipc(nsa_client_t *c, int device, const void *handle64,
+                                        uint64_t size, uint64_t *region);
+int nsa_client_event_register(nsa_client_t *c, int device, const void *handle64,
+                              uint64_t *event);
+int nsa_client_event_unregister(nsa_client_t *c, uint64_t event);
+
+/* Device pointers, as PyTorch does it: finds the allocation holding dptr
+ * (cuMemGetAddressRange), makes its IPC handle once, registers it once per
+ * allocation (cached by base and size) and fills a contiguous tensor ref at
+ * dptr's offset. Loads libcuda.so.1 at run time; without a CUDA driver the
+ * call fails with "unsupported". The calling thread must have the pointer's
+ * CUDA context current (any CUDA runtime call on that device does that).
+ * If an allocation is freed, call nsa_client_cuda_forget(c, base) before its
+ * address range may be reused. */
+int nsa_client_cuda_tensor(nsa_client_t *c, const void *dptr, nsa_client_dtype_t dtype, int ndim,
+                           const int64_t *shape, struct nsa_client_tensor *out);
+/* A cudaEvent_t (interprocess, timing disabled) → event id (cached). */
+int nsa_client_cuda_event(nsa_client_t *c, void *cuda_event, uint64_t *event);
+/* Unregisters the cached allocation containing dptr (or the cached event). */
+int nsa_client_cuda_forget(nsa_client_t *c, const void *dptr_or_event);
+
 /* ---- selection attention ---- */
 
-typedef struct {
+typedef struct nsa_client_tensor {
   uint64_t region;
   uint64_t offset; /* bytes */
   nsa_client_dtype_t dtype;
@@ -134,17 +162,28 @@ typedef struct {
   int32_t block_size;     /* block_indices */
 } nsa_client_sel_t;
 
+/* CUDA stream ordering (cuda backend; the cpu backend runs every request
+ * synchronously and ignores events). Zero-initialized = plain blocking call. */
+typedef struct {
+  uint64_t wait_event; /* event id: the daemon's stream waits on it first */
+  uint64_t done_event; /* event id: recorded by the daemon after the work */
+  int has_wait_event, has_done_event;
+  int async; /* 1: sync=false — the reply comes once the work is queued */
+} nsa_client_exec_t;
+
 typedef struct {
   nsa_client_tensor_t q, k, v, o, lse; /* lse optional: has_lse */
   int has_lse;
   nsa_client_sel_t sel;
   double scale; /* <= 0: 1/sqrt(Dk) */
+  nsa_client_exec_t exec;
 } nsa_client_fwd_t;
 
 typedef struct {
   nsa_client_tensor_t q, k, v, o, lse, dout, dq, dk, dv;
   nsa_client_sel_t sel;
   double scale;
+  nsa_client_exec_t exec;
 } nsa_client_bwd_t;
 
 /* Reply of sel_attn.forward/backward. */

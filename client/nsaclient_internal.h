@@ -23,12 +23,18 @@ typedef struct {
   int gen; /* connection generation it was sent on */
 } nsac_out_t;
 
-/* A registered region: the caller's id stays; the wire id changes on reconnect. */
+/* A registered region or event: the caller's id stays; the wire id changes
+ * on reconnect (everything is registered again from these fields). */
+typedef enum { NSAC_SHM = 0, NSAC_CUDA_IPC = 1, NSAC_EVENT = 2 } nsac_kind_t;
 typedef struct {
   uint64_t id;      /* what the caller uses */
-  uint64_t wire_id; /* what the current connection's daemon knows */
-  char name[NSA_PROTO_STR];
-  uint64_t size;
+  uint64_t wire_id; /* what the current connection's daemon knows (0: lost) */
+  nsac_kind_t kind;
+  char name[NSA_PROTO_STR]; /* shm */
+  uint64_t size;            /* shm, cuda_ipc */
+  int device;               /* cuda_ipc, event */
+  uint8_t handle[64];       /* cuda_ipc, event */
+  uint64_t base;            /* cuda_ipc: device base address; event: the cudaEvent_t (cache keys) */
 } nsac_region_t;
 
 struct nsa_client {
@@ -69,8 +75,15 @@ int nsac_submit(nsa_client_t *c, const char *method, nsac_pack_fn fn, const void
 int nsac_wait_reply(nsa_client_t *c, uint32_t msgid, char **res, size_t *res_len);
 int nsac_call(nsa_client_t *c, const char *method, nsac_pack_fn fn, const void *ctx, char **res,
               size_t *res_len);
-/* region.register kind=shm on the current connection (no reconnect). */
-int nsac_register_shm_wire(nsa_client_t *c, const char *name, uint64_t size, uint64_t *wire_id);
+/* region.register / event.register of r on the current connection (no
+ * reconnect); the daemon's id in *wire_id. */
+int nsac_register_wire(nsa_client_t *c, const nsac_region_t *r, uint64_t *wire_id);
+const char *nsac_pack_register(msgpack_packer *pk, const nsac_region_t *r);
+/* Registers r (connecting if needed) and adds it to the table; *id is the
+ * caller's id. */
+int nsac_register_entry(nsa_client_t *c, const nsac_region_t *r, uint64_t *id);
+/* Table entry of a caller id, or NULL. */
+nsac_region_t *nsac_entry(nsa_client_t *c, uint64_t id);
 /* 1 when the connection is (still) up; never reconnects. */
 int nsac_connected(nsa_client_t *c);
 int nsac_value_from_bytes(nsa_client_t *c, char *bytes, size_t len, nsa_client_value_t **out);

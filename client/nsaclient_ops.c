@@ -258,23 +258,19 @@ int nsa_client_value_get_str(const nsa_client_value_t *v, const char *path, char
 
 /* ------------------------------------------------------------ regions --- */
 
-static uint64_t wire_of(const nsa_client_t *c, uint64_t id) {
+nsac_region_t *nsac_entry(nsa_client_t *c, uint64_t id) {
   for (int i = 0; i < c->nregions; i++)
-    if (c->regions[i].id == id) return c->regions[i].wire_id;
-  return id; /* not ours: sent as is (the daemon answers not_found) */
+    if (c->regions[i].id == id) return &c->regions[i];
+  return NULL;
 }
 
-typedef struct {
-  const char *name;
-  uint64_t size;
-} reg_ctx_t;
+static uint64_t wire_of(nsa_client_t *c, uint64_t id) {
+  nsac_region_t *r = nsac_entry(c, id);
+  return r ? r->wire_id : id; /* not ours: sent as is (the daemon answers not_found) */
+}
 
 static void pack_reg(nsa_client_t *c, msgpack_packer *pk, const void *ctx) {
-  const reg_ctx_t *r = ctx;
-  msgpack_pack_map(pk, 3);
-  nsa_proto_pack_kv_str(pk, "kind", "shm");
-  nsa_proto_pack_kv_str(pk, "name", r->name);
-  nsa_proto_pack_kv_uint(pk, "size", r->size);
+  nsac_pack_register(pk, ctx);
 }
 
 static uint64_t result_uint(nsa_client_t *c, char *res, size_t rl, const char *key, int *ok) {
@@ -289,18 +285,16 @@ static uint64_t result_uint(nsa_client_t *c, char *res, size_t rl, const char *k
   return v;
 }
 
-int nsa_client_region_register_shm(nsa_client_t *c, const char *name, uint64_t size,
-                                   uint64_t *region) {
-  if (!name || strlen(name) >= NSA_PROTO_STR)
-    return nsac_fail(c, "invalid_argument", "bad shm name");
-  reg_ctx_t ctx = {name, size};
+int nsac_register_entry(nsa_client_t *c, const nsac_region_t *src, uint64_t *id_out) {
+  int ev = src->kind == NSAC_EVENT;
   char *res = NULL;
   size_t rl = 0;
-  if (nsac_call(c, "region.register", pack_reg, &ctx, &res, &rl) != 0) return -1;
+  if (nsac_call(c, ev ? "event.register" : "region.register", pack_reg, src, &res, &rl) != 0)
+    return -1;
   int ok;
-  uint64_t wire = result_uint(c, res, rl, "region", &ok);
+  uint64_t wire = result_uint(c, res, rl, ev ? "event" : "region", &ok);
   free(res);
-  if (!ok) return nsac_fail(c, "bad_reply", "region.register reply has no 'region'");
+  if (!ok) return nsac_fail(c, "bad_reply", "register reply has no '%s'", ev ? "event" : "region");
   if (c->nregions == c->capregions) {
     int cap = c->capregions ? c->capregions * 2 : 8;
     nsac_region_t *nr = realloc(c->regions, (size_t)cap * sizeof *nr);
@@ -308,47 +302,81 @@ int nsa_client_region_register_shm(nsa_client_t *c, const char *name, uint64_t s
     c->regions = nr;
     c->capregions = cap;
   }
-  /* The caller's id is the first wire id, unless an older region already
+  /* The caller's id is the first wire id, unless an older entry already
    * holds that number (ids restart when the daemon restarts). */
   uint64_t id = wire;
-  for (int again = 1; again;) {
-    again = 0;
-    for (int i = 0; i < c->nregions; i++)
-      if (c->regions[i].id == id) {
-        id = (id | (1ull << 62)) + 1;
-        again = 1;
-      }
-  }
+  while (nsac_entry(c, id)) id = (id | (1ull << 62)) + 1;
   nsac_region_t *r = &c->regions[c->nregions++];
-  memset(r, 0, sizeof *r);
+  *r = *src;
   r->id = id;
   r->wire_id = wire;
-  snprintf(r->name, sizeof r->name, "%s", name);
-  r->size = size;
-  *region = id;
+  *id_out = id;
   return 0;
 }
 
+int nsa_client_region_register_shm(nsa_client_t *c, const char *name, uint64_t size,
+                                   uint64_t *region) {
+  if (!name || strlen(name) >= NSA_PROTO_STR)
+    return nsac_fail(c, "invalid_argument", "bad shm name");
+  nsac_region_t r;
+  memset(&r, 0, sizeof r);
+  r.kind = NSAC_SHM;
+  snprintf(r.name, sizeof r.name, "%s", name);
+  r.size = size;
+  return nsac_register_entry(c, &r, region);
+}
+
+int nsa_client_region_register_cuda_ipc(nsa_client_t *c, int device, const void *handle64,
+                                        uint64_t size, uint64_t *region) {
+  nsac_region_t r;
+  memset(&r, 0, sizeof r);
+  r.kind = NSAC_CUDA_IPC;
+  r.device = device;
+  memcpy(r.handle, handle64, 64);
+  r.size = size;
+  return nsac_register_entry(c, &r, region);
+}
+
+int nsa_client_event_register(nsa_client_t *c, int device, const void *handle64,
+                              uint64_t *event) {
+  nsac_region_t r;
+  memset(&r, 0, sizeof r);
+  r.kind = NSAC_EVENT;
+  r.device = device;
+  memcpy(r.handle, handle64, 64);
+  return nsac_register_entry(c, &r, event);
+}
+
+typedef struct {
+  uint64_t id;
+  int event;
+} unreg_ctx_t;
+
 static void pack_unreg(nsa_client_t *c, msgpack_packer *pk, const void *ctx) {
+  const unreg_ctx_t *u = ctx;
   msgpack_pack_map(pk, 1);
-  nsa_proto_pack_kv_uint(pk, "region", wire_of(c, *(const uint64_t *)ctx));
+  nsa_proto_pack_kv_uint(pk, u->event ? "event" : "region", wire_of(c, u->id));
+}
+
+static int unregister(nsa_client_t *c, uint64_t id, int event) {
+  nsac_region_t *e = nsac_entry(c, id);
+  /* An entry of ours while the daemon is gone: it only exists here (a new
+   * daemon learns it at reconnect), so forgetting it is the whole job. */
+  unreg_ctx_t u = {id, event};
+  int rc = (e && !nsac_connected(c))
+               ? 0
+               : nsac_call(c, event ? "event.unregister" : "region.unregister", pack_unreg, &u,
+                           NULL, NULL);
+  e = nsac_entry(c, id);
+  if (e) *e = c->regions[--c->nregions];
+  return rc;
 }
 
 int nsa_client_region_unregister(nsa_client_t *c, uint64_t region) {
-  int ours = 0;
-  for (int i = 0; i < c->nregions; i++) ours |= c->regions[i].id == region;
-  /* A region of ours while the daemon is gone: it only exists here (a new
-   * daemon learns it at reconnect), so forgetting it is the whole job. */
-  int rc = (ours && !nsac_connected(c))
-               ? 0
-               : nsac_call(c, "region.unregister", pack_unreg, &region, NULL, NULL);
-  for (int i = 0; i < c->nregions; i++)
-    if (c->regions[i].id == region) {
-      c->regions[i] = c->regions[--c->nregions];
-      break;
-    }
-  return rc;
+  return unregister(c, region, 0);
 }
+
+int nsa_client_event_unregister(nsa_client_t *c, uint64_t event) { return unregister(c, event, 1); }
 
 static atomic_uint g_shm_counter;
 
@@ -478,10 +506,21 @@ static void pack_sel(nsa_client_t *c, msgpack_packer *pk, const nsa_client_sel_t
   }
 }
 
+/* wait_event?, done_event?, sync? — count of keys packed by pack_exec. */
+static int exec_keys(const nsa_client_exec_t *x) {
+  return (x->has_wait_event != 0) + (x->has_done_event != 0) + (x->async != 0);
+}
+
+static void pack_exec(nsa_client_t *c, msgpack_packer *pk, const nsa_client_exec_t *x) {
+  if (x->has_wait_event) nsa_proto_pack_kv_uint(pk, "wait_event", wire_of(c, x->wait_event));
+  if (x->has_done_event) nsa_proto_pack_kv_uint(pk, "done_event", wire_of(c, x->done_event));
+  if (x->async) nsa_proto_pack_kv_bool(pk, "sync", 0);
+}
+
 static void pack_fwd(nsa_client_t *c, msgpack_packer *pk, const void *ctx) {
   const nsa_client_fwd_t *a = ctx;
   int has_scale = a->scale > 0;
-  msgpack_pack_map(pk, 5 + (a->has_lse ? 1 : 0) + (has_scale ? 1 : 0));
+  msgpack_pack_map(pk, 5 + (a->has_lse ? 1 : 0) + (has_scale ? 1 : 0) + exec_keys(&a->exec));
   pack_tensor(c, pk, "q", &a->q);
   pack_tensor(c, pk, "k", &a->k);
   pack_tensor(c, pk, "v", &a->v);
@@ -489,12 +528,13 @@ static void pack_fwd(nsa_client_t *c, msgpack_packer *pk, const void *ctx) {
   if (a->has_lse) pack_tensor(c, pk, "lse", &a->lse);
   pack_sel(c, pk, &a->sel);
   if (has_scale) nsa_proto_pack_kv_double(pk, "scale", a->scale);
+  pack_exec(c, pk, &a->exec);
 }
 
 static void pack_bwd(nsa_client_t *c, msgpack_packer *pk, const void *ctx) {
   const nsa_client_bwd_t *a = ctx;
   int has_scale = a->scale > 0;
-  msgpack_pack_map(pk, 10 + (has_scale ? 1 : 0));
+  msgpack_pack_map(pk, 10 + (has_scale ? 1 : 0) + exec_keys(&a->exec));
   pack_tensor(c, pk, "q", &a->q);
   pack_tensor(c, pk, "k", &a->k);
   pack_tensor(c, pk, "v", &a->v);
@@ -506,6 +546,7 @@ static void pack_bwd(nsa_client_t *c, msgpack_packer *pk, const void *ctx) {
   pack_tensor(c, pk, "dv", &a->dv);
   pack_sel(c, pk, &a->sel);
   if (has_scale) nsa_proto_pack_kv_double(pk, "scale", a->scale);
+  pack_exec(c, pk, &a->exec);
 }
 
 int nsa_client_forward_submit(nsa_client_t *c, const nsa_client_fwd_t *a, uint32_t *ticket) {

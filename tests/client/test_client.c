@@ -272,3 +272,45 @@ Test(client, region_lost_across_restart_is_not_found_others_work) {
   nsa_client_close(c);
   cr_expect_eq(th_stop(&d, 1), 0);
 }
+
+Test(client, cuda_registrations_and_exec_options_on_the_cpu_backend) {
+  th_nsad_t d;
+  cr_assert_eq(th_start(&d, NULL), 0);
+  nsa_client_t *c = th_client(&d, "t");
+  if (strcmp(nsa_client_info(c)->backend, "cpu")) {
+    nsa_client_close(c);
+    th_stop(&d, 1);
+    cr_skip_test("backend is %s", nsa_client_info(c)->backend);
+  }
+  uint8_t h[64];
+  memset(h, 0x5a, sizeof h);
+  uint64_t id;
+  cr_expect_eq(nsa_client_region_register_cuda_ipc(c, 0, h, 1 << 20, &id), -1);
+  cr_expect_str_eq(nsa_client_error_code(c), "unsupported");
+  cr_expect_eq(nsa_client_event_register(c, 0, h, &id), -1);
+  cr_expect_str_eq(nsa_client_error_code(c), "unsupported");
+  /* sync=false is served synchronously by the cpu backend */
+  th_prob_t p;
+  cr_assert_eq(th_prob_init(&p, c, 1, 8, 64, 1, 2, 16, 3, 16, 0, 12), 0);
+  th_prob_fill(&p);
+  nsa_client_fwd_t a = p.fwd;
+  a.exec.async = 1;
+  nsa_client_result_t r;
+  cr_expect_eq(nsa_client_forward(c, &a, &r), 0, "%s", nsa_client_error_message(c));
+  cr_expect_leq(th_prob_check_fwd(&p), 1e-5);
+  /* an event id this session does not have */
+  a.exec.has_wait_event = 1;
+  a.exec.wait_event = 4242;
+  cr_expect_eq(nsa_client_forward(c, &a, &r), -1);
+  cr_expect_str_eq(nsa_client_error_code(c), "not_found");
+  /* device pointers without a CUDA driver (or with one, a host pointer) fail cleanly */
+  nsa_client_tensor_t t;
+  int64_t shape[1] = {16};
+  cr_expect_eq(nsa_client_cuda_tensor(c, p.q, NSA_CLIENT_F32, 1, shape, &t), -1);
+  cr_expect(!strcmp(nsa_client_error_code(c), "unsupported") ||
+                !strcmp(nsa_client_error_code(c), "invalid_argument"),
+            "%s: %s", nsa_client_error_code(c), nsa_client_error_message(c));
+  th_prob_free(&p, c);
+  nsa_client_close(c);
+  cr_expect_eq(th_stop(&d, 1), 0);
+}
