@@ -13,6 +13,10 @@
 #include "nsa/sel_attn.h"
 #include "sel_case.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 static const nsa_path_t k_paths[] = {NSA_PATH_VARLEN_V2, NSA_PATH_VARLEN_V1, NSA_PATH_PACKED};
 
 typedef struct {
@@ -253,4 +257,46 @@ Test(bwd_ref, deterministic) {
   grads_free(&a);
   grads_free(&b);
   nsa_tu_case_teardown(&c);
+}
+
+/* The varlen backward has two schedules (per (b,g) group when B*G >= threads,
+ * per key tile otherwise) that must agree bit for bit; the tile schedule is
+ * also checked against the float64 backward. */
+Test(bwd_ref, varlen_schedules_agree) {
+#ifndef _OPENMP
+  cr_skip_test("built without OpenMP: one schedule only");
+#else
+  const int saved = omp_get_max_threads();
+  const int64_t hs[] = {1, 3, 16};
+  for (size_t i = 0; i < 3; i++) {
+    nsa_tu_case_cfg_t cfg = mid();
+    cfg.h = hs[i];
+    cfg.B = 1;
+    cfg.Skv = 150; /* 3 key tiles, the last partial */
+    cfg.S = i == 2 ? 1 : 37;
+    cfg.ranges = (int)(i & 1);
+    cfg.seed = 90 + i;
+    nsa_tu_case_t c;
+    cr_assert_eq(nsa_tu_case_init(&c, &cfg), 0);
+    grads_t ref, g1, g2;
+    grads_alloc(&ref, &c);
+    grads_alloc(&g1, &c);
+    grads_alloc(&g2, &c);
+    nsa_ref_bwd(&c.ref, c.dod, ref.q, ref.k, ref.v);
+    omp_set_num_threads(1); /* B*G = 2 >= 1: group schedule */
+    run_cpu_bwd(&c, NSA_PATH_VARLEN_V2, &g1);
+    omp_set_num_threads(4); /* B*G = 2 < 4: key-tile schedule */
+    run_cpu_bwd(&c, NSA_PATH_VARLEN_V2, &g2);
+    omp_set_num_threads(saved);
+    expect_close(&g2, &ref, 1e-5, "varlen tile schedule", &cfg);
+    cr_expect(memcmp(g1.q, g2.q, sizeof(double) * (size_t)g1.nq) == 0 &&
+                  memcmp(g1.k, g2.k, sizeof(double) * (size_t)g1.nk) == 0 &&
+                  memcmp(g1.v, g2.v, sizeof(double) * (size_t)g1.nv) == 0,
+              "group and tile schedules differ (h=%lld)", (long long)cfg.h);
+    grads_free(&ref);
+    grads_free(&g1);
+    grads_free(&g2);
+    nsa_tu_case_teardown(&c);
+  }
+#endif
 }
