@@ -12,19 +12,27 @@
  *   nworkers = nqueues (one worker thread per GPU: worker i serves queue
  *              i % nqueues, see worker.c)
  *   devices  = device names for the hello reply
- * Threads: init, teardown, region_open/close and event_open/close run on the loop thread (teardown
- * after every worker is joined); worker_init/fwd/bwd/shadow_fwd/
- * worker_teardown run on the worker thread that owns `wctx` (create the
- * nsa_cuda_ctx_t there; call cudaSetDevice first).
+ * Threads: init, teardown, region_open/close and event_open/close run on the
+ * loop thread (teardown after every worker is joined); worker_init, fwd, bwd,
+ * shadow_fwd and worker_teardown run on the worker thread that owns `wctx`
+ * (create the nsa_cuda_ctx_t there; call cudaSetDevice first).
  * region_open: handle kind=cuda_ipc (nsa_cuda_ipc_open_mem on the device's
  *   ctx; fill r->base = device pointer, r->size = req->size after checking it
- *   against the real extent, r->device, r->priv); kind=shm may be served with
- *   nsad_shm_open + cudaHostRegister, or refused with `unsupported`.
+ *   against the real extent, r->device, r->priv). kind=shm MUST be served
+ *   too (DESIGN.md §4: shm is how host tensors work; scripts/demo.sh and
+ *   nsa_example use shm with --backend auto): nsad_shm_open, then
+ *   cudaHostRegister(base, size, Mapped|Portable) and r->base = the device
+ *   alias from cudaHostGetDevicePointer (keep the host pointer in r->priv;
+ *   region_close: cudaHostUnregister, then nsad_shm_close; region_check:
+ *   nsad_shm_check for shm entries).
  *   Entries are per session; if one session registers the same handle twice,
  *   the backend should share the mapping (refcount it in its own table).
  * region_close: called when the last reference drops, i.e. after every job
- *   that used the region finished (it may run from the loop thread while a
- *   worker runs other sessions' jobs).
+ *   that used the region came back from fwd/bwd (it may run from the loop
+ *   thread while a worker runs other sessions' jobs). With sync=0 a job comes
+ *   back once its work is QUEUED: before cudaIpcCloseMemHandle/unregister,
+ *   wait for the work that may still read the region (e.g. an event recorded
+ *   after each job on the worker's stream, or cudaStreamSynchronize).
  * event_open/event_close: kind NSAD_ENTRY_EVENT; r->base = cudaEvent_t.
  * fwd/bwd: nsa_cuda_sel_fwd/bwd with ex->wait_event/done_event (cudaEvent_t
  *   from event entries' base) and ex->sync. Return nsa_status_t; return
