@@ -4,6 +4,7 @@
 #include "session.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -81,6 +82,17 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   *buf = uv_buf_init(p, p ? (unsigned)(avail > NSAD_READ_CHUNK ? NSAD_READ_CHUNK : avail) : 0);
 }
 
+/* After EOF: 1 when the peer only shut its sending side (it still reads our
+ * replies), 0 when it is gone. A Unix stream socket whose peer closed
+ * reports POLLHUP (both directions shut); a half-close only POLLRDHUP. */
+static int peer_half_closed(nsad_session_t *s) {
+  uv_os_fd_t fd;
+  if (uv_fileno((uv_handle_t *)&s->pipe, &fd) != 0) return 0;
+  struct pollfd p = {.fd = fd, .events = POLLOUT};
+  if (poll(&p, 1, 0) < 0) return 0;
+  return !(p.revents & (POLLHUP | POLLERR));
+}
+
 static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
   nsad_session_t *s = st->data;
   if (nread > 0) {
@@ -89,6 +101,14 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
   } else if (nread < 0) {
     if (nread == UV_ENOBUFS)
       nsad_warn("session %llu: out of memory for input", (unsigned long long)s->id);
+    if (nread == UV_EOF && peer_half_closed(s)) {
+      /* shutdown(SHUT_WR) by the peer ("that was my last request"): answer
+       * what is in flight, then close. */
+      s->eof = 1;
+      nsad_session_stop_reading(s);
+      if (s->inflight == 0) nsad_session_close(s, 1, "peer finished sending");
+      return;
+    }
     nsad_session_close(s, 0, nread == UV_EOF ? "peer closed" : uv_strerror((int)nread));
   }
 }
@@ -142,7 +162,8 @@ static void session_pump(nsad_session_t *s) {
     }
     nsad_dispatch(s, &msg);
   }
-  if (!s->closing && !srv->shutting_down && !s->paused && !s->write_paused) start_reading(s);
+  if (!s->closing && !srv->shutting_down && !s->paused && !s->write_paused && !s->eof)
+    start_reading(s);
 }
 
 void nsad_session_job_queued(nsad_session_t *s) {
@@ -155,10 +176,15 @@ void nsad_session_job_finished(nsad_session_t *s) {
   s->inflight--;
   srv->inflight--;
   if (s->closing) {
-    session_maybe_free(s);
-  } else if (s->paused && s->inflight < srv->cfg->max_inflight) {
-    s->paused = 0;
-    session_pump(s); /* buffered requests first, then read again */
+    session_maybe_free(s); /* s may be gone after this */
+  } else {
+    if (s->paused && s->inflight < srv->cfg->max_inflight) {
+      s->paused = 0;
+      session_pump(s); /* buffered requests first, then read again */
+    }
+    /* close never frees synchronously, so s is still valid here */
+    if (!s->closing && s->eof && s->inflight == 0)
+      nsad_session_close(s, 1, "peer finished sending");
   }
   if (srv->shutting_down) nsad_server_check_drained(srv);
 }

@@ -48,6 +48,7 @@ typedef struct nsad_session {
   int inflight;
   int paused;      /* reading stopped by the in-flight limit */
   int write_paused; /* reading stopped: too many unsent replies */
+  int eof;          /* the peer shut its sending side; close once answered */
   int reading;     /* uv_read_start active */
   int closing;     /* no more requests; handles closing */
   int write_shut;  /* uv_shutdown issued: no more writes */

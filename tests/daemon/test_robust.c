@@ -387,3 +387,29 @@ Test(robust, fair_across_sessions) {
   nsa_client_close(small);
   cr_expect_eq(th_stop(&d, 1), 0);
 }
+
+/* A peer that shuts its sending side after its last request (as `nc -N`
+ * does) still gets every reply, in-flight work included. */
+Test(robust, half_closed_peer_still_gets_replies) {
+  th_nsad_t d;
+  cr_assert_eq(th_start(&d, NULL), 0);
+  nsa_client_t *a = th_client(&d, "a");
+  th_prob_t p;
+  cr_assert_eq(th_prob_init(&p, a, 2, 64, 512, 2, 4, 64, 16, 32, 0, 31), 0);
+  th_prob_fill(&p);
+  uint32_t t[3];
+  for (int i = 0; i < 3; i++) cr_assert_eq(nsa_client_forward_submit(a, &p.fwd, &t[i]), 0);
+  cr_assert_eq(shutdown(nsa_client_fd(a), SHUT_WR), 0);
+  for (int i = 0; i < 3; i++) {
+    nsa_client_result_t r;
+    cr_expect_eq(nsa_client_wait(a, t[i], &r), 0, "%d: %s: %s", i, nsa_client_error_code(a),
+                 nsa_client_error_message(a));
+  }
+  cr_expect_leq(th_prob_check_fwd(&p), 1e-5);
+  /* then nsad closes; the next call reconnects */
+  cr_expect_eq(nsa_client_ping(a), 0, "%s", nsa_client_error_message(a));
+  cr_expect_eq(nsa_client_connections(a), 2);
+  th_prob_free(&p, a);
+  nsa_client_close(a);
+  cr_expect_eq(th_stop(&d, 1), 0);
+}
