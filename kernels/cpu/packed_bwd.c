@@ -6,13 +6,15 @@
  * task) dense masked gradients into padded dkp[i][Lp][Dk], dvp[i][Lp][Dv]
  * and dq directly (formulas in varlen_bwd.c). The padded key gradients are
  * then scattered back through the plan into f32 accumulators
- * dk_acc[b*G+g][Skv][Dk] / dv_acc[...][Dv], one task per (b, g) walking the
- * chunk's rows in order: deterministic, no atomics. Finally the accumulators
+ * dk_acc[b*G+g][Skv][Dk] / dv_acc[...][Dv], one task per (b, g, tile of 256
+ * keys) walking the chunk's rows in order: deterministic, no atomics. Finally the accumulators
  * are converted into dk/dv (every element written).
  */
 #include <stdlib.h>
 
 #include "cpu_internal.h"
+
+#define NSA_CPU_SCATTER_TILE 256
 
 /* kp is kpt[Dk][nsa_cpu_kld(Lp)] (transposed), vp/dkp/dvp are [Lp][D]. */
 static void dense_row_bwd(const nsa_bwd_args_t *a, const nsa_dims_t *d, int64_t r, int64_t len,
@@ -54,6 +56,7 @@ int nsa_cpu_packed_bwd(const nsa_bwd_args_t *a, const nsa_dims_t *d, const nsa_p
                        size_t *workspace_bytes, char *msg, size_t msglen) {
   const float scale = nsa_resolve_scale(a->scale, d->Dk);
   const int64_t h = d->h, Dk = d->Dk, Dv = d->Dv, BG = d->B * d->G, Skv = d->Skv;
+  const int64_t ntile = (Skv + NSA_CPU_SCATTER_TILE - 1) / NSA_CPU_SCATTER_TILE;
   if (workspace_bytes) *workspace_bytes = 0;
   nsa_cpu_buckets_t bk;
   if (nsa_cpu_bucketize(plan, &bk) != NSA_OK) goto oom0;
@@ -115,22 +118,29 @@ int nsa_cpu_packed_bwd(const nsa_bwd_args_t *a, const nsa_dims_t *d, const nsa_p
         dense_row_bwd(a, d, rows[i], plan->row_len[rows[i]], Lp, kp + i * kld * Dk,
                       vp + i * Lp * Dv, dkp + i * Lp * Dk, dvp + i * Lp * Dv, scale, w);
       }
-      /* scatter: the task of (b, g) adds its rows' padded gradients in row order */
+      /* scatter: the task of (b, g, key tile) adds its rows' padded gradients
+       * for keys in [s0, s1), rows in order — deterministic, no atomics */
 #pragma omp parallel for schedule(dynamic, 1)
-      for (int64_t bg = 0; bg < BG; bg++) {
+      for (int64_t task = 0; task < BG * ntile; task++) {
+        const int64_t bg = task % BG, s0 = (task / BG) * NSA_CPU_SCATTER_TILE;
+        const int64_t s1 = s0 + NSA_CPU_SCATTER_TILE < Skv ? s0 + NSA_CPU_SCATTER_TILE : Skv;
         for (int64_t i = 0; i < nrow; i++) {
           const int64_t r = rows[i];
           if ((r / (d->S * d->G)) * d->G + r % d->G != bg) continue;
           const int32_t *sp = plan->spans + r * plan->n * 2;
-          int64_t c = 0;
-          for (int32_t si = 0; si < plan->nspans[r]; si++)
-            for (int64_t pos = sp[2 * si]; pos < sp[2 * si + 1]; pos++, c++) {
+          int64_t c = 0; /* packed position of the span's first key */
+          for (int32_t si = 0; si < plan->nspans[r]; c += sp[2 * si + 1] - sp[2 * si], si++) {
+            int64_t lo = sp[2 * si] > s0 ? sp[2 * si] : s0;
+            int64_t hi = sp[2 * si + 1] < s1 ? sp[2 * si + 1] : s1;
+            for (int64_t pos = lo; pos < hi; pos++) {
+              const int64_t cc = c + (pos - sp[2 * si]);
               float *dka = dk_acc + ((size_t)bg * (size_t)Skv + (size_t)pos) * (size_t)Dk;
               float *dva = dv_acc + ((size_t)bg * (size_t)Skv + (size_t)pos) * (size_t)Dv;
-              const float *dks = dkp + (i * Lp + c) * Dk, *dvs = dvp + (i * Lp + c) * Dv;
+              const float *dks = dkp + (i * Lp + cc) * Dk, *dvs = dvp + (i * Lp + cc) * Dv;
               for (int64_t e = 0; e < Dk; e++) dka[e] += dks[e];
               for (int64_t e = 0; e < Dv; e++) dva[e] += dvs[e];
             }
+          }
         }
       }
     }
