@@ -171,19 +171,18 @@ typedef struct {
   int async; /* 1: sync=false — the reply comes once the work is queued */
 } nsa_client_exec_t;
 
+/* (Layouts are mirrored by client/python's ctypes: append, never reorder.) */
 typedef struct {
   nsa_client_tensor_t q, k, v, o, lse; /* lse optional: has_lse */
   int has_lse;
   nsa_client_sel_t sel;
   double scale; /* <= 0: 1/sqrt(Dk) */
-  nsa_client_exec_t exec;
 } nsa_client_fwd_t;
 
 typedef struct {
   nsa_client_tensor_t q, k, v, o, lse, dout, dq, dk, dv;
   nsa_client_sel_t sel;
   double scale;
-  nsa_client_exec_t exec;
 } nsa_client_bwd_t;
 
 /* Reply of sel_attn.forward/backward. */
@@ -205,6 +204,11 @@ int nsa_client_backward(nsa_client_t *c, const nsa_client_bwd_t *a, nsa_client_r
 int nsa_client_forward_submit(nsa_client_t *c, const nsa_client_fwd_t *a, uint32_t *ticket);
 int nsa_client_backward_submit(nsa_client_t *c, const nsa_client_bwd_t *a, uint32_t *ticket);
 int nsa_client_wait(nsa_client_t *c, uint32_t ticket, nsa_client_result_t *res);
+/* With events / sync=false (ex may be NULL = plain). */
+int nsa_client_forward_submit_ex(nsa_client_t *c, const nsa_client_fwd_t *a,
+                                 const nsa_client_exec_t *ex, uint32_t *ticket);
+int nsa_client_backward_submit_ex(nsa_client_t *c, const nsa_client_bwd_t *a,
+                                  const nsa_client_exec_t *ex, uint32_t *ticket);
 
 /* ---- generic values (flags, metrics, raw calls) ---- */
 

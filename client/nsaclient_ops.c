@@ -517,10 +517,16 @@ static void pack_exec(nsa_client_t *c, msgpack_packer *pk, const nsa_client_exec
   if (x->async) nsa_proto_pack_kv_bool(pk, "sync", 0);
 }
 
+typedef struct {
+  const void *args;
+  nsa_client_exec_t ex;
+} sel_ctx_t;
+
 static void pack_fwd(nsa_client_t *c, msgpack_packer *pk, const void *ctx) {
-  const nsa_client_fwd_t *a = ctx;
+  const sel_ctx_t *sc = ctx;
+  const nsa_client_fwd_t *a = sc->args;
   int has_scale = a->scale > 0;
-  msgpack_pack_map(pk, 5 + (a->has_lse ? 1 : 0) + (has_scale ? 1 : 0) + exec_keys(&a->exec));
+  msgpack_pack_map(pk, 5 + (a->has_lse ? 1 : 0) + (has_scale ? 1 : 0) + exec_keys(&sc->ex));
   pack_tensor(c, pk, "q", &a->q);
   pack_tensor(c, pk, "k", &a->k);
   pack_tensor(c, pk, "v", &a->v);
@@ -528,13 +534,14 @@ static void pack_fwd(nsa_client_t *c, msgpack_packer *pk, const void *ctx) {
   if (a->has_lse) pack_tensor(c, pk, "lse", &a->lse);
   pack_sel(c, pk, &a->sel);
   if (has_scale) nsa_proto_pack_kv_double(pk, "scale", a->scale);
-  pack_exec(c, pk, &a->exec);
+  pack_exec(c, pk, &sc->ex);
 }
 
 static void pack_bwd(nsa_client_t *c, msgpack_packer *pk, const void *ctx) {
-  const nsa_client_bwd_t *a = ctx;
+  const sel_ctx_t *sc = ctx;
+  const nsa_client_bwd_t *a = sc->args;
   int has_scale = a->scale > 0;
-  msgpack_pack_map(pk, 10 + (has_scale ? 1 : 0) + exec_keys(&a->exec));
+  msgpack_pack_map(pk, 10 + (has_scale ? 1 : 0) + exec_keys(&sc->ex));
   pack_tensor(c, pk, "q", &a->q);
   pack_tensor(c, pk, "k", &a->k);
   pack_tensor(c, pk, "v", &a->v);
@@ -546,15 +553,29 @@ static void pack_bwd(nsa_client_t *c, msgpack_packer *pk, const void *ctx) {
   pack_tensor(c, pk, "dv", &a->dv);
   pack_sel(c, pk, &a->sel);
   if (has_scale) nsa_proto_pack_kv_double(pk, "scale", a->scale);
-  pack_exec(c, pk, &a->exec);
+  pack_exec(c, pk, &sc->ex);
+}
+
+int nsa_client_forward_submit_ex(nsa_client_t *c, const nsa_client_fwd_t *a,
+                                 const nsa_client_exec_t *ex, uint32_t *ticket) {
+  sel_ctx_t sc = {a, {0}};
+  if (ex) sc.ex = *ex;
+  return nsac_submit(c, "sel_attn.forward", pack_fwd, &sc, ticket);
+}
+
+int nsa_client_backward_submit_ex(nsa_client_t *c, const nsa_client_bwd_t *a,
+                                  const nsa_client_exec_t *ex, uint32_t *ticket) {
+  sel_ctx_t sc = {a, {0}};
+  if (ex) sc.ex = *ex;
+  return nsac_submit(c, "sel_attn.backward", pack_bwd, &sc, ticket);
 }
 
 int nsa_client_forward_submit(nsa_client_t *c, const nsa_client_fwd_t *a, uint32_t *ticket) {
-  return nsac_submit(c, "sel_attn.forward", pack_fwd, a, ticket);
+  return nsa_client_forward_submit_ex(c, a, NULL, ticket);
 }
 
 int nsa_client_backward_submit(nsa_client_t *c, const nsa_client_bwd_t *a, uint32_t *ticket) {
-  return nsac_submit(c, "sel_attn.backward", pack_bwd, a, ticket);
+  return nsa_client_backward_submit_ex(c, a, NULL, ticket);
 }
 
 int nsa_client_wait(nsa_client_t *c, uint32_t ticket, nsa_client_result_t *res) {

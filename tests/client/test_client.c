@@ -293,15 +293,17 @@ Test(client, cuda_registrations_and_exec_options_on_the_cpu_backend) {
   th_prob_t p;
   cr_assert_eq(th_prob_init(&p, c, 1, 8, 64, 1, 2, 16, 3, 16, 0, 12), 0);
   th_prob_fill(&p);
-  nsa_client_fwd_t a = p.fwd;
-  a.exec.async = 1;
+  nsa_client_exec_t ex = {.async = 1};
   nsa_client_result_t r;
-  cr_expect_eq(nsa_client_forward(c, &a, &r), 0, "%s", nsa_client_error_message(c));
+  uint32_t tk;
+  cr_assert_eq(nsa_client_forward_submit_ex(c, &p.fwd, &ex, &tk), 0);
+  cr_expect_eq(nsa_client_wait(c, tk, &r), 0, "%s", nsa_client_error_message(c));
   cr_expect_leq(th_prob_check_fwd(&p), 1e-5);
   /* an event id this session does not have */
-  a.exec.has_wait_event = 1;
-  a.exec.wait_event = 4242;
-  cr_expect_eq(nsa_client_forward(c, &a, &r), -1);
+  ex.has_wait_event = 1;
+  ex.wait_event = 4242;
+  cr_assert_eq(nsa_client_forward_submit_ex(c, &p.fwd, &ex, &tk), 0);
+  cr_expect_eq(nsa_client_wait(c, tk, &r), -1);
   cr_expect_str_eq(nsa_client_error_code(c), "not_found");
   /* device pointers without a CUDA driver (or with one, a host pointer) fail cleanly */
   nsa_client_tensor_t t;
