@@ -346,7 +346,48 @@ def test_reconnect_after_daemon_restart(d):
         assert nd.stop() == 0
 
 
-TESTS = [test_forward_backward_every_path, test_float16, test_float64_is_computed_in_float32,
+def test_ctypes_abi_matches_header(d):
+    """Every struct nsad._lib mirrors has nsaclient.h's size and field
+    offsets (compiled here with the system C compiler)."""
+    import ctypes
+    import shutil
+    import subprocess
+    import tempfile
+    from nsad import _lib
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise nsadtest.Skip("no C compiler")
+    structs = {"nsa_client_label_t": _lib.Label, "nsa_client_opts_t": _lib.Opts,
+               "nsa_client_info_t": _lib.Info, "nsa_client_shm_t": _lib.Shm,
+               "nsa_client_tensor_t": _lib.Tensor, "nsa_client_sel_t": _lib.Sel,
+               "nsa_client_exec_t": _lib.Exec, "nsa_client_fwd_t": _lib.FwdArgs,
+               "nsa_client_bwd_t": _lib.BwdArgs, "nsa_client_result_t": _lib.Result}
+    rename = {"exec_": "exec", "async_": "async"}
+    lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "nsaclient.h"',
+             "int main(void) {"]
+    expect = []
+    for cname, py in structs.items():
+        lines.append('printf("%%zu\\n", sizeof(%s));' % cname)
+        expect.append(("sizeof " + cname, ctypes.sizeof(py)))
+        for f in py._fields_:
+            fn = f[0]
+            lines.append('printf("%%zu\\n", offsetof(%s, %s));' % (cname, rename.get(fn, fn)))
+            expect.append(("%s.%s" % (cname, fn), getattr(py, fn).offset))
+    lines.append("return 0; }")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, exe = os.path.join(tmp, "abi.c"), os.path.join(tmp, "abi")
+        with open(src, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+        subprocess.run([cc, "-I", os.path.join(nsadtest.REPO, "client"), src, "-o", exe],
+                       check=True, env=env)
+        got = subprocess.run([exe], capture_output=True, text=True, check=True,
+                             env=env).stdout.split()
+    bad = [(what, py, int(c)) for (what, py), c in zip(expect, got) if py != int(c)]
+    assert len(got) == len(expect) and not bad, "ctypes vs C (name, ctypes, C): %s" % bad
+
+
+TESTS = [test_ctypes_abi_matches_header, test_forward_backward_every_path, test_float16, test_float64_is_computed_in_float32,
          test_scale_and_module_level_api, test_empty_rows_give_zero_and_minus_inf,
          test_zero_copy_shm_arrays_and_strides, test_error_codes, test_connect_error,
          test_flags_round_trip, test_metrics_and_status, test_threads_share_a_client,

@@ -16,10 +16,12 @@ handle and registers the region once per allocation (as PyTorch's own CUDA
 IPC does). Outputs are allocated here with torch (so the caching allocator
 owns them) and written by nsad in place.
 
-The C entry points this module needs (declared in nsaclient.h by the CUDA
-client work, see REQUIRED below) are looked up at run time; while the loaded
-libnsaclient does not export them, CUDA tensors raise NsadError
-('unsupported') naming what is missing, and CPU tensors keep working.
+The C entry points (nsa_client_cuda_tensor, nsa_client_cuda_event,
+nsa_client_cuda_forget, nsa_client_{forward,backward}_submit_ex with an
+nsa_client_exec_t) are
+looked up at run time; a libnsaclient without them, or an nsad without the
+cuda backend, makes CUDA tensors raise NsadError('unsupported'), while CPU
+tensors keep working.
 """
 import ctypes
 
@@ -29,79 +31,46 @@ from . import _lib
 from ._lib import BF16, F16, F32, I32
 from .client import NsadError, Reply
 
-# Proposed libnsaclient additions (see docs/PYTHON.md "CUDA"):
-#
-#   /* Region + byte offset for a device pointer: base/extent from
-#    * cuMemGetAddressRange, cudaIpcGetMemHandle cached per allocation,
-#    * region.register kind=cuda_ipc once per (session, allocation). */
-#   int nsa_client_cuda_region(nsa_client_t *c, const void *dptr, size_t bytes,
-#                              uint64_t *region, uint64_t *offset);
-#   /* event.register of an interprocess event the caller created
-#    * (cudaEventInterprocess|cudaEventDisableTiming), by its handle. */
-#   int nsa_client_cuda_event_register(nsa_client_t *c, int device, const void *handle64,
-#                                      uint64_t *event);
-#   /* forward/backward with wait_event/done_event/sync=false. */
-#   int nsa_client_forward_async(nsa_client_t *c, const nsa_client_fwd_t *a, uint64_t wait_event,
-#                                uint64_t done_event, nsa_client_result_t *res);
-#   int nsa_client_backward_async(nsa_client_t *c, const nsa_client_bwd_t *a, uint64_t wait_event,
-#                                 uint64_t done_event, nsa_client_result_t *res);
-REQUIRED = ("nsa_client_cuda_region", "nsa_client_cuda_event_register",
-            "nsa_client_forward_async", "nsa_client_backward_async")
+REQUIRED = ("nsa_client_cuda_tensor", "nsa_client_cuda_event", "nsa_client_cuda_forget",
+            "nsa_client_forward_submit_ex", "nsa_client_backward_submit_ex")
 
 _CODES = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16, torch.int32: I32}
-_declared = False
 
 
 def available():
-    """True when the loaded libnsaclient has the CUDA client API."""
+    """True when the loaded libnsaclient has the device-pointer API."""
     return all(_lib.has(n) for n in REQUIRED)
-
-
-def _declare(L):
-    global _declared
-    if _declared:
-        return
-    c = ctypes
-    L.nsa_client_cuda_region.restype = c.c_int
-    L.nsa_client_cuda_region.argtypes = [c.c_void_p, c.c_void_p, c.c_size_t,
-                                         c.POINTER(c.c_uint64), c.POINTER(c.c_uint64)]
-    L.nsa_client_cuda_event_register.restype = c.c_int
-    L.nsa_client_cuda_event_register.argtypes = [c.c_void_p, c.c_int, c.c_char_p,
-                                                 c.POINTER(c.c_uint64)]
-    for n, A in (("nsa_client_forward_async", _lib.FwdArgs),
-                 ("nsa_client_backward_async", _lib.BwdArgs)):
-        f = getattr(L, n)
-        f.restype = c.c_int
-        f.argtypes = [c.c_void_p, c.POINTER(A), c.c_uint64, c.c_uint64, c.POINTER(_lib.Result)]
-    _declared = True
 
 
 def _require(client):
     if not available():
         missing = [n for n in REQUIRED if not _lib.has(n)]
         raise NsadError("unsupported", "CUDA tensors need libnsaclient's device-pointer API (%s "
-                        "missing in the loaded library); move the tensors to the CPU or use a "
-                        "libnsaclient built with the CUDA client" % ", ".join(missing))
+                        "missing in the loaded library)" % ", ".join(missing))
     if client.backend != "cuda":
         raise NsadError("unsupported", "CUDA tensors need an nsad with the cuda backend; this one "
-                        "runs '%s'" % client.backend)
-    _declare(client._L)
+                        "runs '%s' (move the tensors to the CPU)" % client.backend)
 
 
 class _Events:
-    """A pair of interprocess events per (client, device), registered once."""
+    """Two interprocess events (cudaEventInterprocess | DisableTiming, as
+    torch.cuda.Event(interprocess=True) makes them) per client and device,
+    registered once (libnsaclient caches them by cudaEvent_t). Reusing them
+    is safe because calls on a client are serialized: nsad has enqueued its
+    wait on `ready` before replying, and our stream's wait on `done` is
+    enqueued before the next record."""
 
     def __init__(self, client, device):
-        self.ready = torch.cuda.Event(interprocess=True)
-        self.done = torch.cuda.Event(interprocess=True)
-        self.ids = []
         with torch.cuda.device(device):
+            self.ready = torch.cuda.Event(interprocess=True)
+            self.done = torch.cuda.Event(interprocess=True)
             s = torch.cuda.current_stream()
+            self.ids = []
             for e in (self.ready, self.done):
-                e.record(s)  # materialize the cudaEvent_t before taking its handle
+                e.record(s)  # creates the cudaEvent_t
                 out = ctypes.c_uint64()
-                client._check(client._L.nsa_client_cuda_event_register(
-                    client._h, device, bytes(e.ipc_handle()), ctypes.byref(out)), "event.register")
+                client._check(client._L.nsa_client_cuda_event(
+                    client._h, ctypes.c_void_p(e.cuda_event), ctypes.byref(out)), "event.register")
                 self.ids.append(int(out.value))
 
 
@@ -113,26 +82,62 @@ def _events(client, device):
     return ev
 
 
+_cu = None
+
+
+def _alloc_range(ptr):
+    """(base, size) of the allocation holding ptr (cuMemGetAddressRange)."""
+    global _cu
+    if _cu is None:
+        lib = ctypes.CDLL("libcuda.so.1")
+        f = lib.cuMemGetAddressRange_v2
+        f.restype = ctypes.c_int
+        f.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t),
+                      ctypes.c_uint64]
+        _cu = f
+    base, size = ctypes.c_uint64(), ctypes.c_size_t()
+    rc = _cu(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr))
+    if rc != 0:
+        raise NsadError("invalid_argument", "cuMemGetAddressRange(%#x) failed (CUresult %d)"
+                        % (ptr, rc))
+    return base.value, size.value
+
+
 def _ref(client, t):
+    """Tensor ref of a contiguous CUDA tensor. libnsaclient caches one
+    cuda_ipc region per allocation (base, size); when PyTorch's caching
+    allocator has given a range back to the driver and a new allocation
+    reuses the addresses with another extent, the stale entry is forgotten
+    first so nsad never reads through an old mapping."""
+    ptr = t.data_ptr()
+    base, size = _alloc_range(ptr)
+    seen = client.__dict__.setdefault("_cuda_allocs", {})
+    for b, sz in list(seen.items()):
+        if b < base + size and base < b + sz and (b, sz) != (base, size):
+            client._L.nsa_client_cuda_forget(client._h, ctypes.c_void_p(b))
+            del seen[b]
+    seen[base] = size
     r = _lib.Tensor()
-    region, off = ctypes.c_uint64(), ctypes.c_uint64()
-    nbytes = max(1, t.numel() * t.element_size())
-    client._check(client._L.nsa_client_cuda_region(client._h, ctypes.c_void_p(t.data_ptr()),
-                                                   nbytes, ctypes.byref(region),
-                                                   ctypes.byref(off)), "region.register")
-    r.region, r.offset, r.dtype, r.ndim = region.value, off.value, _CODES[t.dtype], t.dim()
-    for i, s in enumerate(t.shape):
-        r.shape[i] = s
+    shape = (ctypes.c_int64 * max(1, t.dim()))(*t.shape)
+    client._check(client._L.nsa_client_cuda_tensor(client._h, ctypes.c_void_p(ptr),
+                                                   _CODES[t.dtype], t.dim(), shape,
+                                                   ctypes.byref(r)), "region.register")
     return r
 
 
-def _run(client, fn, args, device, tensors):
+def _run(client, submit, args, device, tensors):
     ev = _events(client, device)
     stream = torch.cuda.current_stream(device)
-    ev.ready.record(stream)
-    r = _lib.Result()
-    client._check(fn(client._h, ctypes.byref(args), ev.ids[0], ev.ids[1], ctypes.byref(r)),
+    ev.ready.record(stream)  # after the producers of the inputs on this stream
+    x = _lib.Exec()
+    x.wait_event, x.done_event = ev.ids
+    x.has_wait_event = x.has_done_event = 1
+    x.async_ = 1  # sync=false: the reply comes once the work is queued
+    ticket = ctypes.c_uint32()
+    client._check(submit(client._h, ctypes.byref(args), ctypes.byref(x), ctypes.byref(ticket)),
                   "sel_attn")
+    r = _lib.Result()
+    client._check(client._L.nsa_client_wait(client._h, ticket.value, ctypes.byref(r)), "sel_attn")
     ev.done.wait(stream)  # the current stream, not the host, waits for nsad
     for t in tensors:
         t.record_stream(stream)
@@ -153,7 +158,7 @@ def forward(client, q, k, v, sel, block_size, scale, kind):
         a.sel.kind, a.sel.t = kind, _ref(client, sel)
         a.sel.block_size = int(block_size or 0)
         a.scale = float(scale) if scale else 0.0
-        _run(client, client._L.nsa_client_forward_async, a, q.device.index,
+        _run(client, client._L.nsa_client_forward_submit_ex, a, q.device.index,
              (q, k, v, sel, o, lse))
     return o, lse
 
@@ -170,6 +175,6 @@ def backward(client, q, k, v, o, lse, do, sel, block_size, scale, kind):
         a.sel.kind, a.sel.t = kind, _ref(client, sel)
         a.sel.block_size = int(block_size or 0)
         a.scale = float(scale) if scale else 0.0
-        _run(client, client._L.nsa_client_backward_async, a, q.device.index,
+        _run(client, client._L.nsa_client_backward_submit_ex, a, q.device.index,
              (q, k, v, o, lse, do, sel, dq, dk, dv))
     return dq, dk, dv

@@ -78,6 +78,17 @@ class Sel(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int), ("t", Tensor), ("block_size", ctypes.c_int32)]
 
 
+class Exec(ctypes.Structure):
+    """nsa_client_exec_t: CUDA stream ordering; all zero = blocking call."""
+    _fields_ = [
+        ("wait_event", ctypes.c_uint64),
+        ("done_event", ctypes.c_uint64),
+        ("has_wait_event", ctypes.c_int),
+        ("has_done_event", ctypes.c_int),
+        ("async_", ctypes.c_int),  # "async" in C (a Python keyword)
+    ]
+
+
 class FwdArgs(ctypes.Structure):
     _fields_ = [
         ("q", Tensor), ("k", Tensor), ("v", Tensor), ("o", Tensor), ("lse", Tensor),
@@ -145,6 +156,24 @@ _SIGNATURES = {
     "nsa_client_subscribe": (_c.c_int, [_P, _c.c_uint32]),
     "nsa_client_next_notification": (_c.c_int, [_P, _c.c_int, _c.POINTER(_c.c_char), _c.POINTER(_P)]),
     "nsa_client_shutdown": (_c.c_int, [_P]),
+}
+
+# CUDA entry points (libnsaclient with the device-pointer API); declared when
+# the loaded library has them, see has().
+_OPTIONAL = {
+    "nsa_client_region_register_cuda_ipc": (_c.c_int, [_P, _c.c_int, _c.c_char_p, _c.c_uint64,
+                                                       _c.POINTER(_c.c_uint64)]),
+    "nsa_client_event_register": (_c.c_int, [_P, _c.c_int, _c.c_char_p,
+                                              _c.POINTER(_c.c_uint64)]),
+    "nsa_client_event_unregister": (_c.c_int, [_P, _c.c_uint64]),
+    "nsa_client_cuda_tensor": (_c.c_int, [_P, _c.c_void_p, _c.c_int, _c.c_int,
+                                          _c.POINTER(_c.c_int64), _c.POINTER(Tensor)]),
+    "nsa_client_cuda_event": (_c.c_int, [_P, _c.c_void_p, _c.POINTER(_c.c_uint64)]),
+    "nsa_client_cuda_forget": (_c.c_int, [_P, _c.c_void_p]),
+    "nsa_client_forward_submit_ex": (_c.c_int, [_P, _c.POINTER(FwdArgs), _c.POINTER(Exec),
+                                                _c.POINTER(_c.c_uint32)]),
+    "nsa_client_backward_submit_ex": (_c.c_int, [_P, _c.POINTER(BwdArgs), _c.POINTER(Exec),
+                                                 _c.POINTER(_c.c_uint32)]),
 }
 
 
@@ -231,6 +260,11 @@ def load():
             f = getattr(lib, name)
             f.restype = res
             f.argtypes = args
+        for name, (res, args) in _OPTIONAL.items():
+            if hasattr(lib, name):
+                f = getattr(lib, name)
+                f.restype = res
+                f.argtypes = args
         libc = ctypes.CDLL(None)
         libc.free.argtypes = [ctypes.c_void_p]
         libc.free.restype = None
