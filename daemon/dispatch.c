@@ -203,6 +203,16 @@ fail:
 void nsad_dispatch_job_done(nsad_server_t *srv, nsad_job_t *job) {
   nsad_session_t *s = job->session;
   nsa_method_t method = job->kind == NSAD_JOB_FWD ? NSA_M_SEL_FORWARD : NSA_M_SEL_BACKWARD;
+  /* A shm object truncated while this job read it: whatever the kernel
+   * computed came from zero pages (region.h, SIGBUS guard). */
+  for (int i = 0; i < job->nrefs; i++)
+    if (job->refs[i]->kind == NSAD_ENTRY_SHM && nsad_shm_poisoned(job->refs[i])) {
+      job->status = NSA_ERR_OUT_OF_BOUNDS;
+      snprintf(job->msg, sizeof job->msg,
+               "shm region %llu (%.160s) was truncated by its owner during the request",
+               (unsigned long long)job->refs[i]->id, job->refs[i]->name);
+      break;
+    }
   nsa_proto_code_t code = job->status == NSA_OK ? NSA_E_OK : nsa_proto_code_from_status(job->status);
   int path = job->info.path >= 0 && job->info.path < NSA_PATH_COUNT ? (int)job->info.path : -1;
   if (srv->metrics) {

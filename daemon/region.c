@@ -3,6 +3,9 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +15,70 @@
 
 #include "backend.h"
 #include "log.h"
+
+/* ---- SIGBUS guard table: read by the signal handler on any thread, written
+ * by the loop thread. A slot is published by storing `end` then `start`
+ * (release) and retired by clearing `start` before the munmap; it is retired
+ * only after every job using the region came back, so no fault can race. */
+#define NSAD_GUARD_SLOTS 16384
+static struct {
+  _Atomic uintptr_t start, end;
+  atomic_int poisoned;
+} g_guard[NSAD_GUARD_SLOTS];
+static int g_guard_on;
+
+static void on_sigbus(int sig, siginfo_t *si, void *uc) {
+  uintptr_t a = (uintptr_t)si->si_addr;
+  for (int i = 0; i < NSAD_GUARD_SLOTS; i++) {
+    uintptr_t st = atomic_load_explicit(&g_guard[i].start, memory_order_acquire);
+    if (!st || a < st) continue;
+    uintptr_t end = atomic_load_explicit(&g_guard[i].end, memory_order_relaxed);
+    if (a >= end) continue;
+    uintptr_t page = a & ~(uintptr_t)4095;
+    /* mmap is a plain system call on Linux, safe in practice here. */
+    if (mmap((void *)page, end - page, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED)
+      break;
+    atomic_store(&g_guard[i].poisoned, 1);
+    return; /* the faulting access is retried and now hits a zero page */
+  }
+  signal(SIGBUS, SIG_DFL); /* not ours: die as usual */
+  raise(SIGBUS);
+}
+
+int nsad_shm_guard_install(void) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_sigaction = on_sigbus;
+  sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+  sigemptyset(&sa.sa_mask);
+  if (sigaction(SIGBUS, &sa, NULL) != 0) return -1;
+  g_guard_on = 1;
+  return 0;
+}
+
+static int guard_add(void *base, uint64_t len) {
+  if (!g_guard_on) return -1;
+  for (int i = 0; i < NSAD_GUARD_SLOTS; i++)
+    if (!atomic_load(&g_guard[i].start) && !atomic_load(&g_guard[i].end)) {
+      atomic_store(&g_guard[i].poisoned, 0);
+      atomic_store(&g_guard[i].end, (uintptr_t)base + (uintptr_t)len);
+      atomic_store_explicit(&g_guard[i].start, (uintptr_t)base, memory_order_release);
+      return i;
+    }
+  nsad_warn("SIGBUS guard table full: a shm region is served without it");
+  return -1;
+}
+
+static void guard_remove(int slot) {
+  if (slot < 0) return;
+  atomic_store(&g_guard[slot].start, 0);
+  atomic_store(&g_guard[slot].end, 0);
+}
+
+int nsad_shm_poisoned(const nsad_region_t *r) {
+  return r->guard >= 0 && atomic_load(&g_guard[r->guard].poisoned);
+}
 
 int64_t nsad_region_live_count = 0;
 int64_t nsad_region_live_bytes = 0;
@@ -37,6 +104,7 @@ nsad_region_t *nsad_region_alloc(nsad_entry_kind_t kind) {
   r->kind = kind;
   r->fd = -1;
   r->device = -1;
+  r->guard = -1;
   return r;
 }
 
@@ -145,12 +213,15 @@ int nsad_shm_open(const char *name, uint64_t size, uid_t peer_uid, nsad_region_t
   r->size = size;
   r->mapped = size;
   r->fd = fd;
+  r->guard = guard_add(p, size);
   r->device = -1;
   snprintf(r->name, sizeof r->name, "%s", name);
   return 0;
 }
 
 void nsad_shm_close(nsad_region_t *r) {
+  guard_remove(r->guard);
+  r->guard = -1;
   if (r->base && r->mapped) munmap(r->base, (size_t)r->mapped);
   if (r->fd >= 0) close(r->fd);
   r->base = NULL;
@@ -160,6 +231,11 @@ void nsad_shm_close(nsad_region_t *r) {
 int nsad_shm_check(const nsad_region_t *r, nsa_proto_err_t *err) {
   struct stat st;
   if (r->fd < 0) return 0;
+  if (nsad_shm_poisoned(r))
+    return nsa_proto_err_set(err, NSA_E_OUT_OF_BOUNDS,
+                             "shm region %llu (%s) was truncated under a running request; "
+                             "register the object again",
+                             (unsigned long long)r->id, r->name);
   if (fstat(r->fd, &st) != 0 || (uint64_t)st.st_size < r->size)
     return nsa_proto_err_set(err, NSA_E_OUT_OF_BOUNDS,
                              "shm region %llu (%s) shrank below its registered size %llu",

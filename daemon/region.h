@@ -38,6 +38,7 @@ typedef struct nsad_region {
   uint64_t size;   /* bytes a tensor ref may reach: the size the client registered */
   uint64_t mapped; /* bytes actually mapped (shm), for the mapped-bytes gauge */
   int fd;          /* shm: kept open to re-check the object's size at dispatch */
+  int guard;       /* shm: slot in the SIGBUS guard table, -1 if none */
   void *priv;      /* backend-private */
   int refs;        /* loop thread only */
   char name[NSA_PROTO_STR];
@@ -76,9 +77,20 @@ nsad_region_t *nsad_region_alloc(nsad_entry_kind_t kind);
 int nsad_shm_open(const char *name, uint64_t size, uid_t peer_uid, nsad_region_t *r,
                   nsa_proto_err_t *err);
 void nsad_shm_close(nsad_region_t *r);
-/* Re-checks that the object still has r->size bytes (a client that shrinks
- * its object after registering would otherwise make the daemon fault). */
+/* Re-checks that the object still has r->size bytes and was never truncated
+ * under a running request (see the SIGBUS guard below). */
 int nsad_shm_check(const nsad_region_t *r, nsa_proto_err_t *err);
+
+/* SIGBUS guard. A client can shrink its shm object while a kernel reads it;
+ * touching the lost pages raises SIGBUS, which would kill the daemon for
+ * everyone. nsad_shm_guard_install() sets a process-wide SIGBUS handler: a
+ * fault inside a registered shm mapping replaces the rest of that mapping
+ * with anonymous zero pages (the access then completes harmlessly) and marks
+ * the region poisoned; the request fails with out_of_bounds and the region
+ * is refused from then on. Faults anywhere else still kill the process. */
+int nsad_shm_guard_install(void);
+/* 1 if a fault hit this region (any thread may have set it). */
+int nsad_shm_poisoned(const nsad_region_t *r);
 
 /* Gauges for metrics: entries and mapped bytes across all sessions. */
 extern int64_t nsad_region_live_count;

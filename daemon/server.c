@@ -263,6 +263,7 @@ int nsad_server_init(nsad_server_t *srv, nsad_config_t *cfg, char *msg, size_t m
     return -1;
   }
   srv->loop_ready = 1;
+  if (nsad_shm_guard_install() != 0) nsad_warn("cannot install the SIGBUS guard for shm regions");
   if (nsad_backend_create(cfg, &srv->backend, msg, msglen) != 0) return -1;
   srv->backend_ready = 1;
   srv->metrics = nsad_metrics_new();

@@ -413,3 +413,46 @@ Test(robust, half_closed_peer_still_gets_replies) {
   nsa_client_close(a);
   cr_expect_eq(th_stop(&d, 1), 0);
 }
+
+/* The owner truncates its shm object while queued requests will read it:
+ * nsad must not die of SIGBUS; those requests fail with out_of_bounds, the
+ * region is refused afterwards, and other clients never notice. */
+Test(robust, shm_truncated_under_running_requests) {
+  th_nsad_t d;
+  const char *args[] = {"--workers", "1", NULL};
+  cr_assert_eq(th_start(&d, args), 0);
+  nsa_client_t *a = th_client(&d, "truncator"), *b = th_client(&d, "bystander");
+  th_prob_t p, pb;
+  cr_assert_eq(th_prob_init(&p, a, 2, 64, 512, 2, 4, 64, 16, 32, 0, 41), 0);
+  cr_assert_eq(th_prob_init(&pb, b, 1, 8, 64, 1, 2, 16, 3, 16, 0, 42), 0);
+  th_prob_fill(&p);
+  enum { N = 8 };
+  uint32_t t[N];
+  for (int i = 0; i < N; i++) cr_assert_eq(nsa_client_forward_submit(a, &p.fwd, &t[i]), 0);
+  cr_assert_eq(nsa_client_ping(a), 0); /* all N passed the dispatch-time size check */
+  int fd = shm_open(p.shm->name, O_RDWR, 0);
+  cr_assert_geq(fd, 0);
+  cr_assert_eq(ftruncate(fd, 0), 0);
+  close(fd);
+  int ok = 0, oob = 0;
+  for (int i = 0; i < N; i++) {
+    nsa_client_result_t r;
+    if (nsa_client_wait(a, t[i], &r) == 0)
+      ok++;
+    else if (!strcmp(nsa_client_error_code(a), "out_of_bounds"))
+      oob++;
+    else
+      cr_expect(0, "request %d: %s: %s", i, nsa_client_error_code(a), nsa_client_error_message(a));
+  }
+  cr_expect_eq(ok + oob, N);
+  cr_expect_gt(oob, 0, "requests that ran after the truncation fail (ok %d)", ok);
+  nsa_client_result_t r;
+  cr_expect_eq(nsa_client_forward(a, &p.fwd, &r), -1, "the region is refused from now on");
+  cr_expect_str_eq(nsa_client_error_code(a), "out_of_bounds");
+  cr_expect(forward_ok(b, &pb), "another client is unaffected");
+  th_prob_free(&p, a);
+  th_prob_free(&pb, b);
+  nsa_client_close(a);
+  nsa_client_close(b);
+  cr_expect_eq(th_stop(&d, 1), 0, "nsad survived and exits 0");
+}
