@@ -31,7 +31,11 @@ int nsad_backend_create(const nsad_config_t *cfg, nsad_backend_t *b, char *msg, 
 #ifdef NSA_HAVE_CUDA
     if (ngpu > 0) ops = &nsad_backend_cuda_ops;
 #endif
+#ifdef NSA_HAVE_CUDA
     if (ops == &nsad_backend_cpu_ops) nsad_info("backend auto: no usable GPU, using the cpu backend");
+#else
+    nsad_info("backend auto: built without the CUDA backend, using the cpu backend");
+#endif
   }
   b->ops = ops;
   if (ops->init(b, cfg, msg, msglen) != 0) return -1;
