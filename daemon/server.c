@@ -298,7 +298,8 @@ int nsad_server_init(nsad_server_t *srv, nsad_config_t *cfg, char *msg, size_t m
   if (cfg->metrics_listen) {
     srv->metrics_http = nsad_metrics_http_start(cfg->metrics_listen, srv->metrics, msg, msglen);
     if (!srv->metrics_http) return -1;
-    nsad_info("metrics on http://%s/metrics", cfg->metrics_listen);
+    nsad_info("metrics on http://%s/metrics (port %d)", cfg->metrics_listen,
+              nsad_metrics_http_port(srv->metrics_http));
   }
   uint64_t wd = nsad_sd_watchdog_usec();
   if (wd > 0) {
