@@ -19,6 +19,8 @@ void nsad_config_init(nsad_config_t *c) {
   c->workers = 2;
   c->max_inflight = 16;
   c->max_regions = 4096;
+  c->max_sessions = 1024;
+  c->hello_timeout_ms = 10000;
 }
 
 static void kv_free(nsad_kv_t *kv, int n) {
@@ -172,6 +174,18 @@ int nsad_config_set(nsad_config_t *c, const char *key, const char *value, int fr
     if (parse_int(value, 1, 1 << 20, &v)) goto bad;
     if (!from_cli && (c->cli_set & bit)) return 0;
     c->max_regions = v;
+  } else if (!strcmp(key, "NSAD_MAX_SESSIONS")) {
+    bit = NSAD_CFG_MAX_SESSIONS;
+    int v;
+    if (parse_int(value, 1, 1 << 20, &v)) goto bad;
+    if (!from_cli && (c->cli_set & bit)) return 0;
+    c->max_sessions = v;
+  } else if (!strcmp(key, "NSAD_HELLO_TIMEOUT_MS")) {
+    bit = NSAD_CFG_HELLO_TIMEOUT;
+    int v;
+    if (parse_int(value, 10, 3600000, &v)) goto bad;
+    if (!from_cli && (c->cli_set & bit)) return 0;
+    c->hello_timeout_ms = v;
   } else if (!strcmp(key, "NSAD_CONFIG")) {
     return 0; /* the file naming itself: ignore */
   } else {

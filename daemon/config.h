@@ -8,6 +8,10 @@
  *   NSAD_WORKERS       worker threads of the CPU backend (default 2)
  *   NSAD_MAX_INFLIGHT  per-session in-flight limit before backpressure (default 16)
  *   NSAD_MAX_REGIONS   regions+events one session may hold (default 4096; more → busy)
+ *   NSAD_MAX_SESSIONS  connections at once (default 1024); beyond, the first
+ *                      request is answered `busy` and the connection closed
+ *   NSAD_HELLO_TIMEOUT_MS  a connection that has not said hello by then is
+ *                      closed (default 10000)
  *
  * Flag keys (NSA_*) are handed to the flag store (nsad_flags_set_config).
  * Unknown NSAD_* keys are warned about and ignored.
@@ -40,6 +44,8 @@ typedef struct {
   int workers;
   int max_inflight;
   int max_regions;
+  int max_sessions;
+  int hello_timeout_ms;
   /* Which settings came from the command line (they beat the config file). */
   unsigned cli_set;
   /* The config file's pairs as read (NSA_* flags among them). */
@@ -59,6 +65,8 @@ enum {
   NSAD_CFG_WORKERS = 1u << 8,
   NSAD_CFG_MAX_INFLIGHT = 1u << 9,
   NSAD_CFG_MAX_REGIONS = 1u << 10,
+  NSAD_CFG_MAX_SESSIONS = 1u << 11,
+  NSAD_CFG_HELLO_TIMEOUT = 1u << 12,
 };
 
 void nsad_config_init(nsad_config_t *c);

@@ -270,6 +270,7 @@ static void do_hello(nsad_session_t *s, const nsa_request_t *req, nsa_proto_err_
     return;
   }
   s->hello_done = 1;
+  nsad_session_hello_done(s);
   snprintf(s->client, sizeof s->client, "%s", h->client);
   s->pid = h->pid;
   s->nlabels = h->nlabels;
@@ -397,6 +398,14 @@ void nsad_dispatch(nsad_session_t *s, const nsa_proto_msg_t *msg) {
   memset(&err, 0, sizeof err);
   int path = -1;
   nsa_method_t method = NSA_M_COUNT;
+  if (s->over_limit) {
+    char m[128];
+    snprintf(m, sizeof m, "nsad serves at most %d connections at once; try again later",
+             srv->cfg->max_sessions);
+    nsad_session_send_error(s, msg->msgid, NSA_E_BUSY, m);
+    nsad_session_close(s, 1, "over the session limit");
+    return;
+  }
   if (nsa_proto_parse_request(msg, &req, &err) != 0) {
     int m = nsa_method_lookup(msg->method, msg->method_len);
     method = m >= 0 ? (nsa_method_t)m : NSA_M_COUNT;

@@ -254,6 +254,17 @@ void nsad_session_close(nsad_session_t *s, int flush, const char *why) {
   nsad_server_update_gauges(s->srv);
 }
 
+static void on_hello_deadline(uv_timer_t *t) {
+  nsad_session_t *s = t->data;
+  if (s->hello_done || s->closing) return;
+  nsad_warn("session %llu (uid %u pid %d): no hello within %d ms; closing",
+            (unsigned long long)s->id, (unsigned)s->uid, (int)s->peer_pid,
+            s->srv->cfg->hello_timeout_ms);
+  nsad_session_close(s, 0, "hello timeout");
+}
+
+void nsad_session_hello_done(nsad_session_t *s) { uv_timer_stop(&s->sub_timer); }
+
 int nsad_session_accept(nsad_server_t *srv) {
   nsad_session_t *s = calloc(1, sizeof *s);
   if (!s) return -1;
@@ -295,6 +306,18 @@ int nsad_session_accept(nsad_server_t *srv) {
   }
   nsad_debug("session %llu: connected (uid %u gid %u pid %d)", (unsigned long long)s->id,
              (unsigned)s->uid, (unsigned)s->gid, (int)s->peer_pid);
+  int live = 0;
+  for (nsad_session_t *o = srv->sessions; o; o = o->next) live += !o->closing;
+  if (live > srv->cfg->max_sessions) {
+    /* Answer its first request with busy (a clear message beats a silent
+     * close), then close. */
+    s->over_limit = 1;
+    nsad_warn("session %llu (uid %u pid %d): over the session limit (%d)",
+              (unsigned long long)s->id, (unsigned)s->uid, (int)s->peer_pid,
+              srv->cfg->max_sessions);
+  }
+  /* A connection that never says hello must not hold a slot forever. */
+  uv_timer_start(&s->sub_timer, on_hello_deadline, (uint64_t)srv->cfg->hello_timeout_ms, 0);
   start_reading(s);
   nsad_server_update_gauges(srv);
   return 0;

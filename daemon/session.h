@@ -28,7 +28,7 @@ typedef struct {
 
 typedef struct nsad_session {
   uv_pipe_t pipe;
-  uv_timer_t sub_timer; /* metrics.subscribe */
+  uv_timer_t sub_timer; /* hello deadline until hello, then metrics.subscribe */
   struct nsad_server *srv;
   struct nsad_session *prev, *next;
   uint64_t id;
@@ -49,6 +49,7 @@ typedef struct nsad_session {
   int paused;      /* reading stopped by the in-flight limit */
   int write_paused; /* reading stopped: too many unsent replies */
   int eof;          /* the peer shut its sending side; close once answered */
+  int over_limit;   /* accepted beyond NSAD_MAX_SESSIONS: answered busy, closed */
   int reading;     /* uv_read_start active */
   int closing;     /* no more requests; handles closing */
   int write_shut;  /* uv_shutdown issued: no more writes */
@@ -76,6 +77,8 @@ void nsad_session_stop_reading(nsad_session_t *s);
 void nsad_session_job_queued(nsad_session_t *s);
 void nsad_session_job_finished(nsad_session_t *s);
 
+/* hello succeeded: stops the hello deadline. */
+void nsad_session_hello_done(nsad_session_t *s);
 /* Starts/stops the metrics subscription timer. */
 int nsad_session_subscribe(nsad_session_t *s, uint32_t interval_ms);
 

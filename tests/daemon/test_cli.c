@@ -193,3 +193,42 @@ Test(cli, bad_config_file_at_start_exits_1) {
   snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
   cr_expect_eq(system(cmd), 0);
 }
+
+Test(cli, session_limit_and_hello_timeout) {
+  th_nsad_t d;
+  cr_assert_eq(th_start(&d, NULL), 0);
+  cr_assert_eq(th_stop(&d, 0), 0);
+  char cfg[256];
+  snprintf(cfg, sizeof cfg, "%s/nsad.conf", d.dir);
+  write_file(cfg, "NSAD_MAX_SESSIONS=2\nNSAD_HELLO_TIMEOUT_MS=300\n");
+  const char *args[] = {"--config", cfg, NULL};
+  d.pid = th_spawn(&d, d.sock, args, 1);
+  cr_assert_gt(d.pid, 0);
+  nsa_client_t *a = th_client(&d, "a"), *b = th_client(&d, "b");
+  cr_assert(a && b);
+  nsa_client_opts_t o = {.socket_path = d.sock, .name = "c", .reconnect_attempts = 1};
+  nsa_client_t *c = NULL;
+  cr_expect_eq(nsa_client_open(&c, &o), -1, "a third connection is refused");
+  cr_expect(strstr(nsa_client_open_error(), "busy") != NULL, "%s", nsa_client_open_error());
+  nsa_client_close(b);
+  int ok = 0;
+  for (int i = 0; i < 100 && !ok; i++) {
+    if (nsa_client_open(&c, &o) == 0)
+      ok = 1;
+    else
+      usleep(20000);
+  }
+  cr_expect(ok, "room again once a client left");
+  /* silent connections are closed after the hello timeout ... */
+  int fd = th_raw_connect(d.sock);
+  cr_assert_geq(fd, 0);
+  cr_expect(th_raw_wait_closed(fd, 5000), "no hello: closed");
+  close(fd);
+  /* ... sessions that said hello are not */
+  usleep(500000);
+  cr_expect_eq(nsa_client_ping(a), 0);
+  cr_expect_eq(nsa_client_connections(a), 1);
+  nsa_client_close(a);
+  nsa_client_close(c);
+  cr_expect_eq(th_stop(&d, 1), 0);
+}
