@@ -10,6 +10,7 @@ PKGS=(
   systemd                            # systemd-analyze, systemd-socket-activate for tests
   python3 python3-numpy python3-pip python3-venv
   procps psmisc                      # pgrep/kill helpers used by tests
+  python3-torch                      # CPU PyTorch: client/python autograd + train smoke tests (~1-2 min)
 )
 
 missing=()
