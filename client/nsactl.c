@@ -387,9 +387,13 @@ static int cmd_top(nsa_client_t *c, int interval_ms, int count) {
         printf("%s\"%s\":{\"rate\":%.3f,\"total\":%.0f,\"p50_s\":%.9g,\"p99_s\":%.9g,\"mean_keys\":%.6g}",
                p ? "," : "", k_paths[p], rate, tot, isfinite(p50) ? p50 : -1,
                isfinite(p99) ? p99 : -1, isfinite(keys) ? keys : -1);
-      else
-        printf("%-10s %10.1f %12.0f %10.3fms %10.3fms %10.1f\n", k_paths[p], rate, tot,
-               p50 * 1e3, p99 * 1e3, keys);
+      else {
+        char a[32] = "-", b[32] = "-", k[32] = "-";
+        if (isfinite(p50)) snprintf(a, sizeof a, "%.3fms", p50 * 1e3);
+        if (isfinite(p99)) snprintf(b, sizeof b, "%.3fms", p99 * 1e3);
+        if (isfinite(keys)) snprintf(k, sizeof k, "%.1f", keys);
+        printf("%-10s %10.1f %12.0f %12s %12s %10s\n", k_paths[p], rate, tot, a, b, k);
+      }
     }
     if (g_json) {
       printf("}}\n");
