@@ -135,7 +135,7 @@ def run(tests, daemon=None, argv=None):
     return 1 if failed else 0
 
 
-def main(tests, needs=(), extra=()):
+def main(tests, needs=(), extra=(), backend="cpu"):
     """Entry point of a suite: skips the suite when a module in `needs` is
     missing, starts nsad, runs, stops nsad (its exit status must be 0)."""
     for mod in needs:
@@ -143,7 +143,7 @@ def main(tests, needs=(), extra=()):
             __import__(mod)
         except ImportError as e:
             skip_suite("%s not importable (%s); install python3-%s" % (mod, e, mod))
-    d = Daemon(extra=extra)
+    d = Daemon(extra=extra, backend=backend)
     try:
         rc = run(tests, d)
     finally:
