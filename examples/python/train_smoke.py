@@ -220,7 +220,8 @@ def main():
                     help="nsad socket (default $NSAD_SOCKET)")
     ap.add_argument("--nsad", help="start a private nsad from this binary instead")
     ap.add_argument("--nsactl", help="nsactl binary (default: $NSACTL_BIN, build/bin, PATH)")
-    ap.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    ap.add_argument("--device", default="auto",
+                    help="cpu, cuda, or auto (cuda when torch sees a GPU and nsad runs cuda)")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--phase-steps", type=int, default=15,
                     help="steps every worker runs in each phase (v2, v1, v2) at least")
@@ -233,20 +234,18 @@ def main():
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--json", help="write a summary here")
     args = ap.parse_args()
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.min_total_steps = 3 * args.phase_steps
 
     daemon = None
     if args.nsad:
-        backend = "cuda" if args.device == "cuda" else "cpu"
+        backend = {"cuda": "cuda", "cpu": "cpu"}.get(args.device, "auto")
         daemon = start_nsad(args.nsad, backend)
         args.socket = daemon[1]
     if not args.socket:
         args.socket = "/run/nsad/nsad.sock"
     ctl = find_nsactl(args.nsactl)
     t_start = time.time()
-    summary = {"ok": False, "device": args.device, "workers": args.workers}
+    summary = {"ok": False, "workers": args.workers}
     try:
         ok = run(args, ctl, summary)
     finally:
@@ -270,6 +269,10 @@ def main():
 
 def run(args, ctl, summary):
     admin = nsad.Client(socket=args.socket, name="train-smoke-admin")
+    if args.device == "auto":  # CUDA tensors when both torch and nsad have a GPU
+        args.device = "cuda" if torch.cuda.is_available() and admin.backend == "cuda" else "cpu"
+    summary["device"] = args.device
+    print("device: %s" % args.device)
     eff = admin.flags_get()["effective"]
     print("nsad %s backend=%s flags epoch %s %s=%s" % (admin.info["server"], admin.backend,
                                                       admin.flags_get()["epoch"], FLAG, eff[FLAG]))

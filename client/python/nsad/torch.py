@@ -18,6 +18,7 @@ import ctypes
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _lib
 from ._lib import BF16, F16, F32, I32
@@ -135,6 +136,7 @@ class SelectionAttentionFn(torch.autograd.Function):
         return o.to(in_dt), lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do, _dlse):
         qc, kc, vc, o, lse, sel = ctx.saved_tensors
         block_size, scale, client, kind, in_dt = ctx.cfg
