@@ -408,9 +408,15 @@ class Client:
             return self._value(out)
 
     def status(self):
-        """hello info + flags epoch and flag values (what `nsactl status`
-        shows)."""
+        """What `nsactl status` shows: hello info, sessions, requests,
+        regions, queue depth (sums over the metric families' samples), the
+        flags epoch and each flag's value."""
         st = dict(self.info)
+        m = self.metrics()
+        for key, fam in (("sessions", "nsad_sessions"), ("requests_total", "nsad_requests_total"),
+                         ("regions", "nsad_regions"), ("queue_depth", "nsad_queue_depth")):
+            samples = (m.get(fam) or {}).get("samples") or []
+            st[key] = sum(x["value"] for x in samples if isinstance(x.get("value"), (int, float)))
         f = self.flags_get()
         st["flags_epoch"] = f.get("epoch")
         st["flags"] = {k: v.get("value") if isinstance(v, dict) else v
