@@ -9,15 +9,17 @@ int nsad_jobq_init(nsad_jobq_t *jq, int nqueues, uv_async_t *done_async) {
   jq->nqueues = nqueues;
   jq->done_async = done_async;
   if (pthread_mutex_init(&jq->mu, NULL)) return -1;
-  if (pthread_cond_init(&jq->cv, NULL)) {
-    pthread_mutex_destroy(&jq->mu);
-    return -1;
-  }
+  for (int q = 0; q < nqueues; q++)
+    if (pthread_cond_init(&jq->q[q].cv, NULL)) {
+      while (q-- > 0) pthread_cond_destroy(&jq->q[q].cv);
+      pthread_mutex_destroy(&jq->mu);
+      return -1;
+    }
   return 0;
 }
 
 void nsad_jobq_teardown(nsad_jobq_t *jq) {
-  pthread_cond_destroy(&jq->cv);
+  for (int q = 0; q < jq->nqueues; q++) pthread_cond_destroy(&jq->q[q].cv);
   pthread_mutex_destroy(&jq->mu);
 }
 
@@ -63,7 +65,7 @@ void nsad_jobq_push(nsad_jobq_t *jq, nsad_job_t *job) {
   lane->tail = job;
   activate(jq, lane);
   jq->depth++;
-  pthread_cond_broadcast(&jq->cv);
+  pthread_cond_signal(&jq->q[lane->queue].cv); /* one job: one worker of its queue */
   pthread_mutex_unlock(&jq->mu);
 }
 
@@ -101,7 +103,7 @@ nsad_job_t *nsad_jobq_pop(nsad_jobq_t *jq, int queue) {
       return job;
     }
     if (jq->stopping) break;
-    pthread_cond_wait(&jq->cv, &jq->mu);
+    pthread_cond_wait(&jq->q[queue].cv, &jq->mu);
   }
   pthread_mutex_unlock(&jq->mu);
   return NULL;
@@ -130,6 +132,6 @@ nsad_job_t *nsad_jobq_take_done(nsad_jobq_t *jq) {
 void nsad_jobq_stop(nsad_jobq_t *jq) {
   pthread_mutex_lock(&jq->mu);
   jq->stopping = 1;
-  pthread_cond_broadcast(&jq->cv);
+  for (int q = 0; q < jq->nqueues; q++) pthread_cond_broadcast(&jq->q[q].cv);
   pthread_mutex_unlock(&jq->mu);
 }

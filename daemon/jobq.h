@@ -59,10 +59,10 @@ typedef struct nsad_lane {
 
 typedef struct {
   pthread_mutex_t mu;
-  pthread_cond_t cv;
   int nqueues;
   struct {
     nsad_lane_t *head, *tail; /* active lanes, round-robin order */
+    pthread_cond_t cv;        /* this queue's workers wait here */
   } q[NSAD_MAX_DEVICES];
   int stopping;
   int64_t depth; /* queued, not yet started */
