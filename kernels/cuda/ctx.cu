@@ -38,6 +38,8 @@ struct nsa_cuda_ctx {
   int fatal;  // a sticky error was seen: every later call fails fast
   int no_pack;  // NSA_CUDA_NO_PACK=1 (benchmarks): one query per tile even when h < 16
   int qt_max;   // NSA_CUDA_QTILES=1 (benchmarks): one query tile per CTA
+  int stages_max;  // NSA_CUDA_STAGES=2 (benchmarks): two-stage K/V ring
+  int l2hint;      // NSA_CUDA_L2HINT=0 (benchmarks): no L2 cache policies
 };
 
 static void setmsg(char *msg, size_t len, const char *fmt, ...) {
@@ -123,6 +125,10 @@ extern "C" int nsa_cuda_ctx_create(int device, size_t ws_cap, nsa_cuda_ctx_t **o
   ctx->no_pack = np && np[0] == '1';
   const char *qt = getenv("NSA_CUDA_QTILES");
   ctx->qt_max = (qt && qt[0] == '1') ? 1 : 2;
+  const char *ns = getenv("NSA_CUDA_STAGES");
+  ctx->stages_max = (ns && ns[0] == '2') ? 2 : 3;
+  const char *lh = getenv("NSA_CUDA_L2HINT");
+  ctx->l2hint = (lh && lh[0] == '0') ? 0 : 1;
   cudaError_t e = cudaSetDevice(device);
   if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&ctx->stream, cudaStreamNonBlocking);
   if (e == cudaSuccess) e = cudaMallocHost((void **)&ctx->h_sum, sizeof(nsa_cuda_summary_t));
@@ -301,8 +307,10 @@ typedef struct {
   size_t sum, plan, len64, temp, temp_bytes, pieces, gcount, end_plan;
 } req_layout_t;
 
-static void req_layout(const nsa_dims_t *d, int P, req_layout_t *L) {
-  P *= nsa_cuda_qtiles(d->Dv, P, 2); /* group size of the tensor-core kernel (upper bound) */
+// Pg: queries per group of the tensor-core kernel (P * query tiles), exactly
+// as run_attention will use it (the group count and the pieces depend on it).
+static void req_layout(const nsa_dims_t *d, int Pg, req_layout_t *L) {
+  const int P = Pg;
   nsa_plan_layout_t pl;
   size_t o = 0;
   L->sum = o;
@@ -451,7 +459,7 @@ extern "C" int nsa_cuda_sel_fwd(nsa_cuda_ctx_t *ctx, const nsa_fwd_args_t *a,
 
   const int P = ctx->no_pack ? 1 : nsa_cuda_pack_queries(d.h);
   req_layout_t L;
-  req_layout(&d, P, &L);
+  req_layout(&d, P * nsa_cuda_qtiles(d.Dv, P, ctx->qt_max), &L);
   st = arena_reserve(ctx, L.end_plan, 0, msg, msglen);
   if (st) return st;
   char *ws = (char *)ctx->arena;
@@ -501,6 +509,8 @@ extern "C" int nsa_cuda_sel_fwd(nsa_cuda_ctx_t *ctx, const nsa_fwd_args_t *a,
   nsa_cuda_attn_t at;
   fill_attn(&at, a, &d, &dsum->invalid);
   at.qt_max = ctx->qt_max;
+  at.stages_max = ctx->stages_max;
+  at.l2hint = ctx->l2hint;
   const int q_ok = aligned16(&a->q);
   size_t used = L.end_plan;
   if (path == NSA_PATH_PACKED) {
@@ -563,12 +573,33 @@ extern "C" int nsa_cuda_sel_fwd(nsa_cuda_ctx_t *ctx, const nsa_fwd_args_t *a,
   return NSA_OK;
 }
 
-extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a,
-                                const nsa_path_flags_t *flags, nsa_path_t force_path,
-                                const nsa_cuda_exec_t *ex, nsa_run_info_t *info, char *msg,
-                                size_t msglen) {
-  (void)ctx, (void)a, (void)flags, (void)force_path, (void)ex;
-  if (info) memset(info, 0, sizeof(*info));
-  setmsg(msg, msglen, "CUDA backward is not implemented yet (issue 6)");
-  return NSA_ERR_UNSUPPORTED;
+// ---- accessors for the backward (bwd_request.cu, declared in bwd_internal.h;
+// added by helper cuda-bwd: nsa_cuda_sel_bwd lives in bwd_request.cu) ----
+#include "bwd_internal.h"
+
+extern "C" void nsa_cuda_ctx_view(nsa_cuda_ctx_t *ctx, nsa_cuda_ctx_view_t *v) {
+  v->device = ctx->device;
+  v->stream = ctx->stream;
+  v->h_sum = ctx->h_sum;
+  v->ev0 = ctx->ev0;
+  v->ev1 = ctx->ev1;
+  v->ev2 = ctx->ev2;
+  v->fatal = ctx->fatal;
+}
+
+extern "C" int nsa_cuda_ctx_arena(nsa_cuda_ctx_t *ctx, size_t need, size_t keep, void **base, char *msg,
+                                  size_t msglen) {
+  int st = arena_reserve(ctx, need, keep, msg, msglen);
+  *base = ctx->arena;
+  return st;
+}
+
+extern "C" int nsa_cuda_ctx_fail(nsa_cuda_ctx_t *ctx, cudaError_t e, const char *what, char *msg,
+                                 size_t msglen) {
+  return fail(ctx, e, what, msg, msglen);
+}
+
+extern "C" int nsa_cuda_ctx_plan_v1(nsa_cuda_ctx_t *ctx, const nsa_selection_t *sel, const nsa_dims_t *d,
+                                    void *dplan_buf, nsa_cuda_summary_t *sum, char *msg, size_t msglen) {
+  return plan_v1(ctx, sel, d, NULL, dplan_buf, sum, msg, msglen);
 }

@@ -1,0 +1,503 @@
+// bwd_dkdv.cu — dk/dv, key-centric over the inverted plan (KERNELS.md loop order 2).
+//
+// For key s of (b, g), over the (row r, head j) pairs whose key set holds s:
+//   dv_s = Σ p_rj,s do_rj
+//   dk_s = scale * Σ p_rj,s (dp_rj,s − delta_rj) q_rj
+// One CTA per item = (64-key tile x, segment of x's row list, bwd_invert_plan.cu).
+// The CTA loads its K/V tile once and runs it against every listed row, in
+// list order (rows ascending), so each K/V tile crosses L2 once per segment
+// instead of once per query. Tiles whose list has one segment write dk/dv
+// directly; longer lists (block 0 is selected by every query, say) are cut
+// into segments so one CTA does not serialize the whole launch: each segment
+// writes an f32 partial and reduce_kernel adds the partials in segment order.
+// No float atomics: bitwise deterministic.
+//
+// Tensor-core kernel (bf16/f16): a "chunk" is 16 MMA columns =
+// (listed row i0 + m / HT, head jt*16 + m % HT), HT = min(h, 16), so h < 16
+// packs 16/h rows per chunk and small h fills the MMA as well as h = 16.
+// Warp w owns keys 16(w%4)..+15 of the tile (warps w and w+4 split the output
+// columns when Dk + Dv > 256, to keep the accumulators in registers):
+//   S^T  (16 keys x 16 cols) = K_w . Q^T        (A = K rows, B = Q rows: ldmatrix)
+//   dP^T (16 keys x 16 cols) = V_w . dO^T
+//   P^T = exp2(S^T*scale*log2e − lse*log2e) where key ∈ row's key set, else 0
+//   dS^T = P^T ∘ (dP^T − delta)
+//   dV_w += P^T . dO    dK_w += dS^T . Q        (B = dO / Q rows: ldmatrix.trans)
+// Chunks are double-buffered with cp.async; per column the row's membership
+// of the 64 keys is a 64-bit mask built from the row's spans.
+#include "bwd_common.cuh"
+
+using namespace nsa_bwd;
+
+namespace {
+
+constexpr int kT = NSA_BWD_TILE;
+constexpr int kMaxD = NSA_CUDA_SIMPLE_MAX_D;
+
+struct Inv {
+  const int32_t *tile_off, *vals, *item_off, *part_off;
+  const int2 *spans;
+  const int32_t *nspans;
+  int64_t NT, ntiles;
+  int seg_rows;
+};
+
+// CTA item -> tile x and segment; false when past the real item count.
+__device__ __forceinline__ bool find_item(const Inv &iv, int64_t it, int64_t *x, int *seg, int *nseg) {
+  if (it >= iv.item_off[iv.ntiles]) return false;
+  int64_t lo = 0, hi = iv.ntiles - 1;  // last x with item_off[x] <= it
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) >> 1;
+    if (iv.item_off[mid] <= it) lo = mid;
+    else hi = mid - 1;
+  }
+  *x = lo;
+  *seg = (int)(it - iv.item_off[lo]);
+  *nseg = iv.item_off[lo + 1] - iv.item_off[lo];
+  return true;
+}
+
+// Row r's membership bits for keys [k0, k0 + 64).
+__device__ __forceinline__ unsigned long long row_bits(const Inv &iv, int64_t n, int64_t r, int k0) {
+  unsigned long long m = 0;
+  const int nsp = iv.nspans[r];
+  for (int i = 0; i < nsp; i++) {
+    const int2 sp = iv.spans[r * n + i];
+    const int lo = max(sp.x, k0) - k0, hi = min(sp.y, k0 + kT) - k0;
+    if (hi <= lo) continue;
+    const unsigned long long ones = hi - lo == 64 ? ~0ull : ((1ull << (hi - lo)) - 1ull);
+    m |= ones << lo;
+  }
+  return m;
+}
+
+// Writes one key's results: final (T, dk scaled) or f32 partial.
+template <typename T>
+__device__ __forceinline__ void put(const nsa_cuda_bwd_t &a, bool final_, float *part, int64_t b, int64_t g,
+                                    int tok, int kk, bool isk, int col, float val) {
+  if (final_) {
+    if (tok >= a.Skv) return;
+    if (isk)
+      st(reinterpret_cast<T *>(a.dk) + b * a.dks[0] + (int64_t)tok * a.dks[1] + g * a.dks[2] + col * a.dks[3],
+         val * a.scale);
+    else
+      st(reinterpret_cast<T *>(a.dv) + b * a.dvs[0] + (int64_t)tok * a.dvs[1] + g * a.dvs[2] + col * a.dvs[3],
+         val);
+  } else {
+    if (isk) part[kk * a.Dk + col] = val;
+    else part[kT * a.Dk + kk * a.Dv + col] = val;
+  }
+}
+
+// ------------------------------------------------------------------ generic --
+// 256 threads: thread = (key kk = tid/4, quarter c = tid%4); the quarter
+// holds columns d ≡ c (mod 4) of the key's dk/dv; dot products are reduced
+// over the 4 quarter lanes with shuffles. K/V tile and a batch of HB heads'
+// q/do rows are staged in shared memory as f32.
+
+constexpr int kGenThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kGenThreads)
+    dkdv_simple_kernel(nsa_cuda_bwd_t a, Inv iv, float *__restrict__ part, int HB) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float *sm = reinterpret_cast<float *>(smem_raw);
+  const int KS = (int)a.Dk + 1, VS = (int)a.Dv + 1;
+  float *sK = sm;                       // [64][KS]
+  float *sV = sK + kT * KS;             // [64][VS]
+  float *sQ = sV + kT * VS;             // [HB][Dk]
+  float *sO = sQ + HB * a.Dk;           // [HB][Dv]
+  float *sL = sO + HB * a.Dv;           // [HB] lse
+  float *sD = sL + HB;                  // [HB] delta
+
+  int64_t x;
+  int seg, nseg;
+  if (!find_item(iv, blockIdx.x, &x, &seg, &nseg)) return;
+  const bool bad = a.invalid != nullptr && *a.invalid > 0;
+  const int64_t kt = x % iv.NT, bg = x / iv.NT, g = bg % a.G, b = bg / a.G;
+  const int k0 = (int)(kt * kT);
+  const int tid = threadIdx.x, kk = tid >> 2, c = tid & 3;
+  const int tok = k0 + kk;
+  const int t0 = iv.tile_off[x], t1 = iv.tile_off[x + 1];
+  const int lo = t0 + seg * iv.seg_rows, hi = bad ? lo : min(t1, lo + iv.seg_rows);
+
+  const T *kb = reinterpret_cast<const T *>(a.k) + b * a.ks[0] + g * a.ks[2];
+  const T *vb = reinterpret_cast<const T *>(a.v) + b * a.vs[0] + g * a.vs[2];
+  if (hi > lo) {
+    for (int e = tid; e < kT * a.Dk; e += kGenThreads) {
+      const int i = e / (int)a.Dk, d = e % (int)a.Dk;
+      sK[i * KS + d] = (k0 + i < a.Skv) ? ld(kb + (int64_t)(k0 + i) * a.ks[1] + d * a.ks[3]) : 0.f;
+    }
+    for (int e = tid; e < kT * a.Dv; e += kGenThreads) {
+      const int i = e / (int)a.Dv, d = e % (int)a.Dv;
+      sV[i * VS + d] = (k0 + i < a.Skv) ? ld(vb + (int64_t)(k0 + i) * a.vs[1] + d * a.vs[3]) : 0.f;
+    }
+  }
+  float dk[kMaxD / 4], dv[kMaxD / 4];
+#pragma unroll
+  for (int i = 0; i < kMaxD / 4; i++) dk[i] = dv[i] = 0.f;
+
+  for (int li = lo; li < hi; li++) {
+    const int64_t r = iv.vals[li];
+    const int64_t t = (r / a.G) % a.S;
+    const bool in = (row_bits(iv, a.n, r, k0) >> kk) & 1ull;
+    for (int j0 = 0; j0 < a.h; j0 += HB) {
+      const int nh = (int)min((int64_t)HB, a.h - j0);
+      __syncthreads();  // previous batch fully consumed (and K/V staged)
+      for (int e = tid; e < nh * a.Dk; e += kGenThreads) {
+        const int jj = e / (int)a.Dk, d = e % (int)a.Dk;
+        const int64_t head = g * a.h + j0 + jj;
+        sQ[jj * a.Dk + d] = ld(reinterpret_cast<const T *>(a.q) + b * a.qs[0] + t * a.qs[1] + head * a.qs[2] +
+                               d * a.qs[3]);
+      }
+      for (int e = tid; e < nh * a.Dv; e += kGenThreads) {
+        const int jj = e / (int)a.Dv, d = e % (int)a.Dv;
+        const int64_t head = g * a.h + j0 + jj;
+        sO[jj * a.Dv + d] = ld(reinterpret_cast<const T *>(a.dout) + b * a.dos[0] + t * a.dos[1] +
+                               head * a.dos[2] + d * a.dos[3]);
+      }
+      if (tid < nh) {
+        sL[tid] = a.lsec[r * a.h + j0 + tid];
+        sD[tid] = a.delta[r * a.h + j0 + tid];
+      }
+      __syncthreads();
+      for (int jj = 0; jj < nh; jj++) {
+        const float *qv = sQ + jj * a.Dk, *ov = sO + jj * a.Dv;
+        float s = 0.f, dp = 0.f;
+        for (int d = c; d < a.Dk; d += 4) s = fmaf(qv[d], sK[kk * KS + d], s);
+        for (int d = c; d < a.Dv; d += 4) dp = fmaf(ov[d], sV[kk * VS + d], dp);
+        s += __shfl_xor_sync(0xffffffffu, s, 1);
+        s += __shfl_xor_sync(0xffffffffu, s, 2);
+        dp += __shfl_xor_sync(0xffffffffu, dp, 1);
+        dp += __shfl_xor_sync(0xffffffffu, dp, 2);
+        const float p = in ? expf(s * a.scale - sL[jj]) : 0.f;
+        const float ds = p * (dp - sD[jj]);
+#pragma unroll
+        for (int i = 0; i < kMaxD / 4; i++) {
+          const int d = c + 4 * i;
+          if (d < a.Dk) dk[i] = fmaf(ds, qv[d], dk[i]);
+          if (d < a.Dv) dv[i] = fmaf(p, ov[d], dv[i]);
+        }
+      }
+    }
+  }
+  const bool final_ = nseg == 1;
+  float *pp = final_ ? nullptr : part + (int64_t)(iv.part_off[x] + seg) * kT * (a.Dk + a.Dv);
+#pragma unroll
+  for (int i = 0; i < kMaxD / 4; i++) {
+    const int d = c + 4 * i;
+    if (d < a.Dk) put<T>(a, final_, pp, b, g, tok, kk, true, d, bad ? NAN : dk[i]);
+    if (d < a.Dv) put<T>(a, final_, pp, b, g, tok, kk, false, d, bad ? NAN : dv[i]);
+  }
+}
+
+// Tiles with several segments: dk/dv = Σ_seg partial[seg] in segment order.
+template <typename T>
+__global__ void reduce_kernel(nsa_cuda_bwd_t a, Inv iv, const float *__restrict__ part) {
+  const int64_t x = blockIdx.x;
+  const int p0 = iv.part_off[x], np = iv.part_off[x + 1] - p0;
+  if (np == 0) return;
+  const int64_t kt = x % iv.NT, bg = x / iv.NT, g = bg % a.G, b = bg / a.G;
+  const int k0 = (int)(kt * kT);
+  const int64_t slot = kT * (a.Dk + a.Dv);
+  for (int64_t e = threadIdx.x; e < slot; e += blockDim.x) {
+    float s = 0.f;
+    for (int i = 0; i < np; i++) s += part[(p0 + i) * slot + e];
+    const bool isk = e < kT * a.Dk;
+    const int64_t f = isk ? e : e - kT * a.Dk;
+    const int D = (int)(isk ? a.Dk : a.Dv);
+    const int kk = (int)(f / D), col = (int)(f % D);
+    put<T>(a, true, nullptr, b, g, k0 + kk, kk, isk, col, s);
+  }
+}
+
+// ------------------------------------------------------------- tensor cores --
+
+template <int DK, int DV> struct KvSmem {
+  static constexpr int DSPLIT = (DK + DV > 256) ? 2 : 1;
+  static constexpr int NW = 4 * DSPLIT;
+  static constexpr int QS = DK + 8, OS = DV + 8, KS = DK + 8, VS = DV + 8;
+  static constexpr size_t k_off = 0;
+  static constexpr size_t v_off = k_off + kT * KS * 2;
+  static constexpr size_t q_off = v_off + kT * VS * 2;      // [2][16][QS]
+  static constexpr size_t o_off = q_off + 2 * 16 * QS * 2;  // [2][16][OS]
+  static constexpr size_t mk_off = o_off + 2 * 16 * OS * 2; // [2][16] u64
+  static constexpr size_t l_off = mk_off + 2 * 16 * 8;      // [2][16] f32
+  static constexpr size_t d_off = l_off + 2 * 16 * 4;       // [2][16] f32
+  static constexpr size_t bytes = d_off + 2 * 16 * 4;
+};
+
+template <typename T, int DK, int DV>
+__global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
+    dkdv_mma_kernel(nsa_cuda_bwd_t a, Inv iv, float *__restrict__ part, int Pk, int HT, int njt) {
+  using L = KvSmem<DK, DV>;
+  constexpr int NT_ = L::NW * 32;
+  constexpr int DKW = DK / L::DSPLIT, DVW = DV / L::DSPLIT;  // output columns per warp
+  extern __shared__ __align__(16) unsigned char smem[];
+  T *sK = reinterpret_cast<T *>(smem + L::k_off);
+  T *sV = reinterpret_cast<T *>(smem + L::v_off);
+  T *sQ = reinterpret_cast<T *>(smem + L::q_off);
+  T *sO = reinterpret_cast<T *>(smem + L::o_off);
+  unsigned long long *sMk = reinterpret_cast<unsigned long long *>(smem + L::mk_off);
+  float *sL = reinterpret_cast<float *>(smem + L::l_off);
+  float *sD = reinterpret_cast<float *>(smem + L::d_off);
+
+  int64_t x;
+  int seg, nseg;
+  if (!find_item(iv, blockIdx.x, &x, &seg, &nseg)) return;
+  const bool bad = a.invalid != nullptr && *a.invalid > 0;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int kw = (warp & 3) * 16, hs = warp >> 2;
+  const int64_t kt = x % iv.NT, bg = x / iv.NT, g = bg % a.G, b = bg / a.G;
+  const int k0 = (int)(kt * kT);
+  const int t1 = iv.tile_off[x + 1];
+  const int lo = iv.tile_off[x] + seg * iv.seg_rows, hi = bad ? lo : min(t1, lo + iv.seg_rows);
+  const int nrow_chunks = (hi - lo + Pk - 1) / Pk;
+  const int nch = nrow_chunks * njt;
+  const float LOG2E = 1.4426950408889634f;
+  const float c2 = a.scale * LOG2E;
+
+  const T *kb = reinterpret_cast<const T *>(a.k) + b * a.ks[0] + g * a.ks[2];
+  const T *vb = reinterpret_cast<const T *>(a.v) + b * a.vs[0] + g * a.vs[2];
+  if (nch > 0) {
+    constexpr int CK = DK / 8, CV = DV / 8;
+    for (int c = tid; c < kT * (CK + CV); c += NT_) {
+      const bool isk = c < kT * CK;
+      const int cc = isk ? c : c - kT * CK;
+      const int CH = isk ? CK : CV;
+      const int kk = cc / CH, pt = cc % CH;
+      const int tok = k0 + kk;
+      const bool ok = tok < a.Skv;
+      const T *src = isk ? (ok ? kb + (int64_t)tok * a.ks[1] + pt * 8 : kb)
+                         : (ok ? vb + (int64_t)tok * a.vs[1] + pt * 8 : vb);
+      T *dst = isk ? sK + kk * L::KS + pt * 8 : sV + kk * L::VS + pt * 8;
+      cp_async16(smem_u32(dst), src, ok ? 16 : 0);
+    }
+  }
+
+  // Column m of chunk ch -> (row, head j); false for padding.
+  auto col_of = [&](int ch, int m, int64_t *r, int64_t *j) -> bool {
+    const int jt = ch % njt;
+    const int i = lo + (ch / njt) * Pk + m / HT;
+    *j = (int64_t)jt * 16 + m % HT;
+    if (m >= Pk * HT || i >= hi || *j >= a.h) return false;
+    *r = iv.vals[i];
+    return true;
+  };
+  auto prep = [&](int ch, int stg) {
+    constexpr int CQ = DK / 8, CO = DV / 8;
+    const T *q = reinterpret_cast<const T *>(a.q);
+    const T *dout = reinterpret_cast<const T *>(a.dout);
+    for (int c = tid; c < 16 * (CQ + CO); c += NT_) {
+      const bool isq = c < 16 * CQ;
+      const int cc = isq ? c : c - 16 * CQ;
+      const int CH = isq ? CQ : CO;
+      const int m = cc / CH, pt = cc % CH;
+      int64_t r, j;
+      const T *src = q;
+      int bytes = 0;
+      if (col_of(ch, m, &r, &j)) {
+        const int64_t t = (r / a.G) % a.S, head = g * a.h + j;
+        src = isq ? q + b * a.qs[0] + t * a.qs[1] + head * a.qs[2] + pt * 8
+                  : dout + b * a.dos[0] + t * a.dos[1] + head * a.dos[2] + pt * 8;
+        bytes = 16;
+      }
+      T *dst = isq ? sQ + (stg * 16 + m) * L::QS + pt * 8 : sO + (stg * 16 + m) * L::OS + pt * 8;
+      cp_async16(smem_u32(dst), src, bytes);
+    }
+    if (tid < 16) {
+      int64_t r, j;
+      unsigned long long mk = 0;
+      float l2 = 0.f, dl = 0.f;
+      if (col_of(ch, tid, &r, &j)) {
+        mk = row_bits(iv, a.n, r, k0);
+        l2 = a.lsec[r * a.h + j] * LOG2E;
+        dl = a.delta[r * a.h + j];
+      }
+      sMk[stg * 16 + tid] = mk;
+      sL[stg * 16 + tid] = l2;
+      sD[stg * 16 + tid] = dl;
+    }
+  };
+
+  float dk[DKW / 8][4], dv[DVW / 8][4];
+#pragma unroll
+  for (int i = 0; i < DKW / 8; i++) dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
+#pragma unroll
+  for (int i = 0; i < DVW / 8; i++) dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
+
+  const int r0 = lane >> 2;
+  if (nch > 0) prep(0, 0);
+  cp_commit();
+  for (int ch = 0; ch < nch; ch++) {
+    const int stg = ch & 1;
+    if (ch + 1 < nch) {
+      prep(ch + 1, stg ^ 1);
+      cp_commit();
+      cp_wait<1>();
+    } else {
+      cp_wait<0>();
+    }
+    __syncthreads();
+
+    const T *q_s = sQ + stg * 16 * L::QS;
+    const T *o_s = sO + stg * 16 * L::OS;
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    float dp[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int ks = 0; ks < DK / 16; ks++) {
+      unsigned af[4], b0, b1, b2, b3;
+      ldsm_x4(smem_u32(sK + (kw + (lane & 15)) * L::KS + ks * 16 + (lane >> 4) * 8), af[0], af[1], af[2], af[3]);
+      ldsm_x4(smem_u32(q_s + ((lane & 7) + (lane >> 4) * 8) * L::QS + ks * 16 + ((lane >> 3) & 1) * 8), b0, b1,
+              b2, b3);
+      Mma<T>::run(s[0], af, b0, b1);
+      Mma<T>::run(s[1], af, b2, b3);
+    }
+#pragma unroll
+    for (int ks = 0; ks < DV / 16; ks++) {
+      unsigned af[4], b0, b1, b2, b3;
+      ldsm_x4(smem_u32(sV + (kw + (lane & 15)) * L::VS + ks * 16 + (lane >> 4) * 8), af[0], af[1], af[2], af[3]);
+      ldsm_x4(smem_u32(o_s + ((lane & 7) + (lane >> 4) * 8) * L::OS + ks * 16 + ((lane >> 3) & 1) * 8), b0, b1,
+              b2, b3);
+      Mma<T>::run(dp[0], af, b0, b1);
+      Mma<T>::run(dp[1], af, b2, b3);
+    }
+    // P^T and dS^T: rows = keys kw + r0 (+8), columns = chunk columns.
+    float p[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int key = kw + r0 + (e >> 1) * 8;
+        const int col = stg * 16 + nt * 8 + (lane & 3) * 2 + (e & 1);
+        const bool in = (sMk[col] >> key) & 1ull;
+        const float pv = in ? ex2(s[nt][e] * c2 - sL[col]) : 0.f;
+        p[nt][e] = pv;
+        s[nt][e] = pv * (dp[nt][e] - sD[col]);
+      }
+    unsigned pa[4], da[4];
+    acc_to_a<T>(p, pa);
+    acc_to_a<T>(s, da);
+#pragma unroll
+    for (int nd = 0; nd < DVW / 16; nd++) {
+      unsigned b0, b1, b2, b3;
+      ldsm_x4_t(smem_u32(o_s + ((lane & 7) + ((lane >> 3) & 1) * 8) * L::OS + hs * DVW + nd * 16 + (lane >> 4) * 8),
+                b0, b1, b2, b3);
+      Mma<T>::run(dv[2 * nd], pa, b0, b1);
+      Mma<T>::run(dv[2 * nd + 1], pa, b2, b3);
+    }
+#pragma unroll
+    for (int nd = 0; nd < DKW / 16; nd++) {
+      unsigned b0, b1, b2, b3;
+      ldsm_x4_t(smem_u32(q_s + ((lane & 7) + ((lane >> 3) & 1) * 8) * L::QS + hs * DKW + nd * 16 + (lane >> 4) * 8),
+                b0, b1, b2, b3);
+      Mma<T>::run(dk[2 * nd], da, b0, b1);
+      Mma<T>::run(dk[2 * nd + 1], da, b2, b3);
+    }
+    __syncthreads();  // stage stg is refilled by the next iteration's prep
+  }
+  cp_wait<0>();
+
+  const bool final_ = nseg == 1;
+  float *pp = final_ ? nullptr : part + (int64_t)(iv.part_off[x] + seg) * kT * (a.Dk + a.Dv);
+#pragma unroll
+  for (int rh = 0; rh < 2; rh++) {
+    const int kk = kw + r0 + rh * 8;
+    const int tok = k0 + kk;
+#pragma unroll
+    for (int i = 0; i < DKW / 8; i++)
+#pragma unroll
+      for (int e = 0; e < 2; e++)
+        put<T>(a, final_, pp, b, g, tok, kk, true, hs * DKW + i * 8 + (lane & 3) * 2 + e,
+               bad ? NAN : dk[i][rh * 2 + e]);
+#pragma unroll
+    for (int i = 0; i < DVW / 8; i++)
+#pragma unroll
+      for (int e = 0; e < 2; e++)
+        put<T>(a, final_, pp, b, g, tok, kk, false, hs * DVW + i * 8 + (lane & 3) * 2 + e,
+               bad ? NAN : dv[i][rh * 2 + e]);
+  }
+}
+
+template <typename T, int DK, int DV>
+cudaError_t launch_mma(const nsa_cuda_bwd_t *a, const Inv &iv, float *part, int64_t grid, cudaStream_t st) {
+  using L = KvSmem<DK, DV>;
+  const int HT = a->h >= 16 ? 16 : (int)a->h;
+  const int Pk = a->h >= 16 ? 1 : (int)(16 / a->h);
+  const int njt = (int)((a->h + 15) / 16);
+  cudaError_t e = cudaFuncSetAttribute(dkdv_mma_kernel<T, DK, DV>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       (int)L::bytes);
+  if (e != cudaSuccess) return e;
+  dkdv_mma_kernel<T, DK, DV><<<(unsigned)grid, L::NW * 32, L::bytes, st>>>(*a, iv, part, Pk, HT, njt);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t dispatch_mma(const nsa_cuda_bwd_t *a, const Inv &iv, float *part, int64_t grid, cudaStream_t st) {
+#define NSA_KV_CASE(dk, dv) \
+  if (a->Dk == dk && a->Dv == dv) return launch_mma<T, dk, dv>(a, iv, part, grid, st);
+#define NSA_KV_ROW(dk) NSA_KV_CASE(dk, 64) NSA_KV_CASE(dk, 128) NSA_KV_CASE(dk, 192) NSA_KV_CASE(dk, 256)
+  NSA_KV_ROW(64)
+  NSA_KV_ROW(128)
+  NSA_KV_ROW(192)
+  NSA_KV_ROW(256)
+#undef NSA_KV_ROW
+#undef NSA_KV_CASE
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+cudaError_t launch_simple(const nsa_cuda_bwd_t *a, const Inv &iv, float *part, int64_t grid, cudaStream_t st) {
+  int HB = (int)(a->h < 8 ? a->h : 8);
+  if (HB < 1) HB = 1;
+  const size_t bytes = sizeof(float) * ((size_t)kT * (a->Dk + 1 + a->Dv + 1) + (size_t)HB * (a->Dk + a->Dv) + 2 * HB);
+  cudaError_t e = cudaFuncSetAttribute(dkdv_simple_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+  if (e != cudaSuccess) return e;
+  dkdv_simple_kernel<T><<<(unsigned)grid, kGenThreads, bytes, st>>>(*a, iv, part, HB);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_all(const nsa_cuda_bwd_t *a, int use_mma, const Inv &iv, float *part, int64_t grid,
+                       cudaStream_t st) {
+  cudaError_t e = use_mma ? dispatch_mma<T>(a, iv, part, grid, st) : launch_simple<T>(a, iv, part, grid, st);
+  if (e != cudaSuccess) return e;
+  reduce_kernel<T><<<(unsigned)iv.ntiles, 256, 0, st>>>(*a, iv, part);
+  return cudaGetLastError();
+}
+
+template <>
+cudaError_t launch_all<float>(const nsa_cuda_bwd_t *a, int, const Inv &iv, float *part, int64_t grid,
+                              cudaStream_t st) {
+  cudaError_t e = launch_simple<float>(a, iv, part, grid, st);
+  if (e != cudaSuccess) return e;
+  reduce_kernel<float><<<(unsigned)iv.ntiles, 256, 0, st>>>(*a, iv, part);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+extern "C" cudaError_t nsa_cuda_launch_bwd_dkdv(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, int use_mma,
+                                                const nsa_plan_t *plan, const void *inv_ws,
+                                                const nsa_cuda_inv_layout_t *L, int64_t NT, int seg_rows,
+                                                int64_t items_bound, float *part, cudaStream_t st) {
+  Inv iv;
+  const char *w = (const char *)inv_ws;
+  iv.tile_off = (const int32_t *)(w + L->tile_off);
+  iv.vals = (const int32_t *)(w + L->vals_out);
+  iv.item_off = (const int32_t *)(w + L->item_off);
+  iv.part_off = (const int32_t *)(w + L->part_off);
+  iv.spans = (const int2 *)plan->spans;
+  iv.nspans = plan->nspans;
+  iv.NT = NT;
+  iv.ntiles = a->B * a->G * NT;
+  iv.seg_rows = seg_rows;
+  if (iv.ntiles == 0 || items_bound <= 0) return cudaSuccess;
+  if (items_bound > 0x7fffffff || iv.ntiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  if (a->Dk > kMaxD || a->Dv > kMaxD) return cudaErrorInvalidValue;
+  switch (dt) {
+    case NSA_F32: return launch_all<float>(a, 0, iv, part, items_bound, st);
+    case NSA_F16: return launch_all<__half>(a, use_mma, iv, part, items_bound, st);
+    case NSA_BF16: return launch_all<__nv_bfloat16>(a, use_mma, iv, part, items_bound, st);
+    default: return cudaErrorInvalidValue;
+  }
+}

@@ -1,0 +1,383 @@
+// bwd_request.cu — nsa_cuda_sel_bwd (sel_attn_cuda.h): the CUDA backward request.
+//
+// Flow (bwd_internal.h has the index maps):
+//   check → wait_event → plan (v2 on the device / v1 on the host, the forward's
+//   planners) → [summary on the host where needed] → path →
+//   preprocess (delta, lse copy) → dq (query-centric; `packed` gathers K/V
+//   first and runs dq over the packed rows) → invert the plan → dk/dv
+//   (key-centric, segments + ordered partial reduction) → done_event → [sync].
+// Deterministic: no float atomics anywhere; two runs are bitwise identical.
+//
+// Host synchronization happens where the forward has it (sync = 1, v1, the
+// packed path and MIN_L > 0), plus once for a `ranges` selection: the
+// inversion's pair capacity is bounded without the plan for block ids
+// (n * tiles-per-block per row), but a range can be any length, so the bound
+// then uses the plan's total length. With block ids on v2 and sync = 0 the
+// whole backward is queued without a host wait (graph-capturable).
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include "bwd_internal.h"
+
+namespace {
+
+void setmsg(char *msg, size_t len, const char *fmt, ...) {
+  if (msg == NULL || len == 0) return;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, len, fmt, ap);
+  va_end(ap);
+}
+
+size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
+
+double now_us(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
+}
+
+int aligned16(const nsa_tensor_t *t) {
+  if (((uintptr_t)t->data & 15) != 0) return 0;
+  if (t->stride[3] != 1) return 0;
+  for (int i = 0; i < 3; i++)
+    if (t->stride[i] % 8 != 0) return 0;
+  return 1;
+}
+
+// Budget for the f32 partials of long tile lists (sets the segment length).
+constexpr double kPartBudget = 256.0 * 1024 * 1024;
+
+struct Layout {
+  // part 1: plan and per-(row, head) scalars
+  size_t sum, plan, len64, ptemp, ptemp_bytes, pieces, gcount, delta, lsec, end1;
+  // part 2: inversion, partials, packed buffers
+  size_t inv, part, pplan, kp, vp, ppieces, pgcount, end;
+  nsa_cuda_inv_layout_t il;
+  int64_t cap, items_bound, NT;
+  int seg_rows;
+};
+
+void layout1(const nsa_dims_t *d, int P, Layout *L) {
+  nsa_plan_layout_t pl;
+  size_t o = 0;
+  L->sum = o;
+  o = align256(o + sizeof(nsa_cuda_summary_t));
+  L->plan = o;
+  o = align256(o + nsa_plan_layout(d->rows, d->n, &pl));
+  L->len64 = o;
+  o = align256(o + (size_t)(d->rows + 1) * 8);
+  L->ptemp_bytes = nsa_cuda_plan_v2_temp_bytes(d->rows);
+  L->ptemp = o;
+  o = align256(o + L->ptemp_bytes);
+  const int64_t ng = nsa_cuda_num_groups(d->B, d->S, d->G, P);
+  L->pieces = o;
+  o = align256(o + (size_t)ng * nsa_cuda_max_pieces(d->n, P) * sizeof(nsa_cuda_piece_t));
+  L->gcount = o;
+  o = align256(o + (size_t)ng * sizeof(int2));
+  L->delta = o;
+  o = align256(o + (size_t)d->rows * d->h * 4);
+  L->lsec = o;
+  o = align256(o + (size_t)d->rows * d->h * 4);
+  L->end1 = o;
+}
+
+// Part 2 once the pair capacity (and, for packed, the total length) is known.
+void layout2(const nsa_dims_t *d, int64_t cap, int packed, int64_t total, Layout *L) {
+  L->cap = cap;
+  L->NT = (d->Skv + NSA_BWD_TILE - 1) / NSA_BWD_TILE;
+  const int64_t ntiles = d->B * d->G * L->NT;
+  int64_t seg = d->h >= 16 ? 128 : 2048 / d->h;  // >= 128 MMA chunks per segment
+  const double slot = (double)NSA_BWD_TILE * (double)(d->Dk + d->Dv) * 4.0;
+  const double need = 2.0 * (double)cap * slot / kPartBudget;
+  if ((double)seg < need) seg = (int64_t)need + 1;
+  if (seg > 0x3fffffff) seg = 0x3fffffff;
+  L->seg_rows = (int)seg;
+  const int64_t nparts = 2 * cap / seg + 1;
+  L->items_bound = ntiles + cap / seg + 1;
+  size_t o = L->end1;
+  L->inv = o;
+  o = align256(o + nsa_cuda_inv_layout(d->rows, cap, ntiles, &L->il));
+  L->part = o;
+  o = align256(o + (size_t)nparts * (size_t)slot);
+  L->pplan = L->kp = L->vp = L->ppieces = L->pgcount = o;
+  if (packed) {
+    const size_t es = nsa_dtype_size(d->dtype);
+    nsa_plan_layout_t pl;
+    o = align256(o + nsa_plan_layout(d->rows, 1, &pl));
+    L->kp = o;
+    o = align256(o + (size_t)total * d->Dk * es);
+    L->vp = o;
+    o = align256(o + (size_t)total * d->Dv * es);
+    const int64_t ng = nsa_cuda_num_groups(d->B, d->S, d->G, 1);
+    L->ppieces = o;
+    o = align256(o + (size_t)ng * nsa_cuda_max_pieces(1, 1) * sizeof(nsa_cuda_piece_t));
+    L->pgcount = o;
+    o = align256(o + (size_t)ng * sizeof(int2));
+  }
+  L->end = o;
+}
+
+void summary_to_info(const nsa_cuda_summary_t *s, const nsa_dims_t *d, nsa_run_info_t *info) {
+  info->rows = d->rows;
+  info->max_len = s->max_len;
+  info->mean_len = d->rows ? (double)s->total / (double)d->rows : 0.0;
+  info->invalid = s->invalid;
+  for (int i = 0; i < NSA_LEN_HIST_BUCKETS; i++) info->len_hist[i] = s->hist[i];
+}
+
+void fill_bwd(nsa_cuda_bwd_t *at, const nsa_bwd_args_t *a, const nsa_dims_t *d, const long long *invalid,
+              const float *delta, const float *lsec) {
+  memset(at, 0, sizeof(*at));
+  at->q = a->q.data;
+  at->k = a->k.data;
+  at->v = a->v.data;
+  at->o = a->o.data;
+  at->dout = a->dout.data;
+  at->lse = (const float *)a->lse.data;
+  at->dq = a->dq.data;
+  at->dk = a->dk.data;
+  at->dv = a->dv.data;
+  for (int i = 0; i < 4; i++) {
+    at->qs[i] = a->q.stride[i];
+    at->ks[i] = a->k.stride[i];
+    at->vs[i] = a->v.stride[i];
+    at->os[i] = a->o.stride[i];
+    at->dos[i] = a->dout.stride[i];
+    at->dqs[i] = a->dq.stride[i];
+    at->dks[i] = a->dk.stride[i];
+    at->dvs[i] = a->dv.stride[i];
+  }
+  for (int i = 0; i < 3; i++) at->ls[i] = a->lse.stride[i];
+  at->B = d->B;
+  at->S = d->S;
+  at->Skv = d->Skv;
+  at->G = d->G;
+  at->h = d->h;
+  at->Dk = d->Dk;
+  at->Dv = d->Dv;
+  at->n = d->n;
+  at->scale = nsa_resolve_scale(a->scale, d->Dk);
+  at->invalid = invalid;
+  at->delta = delta;
+  at->lsec = lsec;
+}
+
+}  // namespace
+
+#define BCK(call, what)                                                   \
+  do {                                                                    \
+    cudaError_t e_ = (call);                                              \
+    if (e_ != cudaSuccess) return nsa_cuda_ctx_fail(ctx, e_, what, msg, msglen); \
+  } while (0)
+
+extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, const nsa_path_flags_t *flags,
+                                nsa_path_t force_path, const nsa_cuda_exec_t *ex, nsa_run_info_t *info,
+                                char *msg, size_t msglen) {
+  nsa_run_info_t dummy;
+  if (!info) info = &dummy;
+  memset(info, 0, sizeof(*info));
+  info->path = NSA_PATH_AUTO;
+  nsa_cuda_ctx_view_t cv;
+  nsa_cuda_ctx_view(ctx, &cv);
+  if (cv.fatal) {
+    setmsg(msg, msglen, "device context lost after a sticky error");
+    return NSA_ERR_DEVICE_FATAL;
+  }
+  nsa_path_flags_t defl;
+  if (!flags) {
+    nsa_path_flags_default(&defl);
+    flags = &defl;
+  }
+  const int sync = ex ? ex->sync : 1;
+  nsa_dims_t d;
+  int st = nsa_bwd_check(a, &d, msg, msglen);
+  if (st) return st;
+  if (d.Dk > NSA_CUDA_SIMPLE_MAX_D || d.Dv > NSA_CUDA_SIMPLE_MAX_D) {
+    setmsg(msg, msglen, "CUDA backward supports Dk, Dv <= %d (got Dk=%lld, Dv=%lld)", NSA_CUDA_SIMPLE_MAX_D,
+           (long long)d.Dk, (long long)d.Dv);
+    return NSA_ERR_UNSUPPORTED;
+  }
+  if (d.Skv >= (1LL << 27) || d.S >= (1LL << 31)) {
+    setmsg(msg, msglen, "CUDA backend supports Skv < 2^27 and S < 2^31 (got Skv=%lld, S=%lld)",
+           (long long)d.Skv, (long long)d.S);
+    return NSA_ERR_UNSUPPORTED;
+  }
+  if (a->sel.kind == NSA_SEL_BLOCK_INDICES && a->sel.block_size <= 0) {
+    setmsg(msg, msglen, "sel.block_size must be > 0");
+    return NSA_ERR_BAD_REQUEST;
+  }
+  if (a->lse.dtype != NSA_F32 || a->lse.data == NULL) {
+    setmsg(msg, msglen, "lse (f32 [B,S,H]) is required for the backward");
+    return NSA_ERR_BAD_REQUEST;
+  }
+  info->rows = d.rows;
+  BCK(cudaSetDevice(cv.device), "cudaSetDevice");
+  const double t_start = now_us();
+  cudaStream_t stream = cv.stream;
+
+  const nsa_path_t planner = force_path == NSA_PATH_AUTO ? nsa_planner_for_flags(flags)
+                             : force_path == NSA_PATH_VARLEN_V1 ? NSA_PATH_VARLEN_V1
+                                                                : NSA_PATH_VARLEN_V2;
+  const int maybe_packed = force_path == NSA_PATH_PACKED ||
+                           (force_path == NSA_PATH_AUTO &&
+                            (!flags->use_sel_varlen || (flags->sel_varlen_v2 && flags->sel_varlen_min_l > 0)));
+  const int ranges = a->sel.kind == NSA_SEL_RANGES;
+  const int need_summary = sync || maybe_packed || planner == NSA_PATH_VARLEN_V1 || ranges;
+
+  const int P = nsa_cuda_pack_queries(d.h);
+  Layout L;
+  layout1(&d, P, &L);
+  const int64_t NT = (d.Skv + NSA_BWD_TILE - 1) / NSA_BWD_TILE;
+  // Block ids: the pair capacity needs no plan; reserve everything up front.
+  int64_t cap = 0;
+  if (!ranges) {
+    cap = d.rows * nsa_cuda_inv_row_bound_blocks(d.n, a->sel.block_size, NT);
+    layout2(&d, cap, 0, 0, &L);
+  } else {
+    L.end = L.end1;
+  }
+  if (cap >= 0x7fffffff) {
+    setmsg(msg, msglen, "CUDA backward supports < 2^31 (row, key tile) pairs (bound %lld)", (long long)cap);
+    return NSA_ERR_UNSUPPORTED;
+  }
+  void *arena = NULL;
+  st = nsa_cuda_ctx_arena(ctx, L.end, 0, &arena, msg, msglen);
+  if (st) return st;
+  char *ws = (char *)arena;
+  nsa_cuda_summary_t *dsum = (nsa_cuda_summary_t *)(ws + L.sum);
+  nsa_plan_t plan;
+  nsa_plan_bind(&plan, ws + L.plan, d.rows, d.n);
+
+  if (ex && ex->wait_event) BCK(cudaStreamWaitEvent(stream, (cudaEvent_t)ex->wait_event, 0), "wait_event");
+  if (sync) BCK(cudaEventRecord(cv.ev0, stream), "event record");
+
+  nsa_cuda_summary_t hsum;
+  memset(&hsum, 0, sizeof(hsum));
+  const double plan_t0 = now_us();
+  if (planner == NSA_PATH_VARLEN_V1) {
+    st = nsa_cuda_ctx_plan_v1(ctx, &a->sel, &d, ws + L.plan, &hsum, msg, msglen);
+    if (st) return st;
+    BCK(cudaMemcpyAsync(dsum, &hsum, sizeof(hsum), cudaMemcpyHostToDevice, stream), "summary copy");
+    BCK(cudaStreamSynchronize(stream), "v1 plan copy");  // hsum is on the stack
+    info->plan_us = now_us() - plan_t0;
+  } else {
+    nsa_cuda_selview_t sv;
+    memset(&sv, 0, sizeof(sv));
+    sv.data = (const int32_t *)a->sel.t.data;
+    sv.kind = a->sel.kind;
+    sv.block_size = a->sel.block_size;
+    for (int i = 0; i < a->sel.t.ndim && i < 5; i++) sv.st[i] = a->sel.t.stride[i];
+    BCK(nsa_cuda_launch_plan_v2(&sv, d.B, d.S, d.Skv, d.G, d.n, &plan, dsum, (int64_t *)(ws + L.len64),
+                                ws + L.ptemp, L.ptemp_bytes, stream),
+        "v2 planner launch");
+    if (sync) BCK(cudaEventRecord(cv.ev1, stream), "event record");
+    if (need_summary) {
+      BCK(cudaMemcpyAsync(cv.h_sum, dsum, sizeof(*dsum), cudaMemcpyDeviceToHost, stream), "summary copy");
+      BCK(cudaStreamSynchronize(stream), "v2 planner");
+      hsum = *cv.h_sum;
+    }
+  }
+  if (need_summary) {
+    summary_to_info(&hsum, &d, info);
+    if (hsum.invalid > 0) {
+      setmsg(msg, msglen,
+             "invalid selection: %lld bad entries (ids < -1 or >= ceil(Skv/block_size), "
+             "or spans with start < 0 or start > end)",
+             hsum.invalid);
+      return NSA_ERR_INVALID_SELECTION;
+    }
+  }
+  const nsa_path_t path = force_path != NSA_PATH_AUTO ? force_path
+                          : need_summary              ? nsa_choose_path(flags, hsum.max_len)
+                                                      : planner;
+  info->path = path;
+  const int packed = path == NSA_PATH_PACKED;
+  if (packed && hsum.total >= (1LL << 31)) {
+    setmsg(msg, msglen, "packed path supports total keys < 2^31 (got %lld)", hsum.total);
+    return NSA_ERR_UNSUPPORTED;
+  }
+
+  // Part 2 (sizes that need the plan's summary), keeping part 1 on growth.
+  if (ranges) {
+    const int64_t by_len = hsum.total / NSA_BWD_TILE + 2 * d.rows * d.n + 1;
+    const int64_t by_tiles = d.rows * NT;
+    cap = by_len < by_tiles ? by_len : by_tiles;
+    if (cap >= 0x7fffffff) {
+      setmsg(msg, msglen, "CUDA backward supports < 2^31 (row, key tile) pairs (bound %lld)", (long long)cap);
+      return NSA_ERR_UNSUPPORTED;
+    }
+  }
+  layout2(&d, cap, packed, packed ? hsum.total : 0, &L);
+  st = nsa_cuda_ctx_arena(ctx, L.end, L.end1, &arena, msg, msglen);
+  if (st) return st;
+  ws = (char *)arena;
+  dsum = (nsa_cuda_summary_t *)(ws + L.sum);
+  nsa_plan_bind(&plan, ws + L.plan, d.rows, d.n);
+
+  nsa_cuda_bwd_t at;
+  fill_bwd(&at, a, &d, &dsum->invalid, (const float *)(ws + L.delta), (const float *)(ws + L.lsec));
+  const int mma_dims = nsa_cuda_mma_supported(d.dtype, d.Dk, d.Dv);
+  const int qo_ok = aligned16(&a->q) && aligned16(&a->dout);
+  const int kv_ok = aligned16(&a->k) && aligned16(&a->v);
+
+  BCK(nsa_cuda_launch_bwd_preprocess(&at, d.dtype, (float *)(ws + L.delta), (float *)(ws + L.lsec), stream),
+      "backward preprocess launch");
+
+  // ---- dq ----
+  if (packed) {
+    nsa_plan_t pplan;
+    nsa_plan_bind(&pplan, ws + L.pplan, d.rows, 1);
+    BCK(nsa_cuda_launch_pack(&plan, d.B, d.S, d.G, &a->k, &a->v, d.Dk, d.Dv, ws + L.kp, ws + L.vp, &pplan,
+                             stream),
+        "packed gather launch");
+    nsa_cuda_bwd_t pa = at;
+    pa.k = ws + L.kp;
+    pa.v = ws + L.vp;
+    pa.ks[0] = 0, pa.ks[1] = d.Dk, pa.ks[2] = 0, pa.ks[3] = 1;
+    pa.vs[0] = 0, pa.vs[1] = d.Dv, pa.vs[2] = 0, pa.vs[3] = 1;
+    pa.n = 1;
+    if (mma_dims && qo_ok) {
+      nsa_cuda_piece_t *pc = (nsa_cuda_piece_t *)(ws + L.ppieces);
+      int2 *gc = (int2 *)(ws + L.pgcount);
+      BCK(nsa_cuda_launch_plan_group(&pplan, d.B, d.S, d.G, 1, pc, gc, stream), "group planner launch");
+      BCK(nsa_cuda_launch_bwd_dq_mma(&pa, d.dtype, 1, pc, gc, nsa_cuda_max_pieces(1, 1), stream),
+          "tensor-core dq launch");
+    } else {
+      BCK(nsa_cuda_launch_bwd_dq_simple(&pa, d.dtype, &pplan, stream), "dq launch");
+    }
+  } else if (mma_dims && qo_ok && kv_ok) {
+    nsa_cuda_piece_t *pc = (nsa_cuda_piece_t *)(ws + L.pieces);
+    int2 *gc = (int2 *)(ws + L.gcount);
+    BCK(nsa_cuda_launch_plan_group(&plan, d.B, d.S, d.G, P, pc, gc, stream), "group planner launch");
+    BCK(nsa_cuda_launch_bwd_dq_mma(&at, d.dtype, P, pc, gc, nsa_cuda_max_pieces(d.n, P), stream),
+        "tensor-core dq launch");
+  } else {
+    BCK(nsa_cuda_launch_bwd_dq_simple(&at, d.dtype, &plan, stream), "dq launch");
+  }
+
+  // ---- dk, dv ----
+  BCK(nsa_cuda_launch_invert_plan(&plan, d.B, d.S, d.G, L.NT, L.cap, L.seg_rows, ws + L.inv, &L.il, stream),
+      "plan inversion launch");
+  BCK(nsa_cuda_launch_bwd_dkdv(&at, d.dtype, mma_dims && qo_ok && kv_ok, &plan, ws + L.inv, &L.il, L.NT,
+                               L.seg_rows, L.items_bound, (float *)(ws + L.part), stream),
+      "dk/dv launch");
+  info->workspace_bytes = L.end;
+
+  if (ex && ex->done_event) BCK(cudaEventRecord((cudaEvent_t)ex->done_event, stream), "done_event");
+  if (sync) {
+    BCK(cudaEventRecord(cv.ev2, stream), "event record");
+    BCK(cudaStreamSynchronize(stream), "backward");
+    float ms = 0.f;
+    if (planner == NSA_PATH_VARLEN_V2 && cudaEventElapsedTime(&ms, cv.ev0, cv.ev1) == cudaSuccess)
+      info->plan_us = ms * 1e3;
+    if (cudaEventElapsedTime(&ms, cv.ev0, cv.ev2) == cudaSuccess) info->device_us = ms * 1e3;
+    else info->device_us = now_us() - t_start;
+    cudaGetLastError();
+  } else {
+    BCK(cudaGetLastError(), "backward");
+  }
+  return NSA_OK;
+}
