@@ -96,6 +96,8 @@ typedef struct {
   float scale;
   const long long *invalid;   /* device; kernels exit when *invalid > 0 (may be NULL) */
   int qt_max;                 /* query tiles per tensor-core CTA allowed (1 or 2) */
+  int stages_max;             /* K/V pipeline stages allowed (2 or 3) */
+  int l2hint;                 /* 1: L2 evict_last for K/V, evict_first for Q */
 } nsa_cuda_attn_t;
 
 /* Query tiles (16 MMA rows each) per tensor-core CTA: 2 where the f32

@@ -82,6 +82,9 @@ __device__ __forceinline__ void cp_async16(unsigned dst, const void *src, int sr
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst),
                "l"(src), "r"(src_bytes), "l"(pol));
 }
+__device__ __forceinline__ void cp_async16(unsigned dst, const void *src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
 // L2 policies: K/V are re-read by many CTAs (keep them, evict_last); Q and O
 // stream through once (evict_first), so at large h they do not push K/V out.
 __device__ __forceinline__ unsigned long long policy_evict_last() {
@@ -104,20 +107,20 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
-template <int DK, int DV, int QT> struct Smem {
+template <int DK, int DV, int QT, int NS> struct Smem {
   static constexpr int QS = DK + 8;  // padded row strides (elements): conflict-free ldmatrix
   static constexpr int KS = DK + 8;
   static constexpr int VS = DV + 8;
   static constexpr size_t q_off = 0;
   static constexpr size_t k_off = q_off + QT * 16 * QS * 2;
-  static constexpr size_t v_off = k_off + 2 * kBN * KS * 2;
-  static constexpr size_t tok_off = v_off + 2 * kBN * VS * 2;   // 3 lookup buffers
-  static constexpr size_t mask_off = tok_off + 3 * kBN * 4;
-  static constexpr size_t pc_off = mask_off + 3 * kBN * 4;      // piece cache
+  static constexpr size_t v_off = k_off + NS * kBN * KS * 2;    // NS-stage K/V ring
+  static constexpr size_t tok_off = v_off + NS * kBN * VS * 2;   // NS + 1 lookup buffers
+  static constexpr size_t mask_off = tok_off + (NS + 1) * kBN * 4;
+  static constexpr size_t pc_off = mask_off + (NS + 1) * kBN * 4;  // piece cache
   static constexpr size_t red_off = pc_off + kPieceCache * 16;  // m[4][16], l[4][16], M[16], L[16]
   static constexpr size_t bytes = red_off + (2 * 4 * 16 + 2 * 16) * 4;
   // The final merge reuses the K/V ring as acc[4 warps][16][DV] f32.
-  static_assert(4 * 16 * DV * 4 <= 2 * kBN * (KS + VS) * 2, "merge buffer fits in K/V ring");
+  static_assert(4 * 16 * DV * 4 <= NS * kBN * (KS + VS) * 2, "merge buffer fits in K/V ring");
 };
 
 // QT = number of 16-row MMA tiles (query tiles) per CTA. A group holds
@@ -126,11 +129,11 @@ template <int DK, int DV, int QT> struct Smem {
 // belongs to that tile's queries (warp-uniform test), so random selections
 // (whose union is ~Pg rows long) cost no more MMAs than QT = 1, while
 // correlated ones load each K/V tile once for all Pg queries.
-template <typename T, int DK, int DV, int QT>
+template <typename T, int DK, int DV, int QT, int NS>
 __global__ void __launch_bounds__(kThreads)
     fwd_mma_kernel(nsa_cuda_attn_t a, int P, int HT, int njt, const nsa_cuda_piece_t *__restrict__ pieces,
-                   const int2 *__restrict__ gcount, int64_t maxp) {
-  using L = Smem<DK, DV, QT>;
+                   const int2 *__restrict__ gcount, int64_t maxp, int hint) {
+  using L = Smem<DK, DV, QT, NS>;
   extern __shared__ __align__(16) unsigned char smem[];
   T *sQ = reinterpret_cast<T *>(smem + L::q_off);
   T *sK = reinterpret_cast<T *>(smem + L::k_off);
@@ -188,7 +191,8 @@ __global__ void __launch_bounds__(kThreads)
         src = q + b * a.qs[0] + t * a.qs[1] + head * a.qs[2] + part * 8;
         bytes = 16;
       }
-      cp_async16(smem_u32(sQ + mr * L::QS + part * 8), src, bytes, pol_q);
+      if (hint) cp_async16(smem_u32(sQ + mr * L::QS + part * 8), src, bytes, pol_q);
+      else cp_async16(smem_u32(sQ + mr * L::QS + part * 8), src, bytes);
     }
   }
 
@@ -221,13 +225,15 @@ __global__ void __launch_bounds__(kThreads)
       int kk = c / CK, part = c % CK;
       int tok = sTok[lb * kBN + kk];
       const T *src = tok >= 0 ? kbase + (int64_t)tok * a.ks[1] + part * 8 : kbase;
-      cp_async16(smem_u32(sK + (stg * kBN + kk) * L::KS + part * 8), src, tok >= 0 ? 16 : 0, pol_kv);
+      if (hint) cp_async16(smem_u32(sK + (stg * kBN + kk) * L::KS + part * 8), src, tok >= 0 ? 16 : 0, pol_kv);
+      else cp_async16(smem_u32(sK + (stg * kBN + kk) * L::KS + part * 8), src, tok >= 0 ? 16 : 0);
     }
     for (int c = tid; c < kBN * CV; c += kThreads) {
       int kk = c / CV, part = c % CV;
       int tok = sTok[lb * kBN + kk];
       const T *src = tok >= 0 ? vbase + (int64_t)tok * a.vs[1] + part * 8 : vbase;
-      cp_async16(smem_u32(sV + (stg * kBN + kk) * L::VS + part * 8), src, tok >= 0 ? 16 : 0, pol_kv);
+      if (hint) cp_async16(smem_u32(sV + (stg * kBN + kk) * L::VS + part * 8), src, tok >= 0 ? 16 : 0, pol_kv);
+      else cp_async16(smem_u32(sV + (stg * kBN + kk) * L::VS + part * 8), src, tok >= 0 ? 16 : 0);
     }
   };
 
@@ -254,27 +260,26 @@ __global__ void __launch_bounds__(kThreads)
     lrow[mt][0] = lrow[mt][1] = 0.f;
   }
 
-  // Pipeline: lookups run two tiles ahead (3 buffers), K/V loads one tile
-  // ahead (2 stages), so neither the piece search nor the copy latency sits
-  // between two tiles' MMAs.
+  // Pipeline (NS stages): lookups run NS tiles ahead (NS + 1 buffers), K/V
+  // loads NS - 1 tiles ahead, so neither the piece search nor the copy
+  // latency sits between two tiles' MMAs. One commit group per tile (empty
+  // at the tail), so wait_group<NS - 1> always means "tile it has landed".
   const int ntiles = (Lg + kBN - 1) / kBN;
   __syncthreads();  // piece cache
-  if (ntiles > 0) lookup(0, 0);
-  if (ntiles > 1) lookup(1, 1);
+  for (int i = 0; i < NS && i < ntiles; i++) lookup(i, i);
   __syncthreads();
-  if (ntiles > 0) issue(0, 0);
-  cp_commit();  // Q (+ tile 0)
+#pragma unroll
+  for (int i = 0; i < NS - 1; i++) {
+    if (i < ntiles) issue(i, i);
+    cp_commit();  // group i (group 0 also holds Q)
+  }
 
   for (int it = 0; it < ntiles; it++) {
-    const int stg = it & 1, lb = it % 3;
-    if (it + 1 < ntiles) {
-      issue(stg ^ 1, (it + 1) % 3);
-      cp_commit();
-      if (it + 2 < ntiles) lookup(it + 2, (it + 2) % 3);
-      cp_wait<1>();
-    } else {
-      cp_wait<0>();
-    }
+    const int stg = it % NS, lb = it % (NS + 1);
+    if (it + NS - 1 < ntiles) issue((it + NS - 1) % NS, (it + NS - 1) % (NS + 1));
+    cp_commit();
+    if (it + NS < ntiles) lookup(it + NS, (it + NS) % (NS + 1));
+    cp_wait<NS - 1>();
     __syncthreads();
 
     const int *mk = sMask + lb * kBN + warp * 16;
@@ -438,22 +443,38 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T, int DK, int DV, int QT>
-cudaError_t launch_qt(const nsa_cuda_attn_t *a, int P, const nsa_cuda_piece_t *pieces,
+// K/V ring depth: 3 stages where the CTA still fits twice per SM (<= 113 KB
+// of shared memory), else 2.
+template <int DK, int DV, int QT> constexpr int stages_for() {
+  return Smem<DK, DV, QT, 3>::bytes <= 113 * 1024 ? 3 : 2;
+}
+
+template <typename T, int DK, int DV, int QT, int NS>
+cudaError_t launch_ns(const nsa_cuda_attn_t *a, int P, const nsa_cuda_piece_t *pieces,
                       const int2 *gcount, int64_t maxp, cudaStream_t st) {
-  using L = Smem<DK, DV, QT>;
+  using L = Smem<DK, DV, QT, NS>;
   const int HT = a->h >= 16 ? 16 : (int)a->h;
   const int njt = (int)((a->h + 15) / 16);
   const int64_t ngroups = nsa_cuda_num_groups(a->B, a->S, a->G, P * QT);
   const int64_t grid = ngroups * njt;
   if (grid == 0) return cudaSuccess;
   if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  cudaError_t e = cudaFuncSetAttribute(fwd_mma_kernel<T, DK, DV, QT>,
+  cudaError_t e = cudaFuncSetAttribute(fwd_mma_kernel<T, DK, DV, QT, NS>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)L::bytes);
   if (e != cudaSuccess) return e;
-  fwd_mma_kernel<T, DK, DV, QT><<<(unsigned)grid, kThreads, L::bytes, st>>>(*a, P, HT, njt, pieces,
-                                                                            gcount, maxp);
+  fwd_mma_kernel<T, DK, DV, QT, NS><<<(unsigned)grid, kThreads, L::bytes, st>>>(
+      *a, P, HT, njt, pieces, gcount, maxp, a->l2hint);
   return cudaGetLastError();
+}
+
+template <typename T, int DK, int DV, int QT>
+cudaError_t launch_qt(const nsa_cuda_attn_t *a, int P, const nsa_cuda_piece_t *pieces,
+                      const int2 *gcount, int64_t maxp, cudaStream_t st) {
+  constexpr int NS = stages_for<DK, DV, QT>();
+  if constexpr (NS == 3) {
+    if (a->stages_max >= 3) return launch_ns<T, DK, DV, QT, 3>(a, P, pieces, gcount, maxp, st);
+  }
+  return launch_ns<T, DK, DV, QT, 2>(a, P, pieces, gcount, maxp, st);
 }
 
 // P here is the queries per MMA tile; the group planner must have been run
