@@ -7,6 +7,9 @@
 
 #include "backend.h"
 #include "shadow.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 static int cpu_init(nsad_backend_t *b, const nsad_config_t *cfg, char *msg, size_t msglen) {
   b->nqueues = 1;
@@ -21,6 +24,17 @@ static void cpu_teardown(nsad_backend_t *b) {}
 
 static int cpu_worker_init(nsad_backend_t *b, int worker, void **wctx, char *msg, size_t msglen) {
   *wctx = NULL;
+#ifdef _OPENMP
+  /* The kernels parallelize with OpenMP inside each request. N workers each
+   * starting a team as wide as the machine oversubscribe the cores (measured
+   * on 2 cores: a decode-size request took 163 us with 2 threads per worker,
+   * 98 us with 1). Give each worker its share, unless OMP_NUM_THREADS says. */
+  if (!getenv("OMP_NUM_THREADS")) {
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    long share = ncpu / (b->nworkers > 0 ? b->nworkers : 1);
+    omp_set_num_threads(share > 0 ? (int)share : 1);
+  }
+#endif
   return 0;
 }
 
