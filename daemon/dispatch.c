@@ -222,6 +222,11 @@ void nsad_dispatch_job_done(nsad_server_t *srv, nsad_job_t *job) {
       nsad_metrics_shadow(srv->metrics, path, (int)job->shadow.shadow_path, job->shadow.max_abs,
                           job->shadow.max_rel);
   }
+  nsad_debug("session %llu: msgid %u %s: %s path=%s rows=%lld max_len=%d device_us=%.1f%s%s",
+             (unsigned long long)s->id, job->msgid, nsa_method_name(method),
+             nsa_proto_code_name(code), nsa_path_name(job->info.path), (long long)job->info.rows,
+             (int)job->info.max_len, job->info.device_us, code ? " : " : "",
+             code ? job->msg : "");
   if (!s->closing) {
     if (code == NSA_E_OK) {
       nsad_out_t *o = result_begin(job->msgid);
