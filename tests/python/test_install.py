@@ -79,6 +79,16 @@ def test_venv_and_editable_no_network(d):
         if r.returncode != 0:
             raise nsadtest.Skip("python3 -m venv unavailable (python3-venv): " + r.stderr[-200:])
         py = os.path.join(tmp, "venv", "bin", "python")
+        # --system-site-packages shows the base interpreter's packages; when
+        # this python is itself a venv (e.g. /opt/torch/.venv), numpy lives
+        # in ours: a .pth in the new venv appends its directory to sys.path
+        # (after the venv's own site-packages, so the installed nsad wins).
+        import numpy
+        npdir = os.path.dirname(os.path.dirname(numpy.__file__))
+        site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        with open(os.path.join(site, "zz_parent_numpy.pth"), "w") as f:
+            f.write(npdir + "\n")
         run([py, "-m", "pip", "install", "--no-index", "--quiet", PKG])
         probe(d, py, {}, os.path.join(tmp, "venv"))
         run([py, "-m", "pip", "uninstall", "-y", "--quiet", "nsad"])
