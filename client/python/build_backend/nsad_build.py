@@ -38,10 +38,15 @@ def _dist_info():
 
 def _metadata_text():
     name, version, summary, rp = _meta()
-    return ("Metadata-Version: 2.1\nName: %s\nVersion: %s\nSummary: %s\nRequires-Python: %s\n"
+    text = ("Metadata-Version: 2.1\nName: %s\nVersion: %s\nSummary: %s\nRequires-Python: %s\n"
             "Provides-Extra: numpy\nRequires-Dist: numpy; extra == \"numpy\"\n"
             "Provides-Extra: torch\nRequires-Dist: torch; extra == \"torch\"\n"
             "Requires-Dist: numpy; extra == \"torch\"\n" % (name, version, summary, rp))
+    readme = os.path.join(HERE, "README.md")
+    if os.path.exists(readme):
+        with open(readme) as f:
+            text += "Description-Content-Type: text/markdown\n\n" + f.read()
+    return text
 
 
 def _wheel_text():
@@ -124,7 +129,7 @@ def build_sdist(sdist_directory, config_settings=None):
     base = "%s-%s" % (name, version)
     fn = base + ".tar.gz"
     with tarfile.open(os.path.join(sdist_directory, fn), "w:gz") as t:
-        for rel in ["pyproject.toml", "build_backend/nsad_build.py"] + \
+        for rel in ["pyproject.toml", "README.md", "build_backend/nsad_build.py"] + \
                    [PKG + "/" + f for f in sorted(os.listdir(os.path.join(HERE, PKG)))
                     if f.endswith(".py") and f != "_buildinfo.py"]:
             t.add(os.path.join(HERE, rel), arcname=base + "/" + rel)
