@@ -1,0 +1,193 @@
+/*
+ * test_cuda_ipc.c — nsad's CUDA backend end to end (issues 5 and 6): a real
+ * `nsad --backend cuda` on a temp socket, and SEPARATE client processes
+ * (nsa_ipc_client, ipc_client.c, exec'd here) that own their tensors in
+ * device memory and reach nsad through libnsaclient's CUDA IPC path.
+ *
+ *   device_pointers_fwd_bwd  forward + backward on every path vs float64 ref
+ *   sync_false_events        sync=false; the client's stream waits only on
+ *                            done_event (inputs announced with wait_event)
+ *   killed_client            a client SIGKILLed mid-request; nsad serves the
+ *                            next client correctly and releases the regions
+ *   ipc_errors               oversized/unserved regions, shared mappings,
+ *                            invalid selection without harm to the daemon
+ *   shm_regions              host shm regions on the cuda backend
+ *                            (cudaHostRegister): forward/backward + nsa_example
+ *
+ * ctest label gpu. Without a GPU every test skips (cr_skip_test) and passes.
+ */
+#define _GNU_SOURCE
+#include <criterion/criterion.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "harness.h"
+#include "nsa/sel_attn_cuda.h"
+
+TestSuite(cuda_ipc, .fini = th_fini, .timeout = 280);
+
+static void need_gpu(void) {
+  if (nsa_cuda_device_count() == 0)
+    cr_skip_test("no CUDA device visible (no driver or no GPU): the cuda backend suite is "
+                 "skipped; run `ctest -L gpu` on a GPU machine");
+}
+
+/* Starts nsad --backend cuda (state in memory). */
+static void start(th_nsad_t *d) {
+  const char *args[] = {"--backend", "cuda", NULL};
+  if (th_start(d, args) != 0) {
+    th_dump_log(d);
+    cr_assert_fail("nsad --backend cuda did not start (log above)");
+  }
+}
+
+/* Runs nsa_ipc_client (or argv0 given) to completion; its exit status. */
+static int run_client(const th_nsad_t *d, const char *mode, pid_t *pid_out, int *out_fd) {
+  int pfd[2] = {-1, -1};
+  if (out_fd && pipe(pfd) != 0) return -1;
+  pid_t pid = fork();
+  if (pid == 0) {
+    if (out_fd) {
+      dup2(pfd[1], 1);
+      close(pfd[0]);
+      close(pfd[1]);
+    }
+    execl(NSA_IPC_CLIENT_BIN, NSA_IPC_CLIENT_BIN, "--socket", d->sock, "--mode", mode,
+          (char *)NULL);
+    _exit(127);
+  }
+  if (pid < 0) return -1;
+  if (out_fd) {
+    close(pfd[1]);
+    *out_fd = pfd[0];
+  }
+  if (pid_out) {
+    *pid_out = pid;
+    return 0;
+  }
+  return th_wait_exit(pid, 240000);
+}
+
+static void client_ok(th_nsad_t *d, const char *mode) {
+  int st = run_client(d, mode, NULL, NULL);
+  if (st != 0) th_dump_log(d);
+  cr_assert_eq(st, 0, "nsa_ipc_client --mode %s exited %d (its stderr and nsad's log above)",
+               mode, st);
+}
+
+static double gauge(nsa_client_t *c, const char *family) {
+  nsa_client_value_t *m = NULL;
+  double v = -1;
+  if (nsa_client_metrics_get(c, &m) != 0) return -1;
+  char path[128];
+  snprintf(path, sizeof path, "%s.samples.0.value", family);
+  if (nsa_client_value_get_double(m, path, &v) != 0) v = -1;
+  nsa_client_value_free(m);
+  return v;
+}
+
+Test(cuda_ipc, device_pointers_fwd_bwd) {
+  need_gpu();
+  th_nsad_t d;
+  start(&d);
+  client_ok(&d, "check");
+  cr_expect_eq(th_stop(&d, 1), 0, "nsad did not exit 0 on SIGTERM");
+}
+
+Test(cuda_ipc, sync_false_events) {
+  need_gpu();
+  th_nsad_t d;
+  start(&d);
+  client_ok(&d, "async");
+  cr_expect_eq(th_stop(&d, 1), 0);
+}
+
+Test(cuda_ipc, ipc_errors) {
+  need_gpu();
+  th_nsad_t d;
+  start(&d);
+  client_ok(&d, "errors");
+  cr_expect_eq(th_stop(&d, 1), 0);
+}
+
+Test(cuda_ipc, killed_client) {
+  need_gpu();
+  th_nsad_t d;
+  start(&d);
+  pid_t victim;
+  int fd = -1;
+  cr_assert_eq(run_client(&d, "hang", &victim, &fd), 0);
+  char buf[64] = "";
+  FILE *f = fdopen(fd, "r");
+  cr_assert(f != NULL);
+  if (!fgets(buf, sizeof buf, f) || strncmp(buf, "SUBMITTED", 9) != 0) {
+    kill(victim, SIGKILL);
+    th_wait_exit(victim, 10000);
+    th_dump_log(&d);
+    cr_assert_fail("the hanging client did not get its requests out");
+  }
+  usleep(20000); /* the first jobs are on the GPU now */
+  kill(victim, SIGKILL);
+  th_wait_exit(victim, 10000);
+  fclose(f);
+  /* nsad still serves a new client correctly. */
+  cr_assert_eq(kill(d.pid, 0), 0, "nsad died with its client");
+  client_ok(&d, "check");
+  /* The dead client's regions/events are released once its work ended. */
+  nsa_client_t *c = th_client(&d, "observer");
+  cr_assert(c != NULL);
+  double regions = -1;
+  for (int i = 0; i < 400; i++) {
+    regions = gauge(c, "nsad_regions");
+    if (regions == 0) break;
+    usleep(50000);
+  }
+  cr_expect_eq(regions, 0, "nsad_regions is %g after the killed client's session ended", regions);
+  cr_expect_eq(nsa_client_ping(c), 0);
+  nsa_client_close(c);
+  cr_expect_eq(th_stop(&d, 0), 0, "nsad did not exit 0 after serving through a killed client");
+  char cmd[400];
+  snprintf(cmd, sizeof cmd, "grep -q 'fatal device error' '%s'", d.log);
+  cr_expect_neq(system(cmd), 0, "nsad logged a fatal device error");
+  snprintf(cmd, sizeof cmd, "rm -rf '%s'", d.dir);
+  if (system(cmd) != 0) { /* best effort */
+  }
+}
+
+Test(cuda_ipc, shm_regions) {
+  need_gpu();
+  th_nsad_t d;
+  start(&d);
+  nsa_client_t *c = th_client(&d, "shm-on-cuda");
+  cr_assert(c != NULL);
+  cr_expect_str_eq(nsa_client_info(c)->backend, "cuda");
+  th_prob_t p;
+  cr_assert_eq(th_prob_init(&p, c, 2, 48, 320, 2, 3, 64, 8, 32, 0, 4242), 0, "%s",
+               nsa_client_error_message(c));
+  for (int it = 0; it < 2; it++) {
+    th_prob_fill(&p);
+    nsa_client_result_t r;
+    cr_assert_eq(nsa_client_forward(c, &p.fwd, &r), 0, "%s: %s", nsa_client_error_code(c),
+                 nsa_client_error_message(c));
+    double e = th_prob_check_fwd(&p);
+    cr_expect_leq(e, 1e-5, "shm forward on %s: rel err %g", r.path, e);
+    cr_assert_eq(nsa_client_backward(c, &p.bwd, &r), 0, "%s: %s", nsa_client_error_code(c),
+                 nsa_client_error_message(c));
+    e = th_prob_check_bwd(&p);
+    cr_expect_leq(e, 1e-5, "shm backward on %s: rel err %g", r.path, e);
+  }
+  th_prob_free(&p, c);
+  nsa_client_close(c);
+#ifdef NSA_EXAMPLE_BIN
+  char cmd[400];
+  snprintf(cmd, sizeof cmd, "'%s' --socket '%s' --iters 3 >&2", NSA_EXAMPLE_BIN, d.sock);
+  int st = system(cmd);
+  cr_expect_eq(st, 0, "nsa_example against nsad --backend cuda failed (%d)", st);
+#endif
+  cr_expect_eq(th_stop(&d, 1), 0);
+}
