@@ -4,7 +4,7 @@
  *   build/bin/nsa_bench_cuda [--quick] [--reps N] [--csv FILE] [--no-pack] [--small-h]
  * --quick: T = 16k only; --small-h: h in {1, 4} only; --no-pack: one query per
  * MMA tile even when h < 16 (to measure what query packing buys); --qt1: one
- * 16-row query tile per CTA (to measure what the second query tile buys);
+ * 16-row query tile per CTA, --qt2: two where Dv <= 128 (default: auto);
  * --stages2: two-stage K/V ring; --nohint: no L2 cache policies;
  * --one T h corr: one config (corr -1 = both patterns; for A/B runs and ncu).
  *
@@ -113,6 +113,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--no-pack")) setenv("NSA_CUDA_NO_PACK", "1", 1);
     else if (!strcmp(argv[i], "--small-h")) small_h = 1;
     else if (!strcmp(argv[i], "--qt1")) setenv("NSA_CUDA_QTILES", "1", 1);
+    else if (!strcmp(argv[i], "--qt2")) setenv("NSA_CUDA_QTILES", "2", 1);
     else if (!strcmp(argv[i], "--stages2")) setenv("NSA_CUDA_STAGES", "2", 1);
     else if (!strcmp(argv[i], "--nohint")) setenv("NSA_CUDA_L2HINT", "0", 1);
     else if (!strcmp(argv[i], "--one") && i + 3 < argc) {

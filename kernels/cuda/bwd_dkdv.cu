@@ -23,7 +23,7 @@
 //   dS^T = P^T ∘ (dP^T − delta)
 //   dV_w += P^T . dO    dK_w += dS^T . Q        (B = dO / Q rows: ldmatrix.trans)
 // Chunks are double-buffered with cp.async; per column the row's membership
-// of the 64 keys is a 64-bit mask built from the row's spans.
+// of the 64 keys is the pair's 64-bit mask from the inversion.
 #include "bwd_common.cuh"
 
 using namespace nsa_bwd;
@@ -35,6 +35,7 @@ constexpr int kMaxD = NSA_CUDA_SIMPLE_MAX_D;
 
 struct Inv {
   const int32_t *tile_off, *vals, *item_off, *part_off;
+  const unsigned long long *masks;  // per pair: the row's keys inside the tile
   const int2 *spans;
   const int32_t *nspans;
   int64_t NT, ntiles;
@@ -54,20 +55,6 @@ __device__ __forceinline__ bool find_item(const Inv &iv, int64_t it, int64_t *x,
   *seg = (int)(it - iv.item_off[lo]);
   *nseg = iv.item_off[lo + 1] - iv.item_off[lo];
   return true;
-}
-
-// Row r's membership bits for keys [k0, k0 + 64).
-__device__ __forceinline__ unsigned long long row_bits(const Inv &iv, int64_t n, int64_t r, int k0) {
-  unsigned long long m = 0;
-  const int nsp = iv.nspans[r];
-  for (int i = 0; i < nsp; i++) {
-    const int2 sp = iv.spans[r * n + i];
-    const int lo = max(sp.x, k0) - k0, hi = min(sp.y, k0 + kT) - k0;
-    if (hi <= lo) continue;
-    const unsigned long long ones = hi - lo == 64 ? ~0ull : ((1ull << (hi - lo)) - 1ull);
-    m |= ones << lo;
-  }
-  return m;
 }
 
 // Writes one key's results: final (T, dk scaled) or f32 partial.
@@ -139,7 +126,7 @@ __global__ void __launch_bounds__(kGenThreads)
   for (int li = lo; li < hi; li++) {
     const int64_t r = iv.vals[li];
     const int64_t t = (r / a.G) % a.S;
-    const bool in = (row_bits(iv, a.n, r, k0) >> kk) & 1ull;
+    const bool in = (iv.masks[li] >> kk) & 1ull;
     for (int j0 = 0; j0 < a.h; j0 += HB) {
       const int nh = (int)min((int64_t)HB, a.h - j0);
       __syncthreads();  // previous batch fully consumed (and K/V staged)
@@ -309,7 +296,7 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
       unsigned long long mk = 0;
       float l2 = 0.f, dl = 0.f;
       if (col_of(ch, tid, &r, &j)) {
-        mk = row_bits(iv, a.n, r, k0);
+        mk = iv.masks[lo + (ch / njt) * Pk + tid / HT];
         l2 = a.lsec[r * a.h + j] * LOG2E;
         dl = a.delta[r * a.h + j];
       }
@@ -484,6 +471,7 @@ extern "C" cudaError_t nsa_cuda_launch_bwd_dkdv(const nsa_cuda_bwd_t *a, nsa_dty
   const char *w = (const char *)inv_ws;
   iv.tile_off = (const int32_t *)(w + L->tile_off);
   iv.vals = (const int32_t *)(w + L->vals_out);
+  iv.masks = (const unsigned long long *)(w + L->masks);
   iv.item_off = (const int32_t *)(w + L->item_off);
   iv.part_off = (const int32_t *)(w + L->part_off);
   iv.spans = (const int2 *)plan->spans;

@@ -50,7 +50,7 @@ cudaError_t nsa_cuda_launch_bwd_preprocess(const nsa_cuda_bwd_t *a, nsa_dtype_t 
 /* Sizes of the inversion for `rows` rows, `cap` pair capacity and `ntiles`
  * tiles (B*G*NT): byte offsets inside one workspace block. */
 typedef struct {
-  size_t cnt, pair_off, keys_in, vals_in, keys_out, vals_out, tile_off, nseg, item_off, part_off,
+  size_t cnt, pair_off, keys_in, vals_in, keys_out, vals_out, masks, tile_off, nseg, item_off, part_off,
       temp, temp_bytes, total;
 } nsa_cuda_inv_layout_t;
 size_t nsa_cuda_inv_layout(int64_t rows, int64_t cap, int64_t ntiles, nsa_cuda_inv_layout_t *L);
@@ -62,6 +62,7 @@ int64_t nsa_cuda_inv_row_bound_blocks(int64_t n, int32_t bs, int64_t NT);
 /* Builds the inverted plan into the workspace `ws` laid out by L:
  *   tile_off [ntiles+1] i32: rows of tile x are vals_out[tile_off[x] .. tile_off[x+1])
  *   vals_out [cap]      i32: row ids, ascending within each tile
+ *   masks    [cap]      u64: bit k = key tile*64 + k is in that row's key set
  *   item_off [ntiles+1] i32: CTA items (tile, segment) of tile x start at item_off[x]
  *   part_off [ntiles+1] i32: f32 partial slots of tile x (0 when it has one segment)
  * seg_rows: rows per segment. No host synchronization. */

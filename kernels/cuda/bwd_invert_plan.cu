@@ -10,7 +10,9 @@
 //   4. CUB radix sort by key. LSD radix sort is stable, the input is in row
 //      order, so rows stay ascending within a tile: the dk/dv summation order
 //      is fixed and the result deterministic, with no atomics at all;
-//   5. tile_off[x] = lower_bound(keys, x) (binary search, no atomics);
+//   5. tile_off[x] = lower_bound(keys, x) (binary search, no atomics), and
+//      per pair the row's 64-bit key mask inside the tile (so the dk/dv
+//      kernels read one word instead of walking the row's spans);
 //   6. segments: tile x with c rows gets max(1, ceil(c / seg_rows)) CTA items,
 //      and, when that is > 1, as many f32 partial slots; two scans give the
 //      item and partial offsets.
@@ -93,6 +95,30 @@ __global__ void tile_off_kernel(const unsigned *__restrict__ keys, int64_t cap, 
   tile_off[x] = (int32_t)lo;
 }
 
+__global__ void mask_kernel(const unsigned *__restrict__ keys, const int32_t *__restrict__ vals,
+                            const int2 *__restrict__ spans, const int32_t *__restrict__ nspans, int64_t n,
+                            int64_t NT, int64_t cap, unsigned pad, unsigned long long *__restrict__ masks) {
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= cap) return;
+  const unsigned x = keys[i];
+  if (x >= pad) {
+    masks[i] = 0;
+    return;
+  }
+  const int64_t r = vals[i];
+  const int k0 = (int)((x % NT) * kT);
+  unsigned long long m = 0;
+  const int nsp = nspans[r];
+  for (int j = 0; j < nsp; j++) {
+    const int2 sp = spans[r * n + j];
+    const int lo = max(sp.x, k0) - k0, hi = min(sp.y, k0 + kT) - k0;
+    if (hi <= lo) continue;
+    const unsigned long long ones = hi - lo == 64 ? ~0ull : ((1ull << (hi - lo)) - 1ull);
+    m |= ones << lo;
+  }
+  masks[i] = m;
+}
+
 __global__ void seg_kernel(const int32_t *__restrict__ tile_off, int64_t ntiles, int seg_rows,
                            int32_t *__restrict__ nitem, int32_t *__restrict__ npart) {
   const int64_t x = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -140,6 +166,8 @@ extern "C" size_t nsa_cuda_inv_layout(int64_t rows, int64_t cap, int64_t ntiles,
   o = align256(o + (size_t)cap * 4);
   L->vals_out = o;
   o = align256(o + (size_t)cap * 4);
+  L->masks = o;
+  o = align256(o + (size_t)cap * 8);
   L->tile_off = o;
   o = align256(o + (size_t)(ntiles + 1) * 4);
   L->nseg = o;  // nitem [ntiles+1], then npart [ntiles+1]
@@ -206,6 +234,12 @@ extern "C" cudaError_t nsa_cuda_launch_invert_plan(const nsa_plan_t *plan, int64
   }
   tile_off_kernel<<<(unsigned)((ntiles + 1 + th - 1) / th), th, 0, st>>>(kout, cap, ntiles, tile_off);
   NSA_CK(cudaGetLastError());
+  if (cap > 0) {
+    mask_kernel<<<(unsigned)((cap + th - 1) / th), th, 0, st>>>(kout, vout, sp, plan->nspans, plan->n, NT, cap,
+                                                                (unsigned)ntiles,
+                                                                (unsigned long long *)(w + L->masks));
+    NSA_CK(cudaGetLastError());
+  }
   seg_kernel<<<(unsigned)((ntiles + 1 + th - 1) / th), th, 0, st>>>(tile_off, ntiles, seg_rows, nitem, npart);
   NSA_CK(cudaGetLastError());
   tb = L->temp_bytes;

@@ -14,8 +14,13 @@
 // (n * tiles-per-block per row), but a range can be any length, so the bound
 // then uses the plan's total length. With block ids on v2 and sync = 0 the
 // whole backward is queued without a host wait (graph-capturable).
+//
+// NSA_BWD_TIMING=1 (development): with sync = 1, prints the time of each
+// phase (preprocess, dq, inversion, dk/dv) to stderr, measured with events;
+// NSA_BWD_SEG=<rows> overrides the rows per dk/dv segment (benchmarks).
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -90,6 +95,8 @@ void layout2(const nsa_dims_t *d, int64_t cap, int packed, int64_t total, Layout
   L->NT = (d->Skv + NSA_BWD_TILE - 1) / NSA_BWD_TILE;
   const int64_t ntiles = d->B * d->G * L->NT;
   int64_t seg = d->h >= 16 ? 128 : 2048 / d->h;  // >= 128 MMA chunks per segment
+  const char *se = getenv("NSA_BWD_SEG");  // development knob: rows per segment
+  if (se && atoll(se) > 0) seg = atoll(se);
   const double slot = (double)NSA_BWD_TILE * (double)(d->Dk + d->Dv) * 4.0;
   const double need = 2.0 * (double)cap * slot / kPartBudget;
   if ((double)seg < need) seg = (int64_t)need + 1;
@@ -323,9 +330,17 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   const int qo_ok = aligned16(&a->q) && aligned16(&a->dout);
   const int kv_ok = aligned16(&a->k) && aligned16(&a->v);
 
+  // Optional phase timing (NSA_BWD_TIMING=1, sync only).
+  const char *tenv = getenv("NSA_BWD_TIMING");
+  const int timing = sync && tenv && tenv[0] == '1';
+  cudaEvent_t pev[5] = {0, 0, 0, 0, 0};
+  if (timing)
+    for (int i = 0; i < 5; i++) cudaEventCreate(&pev[i]);
+  if (timing) cudaEventRecord(pev[0], stream);
   BCK(nsa_cuda_launch_bwd_preprocess(&at, d.dtype, (float *)(ws + L.delta), (float *)(ws + L.lsec), stream),
       "backward preprocess launch");
 
+  if (timing) cudaEventRecord(pev[1], stream);
   // ---- dq ----
   if (packed) {
     nsa_plan_t pplan;
@@ -359,11 +374,14 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   }
 
   // ---- dk, dv ----
+  if (timing) cudaEventRecord(pev[2], stream);
   BCK(nsa_cuda_launch_invert_plan(&plan, d.B, d.S, d.G, L.NT, L.cap, L.seg_rows, ws + L.inv, &L.il, stream),
       "plan inversion launch");
+  if (timing) cudaEventRecord(pev[3], stream);
   BCK(nsa_cuda_launch_bwd_dkdv(&at, d.dtype, mma_dims && qo_ok && kv_ok, &plan, ws + L.inv, &L.il, L.NT,
                                L.seg_rows, L.items_bound, (float *)(ws + L.part), stream),
       "dk/dv launch");
+  if (timing) cudaEventRecord(pev[4], stream);
   info->workspace_bytes = L.end;
 
   if (ex && ex->done_event) BCK(cudaEventRecord((cudaEvent_t)ex->done_event, stream), "done_event");
@@ -375,9 +393,18 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
       info->plan_us = ms * 1e3;
     if (cudaEventElapsedTime(&ms, cv.ev0, cv.ev2) == cudaSuccess) info->device_us = ms * 1e3;
     else info->device_us = now_us() - t_start;
+    if (timing) {
+      float t[4] = {0, 0, 0, 0};
+      for (int i = 0; i < 4; i++) cudaEventElapsedTime(&t[i], pev[i], pev[i + 1]);
+      fprintf(stderr, "nsa bwd phases (ms): preprocess %.3f dq %.3f invert %.3f dkdv %.3f | cap %lld seg_rows %d "
+              "items_bound %lld path %s\n", t[0], t[1], t[2], t[3], (long long)L.cap, L.seg_rows,
+              (long long)L.items_bound, nsa_path_name(path));
+    }
     cudaGetLastError();
   } else {
     BCK(cudaGetLastError(), "backward");
   }
+  if (timing)
+    for (int i = 0; i < 5; i++) cudaEventDestroy(pev[i]);
   return NSA_OK;
 }

@@ -37,7 +37,7 @@ struct nsa_cuda_ctx {
   cudaEvent_t ev0, ev1, ev2;
   int fatal;  // a sticky error was seen: every later call fails fast
   int no_pack;  // NSA_CUDA_NO_PACK=1 (benchmarks): one query per tile even when h < 16
-  int qt_max;   // NSA_CUDA_QTILES=1 (benchmarks): one query tile per CTA
+  int qt_max;   // NSA_CUDA_QTILES=1|2 (benchmarks): force one / two query tiles per CTA
   int stages_max;  // NSA_CUDA_STAGES=2 (benchmarks): two-stage K/V ring
   int l2hint;      // NSA_CUDA_L2HINT=0 (benchmarks): no L2 cache policies
 };
@@ -124,7 +124,7 @@ extern "C" int nsa_cuda_ctx_create(int device, size_t ws_cap, nsa_cuda_ctx_t **o
   const char *np = getenv("NSA_CUDA_NO_PACK");
   ctx->no_pack = np && np[0] == '1';
   const char *qt = getenv("NSA_CUDA_QTILES");
-  ctx->qt_max = (qt && qt[0] == '1') ? 1 : 2;
+  ctx->qt_max = (qt && (qt[0] == '1' || qt[0] == '2')) ? qt[0] - '0' : 0;
   const char *ns = getenv("NSA_CUDA_STAGES");
   ctx->stages_max = (ns && ns[0] == '2') ? 2 : 3;
   const char *lh = getenv("NSA_CUDA_L2HINT");
@@ -379,7 +379,7 @@ static int run_attention(nsa_cuda_ctx_t *ctx, const nsa_cuda_attn_t *at, nsa_dty
                          int use_mma, const nsa_plan_t *plan, nsa_cuda_piece_t *pieces, int2 *gcount,
                          char *msg, size_t msglen) {
   if (use_mma) {
-    const int Pg = P * nsa_cuda_qtiles(at->Dv, P, at->qt_max);
+    const int Pg = P * nsa_cuda_qtiles(at->Dk, at->Dv, P, at->qt_max);
     CK(nsa_cuda_launch_plan_group(plan, at->B, at->S, at->G, Pg, pieces, gcount, ctx->stream),
        "group planner launch");
     CK(nsa_cuda_launch_fwd_mma(at, dt, P, pieces, gcount, nsa_cuda_max_pieces(plan->n, Pg), ctx->stream),
@@ -459,7 +459,7 @@ extern "C" int nsa_cuda_sel_fwd(nsa_cuda_ctx_t *ctx, const nsa_fwd_args_t *a,
 
   const int P = ctx->no_pack ? 1 : nsa_cuda_pack_queries(d.h);
   req_layout_t L;
-  req_layout(&d, P * nsa_cuda_qtiles(d.Dv, P, ctx->qt_max), &L);
+  req_layout(&d, P * nsa_cuda_qtiles(d.Dk, d.Dv, P, ctx->qt_max), &L);
   st = arena_reserve(ctx, L.end_plan, 0, msg, msglen);
   if (st) return st;
   char *ws = (char *)ctx->arena;
@@ -524,7 +524,7 @@ extern "C" int nsa_cuda_sel_fwd(nsa_cuda_ctx_t *ctx, const nsa_fwd_args_t *a,
     size_t kp_off = align256(pplan_off + nsa_plan_layout(d.rows, 1, &pl));
     size_t vp_off = align256(kp_off + (size_t)hsum.total * d.Dk * es);
     size_t pieces_off = align256(vp_off + (size_t)hsum.total * d.Dv * es);
-    const int Pg = nsa_cuda_qtiles(d.Dv, 1, ctx->qt_max);
+    const int Pg = nsa_cuda_qtiles(d.Dk, d.Dv, 1, ctx->qt_max);
     int64_t ng = nsa_cuda_num_groups(d.B, d.S, d.G, Pg);
     size_t gcount_off = align256(pieces_off + (size_t)ng * nsa_cuda_max_pieces(1, Pg) * sizeof(nsa_cuda_piece_t));
     used = align256(gcount_off + (size_t)ng * sizeof(int2));

@@ -95,17 +95,24 @@ typedef struct {
   int64_t B, S, Skv, G, h, Dk, Dv, n;
   float scale;
   const long long *invalid;   /* device; kernels exit when *invalid > 0 (may be NULL) */
-  int qt_max;                 /* query tiles per tensor-core CTA allowed (1 or 2) */
+  int qt_max;                 /* query-tile mode of nsa_cuda_qtiles (0 auto, 1, 2) */
   int stages_max;             /* K/V pipeline stages allowed (2 or 3) */
   int l2hint;                 /* 1: L2 evict_last for K/V, evict_first for Q */
 } nsa_cuda_attn_t;
 
-/* Query tiles (16 MMA rows each) per tensor-core CTA: 2 where the f32
+/* Query tiles (16 MMA rows each) per tensor-core CTA: 2 only where the f32
  * accumulators fit in registers (Dv <= 128) and the group (P * tiles queries)
- * fits the 32 lanes of the group planner's warp; else 1. The group planner
- * runs with P * nsa_cuda_qtiles(Dv, P) queries per group. */
-static inline int nsa_cuda_qtiles(int64_t Dv, int P, int qt_max) {
-  return (qt_max >= 2 && Dv <= 128 && 2 * P <= 32) ? 2 : 1;
+ * fits the 32 lanes of the group planner's warp. qt_mode: 0 auto, 1 or 2
+ * forced (NSA_CUDA_QTILES, benchmarks). The group planner runs with
+ * P * nsa_cuda_qtiles(...) queries per group. */
+static inline int nsa_cuda_qtiles(int64_t Dk, int64_t Dv, int P, int qt_mode) {
+  if (Dv > 128 || 2 * P > 32 || qt_mode == 1) return 1;
+  if (qt_mode == 2) return 2;
+  /* auto: Dk + Dv <= 256 keeps 3 CTAs per SM with one tile (two tiles need
+   * ~214 registers: 2 CTAs per SM); measured faster on random selections and
+   * level on correlated ones. Larger Dk is at 2 CTAs per SM either way, and
+   * there two tiles halve the K/V traffic of correlated selections. */
+  return Dk + Dv <= 256 ? 1 : 2;
 }
 
 /* Tensor-core kernel (bf16/f16, Dk/Dv in {64,128,192,256}, 16-byte aligned

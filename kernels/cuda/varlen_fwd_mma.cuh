@@ -13,6 +13,8 @@
 //   S (16x16 per warp) = Q (16 x DK, smem, ldmatrix) . K^T (ldmatrix)      mma m16n8k16
 //   O (16 x DV)       += P (S accumulators repacked as A) . V (ldmatrix.trans)
 #pragma once
+#include <cstdio>
+#include <cstdlib>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -22,7 +24,11 @@ namespace nsa_mma {
 
 constexpr int kThreads = 128;
 constexpr int kBN = 64;  // keys per tile (16 per warp)
-constexpr int kPieceCache = 64;  // groups with at most this many pieces search them in smem
+// Groups with at most this many pieces search them in shared memory: 32 for
+// one query tile (2 * n pieces for n <= 16), 64 for two. Kept small on
+// purpose: at Dk = Dv = 128 one more KB of shared memory drops the kernel
+// from 3 to 2 CTAs per SM, which cost 25-35 % on H100 (docs/PERF.md).
+template <int QT> __host__ __device__ constexpr int piece_cache() { return QT == 1 ? 32 : 64; }
 
 template <typename T> struct MmaOp;
 template <> struct MmaOp<__nv_bfloat16> {
@@ -117,7 +123,7 @@ template <int DK, int DV, int QT, int NS> struct Smem {
   static constexpr size_t tok_off = v_off + NS * kBN * VS * 2;   // NS + 1 lookup buffers
   static constexpr size_t mask_off = tok_off + (NS + 1) * kBN * 4;
   static constexpr size_t pc_off = mask_off + (NS + 1) * kBN * 4;  // piece cache
-  static constexpr size_t red_off = pc_off + kPieceCache * 16;  // m[4][16], l[4][16], M[16], L[16]
+  static constexpr size_t red_off = pc_off + piece_cache<QT>() * 16;  // m[4][16], l[4][16], M[16], L[16]
   static constexpr size_t bytes = red_off + (2 * 4 * 16 + 2 * 16) * 4;
   // The final merge reuses the K/V ring as acc[4 warps][16][DV] f32.
   static_assert(4 * 16 * DV * 4 <= NS * kBN * (KS + VS) * 2, "merge buffer fits in K/V ring");
@@ -163,7 +169,7 @@ __global__ void __launch_bounds__(kThreads)
   const unsigned long long pol_kv = policy_evict_last(), pol_q = policy_evict_first();
   // Short piece lists (always at h >= 16, where a group is one query) are
   // searched in shared memory: the lookup is on every tile's critical path.
-  if (np <= kPieceCache) {
+  if (np <= piece_cache<QT>()) {
     for (int i = tid; i < np; i += kThreads) sPc[i] = gp[i];
     gp = sPc;
   }
@@ -443,10 +449,13 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// K/V ring depth: 3 stages where the CTA still fits twice per SM (<= 113 KB
-// of shared memory), else 2.
+// CTAs per SM that shared memory allows (228 KB per SM, 1 KB reserved per
+// CTA on sm_90).
+constexpr int ctas_per_sm(size_t bytes) { return (int)((228 * 1024) / (bytes + 1024)); }
+// K/V ring depth: 3 stages only where that costs no CTA per SM (the kernel is
+// latency-bound: resident CTAs matter more than a deeper ring), else 2.
 template <int DK, int DV, int QT> constexpr int stages_for() {
-  return Smem<DK, DV, QT, 3>::bytes <= 113 * 1024 ? 3 : 2;
+  return ctas_per_sm(Smem<DK, DV, QT, 3>::bytes) >= ctas_per_sm(Smem<DK, DV, QT, 2>::bytes) ? 3 : 2;
 }
 
 template <typename T, int DK, int DV, int QT, int NS>
@@ -461,7 +470,21 @@ cudaError_t launch_ns(const nsa_cuda_attn_t *a, int P, const nsa_cuda_piece_t *p
   if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
   cudaError_t e = cudaFuncSetAttribute(fwd_mma_kernel<T, DK, DV, QT, NS>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)L::bytes);
+  if (e == cudaSuccess)  // all of the unified L1/shared storage as shared memory
+    e = cudaFuncSetAttribute(fwd_mma_kernel<T, DK, DV, QT, NS>,
+                             cudaFuncAttributePreferredSharedMemoryCarveout, 100);
   if (e != cudaSuccess) return e;
+  static int said = 0;  // NSA_CUDA_VERBOSE=1: the configuration, once per instantiation
+  if (!said) {
+    said = 1;
+    const char *vb = getenv("NSA_CUDA_VERBOSE");
+    if (vb && vb[0] == '1') {
+      int nb = 0;
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, fwd_mma_kernel<T, DK, DV, QT, NS>, kThreads, L::bytes);
+      fprintf(stderr, "nsa_cuda fwd_mma: Dk=%d Dv=%d QT=%d NS=%d smem=%zu B, %d CTAs/SM\n", DK, DV, QT, NS,
+              (size_t)L::bytes, nb);
+    }
+  }
   fwd_mma_kernel<T, DK, DV, QT, NS><<<(unsigned)grid, kThreads, L::bytes, st>>>(
       *a, P, HT, njt, pieces, gcount, maxp, a->l2hint);
   return cudaGetLastError();
@@ -478,12 +501,12 @@ cudaError_t launch_qt(const nsa_cuda_attn_t *a, int P, const nsa_cuda_piece_t *p
 }
 
 // P here is the queries per MMA tile; the group planner must have been run
-// with P * nsa_cuda_qtiles(DV, P, qt_max) queries per group.
+// with P * nsa_cuda_qtiles(DK, DV, P, qt_max) queries per group.
 template <typename T, int DK, int DV>
 cudaError_t launch(const nsa_cuda_attn_t *a, int P, const nsa_cuda_piece_t *pieces,
                    const int2 *gcount, int64_t maxp, cudaStream_t st) {
   if constexpr (DV <= 128) {
-    if (nsa_cuda_qtiles(DV, P, a->qt_max) == 2) return launch_qt<T, DK, DV, 2>(a, P, pieces, gcount, maxp, st);
+    if (nsa_cuda_qtiles(DK, DV, P, a->qt_max) == 2) return launch_qt<T, DK, DV, 2>(a, P, pieces, gcount, maxp, st);
   }
   return launch_qt<T, DK, DV, 1>(a, P, pieces, gcount, maxp, st);
 }
