@@ -625,7 +625,15 @@ Test(cuda_bwd, bench, .timeout = 300) {
   const char *e = getenv("NSA_BWD_BENCH");
   if (!e || e[0] != '1') cr_skip_test("set NSA_BWD_BENCH=1 to time the backward");
   nsa_cuda_ctx_t *ctx = mkctx(0);
-  const int64_t hs[] = {16, 1, 4};
-  for (int i = 0; i < 3; i++) bench_one(ctx, 16384, hs[i]);
+  /* NSA_BWD_BENCH_H="16,1": the head counts to time (default 16,1,4) */
+  const char *hl = getenv("NSA_BWD_BENCH_H");
+  if (!hl || !*hl) hl = "16,1,4";
+  for (const char *p = hl; *p;) {
+    char *end;
+    long h = strtol(p, &end, 10);
+    if (end == p) break;
+    if (h > 0) bench_one(ctx, 16384, h);
+    p = *end ? end + 1 : end;
+  }
   nsa_cuda_ctx_destroy(ctx);
 }
