@@ -229,6 +229,8 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--vocab", type=int, default=32)
+    ap.add_argument("--dk", type=int, default=None,
+                    help="head dim (default 16 on cpu, 64 on cuda: the GPU kernels' sizes)")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--step-sleep", type=float, default=0.0)
     ap.add_argument("--timeout", type=float, default=300)
@@ -290,7 +292,8 @@ def run(args, ctl, summary):
     torch.manual_seed(0)
     mp_ctx = mp.get_context("spawn")
     P = markov_chain(args.vocab, 0)
-    model = TinyNSA(args.vocab, args.seq, dim=32, groups=2, heads_per_group=2, dk=16,
+    dk = args.dk or (64 if args.device == "cuda" else 16)
+    model = TinyNSA(args.vocab, args.seq, dim=32, groups=2, heads_per_group=2, dk=dk,
                     block_size=8, n_sel=3).to(args.device)
     if args.device == "cpu":
         model.share_memory()

@@ -135,7 +135,7 @@ def run(tests, daemon=None, argv=None):
     return 1 if failed else 0
 
 
-def main(tests, needs=(), extra=(), backend="cpu"):
+def main(tests, needs=(), extra=(), backend=None):
     """Entry point of a suite: skips the suite when a module in `needs` is
     missing, starts nsad, runs, stops nsad (its exit status must be 0)."""
     for mod in needs:
@@ -143,7 +143,9 @@ def main(tests, needs=(), extra=(), backend="cpu"):
             __import__(mod)
         except ImportError as e:
             skip_suite("%s not importable (%s); install python3-%s" % (mod, e, mod))
-    d = Daemon(extra=extra, backend=backend)
+    # NSAD_TEST_BACKEND=cuda runs the host-tensor suites against the cuda
+    # backend (shm regions through cudaHostRegister) on a GPU machine.
+    d = Daemon(extra=extra, backend=backend or os.environ.get("NSAD_TEST_BACKEND", "cpu"))
     try:
         rc = run(tests, d)
     finally:
