@@ -19,7 +19,7 @@
  * sync=false: fwd/bwd return once the work is queued on the worker's stream.
  * The job then comes back to the loop, which may drop the last reference of a
  * region while the GPU still reads it. So each queue has an `unsynced` flag
- * (set by the worker before it queues async work); closing a region/event
+ * (set by the worker after it queued async work); closing a region/event
  * first synchronizes the streams whose flag is set. The job's completion goes
  * through the job queue's mutex, so a flag set by the worker for that job is
  * visible to the loop thread when it closes the region.
@@ -325,10 +325,10 @@ static int cb_fwd(nsad_backend_t *b, void *wctx, const nsa_fwd_args_t *a,
   cb_worker_t *w = wctx;
   nsa_cuda_exec_t e = {ex ? ex->wait_event : NULL, ex ? ex->done_event : NULL, ex ? ex->sync : 1};
   w->last_async = !e.sync;
-  /* Before queuing: the loop may close a region as soon as this returns. */
-  if (!e.sync) atomic_store(&cb->q[w->queue].unsynced, 1);
   int rc = nsa_cuda_sel_fwd(w->ctx, a, flags, force_path, &e, info, msg, msglen);
-  if (rc != NSA_OK) atomic_store(&cb->q[w->queue].unsynced, 1); /* partial work may be queued */
+  /* After queuing (a drain that ran in between may have missed this job's
+   * work); an error may leave partial work queued too. */
+  if (!e.sync || rc != NSA_OK) atomic_store(&cb->q[w->queue].unsynced, 1);
   after_run(w, rc);
   return rc;
 }
@@ -340,9 +340,8 @@ static int cb_bwd(nsad_backend_t *b, void *wctx, const nsa_bwd_args_t *a,
   cb_worker_t *w = wctx;
   nsa_cuda_exec_t e = {ex ? ex->wait_event : NULL, ex ? ex->done_event : NULL, ex ? ex->sync : 1};
   w->last_async = !e.sync;
-  if (!e.sync) atomic_store(&cb->q[w->queue].unsynced, 1);
   int rc = nsa_cuda_sel_bwd(w->ctx, a, flags, force_path, &e, info, msg, msglen);
-  if (rc != NSA_OK) atomic_store(&cb->q[w->queue].unsynced, 1);
+  if (!e.sync || rc != NSA_OK) atomic_store(&cb->q[w->queue].unsynced, 1);
   after_run(w, rc);
   return rc;
 }
