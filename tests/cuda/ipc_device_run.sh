@@ -40,7 +40,7 @@ S=/tmp/nsad-example.sock
 rm -f "$S"
 "$B/bin/nsad" --backend cuda --socket "$S" --log-level debug > "$OUT/nsad_example.log" 2>&1 &
 np=$!
-for _ in $(seq 150); do [ -S "$S" ] && break; sleep 0.1; done
+for _ in $(seq 150); do [ -S "$S" ] && break; kill -0 "$np" 2>/dev/null || break; sleep 0.1; done
 timeout 60 "$B/bin/nsa_example" --socket "$S" --iters 3 2>&1 | tee "$OUT/example.log" || rc=1
 kill -TERM "$np" 2>/dev/null
 wait "$np"
