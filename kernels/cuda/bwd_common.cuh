@@ -69,6 +69,27 @@ __device__ __forceinline__ void ldsm_x4_t(unsigned addr, unsigned &r0, unsigned 
 __device__ __forceinline__ void cp_async16(unsigned dst, const void *src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
+// Same with an L2 eviction policy (createpolicy below).
+__device__ __forceinline__ void cp_async16p(unsigned dst, const void *src, int src_bytes, unsigned long long pol) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes), "l"(pol));
+}
+// 4-byte async copy (scalars gathered per column); src_bytes = 0 zero-fills.
+__device__ __forceinline__ void cp_async4(unsigned dst, const void *src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+// L2 policies: data re-read by many CTAs stays (evict_last); data read once
+// streams (evict_first), so it does not push the re-read data out of L2.
+__device__ __forceinline__ unsigned long long policy_evict_last() {
+  unsigned long long p;
+  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(p));
+  return p;
+}
+__device__ __forceinline__ unsigned long long policy_evict_first() {
+  unsigned long long p;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(p));
+  return p;
+}
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));

@@ -20,6 +20,9 @@
 //      dS = P ∘ (dP − delta), P = exp2(S*scale*log2e − lse*log2e), masked by row
 //      dQ_w += dS (16 x 16 keys) . K (16 keys x DK)   (ldmatrix.trans)
 //    the 4 warps' dQ_w are added in warp order through shared memory.
+//    K/V are re-read by every query that selected them: their loads carry the
+//    L2 evict_last policy, the once-read Q/dO evict_first (measured on an
+//    H200 without the hints: 2.9 TB/s, i.e. K/V fell out of L2 to HBM).
 #include "bwd_common.cuh"
 
 using namespace nsa_bwd;
@@ -132,6 +135,7 @@ __global__ void __launch_bounds__(kThreads)
 
   const bool bad = a.invalid != nullptr && *a.invalid > 0;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const unsigned long long pol_kv = policy_evict_last(), pol_q = policy_evict_first();
   const int64_t grp = blockIdx.x / njt;
   const int jt = blockIdx.x % njt;
   const int64_t ngt = (a.S + P - 1) / P;
@@ -174,7 +178,7 @@ __global__ void __launch_bounds__(kThreads)
         bytes = 16;
       }
       T *dst = isq ? sQ + m * L::QS + part * 8 : sO + m * L::OS + part * 8;
-      cp_async16(smem_u32(dst), src, bytes);
+      cp_async16p(smem_u32(dst), src, bytes, pol_q);
     }
   }
 
@@ -206,13 +210,13 @@ __global__ void __launch_bounds__(kThreads)
       int kk = c / CK, part = c % CK;
       int tok = sTok[lb * kBN + kk];
       const T *src = tok >= 0 ? kbase + (int64_t)tok * a.ks[1] + part * 8 : kbase;
-      cp_async16(smem_u32(sK + (stg * kBN + kk) * L::KS + part * 8), src, tok >= 0 ? 16 : 0);
+      cp_async16p(smem_u32(sK + (stg * kBN + kk) * L::KS + part * 8), src, tok >= 0 ? 16 : 0, pol_kv);
     }
     for (int c = tid; c < kBN * CV; c += kThreads) {
       int kk = c / CV, part = c % CV;
       int tok = sTok[lb * kBN + kk];
       const T *src = tok >= 0 ? vbase + (int64_t)tok * a.vs[1] + part * 8 : vbase;
-      cp_async16(smem_u32(sV + (stg * kBN + kk) * L::VS + part * 8), src, tok >= 0 ? 16 : 0);
+      cp_async16p(smem_u32(sV + (stg * kBN + kk) * L::VS + part * 8), src, tok >= 0 ? 16 : 0, pol_kv);
     }
   };
 

@@ -124,7 +124,7 @@ extern "C" int nsa_cuda_ctx_create(int device, size_t ws_cap, nsa_cuda_ctx_t **o
   const char *np = getenv("NSA_CUDA_NO_PACK");
   ctx->no_pack = np && np[0] == '1';
   const char *qt = getenv("NSA_CUDA_QTILES");
-  ctx->qt_max = (qt && (qt[0] == '1' || qt[0] == '2')) ? qt[0] - '0' : 0;
+  ctx->qt_max = (qt && qt[0] >= '1' && qt[0] <= '3') ? qt[0] - '0' : 0;
   const char *ns = getenv("NSA_CUDA_STAGES");
   ctx->stages_max = (ns && ns[0] == '2') ? 2 : 3;
   const char *lh = getenv("NSA_CUDA_L2HINT");

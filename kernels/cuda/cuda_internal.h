@@ -95,7 +95,7 @@ typedef struct {
   int64_t B, S, Skv, G, h, Dk, Dv, n;
   float scale;
   const long long *invalid;   /* device; kernels exit when *invalid > 0 (may be NULL) */
-  int qt_max;                 /* query-tile mode of nsa_cuda_qtiles (0 auto, 1, 2) */
+  int qt_max;                 /* query-tile mode of nsa_cuda_qtiles (0 auto, 1, 2; 3 = one tile on the generalized kernel) */
   int stages_max;             /* K/V pipeline stages allowed (2 or 3) */
   int l2hint;                 /* 1: L2 evict_last for K/V, evict_first for Q */
 } nsa_cuda_attn_t;
@@ -106,7 +106,7 @@ typedef struct {
  * forced (NSA_CUDA_QTILES, benchmarks). The group planner runs with
  * P * nsa_cuda_qtiles(...) queries per group. */
 static inline int nsa_cuda_qtiles(int64_t Dk, int64_t Dv, int P, int qt_mode) {
-  if (Dv > 128 || 2 * P > 32 || qt_mode == 1) return 1;
+  if (Dv > 128 || 2 * P > 32 || qt_mode == 1 || qt_mode == 3) return 1;
   if (qt_mode == 2) return 2;
   /* auto: Dk + Dv <= 256 keeps 3 CTAs per SM with one tile (two tiles need
    * ~214 registers: 2 CTAs per SM); measured faster on random selections and

@@ -43,6 +43,7 @@ template <> struct MmaOp<__nv_bfloat16> {
     __nv_bfloat162 v = __floats2bfloat162_rn(x, y);
     return *reinterpret_cast<unsigned *>(&v);
   }
+  static __device__ __forceinline__ void store_plain(__nv_bfloat16 *p, float x) { *p = __float2bfloat16_rn(x); }
   static __device__ __forceinline__ void store(__nv_bfloat16 *p, float x) {
     __nv_bfloat16 v = __float2bfloat16_rn(x);
     asm volatile("st.global.cs.b16 [%0], %1;\n" ::"l"(p), "h"(*reinterpret_cast<unsigned short *>(&v)));
@@ -60,6 +61,7 @@ template <> struct MmaOp<__half> {
     __half2 v = __floats2half2_rn(x, y);
     return *reinterpret_cast<unsigned *>(&v);
   }
+  static __device__ __forceinline__ void store_plain(__half *p, float x) { *p = __float2half_rn(x); }
   static __device__ __forceinline__ void store(__half *p, float x) {
     __half v = __float2half_rn(x);
     asm volatile("st.global.cs.b16 [%0], %1;\n" ::"l"(p), "h"(*reinterpret_cast<unsigned short *>(&v)));
@@ -500,6 +502,8 @@ cudaError_t launch_qt(const nsa_cuda_attn_t *a, int P, const nsa_cuda_piece_t *p
   return launch_ns<T, DK, DV, QT, 2>(a, P, pieces, gcount, maxp, st);
 }
 
+#include "varlen_fwd_mma_q1.cuh"
+
 // P here is the queries per MMA tile; the group planner must have been run
 // with P * nsa_cuda_qtiles(DK, DV, P, qt_max) queries per group.
 template <typename T, int DK, int DV>
@@ -508,7 +512,9 @@ cudaError_t launch(const nsa_cuda_attn_t *a, int P, const nsa_cuda_piece_t *piec
   if constexpr (DV <= 128) {
     if (nsa_cuda_qtiles(DK, DV, P, a->qt_max) == 2) return launch_qt<T, DK, DV, 2>(a, P, pieces, gcount, maxp, st);
   }
-  return launch_qt<T, DK, DV, 1>(a, P, pieces, gcount, maxp, st);
+  if (a->qt_max == 3)  // NSA_CUDA_QTILES=3 (benchmarks): the generalized kernel with one tile
+    return launch_qt<T, DK, DV, 1>(a, P, pieces, gcount, maxp, st);
+  return launch_q1<T, DK, DV>(a, P, pieces, gcount, maxp, st);
 }
 
 // Dispatch over the built (Dk, Dv) pairs.
