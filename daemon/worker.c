@@ -37,9 +37,13 @@ static void run_job(nsad_backend_t *b, void *wctx, nsad_job_t *job) {
                               job->msg, sizeof job->msg);
   if (job->info.device_us <= 0) job->info.device_us = now_us() - t0;
   /* NSA_SEL_SHADOW_RATE: a fraction of forwards also run on a second path
-   * into backend scratch memory; the client keeps the primary's result. */
+   * into backend scratch memory; the client keeps the primary's result.
+   * Only for sync requests: with sync=false the client owns its buffers again
+   * once done_event fires, so a later comparison would race with it (the CPU
+   * backend always runs synchronously, so it shadows every sampled request). */
+  int sync_done = job->ex.sync || !strcmp(b->ops->name, "cpu");
   if (job->status == NSA_OK && job->kind == NSAD_JOB_FWD && job->flags.shadow_rate > 0 &&
-      b->ops->shadow_fwd) {
+      sync_done && b->ops->shadow_fwd) {
     static atomic_uint_fast64_t seq;
     nsa_path_t sp = nsad_shadow_choose(job->flags.shadow_rate, job->info.path,
                                        (uint64_t)atomic_fetch_add(&seq, 1));
