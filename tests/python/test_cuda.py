@@ -30,6 +30,9 @@ if not _cuda.available():
     nsadtest.skip_suite("libnsaclient lacks the device-pointer API")
 
 RNG = np.random.default_rng(int.from_bytes(os.urandom(8), "little"))
+# outputs NaN-filled on the stream before nsad runs: a consumer that did not
+# wait for nsad's done_event would read NaN
+_cuda._POISON = True
 TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 2e-2), torch.bfloat16: (2e-2, 1e-1)}
 
 
@@ -67,6 +70,34 @@ def test_cuda_forward_backward(d):
                 assert r.path in nsad.PATHS
 
 
+def test_ordering_without_host_sync(d):
+    """A long request (large S, Skv) consumed at once on the same side
+    stream, many times in a row, with no host synchronization in between:
+    every result must be complete (outputs are NaN-poisoned on the stream
+    before the request, so an unordered read shows NaN)."""
+    with nsad.Client(socket=d.sock) as c:
+        s = torch.cuda.Stream()
+        case = (4, 512, 4096, 2, 8, 128, 128, 16, 64)
+        B, S, Skv, G, h, Dk, Dv, n, bs = case
+        g = torch.Generator(device="cuda").manual_seed(int(RNG.integers(1 << 30)))
+        with torch.cuda.stream(s):
+            q = torch.rand(B, S, G * h, Dk, device="cuda", generator=g, dtype=torch.bfloat16)
+            k = torch.rand(B, Skv, G, Dk, device="cuda", generator=g, dtype=torch.bfloat16)
+            v = torch.rand(B, Skv, G, Dv, device="cuda", generator=g, dtype=torch.bfloat16)
+            sel = torch.randint(-1, Skv // bs, (B, S, G, n), device="cuda", generator=g,
+                                dtype=torch.int32)
+            sums = []
+            for _ in range(20):
+                o, lse = selection_attention(q, k, v, sel, block_size=bs, client=c)
+                sums.append(torch.isnan(o).sum() + torch.isnan(lse).sum())
+            bad = int(torch.stack(sums).sum().item())  # the only host wait, at the end
+        assert bad == 0, "%d NaN elements read before nsad finished" % bad
+        # and the values are right (one check against the reference)
+        ro, _ = ref.forward(*(x.double().cpu().numpy() for x in (q, k, v)),
+                            sel.cpu().numpy(), bs)
+        assert ref.max_rel_err(o.double().cpu().numpy(), ro) <= TOL[torch.bfloat16][0]
+
+
 def test_side_stream_and_every_path(d):
     with nsad.Client(socket=d.sock) as c:
         s = torch.cuda.Stream()
@@ -96,5 +127,6 @@ if __name__ == "__main__":
         nsadtest.Daemon(backend="cuda").stop()
     except RuntimeError as e:
         nsadtest.skip_suite("nsad --backend cuda does not start here: %s" % str(e)[-300:])
-    sys.exit(nsadtest.main([test_cuda_forward_backward, test_side_stream_and_every_path,
-                            test_cuda_train_smoke], backend="cuda"))
+    sys.exit(nsadtest.main([test_cuda_forward_backward, test_ordering_without_host_sync,
+                            test_side_stream_and_every_path, test_cuda_train_smoke],
+                           backend="cuda"))

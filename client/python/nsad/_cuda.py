@@ -24,6 +24,7 @@ cuda backend, makes CUDA tensors raise NsadError('unsupported'), while CPU
 tensors keep working.
 """
 import ctypes
+import os
 
 import torch
 
@@ -144,11 +145,23 @@ def _run(client, submit, args, device, tensors):
     client.last_reply = Reply(r)
 
 
+# NSAD_PYTHON_POISON=1: fill outputs with NaN on the stream before nsad runs
+# (tests: a consumer that does not wait for nsad reads NaN, not stale data).
+_POISON = os.environ.get("NSAD_PYTHON_POISON") == "1"
+
+
+def _outputs(*ts):
+    if _POISON:
+        for t in ts:
+            t.fill_(float("nan"))
+    return ts
+
+
 def forward(client, q, k, v, sel, block_size, scale, kind):
     _require(client)
     B, S, H, _ = q.shape
-    o = torch.empty((B, S, H, v.shape[3]), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, S, H), dtype=torch.float32, device=q.device)
+    o, lse = _outputs(torch.empty((B, S, H, v.shape[3]), dtype=q.dtype, device=q.device),
+                      torch.empty((B, S, H), dtype=torch.float32, device=q.device))
     sel = sel.to(q.device)
     with client._lock:
         client._live()
@@ -165,7 +178,7 @@ def forward(client, q, k, v, sel, block_size, scale, kind):
 
 def backward(client, q, k, v, o, lse, do, sel, block_size, scale, kind):
     _require(client)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = _outputs(torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     sel = sel.to(q.device)
     with client._lock:
         client._live()
