@@ -26,6 +26,7 @@ static struct {
   atomic_int poisoned;
 } g_guard[NSAD_GUARD_SLOTS];
 static int g_guard_on;
+static uintptr_t g_page_mask = 4095; /* set at install: sysconf is not async-signal-safe */
 
 static void on_sigbus(int sig, siginfo_t *si, void *uc) {
   uintptr_t a = (uintptr_t)si->si_addr;
@@ -34,7 +35,7 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc) {
     if (!st || a < st) continue;
     uintptr_t end = atomic_load_explicit(&g_guard[i].end, memory_order_relaxed);
     if (a >= end) continue;
-    uintptr_t page = a & ~(uintptr_t)4095;
+    uintptr_t page = a & ~g_page_mask;
     /* mmap is a plain system call on Linux, safe in practice here. */
     if (mmap((void *)page, end - page, PROT_READ | PROT_WRITE,
              MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED)
@@ -52,6 +53,10 @@ int nsad_shm_guard_install(void) {
   sa.sa_sigaction = on_sigbus;
   sa.sa_flags = SA_SIGINFO | SA_NODEFER;
   sigemptyset(&sa.sa_mask);
+  long ps = sysconf(_SC_PAGESIZE);
+  /* 64 KiB pages exist (arm64 servers): a 4 KiB-rounded MAP_FIXED address
+   * would fail there and the fault would kill nsad after all. */
+  if (ps > 0 && (ps & (ps - 1)) == 0) g_page_mask = (uintptr_t)ps - 1;
   if (sigaction(SIGBUS, &sa, NULL) != 0) return -1;
   g_guard_on = 1;
   return 0;
@@ -66,7 +71,6 @@ static int guard_add(void *base, uint64_t len) {
       atomic_store_explicit(&g_guard[i].start, (uintptr_t)base, memory_order_release);
       return i;
     }
-  nsad_warn("SIGBUS guard table full: a shm region is served without it");
   return -1;
 }
 
@@ -209,11 +213,24 @@ int nsad_shm_open(const char *name, uint64_t size, uid_t peer_uid, nsad_region_t
     return nsa_proto_err_set(err, e == ENOMEM ? NSA_E_BUSY : NSA_E_INTERNAL, "mmap %s: %s", name,
                              strerror(e));
   }
+  /* An unguarded shm region lets its owner kill nsad (truncate the object
+   * under a running request → SIGBUS for everyone): refuse rather than serve
+   * one while the guard is on and its table is full. */
+  int guard = guard_add(p, size);
+  if (guard < 0 && g_guard_on) {
+    munmap(p, (size_t)size);
+    close(fd);
+    nsad_warn("SIGBUS guard table full (%d shm regions): refusing %s", NSAD_GUARD_SLOTS, name);
+    return nsa_proto_err_set(err, NSA_E_BUSY,
+                             "nsad holds %d shm regions (the limit across all sessions); "
+                             "unregister some",
+                             NSAD_GUARD_SLOTS);
+  }
   r->base = p;
   r->size = size;
   r->mapped = size;
   r->fd = fd;
-  r->guard = guard_add(p, size);
+  r->guard = guard;
   r->device = -1;
   snprintf(r->name, sizeof r->name, "%s", name);
   return 0;
