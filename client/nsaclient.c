@@ -341,8 +341,15 @@ static int ensure_connected(nsa_client_t *c) {
     }
     c->connections++;
     if (handshake(c) != 0) {
-      if (c->fd >= 0) return -1; /* the daemon refused: report its error */
-      continue;                  /* it died during the handshake: retry */
+      if (c->fd >= 0) {
+        /* The daemon refused hello (or did not answer it): report its error.
+         * This connection has no session, so it must not be reused: the
+         * next call would send a request before hello and get a misleading
+         * bad_request instead of the daemon's verdict. */
+        disconnect(c);
+        return -1;
+      }
+      continue; /* it died during the handshake: retry */
     }
     return 0;
   }

@@ -5,12 +5,14 @@
 #define _GNU_SOURCE
 #include <criterion/criterion.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -114,4 +116,115 @@ Test(review, shm_guard_table_full_refuses_instead_of_serving_unguarded) {
     d.pid = 0;
     th_stop(&d, 1);
   }
+}
+
+/* ---- client: a refused hello must not leave a session-less connection ---- */
+
+/* A fake nsad: connection 1 accepts hello, then drops the connection when
+ * the next request arrives (a daemon that died). Every later connection
+ * answers hello with protocol_version (an upgraded daemon) and keeps the
+ * connection open, like nsad does. `violations` counts requests other than
+ * hello arriving first on a connection: a client must never send those. */
+typedef struct {
+  int lfd;
+  int violations;
+  int connections;
+} fake_t;
+
+static int fake_next(int fd, nsa_proto_decoder_t *dec, nsa_proto_msg_t *m) {
+  for (;;) {
+    nsa_proto_err_t err;
+    int known;
+    uint32_t id;
+    int rc = nsa_proto_decoder_next(dec, m, &err, &known, &id);
+    if (rc != 0) return rc;
+    size_t avail;
+    char *buf = nsa_proto_decoder_buffer(dec, 4096, &avail);
+    ssize_t n = read(fd, buf, avail);
+    if (n <= 0) return 0;
+    nsa_proto_decoder_commit(dec, (size_t)n);
+  }
+}
+
+static void fake_reply(int fd, uint32_t msgid, nsa_proto_code_t code, int hello_ok) {
+  nsa_proto_writer_t w;
+  nsa_proto_writer_init(&w);
+  if (code != NSA_E_OK) {
+    nsa_proto_write_error(&w, msgid, code, "fake daemon says no");
+  } else {
+    nsa_proto_write_result_begin(&w, msgid);
+    if (hello_ok) {
+      msgpack_pack_map(&w.pk, 2);
+      nsa_proto_pack_kv_int(&w.pk, "protocol", 1);
+      nsa_proto_pack_kv_uint(&w.pk, "session", 1);
+    } else {
+      msgpack_pack_nil(&w.pk);
+    }
+  }
+  th_raw_send(fd, w.sbuf.data, w.sbuf.size);
+  nsa_proto_writer_destroy(&w);
+}
+
+static void *fake_main(void *arg) {
+  fake_t *f = arg;
+  for (;;) {
+    int fd = accept(f->lfd, NULL, NULL);
+    if (fd < 0) return NULL;
+    int conn = ++f->connections;
+    nsa_proto_decoder_t *dec = nsa_proto_decoder_new(1u << 20);
+    int said_hello = 0;
+    nsa_proto_msg_t m;
+    while (fake_next(fd, dec, &m) == 1) {
+      int is_hello = m.method_len == 5 && !memcmp(m.method, "hello", 5);
+      if (!said_hello && !is_hello) {
+        f->violations++;
+        fake_reply(fd, m.msgid, NSA_E_BAD_REQUEST, 0);
+        continue;
+      }
+      if (conn == 1) {
+        if (said_hello) break; /* dies with this request in flight */
+        said_hello = 1;
+        fake_reply(fd, m.msgid, NSA_E_OK, 1);
+      } else {
+        fake_reply(fd, m.msgid, NSA_E_PROTOCOL_VERSION, 0);
+      }
+    }
+    nsa_proto_decoder_free(dec);
+    close(fd);
+  }
+}
+
+Test(review, client_never_reuses_a_connection_whose_hello_was_refused) {
+  char dir[] = "/tmp/nsa-review-XXXXXX";
+  cr_assert_not_null(mkdtemp(dir));
+  char path[96];
+  snprintf(path, sizeof path, "%s/fake.sock", dir);
+  fake_t f = {.lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)};
+  struct sockaddr_un sa = {.sun_family = AF_UNIX};
+  snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
+  cr_assert_eq(bind(f.lfd, (struct sockaddr *)&sa, sizeof sa), 0);
+  cr_assert_eq(listen(f.lfd, 8), 0);
+  pthread_t th;
+  cr_assert_eq(pthread_create(&th, NULL, fake_main, &f), 0);
+
+  nsa_client_opts_t o = {.socket_path = path, .name = "t", .timeout_ms = 5000,
+                         .reconnect_attempts = 2};
+  nsa_client_t *c = NULL;
+  cr_assert_eq(nsa_client_open(&c, &o), 0, "%s", nsa_client_open_error());
+  cr_expect_eq(nsa_client_ping(c), -1, "in flight when the daemon died");
+  cr_expect_str_eq(nsa_client_error_code(c), "disconnected");
+  for (int i = 0; i < 3; i++) {
+    cr_expect_eq(nsa_client_ping(c), -1);
+    /* the daemon's own verdict every time, not a bad_request for a request
+     * sent on a connection that never completed hello */
+    cr_expect_str_eq(nsa_client_error_code(c), "protocol_version", "call %d: %s: %s", i,
+                     nsa_client_error_code(c), nsa_client_error_message(c));
+  }
+  nsa_client_close(c);
+  cr_expect_eq(f.violations, 0, "requests sent before hello on a connection");
+  shutdown(f.lfd, SHUT_RDWR);
+  close(f.lfd);
+  pthread_join(th, NULL);
+  unlink(path);
+  rmdir(dir);
 }
