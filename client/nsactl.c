@@ -26,10 +26,30 @@ static void usage(FILE *f) {
 
 static int g_json;
 
+/* Prints s as a JSON string literal: error messages echo client input and
+ * daemon text with quotes ("key 'kind' must be \"shm\""), which printed raw
+ * made --json output unparseable. */
+static void json_puts(const char *s) {
+  putchar('"');
+  for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+    if (*p == '"' || *p == '\\')
+      printf("\\%c", *p);
+    else if (*p < 0x20)
+      printf("\\u%04x", *p);
+    else
+      putchar(*p);
+  }
+  putchar('"');
+}
+
 static int fail(nsa_client_t *c, const char *what) {
-  if (g_json)
-    printf("{\"ok\":false,\"error\":{\"code\":\"%s\",\"message\":\"%s\"}}\n",
-           nsa_client_error_code(c), nsa_client_error_message(c));
+  if (g_json) {
+    printf("{\"ok\":false,\"error\":{\"code\":");
+    json_puts(nsa_client_error_code(c));
+    printf(",\"message\":");
+    json_puts(nsa_client_error_message(c));
+    printf("}}\n");
+  }
   fprintf(stderr, "nsactl: %s: %s: %s\n", what, nsa_client_error_code(c),
           nsa_client_error_message(c));
   return 1;
@@ -496,7 +516,11 @@ int main(int argc, char **argv) {
                          .reconnect_attempts = 3};
   nsa_client_t *c = NULL;
   if (nsa_client_open(&c, &o) != 0) {
-    if (g_json) printf("{\"ok\":false,\"error\":\"%s\"}\n", nsa_client_open_error());
+    if (g_json) {
+      printf("{\"ok\":false,\"error\":");
+      json_puts(nsa_client_open_error());
+      printf("}\n");
+    }
     fprintf(stderr, "nsactl: %s\n", nsa_client_open_error());
     return 1;
   }

@@ -228,3 +228,53 @@ Test(review, client_never_reuses_a_connection_whose_hello_was_refused) {
   unlink(path);
   rmdir(dir);
 }
+
+/* ---- nsactl --json: error messages are JSON-escaped ---- */
+
+/* Runs nsactl with argv (NULL-terminated) and returns its stdout (static). */
+static const char *run_nsactl(const char *const *argv) {
+  static char out[8192];
+  int p[2];
+  out[0] = 0;
+  if (pipe(p) != 0) return out;
+  pid_t pid = fork();
+  if (pid == 0) {
+    dup2(p[1], 1);
+    int dn = open("/dev/null", O_WRONLY);
+    if (dn >= 0) dup2(dn, 2);
+    close(p[0]);
+    execv(NSACTL_BIN, (char *const *)argv);
+    _exit(127);
+  }
+  close(p[1]);
+  size_t n = 0;
+  ssize_t r;
+  while (n < sizeof out - 1 && (r = read(p[0], out + n, sizeof out - 1 - n)) > 0) n += (size_t)r;
+  out[n] = 0;
+  close(p[0]);
+  waitpid(pid, NULL, 0);
+  return out;
+}
+
+Test(review, nsactl_json_errors_are_valid_json) {
+  th_nsad_t d;
+  cr_assert_eq(th_start(&d, NULL), 0);
+  /* The daemon echoes the bad value, quote and backslash included. */
+  const char *argv[] = {NSACTL_BIN, "--socket", d.sock, "--json", "flags", "set",
+                        "NSA_SEL_VARLEN_V2=ma\"y\\be", NULL};
+  const char *out = run_nsactl(argv);
+  cr_expect(strstr(out, "\"code\":\"bad_request\"") != NULL, "%s", out);
+  cr_expect(strstr(out, "ma\\\"y\\\\be") != NULL, "quote and backslash escaped: %s", out);
+  cr_expect(strstr(out, "ma\"y") == NULL, "no raw quote inside a JSON string: %s", out);
+  cr_expect_eq(th_stop(&d, 1), 0);
+  /* Connection errors too (the socket path appears in the message). */
+  char dir[] = "/tmp/nsa-q\"XXXXXX";
+  cr_assert_not_null(mkdtemp(dir));
+  char sock[128];
+  snprintf(sock, sizeof sock, "%s/none.sock", dir);
+  const char *argv2[] = {NSACTL_BIN, "--socket", sock, "--json", "ping", NULL};
+  out = run_nsactl(argv2);
+  cr_expect(strstr(out, "\"ok\":false") != NULL, "%s", out);
+  cr_expect(strstr(out, "nsa-q\\\"") != NULL, "path quote escaped: %s", out);
+  rmdir(dir);
+}
