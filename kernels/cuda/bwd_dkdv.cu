@@ -22,7 +22,7 @@
 //   P^T = exp2(S^T*scale*log2e − lse*log2e) where key ∈ row's key set, else 0
 //   dS^T = P^T ∘ (dP^T − delta)
 //   dV_w += P^T . dO    dK_w += dS^T . Q        (B = dO / Q rows: ldmatrix.trans)
-// Chunks are double-buffered with cp.async; per column the row's membership
+// Chunks run through a 4-stage cp.async pipeline; per column the row's membership
 // of the 64 keys is the pair's 64-bit mask from the inversion.
 #include "bwd_common.cuh"
 
@@ -36,6 +36,7 @@ constexpr int kMaxD = NSA_CUDA_SIMPLE_MAX_D;
 struct Inv {
   const int32_t *tile_off, *vals, *item_off, *part_off;
   const unsigned long long *masks;  // per pair: the row's keys inside the tile
+  const int32_t *pidx;              // per pair: its index in row order (dq partial slot)
   const int2 *spans;
   const int32_t *nspans;
   int64_t NT, ntiles;
@@ -200,6 +201,7 @@ __global__ void reduce_kernel(nsa_cuda_bwd_t a, Inv iv, const float *__restrict_
 // ------------------------------------------------------------- tensor cores --
 
 constexpr int kWin = 1024;  // rows of a segment staged in shared memory at a time
+constexpr int kST = 4;      // chunk pipeline depth: chunks ch+1..ch+3 in flight while ch computes
 
 template <int DK, int DV> struct KvSmem {
   static constexpr int DSPLIT = (DK + DV > 256) ? 2 : 1;
@@ -207,14 +209,19 @@ template <int DK, int DV> struct KvSmem {
   static constexpr int QS = DK + 8, OS = DV + 8, KS = DK + 8, VS = DV + 8;
   static constexpr size_t k_off = 0;
   static constexpr size_t v_off = k_off + kT * KS * 2;
-  static constexpr size_t q_off = v_off + kT * VS * 2;      // [2][16][QS]
-  static constexpr size_t o_off = q_off + 2 * 16 * QS * 2;  // [2][16][OS]
-  static constexpr size_t mk_off = o_off + 2 * 16 * OS * 2; // [2][16] u64
-  static constexpr size_t l_off = mk_off + 2 * 16 * 8;      // [2][16] f32 lse
-  static constexpr size_t d_off = l_off + 2 * 16 * 4;       // [2][16] f32 delta
-  static constexpr size_t wm_off = d_off + 2 * 16 * 4;      // [kWin] u64 window masks
+  static constexpr size_t q_off = v_off + kT * VS * 2;        // [kST][16][QS]
+  static constexpr size_t o_off = q_off + kST * 16 * QS * 2;  // [kST][16][OS]
+  static constexpr size_t mk_off = o_off + kST * 16 * OS * 2; // [kST][16] u64
+  static constexpr size_t l_off = mk_off + kST * 16 * 8;      // [kST][16] f32 lse
+  static constexpr size_t d_off = l_off + kST * 16 * 4;       // [kST][16] f32 delta
+  static constexpr size_t wm_off = d_off + kST * 16 * 4;      // [kWin] u64 window masks
   static constexpr size_t wv_off = wm_off + kWin * 8;       // [kWin] i32 window rows
-  static constexpr size_t bytes = wv_off + kWin * 4;
+  static constexpr size_t wp_off = wv_off + kWin * 4;       // [kWin] i32 window pair indices (dq)
+  static constexpr int DSS = 24;                             // dS^T row stride (conflict-free ldmatrix)
+  static constexpr size_t ds_off = wp_off + kWin * 4;       // [64][DSS] T: dS^T of the chunk (dq)
+  static constexpr size_t bytes = ds_off + kT * DSS * 2;
+  static constexpr int DKQ = DK / NW;                        // dq columns per warp (key-centric dq)
+  static constexpr bool kDqOk = DKQ % 16 == 0;
 };
 
 // The segment's rows (and their masks) are staged in shared memory a window
@@ -223,9 +230,10 @@ template <int DK, int DV> struct KvSmem {
 // thread waits on a global load between two chunks' MMAs. (Measured on an
 // H200 before this: 4000 clocks per chunk at h = 16, most of it the chain
 // row id → lse/delta loads in the prefetch of the next chunk.)
-template <typename T, int DK, int DV>
+template <typename T, int DK, int DV, bool DQ>
 __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
-    dkdv_mma_kernel(nsa_cuda_bwd_t a, Inv iv, float *__restrict__ part, int Pk, int HT, int njt) {
+    dkdv_mma_kernel(nsa_cuda_bwd_t a, Inv iv, float *__restrict__ part, float *__restrict__ dqp, int Pk, int HT,
+                    int njt) {
   using L = KvSmem<DK, DV>;
   constexpr int NT_ = L::NW * 32;
   constexpr int DKW = DK / L::DSPLIT, DVW = DV / L::DSPLIT;  // output columns per warp
@@ -239,6 +247,8 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
   float *sD = reinterpret_cast<float *>(smem + L::d_off);
   unsigned long long *wMk = reinterpret_cast<unsigned long long *>(smem + L::wm_off);
   int *wRow = reinterpret_cast<int *>(smem + L::wv_off);
+  int *wP = reinterpret_cast<int *>(smem + L::wp_off);
+  T *sDS = reinterpret_cast<T *>(smem + L::ds_off);
 
   int64_t x;
   int seg, nseg;
@@ -287,6 +297,7 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
     for (int i = tid; i < w1 - w0; i += NT_) {
       wRow[i] = iv.vals[w0 + i];
       wMk[i] = iv.masks[w0 + i];
+      if (DQ) wP[i] = iv.pidx[w0 + i];
     }
     __syncthreads();
     const int nch = ((w1 - w0 + Pk - 1) / Pk) * njt;
@@ -332,17 +343,19 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
       }
     };
 
-    if (nch > 0) prep(0, 0);
-    cp_commit();
+    // kST-deep pipeline: one cp.async group per chunk (empty past the end, so
+    // wait_group<kST-1> always means "chunk ch has landed"); the K/V tile
+    // rides in chunk 0's group of the first window.
+#pragma unroll
+    for (int c = 0; c < kST - 1; c++) {
+      if (c < nch) prep(c, c);
+      cp_commit();
+    }
     for (int ch = 0; ch < nch; ch++) {
-      const int stg = ch & 1;
-      if (ch + 1 < nch) {
-        prep(ch + 1, stg ^ 1);
-        cp_commit();
-        cp_wait<1>();
-      } else {
-        cp_wait<0>();
-      }
+      const int stg = ch % kST;
+      if (ch + kST - 1 < nch) prep(ch + kST - 1, (ch + kST - 1) % kST);
+      cp_commit();
+      cp_wait<kST - 1>();
       __syncthreads();
 
       const T *q_s = sQ + stg * 16 * L::QS;
@@ -385,6 +398,48 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
       unsigned pa[4], da[4];
       acc_to_a<T>(p, pa);
       acc_to_a<T>(s, da);
+      if constexpr (DQ) {
+        // Key-centric dq: this chunk's dQ (16 cols x DK) = dS (16 x 64 keys) . K,
+        // warp w computing columns [w*DKQ, (w+1)*DKQ); written unscaled as the
+        // f32 partial of pair p (reduced per row in pair order by dq_reduce).
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+          for (int rh = 0; rh < 2; rh++) {
+            const int key = kw + r0 + rh * 8, col = nt * 8 + (lane & 3) * 2;
+            *reinterpret_cast<unsigned *>(sDS + key * L::DSS + col) = Mma<T>::pack(s[nt][rh * 2], s[nt][rh * 2 + 1]);
+          }
+        __syncthreads();
+        constexpr int DKQ = L::DKQ;
+        const int d0 = warp * DKQ;
+        float qa[DKQ / 8][4];
+#pragma unroll
+        for (int i = 0; i < DKQ / 8; i++) qa[i][0] = qa[i][1] = qa[i][2] = qa[i][3] = 0.f;
+#pragma unroll
+        for (int kb = 0; kb < kT / 16; kb++) {
+          unsigned af[4];
+          ldsm_x4_t(smem_u32(sDS + (kb * 16 + (lane & 7) + ((lane >> 4) & 1) * 8) * L::DSS + ((lane >> 3) & 1) * 8),
+                    af[0], af[1], af[2], af[3]);
+#pragma unroll
+          for (int nd = 0; nd < DKQ / 16; nd++) {
+            unsigned b0, b1, b2, b3;
+            ldsm_x4_t(smem_u32(sK + (kb * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * L::KS + d0 + nd * 16 +
+                               (lane >> 4) * 8),
+                      b0, b1, b2, b3);
+            Mma<T>::run(qa[2 * nd], af, b0, b1);
+            Mma<T>::run(qa[2 * nd + 1], af, b2, b3);
+          }
+        }
+#pragma unroll
+        for (int rh = 0; rh < 2; rh++) {
+          int wi;
+          int64_t j;
+          if (!col_of(ch, r0 + rh * 8, &wi, &j)) continue;
+          float *dst = dqp + ((int64_t)wP[wi] * a.h + j) * DK + d0 + (lane & 3) * 2;
+#pragma unroll
+          for (int i = 0; i < DKQ / 8; i++) __stcs(reinterpret_cast<float2 *>(dst + i * 8), make_float2(qa[i][rh * 2], qa[i][rh * 2 + 1]));
+        }
+      }
 #pragma unroll
       for (int nd = 0; nd < DVW / 16; nd++) {
         unsigned b0, b1, b2, b3;
@@ -403,8 +458,9 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
         Mma<T>::run(dk[2 * nd], da, b0, b1);
         Mma<T>::run(dk[2 * nd + 1], da, b2, b3);
       }
-      __syncthreads();  // stage stg is refilled by the next iteration's prep
+      __syncthreads();  // stage stg is refilled by a later iteration's prep
     }
+    cp_wait<0>();
   }
   cp_wait<0>();
 
@@ -429,23 +485,36 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
   }
 }
 
-template <typename T, int DK, int DV>
-cudaError_t launch_mma(const nsa_cuda_bwd_t *a, const Inv &iv, float *part, int64_t grid, cudaStream_t st) {
+template <typename T, int DK, int DV, bool DQ>
+cudaError_t launch_mma_dq(const nsa_cuda_bwd_t *a, const Inv &iv, float *part, float *dqp, int64_t grid,
+                          cudaStream_t st) {
   using L = KvSmem<DK, DV>;
   const int HT = a->h >= 16 ? 16 : (int)a->h;
   const int Pk = a->h >= 16 ? 1 : (int)(16 / a->h);
   const int njt = (int)((a->h + 15) / 16);
-  cudaError_t e = cudaFuncSetAttribute(dkdv_mma_kernel<T, DK, DV>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  cudaError_t e = cudaFuncSetAttribute(dkdv_mma_kernel<T, DK, DV, DQ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        (int)L::bytes);
   if (e != cudaSuccess) return e;
-  dkdv_mma_kernel<T, DK, DV><<<(unsigned)grid, L::NW * 32, L::bytes, st>>>(*a, iv, part, Pk, HT, njt);
+  dkdv_mma_kernel<T, DK, DV, DQ><<<(unsigned)grid, L::NW * 32, L::bytes, st>>>(*a, iv, part, dqp, Pk, HT, njt);
   return cudaGetLastError();
 }
 
+template <typename T, int DK, int DV>
+cudaError_t launch_mma(const nsa_cuda_bwd_t *a, const Inv &iv, float *part, float *dqp, int64_t grid,
+                       cudaStream_t st) {
+  if constexpr (KvSmem<DK, DV>::kDqOk) {
+    if (dqp) return launch_mma_dq<T, DK, DV, true>(a, iv, part, dqp, grid, st);
+  } else {
+    if (dqp) return cudaErrorInvalidValue;
+  }
+  return launch_mma_dq<T, DK, DV, false>(a, iv, part, nullptr, grid, st);
+}
+
 template <typename T>
-cudaError_t dispatch_mma(const nsa_cuda_bwd_t *a, const Inv &iv, float *part, int64_t grid, cudaStream_t st) {
+cudaError_t dispatch_mma(const nsa_cuda_bwd_t *a, const Inv &iv, float *part, float *dqp, int64_t grid,
+                         cudaStream_t st) {
 #define NSA_KV_CASE(dk, dv) \
-  if (a->Dk == dk && a->Dv == dv) return launch_mma<T, dk, dv>(a, iv, part, grid, st);
+  if (a->Dk == dk && a->Dv == dv) return launch_mma<T, dk, dv>(a, iv, part, dqp, grid, st);
 #define NSA_KV_ROW(dk) NSA_KV_CASE(dk, 64) NSA_KV_CASE(dk, 128) NSA_KV_CASE(dk, 192) NSA_KV_CASE(dk, 256)
   NSA_KV_ROW(64)
   NSA_KV_ROW(128)
@@ -468,17 +537,19 @@ cudaError_t launch_simple(const nsa_cuda_bwd_t *a, const Inv &iv, float *part, i
 }
 
 template <typename T>
-cudaError_t launch_all(const nsa_cuda_bwd_t *a, int use_mma, const Inv &iv, float *part, int64_t grid,
+cudaError_t launch_all(const nsa_cuda_bwd_t *a, int use_mma, const Inv &iv, float *part, float *dqp, int64_t grid,
                        cudaStream_t st) {
-  cudaError_t e = use_mma ? dispatch_mma<T>(a, iv, part, grid, st) : launch_simple<T>(a, iv, part, grid, st);
+  if (dqp && !use_mma) return cudaErrorInvalidValue;
+  cudaError_t e = use_mma ? dispatch_mma<T>(a, iv, part, dqp, grid, st) : launch_simple<T>(a, iv, part, grid, st);
   if (e != cudaSuccess) return e;
   reduce_kernel<T><<<(unsigned)iv.ntiles, 256, 0, st>>>(*a, iv, part);
   return cudaGetLastError();
 }
 
 template <>
-cudaError_t launch_all<float>(const nsa_cuda_bwd_t *a, int, const Inv &iv, float *part, int64_t grid,
+cudaError_t launch_all<float>(const nsa_cuda_bwd_t *a, int, const Inv &iv, float *part, float *dqp, int64_t grid,
                               cudaStream_t st) {
+  if (dqp) return cudaErrorInvalidValue;
   cudaError_t e = launch_simple<float>(a, iv, part, grid, st);
   if (e != cudaSuccess) return e;
   reduce_kernel<float><<<(unsigned)iv.ntiles, 256, 0, st>>>(*a, iv, part);
@@ -490,11 +561,12 @@ cudaError_t launch_all<float>(const nsa_cuda_bwd_t *a, int, const Inv &iv, float
 extern "C" cudaError_t nsa_cuda_launch_bwd_dkdv(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, int use_mma,
                                                 const nsa_plan_t *plan, const void *inv_ws,
                                                 const nsa_cuda_inv_layout_t *L, int64_t NT, int seg_rows,
-                                                int64_t items_bound, float *part, cudaStream_t st) {
+                                                int64_t items_bound, float *part, float *dqp, cudaStream_t st) {
   Inv iv;
   const char *w = (const char *)inv_ws;
   iv.tile_off = (const int32_t *)(w + L->tile_off);
-  iv.vals = (const int32_t *)(w + L->vals_out);
+  iv.vals = (const int32_t *)(w + L->rows_out);
+  iv.pidx = (const int32_t *)(w + L->vals_out);
   iv.masks = (const unsigned long long *)(w + L->masks);
   iv.item_off = (const int32_t *)(w + L->item_off);
   iv.part_off = (const int32_t *)(w + L->part_off);
@@ -507,9 +579,53 @@ extern "C" cudaError_t nsa_cuda_launch_bwd_dkdv(const nsa_cuda_bwd_t *a, nsa_dty
   if (items_bound > 0x7fffffff || iv.ntiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
   if (a->Dk > kMaxD || a->Dv > kMaxD) return cudaErrorInvalidValue;
   switch (dt) {
-    case NSA_F32: return launch_all<float>(a, 0, iv, part, items_bound, st);
-    case NSA_F16: return launch_all<__half>(a, use_mma, iv, part, items_bound, st);
-    case NSA_BF16: return launch_all<__nv_bfloat16>(a, use_mma, iv, part, items_bound, st);
+    case NSA_F32: return launch_all<float>(a, 0, iv, part, dqp, items_bound, st);
+    case NSA_F16: return launch_all<__half>(a, use_mma, iv, part, dqp, items_bound, st);
+    case NSA_BF16: return launch_all<__nv_bfloat16>(a, use_mma, iv, part, dqp, items_bound, st);
     default: return cudaErrorInvalidValue;
   }
+}
+
+// ---- key-centric dq: dq[r][j] = scale * sum of pair partials, pairs of row r in order ----
+namespace {
+template <typename T>
+__global__ void __launch_bounds__(128) dq_reduce_kernel(nsa_cuda_bwd_t a, const int32_t *__restrict__ pair_off,
+                                                        const float *__restrict__ dqp) {
+  const int lane = threadIdx.x & 31;
+  const int64_t pr = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int64_t rows = a.B * a.S * a.G;
+  if (pr >= rows * a.h) return;
+  const bool bad = a.invalid != nullptr && *a.invalid > 0;
+  const int64_t r = pr / a.h, j = pr % a.h;
+  const int64_t g = r % a.G, t = (r / a.G) % a.S, b = r / (a.G * a.S);
+  const int p0 = pair_off[r], p1 = pair_off[r + 1];
+  T *dq = reinterpret_cast<T *>(a.dq) + b * a.dqs[0] + t * a.dqs[1] + (g * a.h + j) * a.dqs[2];
+  for (int64_t d = lane; d < a.Dk; d += 32) {
+    float s = 0.f;
+    for (int p = p0; p < p1; p++) s += __ldcs(dqp + ((int64_t)p * a.h + j) * a.Dk + d);
+    st(dq + d * a.dqs[3], bad ? NAN : s * a.scale);
+  }
+}
+}  // namespace
+
+extern "C" int nsa_cuda_bwd_dq_key_ok(nsa_dtype_t dt, int64_t Dk, int64_t Dv) {
+  if (!nsa_cuda_mma_supported(dt, Dk, Dv)) return 0;
+  const int64_t nw = (Dk + Dv > 256) ? 8 : 4;
+  return (Dk / nw) % 16 == 0;
+}
+
+extern "C" cudaError_t nsa_cuda_launch_bwd_dq_reduce(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, const void *inv_ws,
+                                                     const nsa_cuda_inv_layout_t *L, const float *dqp,
+                                                     cudaStream_t st) {
+  const int64_t pairs = a->B * a->S * a->G * a->h;
+  if (pairs == 0) return cudaSuccess;
+  const int64_t blocks = (pairs * 32 + 127) / 128;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const int32_t *po = (const int32_t *)((const char *)inv_ws + L->pair_off);
+  switch (dt) {
+    case NSA_F16: dq_reduce_kernel<__half><<<(unsigned)blocks, 128, 0, st>>>(*a, po, dqp); break;
+    case NSA_BF16: dq_reduce_kernel<__nv_bfloat16><<<(unsigned)blocks, 128, 0, st>>>(*a, po, dqp); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
 }

@@ -50,7 +50,7 @@ cudaError_t nsa_cuda_launch_bwd_preprocess(const nsa_cuda_bwd_t *a, nsa_dtype_t 
 /* Sizes of the inversion for `rows` rows, `cap` pair capacity and `ntiles`
  * tiles (B*G*NT): byte offsets inside one workspace block. */
 typedef struct {
-  size_t cnt, pair_off, keys_in, vals_in, keys_out, vals_out, masks, tile_off, nseg, item_off, part_off,
+  size_t cnt, pair_off, keys_in, vals_in, keys_out, vals_out, idx_in, rows_out, masks, tile_off, nseg, item_off, part_off,
       temp, temp_bytes, total;
 } nsa_cuda_inv_layout_t;
 size_t nsa_cuda_inv_layout(int64_t rows, int64_t cap, int64_t ntiles, nsa_cuda_inv_layout_t *L);
@@ -61,7 +61,9 @@ int64_t nsa_cuda_inv_row_bound_blocks(int64_t n, int32_t bs, int64_t NT);
 
 /* Builds the inverted plan into the workspace `ws` laid out by L:
  *   tile_off [ntiles+1] i32: rows of tile x are vals_out[tile_off[x] .. tile_off[x+1])
- *   vals_out [cap]      i32: row ids, ascending within each tile
+ *   rows_out [cap]      i32: row ids, ascending within each tile
+ *   vals_out [cap]      i32: the pair's index p in row order (pair_off[r] <= p < pair_off[r+1])
+ *   pair_off [rows+1]   i32: the row-ordered pairs of row r
  *   masks    [cap]      u64: bit k = key tile*64 + k is in that row's key set
  *   item_off [ntiles+1] i32: CTA items (tile, segment) of tile x start at item_off[x]
  *   part_off [ntiles+1] i32: f32 partial slots of tile x (0 when it has one segment)
@@ -90,7 +92,16 @@ cudaError_t nsa_cuda_launch_bwd_dq_mma(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, 
 cudaError_t nsa_cuda_launch_bwd_dkdv(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, int use_mma,
                                      const nsa_plan_t *plan, const void *inv_ws,
                                      const nsa_cuda_inv_layout_t *L, int64_t NT, int seg_rows,
-                                     int64_t items_bound, float *part, cudaStream_t st);
+                                     int64_t items_bound, float *part, float *dqp, cudaStream_t st);
+
+/* Key-centric dq (small h): with dqp != NULL the tensor-core dk/dv kernel also
+ * writes, per (pair p, head j), the f32 partial dqp[(p*h + j)*Dk + d] of dq
+ * over the pair's 64-key tile; nsa_cuda_launch_bwd_dq_reduce then sums each
+ * row's partials in pair order (deterministic). nsa_cuda_bwd_dq_key_ok says
+ * whether the tensor-core kernel of (dt, Dk, Dv) supports it. */
+int nsa_cuda_bwd_dq_key_ok(nsa_dtype_t dt, int64_t Dk, int64_t Dv);
+cudaError_t nsa_cuda_launch_bwd_dq_reduce(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, const void *inv_ws,
+                                          const nsa_cuda_inv_layout_t *L, const float *dqp, cudaStream_t st);
 
 /* ---- ctx.cu accessors for bwd_request.cu (added by helper cuda-bwd) ---- */
 typedef struct {

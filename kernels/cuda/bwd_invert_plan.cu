@@ -6,10 +6,14 @@
 //      (spans are sorted and disjoint, so a tile repeats only across the
 //      boundary of two consecutive spans: skip tiles <= the previous last);
 //   2. exclusive scan (CUB) → pair_off; pads past the total get key = ntiles;
-//   3. write_kernel: pairs (key = tile, value = row) in row order;
-//   4. CUB radix sort by key. LSD radix sort is stable, the input is in row
-//      order, so rows stay ascending within a tile: the dk/dv summation order
-//      is fixed and the result deterministic, with no atomics at all;
+//   3. write_kernel: pairs in row order, pair p in [pair_off[r], pair_off[r+1])
+//      has key = tile and row_of[p] = r;
+//   4. CUB radix sort of (key, p). LSD radix sort is stable and p grows with
+//      the row, so rows stay ascending within a tile: the dk/dv summation
+//      order is fixed and the result deterministic, with no atomics at all.
+//      The sorted p (pidx) also tells the key-centric dq where to write its
+//      per-pair partial: dq of row r is then the sum of the contiguous
+//      partials pair_off[r] .. pair_off[r+1] in order;
 //   5. tile_off[x] = lower_bound(keys, x) (binary search, no atomics), and
 //      per pair the row's 64-bit key mask inside the tile (so the dk/dv
 //      kernels read one word instead of walking the row's spans);
@@ -49,9 +53,11 @@ __global__ void count_kernel(const int2 *__restrict__ spans, const int32_t *__re
 }
 
 __global__ void pad_kernel(const int32_t *__restrict__ pair_off, int64_t rows, int64_t cap,
-                           unsigned pad, unsigned *__restrict__ keys, int32_t *__restrict__ vals) {
+                           unsigned pad, unsigned *__restrict__ keys, int32_t *__restrict__ vals,
+                           int32_t *__restrict__ idx) {
   const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= cap) return;
+  idx[i] = (int32_t)i;
   if (i >= pair_off[rows]) {
     keys[i] = pad;
     vals[i] = -1;
@@ -95,17 +101,21 @@ __global__ void tile_off_kernel(const unsigned *__restrict__ keys, int64_t cap, 
   tile_off[x] = (int32_t)lo;
 }
 
-__global__ void mask_kernel(const unsigned *__restrict__ keys, const int32_t *__restrict__ vals,
-                            const int2 *__restrict__ spans, const int32_t *__restrict__ nspans, int64_t n,
-                            int64_t NT, int64_t cap, unsigned pad, unsigned long long *__restrict__ masks) {
+__global__ void mask_kernel(const unsigned *__restrict__ keys, const int32_t *__restrict__ pidx,
+                            const int32_t *__restrict__ row_of, const int2 *__restrict__ spans,
+                            const int32_t *__restrict__ nspans, int64_t n, int64_t NT, int64_t cap,
+                            unsigned pad, int32_t *__restrict__ rows_out,
+                            unsigned long long *__restrict__ masks) {
   const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= cap) return;
   const unsigned x = keys[i];
   if (x >= pad) {
     masks[i] = 0;
+    rows_out[i] = -1;
     return;
   }
-  const int64_t r = vals[i];
+  const int64_t r = row_of[pidx[i]];
+  rows_out[i] = (int32_t)r;
   const int k0 = (int)((x % NT) * kT);
   unsigned long long m = 0;
   const int nsp = nspans[r];
@@ -166,6 +176,10 @@ extern "C" size_t nsa_cuda_inv_layout(int64_t rows, int64_t cap, int64_t ntiles,
   o = align256(o + (size_t)cap * 4);
   L->vals_out = o;
   o = align256(o + (size_t)cap * 4);
+  L->idx_in = o;
+  o = align256(o + (size_t)cap * 4);
+  L->rows_out = o;
+  o = align256(o + (size_t)cap * 4);
   L->masks = o;
   o = align256(o + (size_t)cap * 8);
   L->tile_off = o;
@@ -208,6 +222,7 @@ extern "C" cudaError_t nsa_cuda_launch_invert_plan(const nsa_plan_t *plan, int64
   int32_t *cnt = (int32_t *)(w + L->cnt), *pair_off = (int32_t *)(w + L->pair_off);
   unsigned *kin = (unsigned *)(w + L->keys_in), *kout = (unsigned *)(w + L->keys_out);
   int32_t *vin = (int32_t *)(w + L->vals_in), *vout = (int32_t *)(w + L->vals_out);
+  int32_t *iin = (int32_t *)(w + L->idx_in), *rout = (int32_t *)(w + L->rows_out);
   int32_t *tile_off = (int32_t *)(w + L->tile_off);
   int32_t *nitem = (int32_t *)(w + L->nseg), *npart = nitem + (ntiles + 1);
   int32_t *item_off = (int32_t *)(w + L->item_off), *part_off = (int32_t *)(w + L->part_off);
@@ -220,7 +235,7 @@ extern "C" cudaError_t nsa_cuda_launch_invert_plan(const nsa_plan_t *plan, int64
   size_t tb = L->temp_bytes;
   NSA_CK(cub::DeviceScan::ExclusiveSum(temp, tb, cnt, pair_off, (int)(rows + 1), st));
   if (cap > 0) {
-    pad_kernel<<<(unsigned)((cap + th - 1) / th), th, 0, st>>>(pair_off, rows, cap, (unsigned)ntiles, kin, vin);
+    pad_kernel<<<(unsigned)((cap + th - 1) / th), th, 0, st>>>(pair_off, rows, cap, (unsigned)ntiles, kin, vin, iin);
     NSA_CK(cudaGetLastError());
   }
   if (rows > 0) {
@@ -230,13 +245,13 @@ extern "C" cudaError_t nsa_cuda_launch_invert_plan(const nsa_plan_t *plan, int64
   }
   if (cap > 0) {
     tb = L->temp_bytes;
-    NSA_CK(cub::DeviceRadixSort::SortPairs(temp, tb, kin, kout, vin, vout, (int)cap, 0, key_bits(ntiles), st));
+    NSA_CK(cub::DeviceRadixSort::SortPairs(temp, tb, kin, kout, iin, vout, (int)cap, 0, key_bits(ntiles), st));
   }
   tile_off_kernel<<<(unsigned)((ntiles + 1 + th - 1) / th), th, 0, st>>>(kout, cap, ntiles, tile_off);
   NSA_CK(cudaGetLastError());
   if (cap > 0) {
-    mask_kernel<<<(unsigned)((cap + th - 1) / th), th, 0, st>>>(kout, vout, sp, plan->nspans, plan->n, NT, cap,
-                                                                (unsigned)ntiles,
+    mask_kernel<<<(unsigned)((cap + th - 1) / th), th, 0, st>>>(kout, vout, vin, sp, plan->nspans, plan->n, NT,
+                                                                cap, (unsigned)ntiles, rout,
                                                                 (unsigned long long *)(w + L->masks));
     NSA_CK(cudaGetLastError());
   }

@@ -18,6 +18,10 @@
 // NSA_BWD_TIMING=1 (development): with sync = 1, prints the time of each
 // phase (preprocess, dq, inversion, dk/dv) to stderr, measured with events;
 // NSA_BWD_SEG=<rows> overrides the rows per dk/dv segment (benchmarks).
+// dq is query-centric (bwd_dq.cu) or, for small h on the tensor-core path,
+// key-centric: the dk/dv kernel writes per-(pair, head) partials that a
+// reduction sums per row in pair order (choose_dq_key); with key-centric dq
+// the "dq" phase time is ~0 and the work shows under "dkdv".
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,7 +63,7 @@ struct Layout {
   // part 1: plan and per-(row, head) scalars
   size_t sum, plan, len64, ptemp, ptemp_bytes, pieces, gcount, delta, lsec, end1;
   // part 2: inversion, partials, packed buffers
-  size_t inv, part, pplan, kp, vp, ppieces, pgcount, end;
+  size_t inv, part, dqp, pplan, kp, vp, ppieces, pgcount, end;
   nsa_cuda_inv_layout_t il;
   int64_t cap, items_bound, NT;
   int seg_rows;
@@ -90,7 +94,7 @@ void layout1(const nsa_dims_t *d, int P, Layout *L) {
 }
 
 // Part 2 once the pair capacity (and, for packed, the total length) is known.
-void layout2(const nsa_dims_t *d, int64_t cap, int packed, int64_t total, Layout *L) {
+void layout2(const nsa_dims_t *d, int64_t cap, int packed, int64_t total, int dq_key, Layout *L) {
   L->cap = cap;
   L->NT = (d->Skv + NSA_BWD_TILE - 1) / NSA_BWD_TILE;
   const int64_t ntiles = d->B * d->G * L->NT;
@@ -109,6 +113,8 @@ void layout2(const nsa_dims_t *d, int64_t cap, int packed, int64_t total, Layout
   o = align256(o + nsa_cuda_inv_layout(d->rows, cap, ntiles, &L->il));
   L->part = o;
   o = align256(o + (size_t)nparts * (size_t)slot);
+  L->dqp = o;
+  if (dq_key) o = align256(o + (size_t)cap * d->h * d->Dk * 4);
   L->pplan = L->kp = L->vp = L->ppieces = L->pgcount = o;
   if (packed) {
     const size_t es = nsa_dtype_size(d->dtype);
@@ -125,6 +131,22 @@ void layout2(const nsa_dims_t *d, int64_t cap, int packed, int64_t total, Layout
     o = align256(o + (size_t)ng * sizeof(int2));
   }
   L->end = o;
+}
+
+// Key-centric dq (partials per (pair, head), bwd_internal.h) where it pays:
+// small h (the query-centric kernel then re-reads every K/V tile for a
+// 16-row MMA that holds few useful rows) and partials within a budget.
+// NSA_BWD_DQ=query|key forces a mode (benchmarks; key only where supported).
+// (Measured on an H200, T=16k G=4 D=128 n=16 bf16: h=1 1.6 ms vs 5.6 ms
+// query-centric, h=4 4.6 vs 10.6.) Partials are f32: cap*h*Dk*4 bytes.
+constexpr double kDqPartBudget = 4.0 * 1024 * 1024 * 1024;
+int choose_dq_key(const nsa_dims_t *d, int64_t cap, int tc_ok) {
+  if (!tc_ok || !nsa_cuda_bwd_dq_key_ok(d->dtype, d->Dk, d->Dv)) return 0;
+  const double bytes = (double)cap * (double)d->h * (double)d->Dk * 4.0;
+  const char *e = getenv("NSA_BWD_DQ");
+  if (e && strcmp(e, "query") == 0) return 0;
+  if (e && strcmp(e, "key") == 0) return bytes <= 4 * kDqPartBudget;
+  return bytes <= kDqPartBudget;
 }
 
 void summary_to_info(const nsa_cuda_summary_t *s, const nsa_dims_t *d, nsa_run_info_t *info) {
@@ -240,9 +262,11 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   const int64_t NT = (d.Skv + NSA_BWD_TILE - 1) / NSA_BWD_TILE;
   // Block ids: the pair capacity needs no plan; reserve everything up front.
   int64_t cap = 0;
+  const int tc_ok = nsa_cuda_mma_supported(d.dtype, d.Dk, d.Dv) && aligned16(&a->q) && aligned16(&a->dout) &&
+                    aligned16(&a->k) && aligned16(&a->v);
   if (!ranges) {
     cap = d.rows * nsa_cuda_inv_row_bound_blocks(d.n, a->sel.block_size, NT);
-    layout2(&d, cap, 0, 0, &L);
+    layout2(&d, cap, 0, 0, choose_dq_key(&d, cap, tc_ok), &L);
   } else {
     L.end = L.end1;
   }
@@ -317,7 +341,8 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
       return NSA_ERR_UNSUPPORTED;
     }
   }
-  layout2(&d, cap, packed, packed ? hsum.total : 0, &L);
+  const int dq_key = !packed && choose_dq_key(&d, cap, tc_ok);
+  layout2(&d, cap, packed, packed ? hsum.total : 0, dq_key, &L);
   st = nsa_cuda_ctx_arena(ctx, L.end, L.end1, &arena, msg, msglen);
   if (st) return st;
   ws = (char *)arena;
@@ -363,6 +388,8 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
     } else {
       BCK(nsa_cuda_launch_bwd_dq_simple(&pa, d.dtype, &pplan, stream), "dq launch");
     }
+  } else if (dq_key) {
+    // computed with dk/dv below
   } else if (mma_dims && qo_ok && kv_ok) {
     nsa_cuda_piece_t *pc = (nsa_cuda_piece_t *)(ws + L.pieces);
     int2 *gc = (int2 *)(ws + L.gcount);
@@ -379,8 +406,12 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
       "plan inversion launch");
   if (timing) cudaEventRecord(pev[3], stream);
   BCK(nsa_cuda_launch_bwd_dkdv(&at, d.dtype, mma_dims && qo_ok && kv_ok, &plan, ws + L.inv, &L.il, L.NT,
-                               L.seg_rows, L.items_bound, (float *)(ws + L.part), stream),
+                               L.seg_rows, L.items_bound, (float *)(ws + L.part),
+                               dq_key ? (float *)(ws + L.dqp) : NULL, stream),
       "dk/dv launch");
+  if (dq_key)
+    BCK(nsa_cuda_launch_bwd_dq_reduce(&at, d.dtype, ws + L.inv, &L.il, (const float *)(ws + L.dqp), stream),
+        "dq reduction launch");
   if (timing) cudaEventRecord(pev[4], stream);
   info->workspace_bytes = L.end;
 
@@ -397,8 +428,8 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
       float t[4] = {0, 0, 0, 0};
       for (int i = 0; i < 4; i++) cudaEventElapsedTime(&t[i], pev[i], pev[i + 1]);
       fprintf(stderr, "nsa bwd phases (ms): preprocess %.3f dq %.3f invert %.3f dkdv %.3f | cap %lld seg_rows %d "
-              "items_bound %lld path %s\n", t[0], t[1], t[2], t[3], (long long)L.cap, L.seg_rows,
-              (long long)L.items_bound, nsa_path_name(path));
+              "items_bound %lld path %s dq %s\n", t[0], t[1], t[2], t[3], (long long)L.cap, L.seg_rows,
+              (long long)L.items_bound, nsa_path_name(path), dq_key ? "key-centric" : "query-centric");
     }
     cudaGetLastError();
   } else {

@@ -328,14 +328,17 @@ Test(cuda_bwd, long_lists_segments) {
     cfg.h = 1;
     cfg.seed = 3010 + dt;
     bx_init(&f, &cfg, force_block0);
+    run_check(ctx, &f, NSA_PATH_VARLEN_V2); /* bf16: key-centric dq (small h) */
+    setenv("NSA_BWD_DQ", "query", 1);       /* the query-centric dq on the same case */
     run_check(ctx, &f, NSA_PATH_VARLEN_V2);
+    unsetenv("NSA_BWD_DQ");
     bx_free(&f);
   }
   nsa_cuda_ctx_destroy(ctx);
 }
 
 /* Two runs on the same inputs are bitwise equal (every path, bf16 + f32,
- * including a multi-segment tile). */
+ * including a multi-segment tile and the key-centric dq partials). */
 Test(cuda_bwd, determinism) {
   NSA_REQUIRE_GPU();
   nsa_cuda_ctx_t *ctx = mkctx(0);
@@ -351,6 +354,7 @@ Test(cuda_bwd, determinism) {
     cfg.n = 4;
     cfg.sel_flags = NSA_TU_SEL_CORRELATED | NSA_TU_SEL_DUP;
     cfg.seed = 3100 + dt;
+    if (dt == 0) cfg.h = 2; /* bf16: small h, key-centric dq with its partials */
     bx_t f;
     bx_init(&f, &cfg, force_block0);
     for (size_t p = 0; p < 3; p++) {
