@@ -1,6 +1,7 @@
 /* main.c — the nsad command line (DESIGN.md §4 "Command line"). */
 #include <getopt.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -95,6 +96,19 @@ int main(int argc, char **argv) {
 
   /* A peer that disconnects must not kill the daemon on write. */
   signal(SIGPIPE, SIG_IGN);
+
+  /* Every shm region keeps an fd open (size re-checks at dispatch), so one
+   * client registering a few hundred regions under the usual soft limit of
+   * 1024 would exhaust it and every other client's connect would fail
+   * (accept: EMFILE). Raise the soft limit to the hard one, as daemons do. */
+  struct rlimit nofile;
+  if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {
+    rlim_t was = nofile.rlim_cur;
+    nofile.rlim_cur = nofile.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &nofile) == 0)
+      nsad_debug("RLIMIT_NOFILE raised from %llu to %llu", (unsigned long long)was,
+                 (unsigned long long)nofile.rlim_max);
+  }
 
   nsad_server_t *srv = calloc(1, sizeof *srv);
   if (!srv) return 1;

@@ -126,7 +126,10 @@ nsad_metrics_http_t *nsad_metrics_http_start(const char *listen, nsad_metrics_t 
     return NULL;
   }
   h->m = m;
-  unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG;
+  /* MHD_USE_AUTO: epoll/poll rather than select(), which drops every
+   * connection whose fd is >= FD_SETSIZE, and nsad holds one fd per shm
+   * region, so scrapes failed on a busy daemon. */
+  unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO | MHD_USE_ERROR_LOG;
   if (ai->ai_family == AF_INET6) flags |= MHD_USE_IPv6;
   h->d = MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, handler, h, MHD_OPTION_SOCK_ADDR,
                           ai->ai_addr, MHD_OPTION_CONNECTION_LIMIT, (unsigned)64,

@@ -11,8 +11,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+#include <sys/time.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -277,4 +281,117 @@ Test(review, nsactl_json_errors_are_valid_json) {
   cr_expect(strstr(out, "\"ok\":false") != NULL, "%s", out);
   cr_expect(strstr(out, "nsa-q\\\"") != NULL, "path quote escaped: %s", out);
   rmdir(dir);
+}
+
+/* ---- file descriptors: one client's shm registrations (nsad keeps one fd
+ * per shm region) must not exhaust a low soft RLIMIT_NOFILE and lock every
+ * other client out (accept fails with EMFILE). nsad raises its soft limit to
+ * the hard limit at start, as daemons do. ---- */
+Test(review, low_soft_fd_limit_is_raised_so_one_client_cannot_lock_out_others) {
+  struct rlimit rl;
+  cr_assert_eq(getrlimit(RLIMIT_NOFILE, &rl), 0);
+  if (rl.rlim_max != RLIM_INFINITY && rl.rlim_max < 2048)
+    cr_skip_test("hard RLIMIT_NOFILE %llu is too low for this test", (unsigned long long)rl.rlim_max);
+  struct rlimit low = {.rlim_cur = 256, .rlim_max = rl.rlim_max};
+  cr_assert_eq(setrlimit(RLIMIT_NOFILE, &low), 0); /* inherited by nsad */
+  th_nsad_t d;
+  cr_assert_eq(th_start(&d, NULL), 0);
+  char name[64];
+  snprintf(name, sizeof name, "/nsa-review-fd-%d", (int)getpid());
+  int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600);
+  cr_assert_geq(fd, 0);
+  cr_assert_eq(ftruncate(fd, 4096), 0);
+  close(fd);
+  nsa_client_t *a = th_client(&d, "hog");
+  cr_assert_not_null(a);
+  int ok = 0;
+  for (int i = 0; i < 400; i++) {
+    uint64_t id;
+    if (nsa_client_region_register_shm(a, name, 4096, &id) != 0) {
+      cr_log_error("registration %d: %s: %s", i, nsa_client_error_code(a),
+                   nsa_client_error_message(a));
+      break;
+    }
+    ok++;
+  }
+  shm_unlink(name);
+  cr_expect_eq(ok, 400, "400 regions in one session (limit 4096)");
+  nsa_client_t *b = th_client(&d, "other");
+  cr_expect_not_null(b, "another client can still connect");
+  if (b) {
+    cr_expect_eq(nsa_client_ping(b), 0);
+    nsa_client_close(b);
+  }
+  nsa_client_close(a);
+  cr_expect_eq(th_stop(&d, 1), 0);
+}
+
+/* ---- /metrics keeps working when nsad holds more than FD_SETSIZE fds ----
+ * libmicrohttpd's default select() loop drops every connection whose fd is
+ * >= FD_SETSIZE (1024); with a few clients' shm regions open (one fd each)
+ * every scrape then failed. */
+static int free_port(void) {
+  int s = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+  socklen_t len = sizeof a;
+  if (s < 0 || bind(s, (struct sockaddr *)&a, sizeof a) != 0 ||
+      getsockname(s, (struct sockaddr *)&a, &len) != 0) {
+    if (s >= 0) close(s);
+    return -1;
+  }
+  close(s);
+  return ntohs(a.sin_port);
+}
+
+/* 1 when GET path answers 200 within 5 s. */
+static int http_get_ok(int port, const char *path) {
+  int s = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                          .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+  struct timeval tv = {.tv_sec = 5};
+  setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  if (connect(s, (struct sockaddr *)&a, sizeof a) != 0) {
+    close(s);
+    return 0;
+  }
+  char req[256];
+  int n = snprintf(req, sizeof req, "GET %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+                   path);
+  th_raw_send(s, req, (size_t)n);
+  char buf[64] = "";
+  ssize_t got = recv(s, buf, sizeof buf - 1, MSG_WAITALL);
+  close(s);
+  if (got <= 0) return 0;
+  buf[got] = 0;
+  return strncmp(buf, "HTTP/1.1 200", 12) == 0;
+}
+
+Test(review, metrics_http_serves_with_more_than_fd_setsize_fds) {
+  int port = free_port();
+  cr_assert_gt(port, 0);
+  char listen[64];
+  snprintf(listen, sizeof listen, "127.0.0.1:%d", port);
+  const char *args[] = {"--metrics-listen", listen, NULL};
+  th_nsad_t d;
+  if (th_start(&d, args) != 0) cr_skip_test("nsad without --metrics-listen support");
+  cr_assert(http_get_ok(port, "/metrics"), "scrape with few fds");
+  char name[64];
+  snprintf(name, sizeof name, "/nsa-review-http-%d", (int)getpid());
+  int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600);
+  cr_assert_geq(fd, 0);
+  cr_assert_eq(ftruncate(fd, 4096), 0);
+  close(fd);
+  nsa_client_t *a = th_client(&d, "many-regions");
+  cr_assert_not_null(a);
+  int ok = 0;
+  for (int i = 0; i < 1100; i++) {
+    uint64_t id;
+    if (nsa_client_region_register_shm(a, name, 4096, &id) != 0) break;
+    ok++;
+  }
+  shm_unlink(name);
+  if (ok < 1100) cr_skip_test("nsad could not open 1100 shm regions (fd limit?)");
+  cr_expect(http_get_ok(port, "/metrics"), "scrape while nsad holds > 1024 fds");
+  nsa_client_close(a);
+  cr_expect_eq(th_stop(&d, 1), 0);
 }
