@@ -445,6 +445,7 @@ static void bench_ping(const opts_t *o, const char *sock, ping_res_t *r) {
 
 typedef struct {
   double nsad_us, inproc_us, device_us; /* medians */
+  double outside_us; /* median of (nsad wall - nsad's device_us) per run */
   int bitwise_equal;
   char path[16];
 } fwd_res_t;
@@ -467,7 +468,7 @@ static void bench_fwd_cpu(const opts_t *o, const char *sock, fwd_res_t *r) {
   kernel_args(&k, &p, kv, rq, sc);
   int N = o->runs, W = N / 5 > 3 ? N / 5 : 3;
   double *tn = malloc(sizeof(double) * N), *ti = malloc(sizeof(double) * N),
-         *td = malloc(sizeof(double) * N);
+         *td = malloc(sizeof(double) * N), *tx = malloc(sizeof(double) * N);
   char msg[256];
   nsa_run_info_t info;
   nsa_client_result_t res;
@@ -480,12 +481,13 @@ static void bench_fwd_cpu(const opts_t *o, const char *sock, fwd_res_t *r) {
       exit(1);
     }
     double t2 = now_us();
-    if (i >= 0) tn[i] = t1 - t0, ti[i] = t2 - t1, td[i] = res.device_us;
+    if (i >= 0) tn[i] = t1 - t0, ti[i] = t2 - t1, td[i] = res.device_us, tx[i] = tn[i] - td[i];
   }
   r->nsad_us = median(tn, N), r->inproc_us = median(ti, N), r->device_us = median(td, N);
+  r->outside_us = median(tx, N);
   snprintf(r->path, sizeof r->path, "%s", res.path);
   r->bitwise_equal = outputs_equal(&p, rq, sc);
-  free(tn), free(ti), free(td);
+  free(tn), free(ti), free(td), free(tx);
   nsa_client_shm_destroy(c, shm);
   nsa_client_close(c);
 }
@@ -614,7 +616,7 @@ static void bench_fwd_cuda(const opts_t *o, const char *sock, fwd_res_t *r) {
     if (i >= 0) tn[i] = t1 - t0, ti[i] = t2 - t1;
   }
   r->nsad_us = median(tn, N), r->inproc_us = median(ti, N);
-  r->device_us = NAN; /* sync=false replies come before the work ends */
+  r->device_us = r->outside_us = NAN; /* sync=false replies come before the work ends */
   snprintf(r->path, sizeof r->path, "%s", res.path);
   r->bitwise_equal = cuda_outputs_equal(&p, rq, sc);
   free(tn), free(ti);
@@ -961,7 +963,9 @@ int main(int argc, char **argv) {
          fr.path, fr.nsad_us);
   printf("| forward in-process, median | %.1f us | | |\n", fr.inproc_us);
   if (!isnan(fr.device_us))
-    printf("| nsad's device_us (kernel inside nsad), median | %.1f us | | |\n", fr.device_us);
+    printf("| nsad's device_us (kernel inside nsad), median | %.1f us | | |\n"
+           "| nsad wall - device_us (IPC + dispatch), median | %.1f us | | |\n",
+           fr.device_us, fr.outside_us);
   printf("| forward overhead | %+.1f us (%+.1f %%) | <= 3 %% (T = 16k) | %s |\n", ov, ovp,
          o.cuda ? (ovp <= 3 ? "yes" : "no") : "n/a (not the T = 16k GPU case)");
   printf("| nsad vs in-process output | %s | bitwise | %s |\n",
