@@ -395,3 +395,51 @@ Test(review, metrics_http_serves_with_more_than_fd_setsize_fds) {
   nsa_client_close(a);
   cr_expect_eq(th_stop(&d, 1), 0);
 }
+
+/* ---- region lifetime: unregistering (or disconnecting) while requests that
+ * read the region are queued or running. The jobs hold references, so the
+ * mapping must stay until they are done: every request either completes
+ * correctly or fails cleanly, and nsad keeps serving (ASan build: no
+ * use-after-unmap). A guard for the refcount timing, not a bug found. ---- */
+Test(review, unregister_and_disconnect_with_requests_in_flight) {
+  th_nsad_t d;
+  const char *args[] = {"--workers", "1", NULL};
+  cr_assert_eq(th_start(&d, args), 0);
+  nsa_client_t *a = th_client(&d, "a");
+  th_prob_t p;
+  cr_assert_eq(th_prob_init(&p, a, 2, 64, 512, 2, 4, 64, 16, 32, 0, 91), 0);
+  th_prob_fill(&p);
+  enum { N = 6 };
+  uint32_t t[N];
+  for (int i = 0; i < N; i++) cr_assert_eq(nsa_client_forward_submit(a, &p.fwd, &t[i]), 0);
+  /* region.unregister is answered while the forwards are queued/running */
+  cr_assert_eq(nsa_client_region_unregister(a, p.shm->region), 0, "%s",
+               nsa_client_error_message(a));
+  for (int i = 0; i < N; i++) {
+    nsa_client_result_t r;
+    cr_expect_eq(nsa_client_wait(a, t[i], &r), 0, "request %d: %s: %s", i,
+                 nsa_client_error_code(a), nsa_client_error_message(a));
+  }
+  cr_expect_leq(th_prob_check_fwd(&p), 1e-5, "results of requests queued before the unregister");
+  nsa_client_result_t r;
+  cr_expect_eq(nsa_client_forward(a, &p.fwd, &r), -1);
+  cr_expect_str_eq(nsa_client_error_code(a), "not_found");
+  /* A second session: re-register, queue work, then vanish. */
+  nsa_client_t *b = th_client(&d, "b");
+  uint64_t rb;
+  cr_assert_eq(nsa_client_region_register_shm(b, p.shm->name, p.total, &rb), 0);
+  nsa_client_fwd_t fb = p.fwd;
+  fb.q.region = fb.k.region = fb.v.region = fb.o.region = fb.lse.region = fb.sel.t.region = rb;
+  for (int i = 0; i < N; i++) cr_assert_eq(nsa_client_forward_submit(b, &fb, &t[i]), 0);
+  cr_assert_eq(nsa_client_ping(b), 0); /* all read */
+  nsa_client_close(b); /* its region is released once its jobs are done */
+  nsa_client_t *c = th_client(&d, "c");
+  cr_expect_not_null(c);
+  if (c) {
+    cr_expect_eq(nsa_client_ping(c), 0);
+    nsa_client_close(c);
+  }
+  th_prob_free(&p, NULL);
+  nsa_client_close(a);
+  cr_expect_eq(th_stop(&d, 1), 0);
+}
