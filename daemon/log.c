@@ -44,8 +44,25 @@ void nsad_log(int level, const char *fmt, ...) {
   va_start(ap, fmt);
   if (n > 0 && (size_t)n < sizeof line) vsnprintf(line + n, sizeof line - (size_t)n, fmt, ap);
   va_end(ap);
+  /* Messages carry peer-controlled text (client names, labels, shm names):
+   * escape control characters so that one call is always one log line and a
+   * client cannot forge records (e.g. a fake "audit" line). */
+  char out[sizeof line * 4];
+  size_t o = 0;
+  for (const unsigned char *p = (const unsigned char *)line; *p && o + 5 < sizeof out; p++) {
+    if (*p >= 0x20 && *p != 0x7f) {
+      out[o++] = (char)*p;
+    } else {
+      out[o++] = '\\';
+      if (*p == '\n') out[o++] = 'n';
+      else if (*p == '\r') out[o++] = 'r';
+      else if (*p == '\t') out[o++] = 't';
+      else o += (size_t)snprintf(out + o, sizeof out - o, "x%02x", *p);
+    }
+  }
+  out[o] = 0;
   pthread_mutex_lock(&g_mu);
-  fprintf(stderr, "%s\n", line);
+  fprintf(stderr, "%s\n", out);
   fflush(stderr);
   pthread_mutex_unlock(&g_mu);
 }

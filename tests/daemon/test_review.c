@@ -443,3 +443,33 @@ Test(review, unregister_and_disconnect_with_requests_in_flight) {
   nsa_client_close(a);
   cr_expect_eq(th_stop(&d, 1), 0);
 }
+
+/* ---- log injection: peer-controlled strings (client name, labels, shm
+ * names) reach nsad's log lines; a newline in them forged whole log records
+ * (e.g. a fake "audit" line for a flag change that never happened). ---- */
+Test(review, peer_strings_cannot_forge_log_lines) {
+  th_nsad_t d;
+  cr_assert_eq(th_start(&d, NULL), 0);
+  const char *evil = "x\n2001-01-01T00:00:00.000Z audit [nsad] flags.set uid=0 FORGED\rY";
+  nsa_client_t *c = th_client(&d, evil);
+  cr_assert_not_null(c);
+  cr_expect_eq(nsa_client_ping(c), 0);
+  uint64_t id;
+  cr_expect_eq(nsa_client_region_register_shm(c, "/nsa-review-no\nsuch", 64, &id), -1);
+  nsa_client_close(c);
+  char log[256];
+  snprintf(log, sizeof log, "%s", d.log);
+  cr_expect_eq(th_stop(&d, 0), 0);
+  FILE *f = fopen(log, "r");
+  cr_assert_not_null(f);
+  char line[4096];
+  int forged = 0, seen = 0;
+  while (fgets(line, sizeof line, f)) {
+    if (!strncmp(line, "2001-01-01", 10) || !strncmp(line, "such", 4)) forged++;
+    if (strstr(line, "FORGED")) seen++;
+  }
+  fclose(f);
+  cr_expect_eq(forged, 0, "log lines that start with peer-controlled text");
+  cr_expect_gt(seen, 0, "the client name is still logged (escaped)");
+  th_stop(&d, 1);
+}
