@@ -307,7 +307,8 @@ int nsad_session_accept(nsad_server_t *srv) {
   nsad_debug("session %llu: connected (uid %u gid %u pid %d)", (unsigned long long)s->id,
              (unsigned)s->uid, (unsigned)s->gid, (int)s->peer_pid);
   int live = 0;
-  for (nsad_session_t *o = srv->sessions; o; o = o->next) live += !o->closing;
+  /* Connections already refused (waiting to be told busy) hold no slot. */
+  for (nsad_session_t *o = srv->sessions; o; o = o->next) live += !o->closing && !o->over_limit;
   if (live > srv->cfg->max_sessions) {
     /* Answer its first request with busy (a clear message beats a silent
      * close), then close. */

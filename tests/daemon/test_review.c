@@ -473,3 +473,50 @@ Test(review, peer_strings_cannot_forge_log_lines) {
   cr_expect_gt(seen, 0, "the client name is still logged (escaped)");
   th_stop(&d, 1);
 }
+
+/* ---- session limit: a connection already refused (over the limit, waiting
+ * for its first request to answer busy) must not count as a live session,
+ * or it keeps a legitimate client out after a slot frees up. ---- */
+Test(review, refused_connections_do_not_hold_session_slots) {
+  th_nsad_t d;
+  cr_assert_eq(th_start(&d, NULL), 0);
+  cr_assert_eq(th_stop(&d, 0), 0);
+  char cfg[256];
+  snprintf(cfg, sizeof cfg, "%s/nsad.conf", d.dir);
+  FILE *f = fopen(cfg, "w");
+  cr_assert_not_null(f);
+  fprintf(f, "NSAD_MAX_SESSIONS=1\n");
+  fclose(f);
+  const char *args[] = {"--config", cfg, NULL};
+  d.pid = th_spawn(&d, d.sock, args, 1);
+  cr_assert_gt(d.pid, 0);
+  /* (the readiness probe's connection may still be closing: retry) */
+  nsa_client_opts_t oa = {.socket_path = d.sock, .name = "a", .reconnect_attempts = 1};
+  nsa_client_t *a = NULL;
+  for (int i = 0; i < 100 && nsa_client_open(&a, &oa) != 0; i++) usleep(20000);
+  cr_assert_not_null(a, "%s", nsa_client_open_error());
+  /* B connects while A holds the only slot, and says nothing yet. */
+  int b = th_raw_connect(d.sock);
+  cr_assert_geq(b, 0);
+  cr_assert_eq(nsa_client_ping(a), 0); /* B has been accepted by now */
+  nsa_client_close(a);
+  usleep(100000);
+  /* The slot is free: C gets it, although B (refused) is still connected. */
+  nsa_client_opts_t o = {.socket_path = d.sock, .name = "c", .reconnect_attempts = 1};
+  nsa_client_t *c = NULL;
+  cr_expect_eq(nsa_client_open(&c, &o), 0, "%s", nsa_client_open_error());
+  if (c) {
+    cr_expect_eq(nsa_client_ping(c), 0);
+    nsa_client_close(c);
+  }
+  /* B is still told busy on its first request. */
+  nsa_proto_decoder_t *dec = nsa_proto_decoder_new(1u << 20);
+  uint32_t id;
+  char code[32];
+  cr_assert_eq(th_raw_hello(b, 7), 0);
+  cr_expect_eq(th_raw_response(b, dec, 5000, &id, code, sizeof code), 1);
+  cr_expect_str_eq(code, "busy");
+  nsa_proto_decoder_free(dec);
+  close(b);
+  cr_expect_eq(th_stop(&d, 1), 0);
+}
