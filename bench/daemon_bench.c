@@ -45,6 +45,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -653,8 +654,8 @@ typedef struct {
  */
 enum { NKV = 4 };
 
-static void conc_child(const opts_t *o, const char *sock, int id, int go_fd, int ready_fd,
-                       int res_fd) {
+static void conc_child(const opts_t *o, const char *sock, int id, int go_fd, int go2_fd,
+                       int ready_fd, int res_fd) {
   conc_res_t cr = {.client = id};
   shape_t p;
   shape_init(&p, o, o->S < o->conc_S ? o->S : o->conc_S);
@@ -724,6 +725,14 @@ static void conc_child(const opts_t *o, const char *sock, int id, int go_fd, int
       }
     }
     cr.t1 = now_us();
+  }
+  /* Timing first, then wait until every client has finished sending: the
+   * in-process checks below must not compete with nsad for the CPU while
+   * other clients are still being measured. */
+  if (write(res_fd, &cr, sizeof cr) != (ssize_t)sizeof cr) _exit(2);
+  while (read(go2_fd, &go, 1) < 0 && errno == EINTR) {
+  }
+  if (!cr.setup_failed) {
     /* verify: the same inputs in process into the scratch block, bitwise */
     char msg[256];
     nsa_run_info_t info;
@@ -777,49 +786,91 @@ typedef struct {
   double span_us, rate; /* requests per second, all clients together */
 } conc_sum_t;
 
+/* Reads n bytes from fd while watching the clients: returns 0, or -1 when a
+ * client that has not been reaped yet exited (it is reaped, its status kept
+ * in st[]; the caller counts it as failed) or on EOF. Without this, a client
+ * that died before writing would leave the parent waiting for ever (the
+ * other clients keep the pipe open). */
+static int read_watching(int fd, void *buf, size_t n, pid_t *pids, int *st, int K) {
+  for (;;) {
+    struct pollfd pf = {.fd = fd, .events = POLLIN};
+    int r = poll(&pf, 1, 500);
+    if (r > 0) {
+      ssize_t got = read(fd, buf, n);
+      if (got < 0 && errno == EINTR) continue;
+      return got == (ssize_t)n ? 0 : -1;
+    }
+    if (r < 0 && errno != EINTR) return -1;
+    for (int i = 0; i < K; i++)
+      if (pids[i] > 0 && waitpid(pids[i], &st[i], WNOHANG) == pids[i]) {
+        pids[i] = -pids[i]; /* reaped */
+        if (!WIFEXITED(st[i]) || WEXITSTATUS(st[i]) != 0) return -1;
+      }
+  }
+}
+
 static void run_clients(const opts_t *o, const char *sock, int K, conc_sum_t *sum) {
-  int go[2], ready[2], res[2];
-  if (pipe(go) || pipe(ready) || pipe(res)) {
+  int go[2], go2[2], ready[2], res[2];
+  if (pipe(go) || pipe(go2) || pipe(ready) || pipe(res)) {
     perror("pipe");
     exit(1);
   }
   fflush(NULL);
   pid_t *pids = calloc((size_t)K, sizeof *pids);
+  int *st = calloc((size_t)K, sizeof *st);
   for (int i = 0; i < K; i++) {
     pids[i] = fork();
     if (pids[i] == 0) {
-      close(go[1]), close(ready[0]), close(res[0]);
-      conc_child(o, sock, i, go[0], ready[1], res[1]);
+      close(go[1]), close(go2[1]), close(ready[0]), close(res[0]);
+      conc_child(o, sock, i, go[0], go2[0], ready[1], res[1]);
     }
   }
-  close(go[0]), close(ready[1]), close(res[1]);
+  close(go[0]), close(go2[0]), close(ready[1]), close(res[1]);
   memset(sum, 0, sizeof *sum);
   sum->K = K;
+  int alive = K; /* clients still expected to write at each stage */
   char b;
-  for (int i = 0; i < K; i++)
-    if (read(ready[0], &b, 1) != 1) {
+  for (int i = 0; i < alive; i++)
+    if (read_watching(ready[0], &b, 1, pids, st, K) != 0) {
       fprintf(stderr, "nsa_bench_daemon: a client died during set-up\n");
-      sum->failed++;
+      sum->failed++, alive--, i--;
+      if (alive <= 0) break;
     }
   close(go[1]); /* everyone starts now */
   double t0 = INFINITY, t1 = 0;
   conc_res_t cr;
-  int got = 0;
-  while (read(res[0], &cr, sizeof cr) == (ssize_t)sizeof cr) {
+  /* timing records (each client is done sending), then release the checks,
+   * then the final records */
+  int expect = alive;
+  for (int got = 0; got < expect;) {
+    if (read_watching(res[0], &cr, sizeof cr, pids, st, K) != 0) {
+      fprintf(stderr, "nsa_bench_daemon: a client died while sending\n");
+      sum->failed++, expect--;
+      continue;
+    }
+    got++;
+    if (cr.setup_failed) continue;
+    if (cr.t0 < t0) t0 = cr.t0;
+    if (cr.t1 > t1) t1 = cr.t1;
+  }
+  close(go2[1]);
+  for (int got = 0; got < expect;) {
+    if (read_watching(res[0], &cr, sizeof cr, pids, st, K) != 0) {
+      fprintf(stderr, "nsa_bench_daemon: a client died while checking\n");
+      sum->failed++, expect--;
+      continue;
+    }
     got++;
     sum->sent += cr.sent, sum->ok += cr.ok, sum->errors += cr.errors;
     sum->mismatches += cr.mismatches;
     if (cr.setup_failed) sum->failed++;
-    if (cr.t0 < t0) t0 = cr.t0;
-    if (cr.t1 > t1) t1 = cr.t1;
   }
   close(ready[0]), close(res[0]);
   for (int i = 0; i < K; i++) {
-    int st = 0;
-    waitpid(pids[i], &st, 0);
-    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) sum->failed++;
+    if (pids[i] > 0) waitpid(pids[i], &st[i], 0);
+    if (pids[i] > 0 && (!WIFEXITED(st[i]) || WEXITSTATUS(st[i]) != 0)) sum->failed++;
   }
-  if (got < K) sum->failed += K - got;
+  free(st);
   sum->span_us = t1 - t0;
   sum->rate = sum->ok > 0 && t1 > t0 ? sum->ok / (sum->span_us * 1e-6) : 0;
   free(pids);
