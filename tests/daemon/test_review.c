@@ -30,6 +30,16 @@ static int alive(pid_t pid) {
   return waitpid(pid, &st, WNOHANG) == 0;
 }
 
+/* A 4 KiB shm object /nsa-review-<tag>-<pid> (name in buf), registered
+ * many times by the tests below to use up per-region daemon resources. */
+static void small_shm(char *buf, size_t len, const char *tag) {
+  snprintf(buf, len, "/nsa-review-%s-%d", tag, (int)getpid());
+  int fd = shm_open(buf, O_RDWR | O_CREAT | O_EXCL, 0600);
+  cr_assert_geq(fd, 0, "shm_open %s", buf);
+  cr_assert_eq(ftruncate(fd, 4096), 0);
+  close(fd);
+}
+
 /* The SIGBUS guard table has a fixed number of slots (16384) while four
  * sessions at the default per-session limit (4096) already fill it. A shm
  * region registered once the table is full used to be served WITHOUT the
@@ -43,11 +53,7 @@ Test(review, shm_guard_table_full_refuses_instead_of_serving_unguarded) {
   cr_assert_eq(th_start(&d, args), 0);
   /* One small object, registered 4096 times by each of four sessions. */
   char name[64];
-  snprintf(name, sizeof name, "/nsa-review-%d", (int)getpid());
-  int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600);
-  cr_assert_geq(fd, 0);
-  cr_assert_eq(ftruncate(fd, 4096), 0);
-  close(fd);
+  small_shm(name, sizeof name, "fill");
   enum { NFILL = 4, PER = 4096 };
   nsa_client_t *fill[NFILL];
   uint64_t last = 0, id = 0;
@@ -92,7 +98,7 @@ Test(review, shm_guard_table_full_refuses_instead_of_serving_unguarded) {
   uint32_t t[N];
   for (int i = 0; i < N; i++) cr_assert_eq(nsa_client_forward_submit(a, &p.fwd, &t[i]), 0);
   cr_assert_eq(nsa_client_ping(a), 0); /* all N passed the dispatch-time size check */
-  fd = shm_open(p.shm->name, O_RDWR, 0);
+  int fd = shm_open(p.shm->name, O_RDWR, 0);
   cr_assert_geq(fd, 0);
   cr_assert_eq(ftruncate(fd, 0), 0);
   close(fd);
@@ -297,11 +303,7 @@ Test(review, low_soft_fd_limit_is_raised_so_one_client_cannot_lock_out_others) {
   th_nsad_t d;
   cr_assert_eq(th_start(&d, NULL), 0);
   char name[64];
-  snprintf(name, sizeof name, "/nsa-review-fd-%d", (int)getpid());
-  int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600);
-  cr_assert_geq(fd, 0);
-  cr_assert_eq(ftruncate(fd, 4096), 0);
-  close(fd);
+  small_shm(name, sizeof name, "fd");
   nsa_client_t *a = th_client(&d, "hog");
   cr_assert_not_null(a);
   int ok = 0;
@@ -376,11 +378,7 @@ Test(review, metrics_http_serves_with_more_than_fd_setsize_fds) {
   if (th_start(&d, args) != 0) cr_skip_test("nsad without --metrics-listen support");
   cr_assert(http_get_ok(port, "/metrics"), "scrape with few fds");
   char name[64];
-  snprintf(name, sizeof name, "/nsa-review-http-%d", (int)getpid());
-  int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600);
-  cr_assert_geq(fd, 0);
-  cr_assert_eq(ftruncate(fd, 4096), 0);
-  close(fd);
+  small_shm(name, sizeof name, "http");
   nsa_client_t *a = th_client(&d, "many-regions");
   cr_assert_not_null(a);
   int ok = 0;
