@@ -216,7 +216,8 @@ template <int DK, int DV> struct KvSmem {
   static constexpr size_t d_off = l_off + kST * 16 * 4;       // [kST][16] f32 delta
   static constexpr size_t wm_off = d_off + kST * 16 * 4;      // [kWin] u64 window masks
   static constexpr size_t wv_off = wm_off + kWin * 8;       // [kWin] i32 window rows
-  static constexpr size_t wp_off = wv_off + kWin * 4;       // [kWin] i32 window pair indices (dq)
+  static constexpr size_t wt_off = wv_off + kWin * 4;       // [kWin] i32 window query positions t
+  static constexpr size_t wp_off = wt_off + kWin * 4;       // [kWin] i32 window pair indices (dq)
   static constexpr int DSS = 24;                             // dS^T row stride (conflict-free ldmatrix)
   static constexpr size_t ds_off = wp_off + kWin * 4;       // [64][DSS] T: dS^T of the chunk (dq)
   static constexpr size_t bytes = ds_off + kT * DSS * 2;
@@ -248,6 +249,7 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
   unsigned long long *wMk = reinterpret_cast<unsigned long long *>(smem + L::wm_off);
   int *wRow = reinterpret_cast<int *>(smem + L::wv_off);
   int *wP = reinterpret_cast<int *>(smem + L::wp_off);
+  int *wT = reinterpret_cast<int *>(smem + L::wt_off);
   T *sDS = reinterpret_cast<T *>(smem + L::ds_off);
 
   int64_t x;
@@ -295,7 +297,9 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
     const int w1 = min(hi, w0 + kWin);
     __syncthreads();  // the previous window's rows are no longer read
     for (int i = tid; i < w1 - w0; i += NT_) {
-      wRow[i] = iv.vals[w0 + i];
+      const int r = iv.vals[w0 + i];
+      wRow[i] = r;
+      wT[i] = (r / (int)a.G) % (int)a.S;  // once per row, not per gathered 16 bytes
       wMk[i] = iv.masks[w0 + i];
       if (DQ) wP[i] = iv.pidx[w0 + i];
     }
@@ -323,8 +327,7 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
         const T *src = q;
         int bytes = 0;
         if (col_of(ch, m, &wi, &j)) {
-          const int64_t r = wRow[wi];
-          const int64_t t = (r / a.G) % a.S, head = g * a.h + j;
+          const int64_t t = wT[wi], head = g * a.h + j;
           src = isq ? q + b * a.qs[0] + t * a.qs[1] + head * a.qs[2] + pt * 8
                     : dout + b * a.dos[0] + t * a.dos[1] + head * a.dos[2] + pt * 8;
           bytes = 16;
@@ -361,7 +364,9 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
       const T *q_s = sQ + stg * 16 * L::QS;
       const T *o_s = sO + stg * 16 * L::OS;
       float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+      float s_[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};  // odd k-steps: two independent MMA chains
       float dp[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+      float dp_[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
       for (int ks = 0; ks < DK / 16; ks++) {
         unsigned af[4], b0, b1, b2, b3;
@@ -369,8 +374,8 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
                 af[3]);
         ldsm_x4(smem_u32(q_s + ((lane & 7) + (lane >> 4) * 8) * L::QS + ks * 16 + ((lane >> 3) & 1) * 8), b0,
                 b1, b2, b3);
-        Mma<T>::run(s[0], af, b0, b1);
-        Mma<T>::run(s[1], af, b2, b3);
+        Mma<T>::run((ks & 1) ? s_[0] : s[0], af, b0, b1);
+        Mma<T>::run((ks & 1) ? s_[1] : s[1], af, b2, b3);
       }
 #pragma unroll
       for (int ks = 0; ks < DV / 16; ks++) {
@@ -379,9 +384,16 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
                 af[3]);
         ldsm_x4(smem_u32(o_s + ((lane & 7) + (lane >> 4) * 8) * L::OS + ks * 16 + ((lane >> 3) & 1) * 8), b0,
                 b1, b2, b3);
-        Mma<T>::run(dp[0], af, b0, b1);
-        Mma<T>::run(dp[1], af, b2, b3);
+        Mma<T>::run((ks & 1) ? dp_[0] : dp[0], af, b0, b1);
+        Mma<T>::run((ks & 1) ? dp_[1] : dp[1], af, b2, b3);
       }
+#pragma unroll
+      for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          s[i][e] += s_[i][e];
+          dp[i][e] += dp_[i][e];
+        }
       // P^T and dS^T: rows = keys kw + r0 (+8), columns = chunk columns.
       float p[2][4];
 #pragma unroll

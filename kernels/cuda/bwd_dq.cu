@@ -266,15 +266,17 @@ __global__ void __launch_bounds__(kThreads)
     const T *kw = sK + (stg * kBN + warp * 16) * L::KS;
     const T *vw = sV + (stg * kBN + warp * 16) * L::VS;
     float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    float s_[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};  // odd k-steps: two independent MMA chains
     float dp[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    float dp_[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
     for (int ks = 0; ks < DK / 16; ks++) {
       unsigned af[4], b0, b1, b2, b3;
       ldsm_x4(smem_u32(sQ + (lane & 15) * L::QS + ks * 16 + (lane >> 4) * 8), af[0], af[1], af[2], af[3]);
       ldsm_x4(smem_u32(kw + ((lane & 7) + (lane >> 4) * 8) * L::KS + ks * 16 + ((lane >> 3) & 1) * 8), b0,
               b1, b2, b3);
-      Mma<T>::run(s[0], af, b0, b1);
-      Mma<T>::run(s[1], af, b2, b3);
+      Mma<T>::run((ks & 1) ? s_[0] : s[0], af, b0, b1);
+      Mma<T>::run((ks & 1) ? s_[1] : s[1], af, b2, b3);
     }
 #pragma unroll
     for (int ks = 0; ks < DV / 16; ks++) {
@@ -282,9 +284,16 @@ __global__ void __launch_bounds__(kThreads)
       ldsm_x4(smem_u32(sO + (lane & 15) * L::OS + ks * 16 + (lane >> 4) * 8), af[0], af[1], af[2], af[3]);
       ldsm_x4(smem_u32(vw + ((lane & 7) + (lane >> 4) * 8) * L::VS + ks * 16 + ((lane >> 3) & 1) * 8), b0,
               b1, b2, b3);
-      Mma<T>::run(dp[0], af, b0, b1);
-      Mma<T>::run(dp[1], af, b2, b3);
+      Mma<T>::run((ks & 1) ? dp_[0] : dp[0], af, b0, b1);
+      Mma<T>::run((ks & 1) ? dp_[1] : dp[1], af, b2, b3);
     }
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        s[i][e] += s_[i][e];
+        dp[i][e] += dp_[i][e];
+      }
     // dS = P ∘ (dP − delta), masked per row by the piece's query bits.
     const int *mk = sMask + lb * kBN + warp * 16;
 #pragma unroll
