@@ -45,6 +45,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -971,6 +972,11 @@ int main(int argc, char **argv) {
   }
   printf("nsa_bench_daemon: nsad %s, backend %s (%s)%s\n", server, backend, device,
          o.socket ? "" : ", started by the bench");
+  const char *wp = getenv("OMP_WAIT_POLICY");
+  if (!o.cuda && !(wp && !strcasecmp(wp, "passive")))
+    printf("note: OMP_WAIT_POLICY is not passive: nsad's and this process's OpenMP threads "
+           "spin-wait against each other, which can slow the in-process side many times on "
+           "a small machine (docs/PERF.md, Daemon overhead)\n");
   fflush(stdout);
 
   ping_res_t pr;

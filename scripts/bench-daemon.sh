@@ -19,7 +19,10 @@
 #   after `--`) and stops nsad. Logs under $OUT (default /tmp/nsa-benchd-out):
 #   gpu.txt, commit.txt, bench_daemon.txt (the table), nsad.log, build.log.
 # cpu: the same bench on the CPU backend from BUILDDIR (default build), which
-#   starts its own nsad; prints the load average before and after.
+#   starts its own nsad; prints the load average before and after. Exports
+#   OMP_WAIT_POLICY=passive (unless set) for both nsad and the bench: with the
+#   default spin-waiting, the two OpenMP runtimes steal the cores from each
+#   other and the in-process side of the comparison runs up to 30x slower.
 #
 # Exit status: the bench's (1 on a lost/misrouted request or a mismatch), or
 # 1 when nsad did not start or exited non-zero.
@@ -126,7 +129,8 @@ cpu)
   split_args "$@"
   B=${B_ARG:-build}
   cmake --build "$B" --target nsad nsa_bench_daemon -j2 > /dev/null || exit 1
-  echo "load before: $(cut -d' ' -f1-3 /proc/loadavg); $(getconf _NPROCESSORS_ONLN) cores; $(date -u); commit $(git rev-parse --short HEAD)"
+  export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
+  echo "load before: $(cut -d' ' -f1-3 /proc/loadavg); $(getconf _NPROCESSORS_ONLN) cores; $(date -u); commit $(git rev-parse --short HEAD); OMP_WAIT_POLICY=$OMP_WAIT_POLICY OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}"
   "$B/bin/nsa_bench_daemon" "${ARGS[@]}"
   rc=$?
   echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -134,7 +138,7 @@ cpu)
   ;;
 
 *)
-  sed -n '2,25p' "$0"
+  sed -n '2,28p' "$0"
   exit 2
   ;;
 esac
