@@ -276,6 +276,12 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   }
   void *arena = NULL;
   st = nsa_cuda_ctx_arena(ctx, L.end, 0, &arena, msg, msglen);
+  if (st == NSA_ERR_BUSY && !ranges && choose_dq_key(&d, cap, tc_ok)) {
+    // The key-centric dq's partials do not fit the workspace cap (or the
+    // device): size for the query-centric dq, which needs none.
+    layout2(&d, cap, 0, 0, 0, &L);
+    st = nsa_cuda_ctx_arena(ctx, L.end, 0, &arena, msg, msglen);
+  }
   if (st) return st;
   char *ws = (char *)arena;
   nsa_cuda_summary_t *dsum = (nsa_cuda_summary_t *)(ws + L.sum);
@@ -341,9 +347,14 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
       return NSA_ERR_UNSUPPORTED;
     }
   }
-  const int dq_key = !packed && choose_dq_key(&d, cap, tc_ok);
+  int dq_key = !packed && choose_dq_key(&d, cap, tc_ok);
   layout2(&d, cap, packed, packed ? hsum.total : 0, dq_key, &L);
   st = nsa_cuda_ctx_arena(ctx, L.end, L.end1, &arena, msg, msglen);
+  if (st == NSA_ERR_BUSY && dq_key) {  // as above: fall back to the query-centric dq
+    dq_key = 0;
+    layout2(&d, cap, packed, packed ? hsum.total : 0, 0, &L);
+    st = nsa_cuda_ctx_arena(ctx, L.end, L.end1, &arena, msg, msglen);
+  }
   if (st) return st;
   ws = (char *)arena;
   dsum = (nsa_cuda_summary_t *)(ws + L.sum);
