@@ -503,7 +503,8 @@ Test(cuda_bwd, async_and_graph) {
   nsa_cuda_ctx_destroy(ctx);
 }
 
-/* AUTO follows the flags; workspace cap gives busy; big head dims unsupported. */
+/* AUTO follows the flags; a workspace cap gives busy, or the query-centric dq
+ * where only the key-centric dq's partials are over it. */
 Test(cuda_bwd, flags_and_limits) {
   NSA_REQUIRE_GPU();
   nsa_cuda_ctx_t *ctx = mkctx(0);
@@ -539,6 +540,29 @@ Test(cuda_bwd, flags_and_limits) {
   int rc = nsa_cuda_sel_bwd(small, &f.bwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg);
   cr_expect_eq(rc, NSA_ERR_BUSY, "rc %d (%s)", rc, msg);
   nsa_cuda_ctx_destroy(small);
+
+  /* A cap that fits the query-centric dq but not the key-centric dq's
+   * partials: the request falls back instead of failing with busy. */
+  size_t wq = 0, wk = 0;
+  setenv("NSA_BWD_DQ", "query", 1);
+  rc = nsa_cuda_sel_bwd(ctx, &f.bwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg);
+  unsetenv("NSA_BWD_DQ");
+  cr_assert_eq(rc, NSA_OK, "%s", msg);
+  wq = info.workspace_bytes;
+  rc = nsa_cuda_sel_bwd(ctx, &f.bwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg);
+  cr_assert_eq(rc, NSA_OK, "%s", msg);
+  wk = info.workspace_bytes;
+  cr_log_info("workspace: query-centric dq %zu B, key-centric dq %zu B", wq, wk);
+  cr_expect_gt(wk, wq, "h=%lld bf16 should take the key-centric dq (more workspace)", (long long)cfg.h);
+  nsa_cuda_ctx_t *mid = mkctx(wq);
+  bx_poison(&f);
+  rc = nsa_cuda_sel_bwd(mid, &f.bwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg);
+  cr_expect_eq(rc, NSA_OK, "capped at the query-centric workspace: rc %d (%s)", rc, msg);
+  cr_expect_leq(info.workspace_bytes, wq);
+  bx_fetch(&f);
+  const double eq = nsa_tu_rel_err(f.gq, f.rq, f.nq);
+  cr_expect(eq <= tol_g(cfg.dtype), "fallback dq rel err %.3g", eq);
+  nsa_cuda_ctx_destroy(mid);
   bx_free(&f);
   nsa_cuda_ctx_destroy(ctx);
 }
