@@ -368,6 +368,16 @@ static int http_get_ok(int port, const char *path) {
   return strncmp(buf, "HTTP/1.1 200", 12) == 0;
 }
 
+/* The first scrape may race nsad's HTTP listener start-up (nsad announces the
+ * Unix socket first) on a loaded machine: retry for up to 5 s. */
+static int http_get_ok_retry(int port, const char *path) {
+  for (int i = 0; i < 50; i++) {
+    if (http_get_ok(port, path)) return 1;
+    usleep(100 * 1000);
+  }
+  return 0;
+}
+
 Test(review, metrics_http_serves_with_more_than_fd_setsize_fds) {
   int port = free_port();
   cr_assert_gt(port, 0);
@@ -376,7 +386,7 @@ Test(review, metrics_http_serves_with_more_than_fd_setsize_fds) {
   const char *args[] = {"--metrics-listen", listen, NULL};
   th_nsad_t d;
   if (th_start(&d, args) != 0) cr_skip_test("nsad without --metrics-listen support");
-  cr_assert(http_get_ok(port, "/metrics"), "scrape with few fds");
+  cr_assert(http_get_ok_retry(port, "/metrics"), "scrape with few fds");
   char name[64];
   small_shm(name, sizeof name, "http");
   nsa_client_t *a = th_client(&d, "many-regions");
