@@ -63,7 +63,7 @@ struct Layout {
   // part 1: plan and per-(row, head) scalars
   size_t sum, plan, len64, ptemp, ptemp_bytes, pieces, gcount, delta, lsec, end1;
   // part 2: inversion, partials, packed buffers
-  size_t inv, part, dqp, pplan, kp, vp, ppieces, pgcount, end;
+  size_t inv, part, dqp, pplan, pscr, pscr_bytes, kp, vp, ppieces, pgcount, end;
   nsa_cuda_inv_layout_t il;
   int64_t cap, items_bound, NT;
   int seg_rows;
@@ -93,8 +93,9 @@ void layout1(const nsa_dims_t *d, int P, Layout *L) {
   L->end1 = o;
 }
 
-// Part 2 once the pair capacity (and, for packed, the total length) is known.
-void layout2(const nsa_dims_t *d, int64_t cap, int packed, int64_t total, int dq_key, Layout *L) {
+// Part 2 once the pair capacity (and, for packed, the padded key slots of its
+// length buckets, nsa_cuda_pack_slots) is known.
+void layout2(const nsa_dims_t *d, int64_t cap, int packed, int64_t slots, int dq_key, Layout *L) {
   L->cap = cap;
   L->NT = (d->Skv + NSA_BWD_TILE - 1) / NSA_BWD_TILE;
   const int64_t ntiles = d->B * d->G * L->NT;
@@ -115,15 +116,19 @@ void layout2(const nsa_dims_t *d, int64_t cap, int packed, int64_t total, int dq
   o = align256(o + (size_t)nparts * (size_t)slot);
   L->dqp = o;
   if (dq_key) o = align256(o + (size_t)cap * d->h * d->Dk * 4);
-  L->pplan = L->kp = L->vp = L->ppieces = L->pgcount = o;
+  L->pplan = L->pscr = L->kp = L->vp = L->ppieces = L->pgcount = o;
+  L->pscr_bytes = 0;
   if (packed) {
     const size_t es = nsa_dtype_size(d->dtype);
     nsa_plan_layout_t pl;
     o = align256(o + nsa_plan_layout(d->rows, 1, &pl));
+    L->pscr = o;
+    L->pscr_bytes = nsa_cuda_pack_scratch_bytes(d->rows);
+    o = align256(o + L->pscr_bytes);
     L->kp = o;
-    o = align256(o + (size_t)total * d->Dk * es);
+    o = align256(o + (size_t)slots * d->Dk * es);
     L->vp = o;
-    o = align256(o + (size_t)total * d->Dv * es);
+    o = align256(o + (size_t)slots * d->Dv * es);
     const int64_t ng = nsa_cuda_num_groups(d->B, d->S, d->G, 1);
     L->ppieces = o;
     o = align256(o + (size_t)ng * nsa_cuda_max_pieces(1, 1) * sizeof(nsa_cuda_piece_t));
@@ -310,6 +315,8 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
     BCK(nsa_cuda_launch_plan_v2(&sv, d.B, d.S, d.Skv, d.G, d.n, &plan, dsum, (int64_t *)(ws + L.len64),
                                 ws + L.ptemp, L.ptemp_bytes, stream),
         "v2 planner launch");
+    // packed sizes its padded K/V by the bucket counts (same summary copy)
+    if (maybe_packed) BCK(nsa_cuda_launch_pack_hist(&plan, dsum, stream), "packed histogram launch");
     if (sync) BCK(cudaEventRecord(cv.ev1, stream), "event record");
     if (need_summary) {
       BCK(cudaMemcpyAsync(cv.h_sum, dsum, sizeof(*dsum), cudaMemcpyDeviceToHost, stream), "summary copy");
@@ -332,8 +339,13 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
                                                       : planner;
   info->path = path;
   const int packed = path == NSA_PATH_PACKED;
-  if (packed && hsum.total >= (1LL << 31)) {
-    setmsg(msg, msglen, "packed path supports total keys < 2^31 (got %lld)", hsum.total);
+  if (packed && planner != NSA_PATH_VARLEN_V2) {  // the bucket counts come from the v2 flow
+    setmsg(msg, msglen, "packed path needs the v2 planner");
+    return NSA_ERR_INTERNAL;
+  }
+  const long long slots = packed ? nsa_cuda_pack_slots(hsum.pk_cnt) : 0;  // padded keys
+  if (slots >= (1LL << 31)) {
+    setmsg(msg, msglen, "packed path supports < 2^31 padded keys (got %lld)", slots);
     return NSA_ERR_UNSUPPORTED;
   }
 
@@ -348,11 +360,11 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
     }
   }
   int dq_key = !packed && choose_dq_key(&d, cap, tc_ok);
-  layout2(&d, cap, packed, packed ? hsum.total : 0, dq_key, &L);
+  layout2(&d, cap, packed, slots, dq_key, &L);
   st = nsa_cuda_ctx_arena(ctx, L.end, L.end1, &arena, msg, msglen);
   if (st == NSA_ERR_BUSY && dq_key) {  // as above: fall back to the query-centric dq
     dq_key = 0;
-    layout2(&d, cap, packed, packed ? hsum.total : 0, 0, &L);
+    layout2(&d, cap, packed, slots, 0, &L);
     st = nsa_cuda_ctx_arena(ctx, L.end, L.end1, &arena, msg, msglen);
   }
   if (st) return st;
@@ -381,8 +393,8 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   if (packed) {
     nsa_plan_t pplan;
     nsa_plan_bind(&pplan, ws + L.pplan, d.rows, 1);
-    BCK(nsa_cuda_launch_pack(&plan, d.B, d.S, d.G, &a->k, &a->v, d.Dk, d.Dv, ws + L.kp, ws + L.vp, &pplan,
-                             stream),
+    BCK(nsa_cuda_launch_pack(&plan, dsum, d.B, d.S, d.G, &a->k, &a->v, d.Dk, d.Dv, ws + L.pscr, L.pscr_bytes,
+                             ws + L.kp, ws + L.vp, slots, &pplan, stream),
         "packed gather launch");
     nsa_cuda_bwd_t pa = at;
     pa.k = ws + L.kp;

@@ -13,7 +13,8 @@
 //     reported before any attention kernel runs),
 //   - the v1 planner runs (it is a host planner by definition),
 //   - the path may be `packed` (varlen off, or MIN_L > 0 with v2 on): packed
-//     needs the total row length to size its gather buffers, and MIN_L needs
+//     needs its length-bucket counts (nsa_cuda_launch_pack_hist, in the same
+//     summary copy) to size its padded gather buffers, and MIN_L needs
 //     max_len. This is the documented cost of MIN_L > 0 (docs/KERNELS_CUDA.md).
 // With sync = 0 on the v2 path nothing waits on the host; a bad selection then
 // cannot be reported, and the kernels write NaN instead of reading anything.
@@ -484,6 +485,9 @@ extern "C" int nsa_cuda_sel_fwd(nsa_cuda_ctx_t *ctx, const nsa_fwd_args_t *a,
     CK(nsa_cuda_launch_plan_v2(&sv, d.B, d.S, d.Skv, d.G, d.n, &plan, dsum, (int64_t *)(ws + L.len64),
                                ws + L.temp, L.temp_bytes, ctx->stream),
        "v2 planner launch");
+    // packed sizes its padded K/V by the bucket counts: count them into the
+    // summary before its (one) copy to the host.
+    if (maybe_packed) CK(nsa_cuda_launch_pack_hist(&plan, dsum, ctx->stream), "packed histogram launch");
     if (sync) CK(cudaEventRecord(ctx->ev1, ctx->stream), "event record");
     if (need_summary) {
       CK(cudaMemcpyAsync(ctx->h_sum, dsum, sizeof(*dsum), cudaMemcpyDeviceToHost, ctx->stream),
@@ -513,17 +517,28 @@ extern "C" int nsa_cuda_sel_fwd(nsa_cuda_ctx_t *ctx, const nsa_fwd_args_t *a,
   at.l2hint = ctx->l2hint;
   const int q_ok = aligned16(&a->q);
   size_t used = L.end_plan;
+  size_t packed_kv = 0;
   if (path == NSA_PATH_PACKED) {
-    if (hsum.total >= (1LL << 31)) {
-      setmsg(msg, msglen, "packed path supports total keys < 2^31 (got %lld)", hsum.total);
+    // Bucket counts come with the summary (maybe_packed launched the
+    // histogram on the v2 planner, the only planner packed runs on).
+    if (planner != NSA_PATH_VARLEN_V2) {
+      setmsg(msg, msglen, "packed path needs the v2 planner");
+      return NSA_ERR_INTERNAL;
+    }
+    const long long slots = nsa_cuda_pack_slots(hsum.pk_cnt);  // padded keys
+    if (slots >= (1LL << 31)) {
+      setmsg(msg, msglen, "packed path supports < 2^31 padded keys (got %lld)", slots);
       return NSA_ERR_UNSUPPORTED;
     }
     const size_t es = nsa_dtype_size(d.dtype);
     nsa_plan_layout_t pl;
     size_t pplan_off = L.end_plan;
-    size_t kp_off = align256(pplan_off + nsa_plan_layout(d.rows, 1, &pl));
-    size_t vp_off = align256(kp_off + (size_t)hsum.total * d.Dk * es);
-    size_t pieces_off = align256(vp_off + (size_t)hsum.total * d.Dv * es);
+    size_t pscr_off = align256(pplan_off + nsa_plan_layout(d.rows, 1, &pl));
+    const size_t pscr_bytes = nsa_cuda_pack_scratch_bytes(d.rows);
+    size_t kp_off = align256(pscr_off + pscr_bytes);
+    size_t vp_off = align256(kp_off + (size_t)slots * d.Dk * es);
+    size_t pieces_off = align256(vp_off + (size_t)slots * d.Dv * es);
+    packed_kv = (size_t)slots * (size_t)(d.Dk + d.Dv) * es;
     const int Pg = nsa_cuda_qtiles(d.Dk, d.Dv, 1, ctx->qt_max);
     int64_t ng = nsa_cuda_num_groups(d.B, d.S, d.G, Pg);
     size_t gcount_off = align256(pieces_off + (size_t)ng * nsa_cuda_max_pieces(1, Pg) * sizeof(nsa_cuda_piece_t));
@@ -535,8 +550,8 @@ extern "C" int nsa_cuda_sel_fwd(nsa_cuda_ctx_t *ctx, const nsa_fwd_args_t *a,
     nsa_plan_bind(&plan, ws + L.plan, d.rows, d.n);
     nsa_plan_t pplan;
     nsa_plan_bind(&pplan, ws + pplan_off, d.rows, 1);
-    CK(nsa_cuda_launch_pack(&plan, d.B, d.S, d.G, &a->k, &a->v, d.Dk, d.Dv, ws + kp_off, ws + vp_off,
-                            &pplan, ctx->stream),
+    CK(nsa_cuda_launch_pack(&plan, dsum, d.B, d.S, d.G, &a->k, &a->v, d.Dk, d.Dv, ws + pscr_off, pscr_bytes,
+                            ws + kp_off, ws + vp_off, slots, &pplan, ctx->stream),
        "packed gather launch");
     at.k = ws + kp_off;
     at.v = ws + vp_off;
@@ -555,7 +570,9 @@ extern "C" int nsa_cuda_sel_fwd(nsa_cuda_ctx_t *ctx, const nsa_fwd_args_t *a,
                        (int2 *)(ws + L.gcount), msg, msglen);
     if (st) return st;
   }
-  info->workspace_bytes = used;
+  // packed: its padded K/V workspace, sum_b rows_b * Lpad_b * (Dk + Dv) * es
+  // (the arena also holds the plan, as on v2); varlen: the plan's arena bytes.
+  info->workspace_bytes = path == NSA_PATH_PACKED ? packed_kv : used;
 
   if (ex && ex->done_event) CK(cudaEventRecord((cudaEvent_t)ex->done_event, ctx->stream), "done_event");
   if (sync) {

@@ -17,6 +17,11 @@
 extern "C" {
 #endif
 
+/* Length buckets of the packed path (packed.cu): bucket b holds the rows of
+ * length L > 0 with 16 << (b-1) < L <= 16 << b (b = 0: L <= 16); 28 buckets
+ * cover every L < 2^31. */
+#define NSA_CUDA_PK_NB 28
+
 /* Planner summary as the device writes it (integer atomics only, so the
  * values are deterministic). Lives in the workspace; copied to pinned host
  * memory only when the host needs it. */
@@ -26,6 +31,9 @@ typedef struct {
   int max_len;
   int pad_;
   long long hist[NSA_LEN_HIST_BUCKETS];
+  /* rows per packed-path bucket; written by nsa_cuda_launch_pack_hist only
+   * (requests that may take the packed path), zero otherwise */
+  long long pk_cnt[NSA_CUDA_PK_NB];
 } nsa_cuda_summary_t;
 
 /* Strided view of a selection tensor (device pointer). */
@@ -75,13 +83,28 @@ cudaError_t nsa_cuda_launch_plan_group(const nsa_plan_t *plan, int64_t B, int64_
 
 /* ---- packed.cu ---- */
 
-/* Gathers every row's keys (K and V) into contiguous [total][Dk] / [total][Dv]
- * buffers (element size esz), and writes a synthetic plan whose row r holds
- * one span [row_off[r], row_off[r] + row_len[r]) of packed positions. */
-cudaError_t nsa_cuda_launch_pack(const nsa_plan_t *plan, int64_t B, int64_t S, int64_t G,
-                                 const nsa_tensor_t *k, const nsa_tensor_t *v, int64_t Dk,
-                                 int64_t Dv, void *kp, void *vp, nsa_plan_t *pplan,
-                                 cudaStream_t st);
+/* Packed path (index maps in packed.cu): rows in length buckets, each row's
+ * keys gathered into a padded slot [slot_r, slot_r + Lpad_b) of the K/V
+ * workspace buffers kp [slots][Dk] / vp [slots][Dv].
+ *
+ * nsa_cuda_launch_pack_hist: counts the plan's rows per bucket into
+ * summary->pk_cnt (device); launched before the request's summary copy.
+ * nsa_cuda_pack_slots: total slots sum_b cnt_b * (16 << b) of host counts.
+ * nsa_cuda_pack_scratch_bytes: device scratch nsa_cuda_launch_pack needs.
+ * nsa_cuda_launch_pack: from the plan and the device counts (no host read):
+ * orders rows by (bucket, row), writes the synthetic plan pplan (n = 1, row r
+ * = one span [slot_r, slot_r + row_len[r]) of slot positions, row_off copied)
+ * and gathers K and V into their slots. kp / vp hold `slots` keys (the
+ * host's nsa_cuda_pack_slots of the same counts) and are 16-byte aligned. */
+cudaError_t nsa_cuda_launch_pack_hist(const nsa_plan_t *plan, nsa_cuda_summary_t *summary,
+                                      cudaStream_t st);
+long long nsa_cuda_pack_slots(const long long *cnt /* [NSA_CUDA_PK_NB] */);
+size_t nsa_cuda_pack_scratch_bytes(int64_t rows);
+cudaError_t nsa_cuda_launch_pack(const nsa_plan_t *plan, const nsa_cuda_summary_t *summary,
+                                 int64_t B, int64_t S, int64_t G, const nsa_tensor_t *k,
+                                 const nsa_tensor_t *v, int64_t Dk, int64_t Dv, void *scratch,
+                                 size_t scratch_bytes, void *kp, void *vp, int64_t slots,
+                                 nsa_plan_t *pplan, cudaStream_t st);
 
 /* ---- varlen_fwd*.cu ---- */
 

@@ -57,13 +57,14 @@ static const char *cfg_str(const nsa_tu_case_cfg_t *c, char *buf, size_t len) {
   return buf;
 }
 
-/* Runs one path (sync) and compares with the reference. */
-static void run_check(nsa_cuda_ctx_t *ctx, fx_t *f, nsa_path_t path) {
+/* Runs one path (sync) and compares with the reference; *info as returned. */
+static void run_check_info(nsa_cuda_ctx_t *ctx, fx_t *f, nsa_path_t path, nsa_run_info_t *pinfo) {
   char msg[256], cs[256];
   nsa_tc_poison(&f->dv, &f->c);
   nsa_run_info_t info;
   nsa_cuda_exec_t ex = {.sync = 1};
   int rc = nsa_cuda_sel_fwd(ctx, &f->dv.fwd, NULL, path, &ex, &info, msg, sizeof msg);
+  *pinfo = info;
   cr_assert_eq(rc, NSA_OK, "%s: rc %d: %s [%s]", nsa_path_name(path), rc, msg,
                cfg_str(&f->c.cfg, cs, sizeof cs));
   cr_expect_eq(info.path, path);
@@ -77,6 +78,11 @@ static void run_check(nsa_cuda_ctx_t *ctx, fx_t *f, nsa_path_t path) {
             cfg_str(&f->c.cfg, cs, sizeof cs));
   cr_expect(el <= tol_l(f->c.cfg.dtype), "%s lse rel err %.3g [%s]", nsa_path_name(path), el,
             cfg_str(&f->c.cfg, cs, sizeof cs));
+}
+
+static void run_check(nsa_cuda_ctx_t *ctx, fx_t *f, nsa_path_t path) {
+  nsa_run_info_t info;
+  run_check_info(ctx, f, path, &info);
 }
 
 static void check_paths(nsa_cuda_ctx_t *ctx, const nsa_tu_case_cfg_t *cfg) {
@@ -410,5 +416,129 @@ Test(cuda_fwd, limits) {
   rc = nsa_cuda_sel_fwd(ctx, &bad, NULL, NSA_PATH_AUTO, &ex, &info, msg, sizeof msg);
   cr_expect_eq(rc, NSA_ERR_BAD_REQUEST, "rc %d (%s)", rc, msg);
   fx_free(&f);
+  nsa_cuda_ctx_destroy(ctx);
+}
+
+/* Writes span i of row r (ranges, contiguous sel_raw); an empty span is the
+ * unused marker [0, 0]. */
+static void set_span(int32_t *sel, int64_t n, int64_t r, int64_t i, int32_t start, int32_t end) {
+  if (end <= start) start = end = 0;
+  sel[(r * n + i) * 2] = start;
+  sel[(r * n + i) * 2 + 1] = end;
+}
+
+/* Smallest packed bucket 16 << b >= len (the DESIGN's bucket scheme). */
+static int64_t packed_lpad(int32_t len) {
+  int64_t lp = 16;
+  while (lp < len) lp *= 2;
+  return lp;
+}
+
+/* Packed path's length buckets: rows of lengths 0..600 as 2-3 spans (one
+ * gap, one duplicate), so they fill the 16, 32, 64, ..., 1024 buckets.
+ * info.workspace_bytes must equal sum_b rows_b * Lpad_b * (Dk + Dv) * es with
+ * the buckets computed here from the CPU plan's row lengths; results match
+ * the reference (contiguous K/V: 16-byte gather; gapped: element gather);
+ * flag-driven packed with sync = 0 too; reruns are bitwise equal; a cap of
+ * exactly the padded K/V bytes (the arena needs the plan as well) is busy. */
+Test(cuda_fwd, packed_buckets) {
+  NSA_REQUIRE_GPU();
+  nsa_cuda_ctx_t *ctx = mkctx(0);
+  static const int32_t lens[] = {0,   1,   7,   16,  17,  31,  32,  33,  63,  64,  65,  100,
+                                 128, 129, 200, 256, 257, 380, 512, 513, 600, 3,   45,  300};
+  const int64_t nl = (int64_t)(sizeof lens / sizeof lens[0]);
+  for (int dt = 0; dt < 3; dt++) {
+    nsa_tu_case_cfg_t cfg = base();
+    cfg.dtype = (nsa_dtype_t)dt;
+    cfg.ranges = 1;
+    cfg.n = 3;
+    cfg.S = 24;
+    cfg.Skv = 700; /* p(t) = t + 676: every row may hold up to 677 keys */
+    cfg.h = dt == 1 ? 3 : 2;
+    cfg.gapped = dt == 1;
+    cfg.seed = 1400 + dt;
+    fx_t f;
+    fx_init(&f, &cfg);
+    const int64_t rows = cfg.B * cfg.S * cfg.G, n = cfg.n;
+    for (int64_t r = 0; r < rows; r++) {
+      const int32_t L = lens[r % nl], h2 = L / 2;
+      const int32_t s0 = (int32_t)((r * 37) % (672 - L)); /* s0 + L + 5 <= 677 */
+      set_span(f.c.sel_raw, n, r, 0, s0, s0 + h2);
+      set_span(f.c.sel_raw, n, r, 1, s0 + h2 + 5, s0 + L + 5); /* gap of 5: 2 spans */
+      set_span(f.c.sel_raw, n, r, 2, s0, s0 + L / 4);          /* inside span 0 */
+    }
+    nsa_tc_sync_sel(&f.dv, &f.c);
+    nsa_ref_fwd(&f.c.ref, f.ro, f.rl);
+
+    /* the bucket formula from the CPU plan */
+    nsa_dims_t d;
+    char msg[256];
+    cr_assert_eq(nsa_fwd_check(&f.c.fwd, &d, msg, sizeof msg), NSA_OK, "%s", msg);
+    nsa_plan_layout_t lay;
+    void *hbuf = malloc(nsa_plan_layout(d.rows, d.n, &lay));
+    nsa_plan_t hp;
+    nsa_plan_bind(&hp, hbuf, d.rows, d.n);
+    cr_assert_eq(nsa_cpu_plan_v2(&f.c.fwd.sel, &d, &hp), NSA_OK);
+    int64_t slots = 0, per_lp[16] = {0};
+    for (int64_t r = 0; r < rows; r++) {
+      cr_assert_eq(hp.row_len[r], lens[r % nl], "row %lld: len %d want %d", (long long)r, hp.row_len[r],
+                   lens[r % nl]);
+      if (hp.row_len[r] == 0) continue;
+      const int64_t lp = packed_lpad(hp.row_len[r]);
+      slots += lp;
+      for (int b = 0; b < 16; b++)
+        if ((16LL << b) == lp) per_lp[b]++;
+    }
+    int nbuckets = 0;
+    for (int b = 0; b < 16; b++) nbuckets += per_lp[b] > 0;
+    cr_assert_eq(nbuckets, 7, "buckets 16..1024 all used (%d)", nbuckets);
+    free(hbuf);
+    const size_t want = (size_t)slots * (size_t)(cfg.Dk + cfg.Dv) * nsa_dtype_size(cfg.dtype);
+
+    nsa_run_info_t info;
+    run_check_info(ctx, &f, NSA_PATH_PACKED, &info);
+    cr_expect_eq(info.workspace_bytes, want, "%s: workspace %zu want %zu (slots %lld)",
+                 nsa_dtype_name(cfg.dtype), info.workspace_bytes, want, (long long)slots);
+    cr_expect_eq(info.max_len, 600);
+    run_check(ctx, &f, NSA_PATH_VARLEN_V2); /* same case, the varlen path */
+
+    /* two packed runs: bitwise equal */
+    double *o1 = malloc(sizeof(double) * (size_t)f.no);
+    nsa_tc_poison(&f.dv, &f.c);
+    nsa_cuda_exec_t ex1 = {.sync = 1};
+    int rc;
+    rc = nsa_cuda_sel_fwd(ctx, &f.dv.fwd, NULL, NSA_PATH_PACKED, &ex1, &info, msg, sizeof msg);
+    cr_assert_eq(rc, NSA_OK, "%s", msg);
+    nsa_tc_fetch(&f.dv, &f.c);
+    nsa_tu_to_f64(&f.c.o.t, o1);
+    nsa_tc_poison(&f.dv, &f.c);
+    rc = nsa_cuda_sel_fwd(ctx, &f.dv.fwd, NULL, NSA_PATH_PACKED, &ex1, &info, msg, sizeof msg);
+    cr_assert_eq(rc, NSA_OK, "%s", msg);
+    nsa_tc_fetch(&f.dv, &f.c);
+    nsa_tu_to_f64(&f.c.o.t, f.go);
+    cr_expect(memcmp(o1, f.go, sizeof(double) * (size_t)f.no) == 0, "packed rerun not bitwise equal");
+    free(o1);
+
+    /* flags pick packed, sync = 0 (the summary copy still sizes the buckets) */
+    nsa_path_flags_t fl = {0, 1, 0};
+    nsa_tc_poison(&f.dv, &f.c);
+    nsa_cuda_exec_t ex0 = {.sync = 0};
+    cr_assert_eq(nsa_cuda_sel_fwd(ctx, &f.dv.fwd, &fl, NSA_PATH_AUTO, &ex0, &info, msg, sizeof msg), NSA_OK,
+                 "%s", msg);
+    cr_expect_eq(info.path, NSA_PATH_PACKED);
+    cr_expect_eq(info.workspace_bytes, want);
+    cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+    nsa_tc_fetch(&f.dv, &f.c);
+    nsa_tu_to_f64(&f.c.o.t, f.go);
+    const double eo = nsa_tu_rel_err(f.go, f.ro, f.no);
+    cr_expect(eo <= tol_o(cfg.dtype), "async packed: o rel err %.3g", eo);
+
+    /* cap = the padded K/V alone: the arena needs more (plan, scratch) → busy */
+    nsa_cuda_ctx_t *small = mkctx(want);
+    rc = nsa_cuda_sel_fwd(small, &f.dv.fwd, NULL, NSA_PATH_PACKED, &ex1, &info, msg, sizeof msg);
+    cr_expect_eq(rc, NSA_ERR_BUSY, "cap %zu: rc %d (%s)", want, rc, msg);
+    nsa_cuda_ctx_destroy(small);
+    fx_free(&f);
+  }
   nsa_cuda_ctx_destroy(ctx);
 }
