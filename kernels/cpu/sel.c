@@ -76,31 +76,42 @@ static int resolve(const nsa_path_flags_t *flags, nsa_path_t force, nsa_path_fla
   return NSA_OK;
 }
 
-int nsa_cpu_sel_fwd(const nsa_fwd_args_t *a, const nsa_path_flags_t *flags, nsa_path_t force_path,
-                    nsa_run_info_t *info, char *msg, size_t msglen) {
-  nsa_run_info_t scratch_info;
-  if (!info) info = &scratch_info;
-  memset(info, 0, sizeof(*info));
-  info->path = NSA_PATH_AUTO;
-  if (msg && msglen) msg[0] = 0;
-  double t0 = nsa_now_us();
-  nsa_dims_t d;
-  int rc = nsa_fwd_check(a, &d, msg, msglen);
-  if (rc != NSA_OK) return rc;
+/* Runs one checked request on the path the planner's result implies. */
+typedef int (*path_fn)(const void *args, const nsa_dims_t *d, const nsa_plan_t *plan,
+                       nsa_path_t path, size_t *ws, char *msg, size_t msglen);
+
+static int fwd_on_path(const void *args, const nsa_dims_t *d, const nsa_plan_t *plan,
+                       nsa_path_t path, size_t *ws, char *msg, size_t msglen) {
+  const nsa_fwd_args_t *a = args;
+  if (path == NSA_PATH_PACKED) return nsa_cpu_packed_fwd(a, d, plan, ws, msg, msglen);
+  return nsa_cpu_varlen_fwd(a, d, plan, msg, msglen);
+}
+
+static int bwd_on_path(const void *args, const nsa_dims_t *d, const nsa_plan_t *plan,
+                       nsa_path_t path, size_t *ws, char *msg, size_t msglen) {
+  const nsa_bwd_args_t *a = args;
+  if (path == NSA_PATH_PACKED) return nsa_cpu_packed_bwd(a, d, plan, ws, msg, msglen);
+  return nsa_cpu_varlen_bwd(a, d, plan, msg, msglen);
+}
+
+/* The request flow shared by forward and backward: resolve flags, plan with
+ * the planner they imply, choose the path (MIN_L needs the plan's max_len),
+ * run. `check_rc` is the result of nsa_fwd_check / nsa_bwd_check. */
+static int sel_request(int check_rc, const void *args, const nsa_selection_t *sel,
+                       const nsa_dims_t *d, const nsa_path_flags_t *flags, nsa_path_t force_path,
+                       path_fn run, nsa_run_info_t *info, double t0, char *msg, size_t msglen) {
+  if (check_rc != NSA_OK) return check_rc;
   nsa_path_flags_t f;
   nsa_path_t planner;
-  rc = resolve(flags, force_path, &f, &planner, msg, msglen);
+  int rc = resolve(flags, force_path, &f, &planner, msg, msglen);
   if (rc != NSA_OK) return rc;
 
   cpu_plan_t cp = {0};
-  rc = plan_request(&a->sel, &d, planner, &cp, info, msg, msglen);
+  rc = plan_request(sel, d, planner, &cp, info, msg, msglen);
   if (rc == NSA_OK) {
     nsa_path_t path = force_path == NSA_PATH_AUTO ? nsa_choose_path(&f, cp.plan.max_len) : force_path;
     size_t ws = 0;
-    if (path == NSA_PATH_PACKED)
-      rc = nsa_cpu_packed_fwd(a, &d, &cp.plan, &ws, msg, msglen);
-    else
-      rc = nsa_cpu_varlen_fwd(a, &d, &cp.plan, msg, msglen);
+    rc = run(args, d, &cp.plan, path, &ws, msg, msglen);
     info->path = path;
     info->workspace_bytes = cp.bytes + ws;
   }
@@ -109,35 +120,30 @@ int nsa_cpu_sel_fwd(const nsa_fwd_args_t *a, const nsa_path_flags_t *flags, nsa_
   return rc;
 }
 
+static void info_reset(nsa_run_info_t *info, char *msg, size_t msglen) {
+  memset(info, 0, sizeof(*info));
+  info->path = NSA_PATH_AUTO;
+  if (msg && msglen) msg[0] = 0;
+}
+
+int nsa_cpu_sel_fwd(const nsa_fwd_args_t *a, const nsa_path_flags_t *flags, nsa_path_t force_path,
+                    nsa_run_info_t *info, char *msg, size_t msglen) {
+  nsa_run_info_t scratch_info;
+  if (!info) info = &scratch_info;
+  info_reset(info, msg, msglen);
+  double t0 = nsa_now_us();
+  nsa_dims_t d;
+  int rc = nsa_fwd_check(a, &d, msg, msglen);
+  return sel_request(rc, a, &a->sel, &d, flags, force_path, fwd_on_path, info, t0, msg, msglen);
+}
+
 int nsa_cpu_sel_bwd(const nsa_bwd_args_t *a, const nsa_path_flags_t *flags, nsa_path_t force_path,
                     nsa_run_info_t *info, char *msg, size_t msglen) {
   nsa_run_info_t scratch_info;
   if (!info) info = &scratch_info;
-  memset(info, 0, sizeof(*info));
-  info->path = NSA_PATH_AUTO;
-  if (msg && msglen) msg[0] = 0;
+  info_reset(info, msg, msglen);
   double t0 = nsa_now_us();
   nsa_dims_t d;
   int rc = nsa_bwd_check(a, &d, msg, msglen);
-  if (rc != NSA_OK) return rc;
-  nsa_path_flags_t f;
-  nsa_path_t planner;
-  rc = resolve(flags, force_path, &f, &planner, msg, msglen);
-  if (rc != NSA_OK) return rc;
-
-  cpu_plan_t cp = {0};
-  rc = plan_request(&a->sel, &d, planner, &cp, info, msg, msglen);
-  if (rc == NSA_OK) {
-    nsa_path_t path = force_path == NSA_PATH_AUTO ? nsa_choose_path(&f, cp.plan.max_len) : force_path;
-    size_t ws = 0;
-    if (path == NSA_PATH_PACKED)
-      rc = nsa_cpu_packed_bwd(a, &d, &cp.plan, &ws, msg, msglen);
-    else
-      rc = nsa_cpu_varlen_bwd(a, &d, &cp.plan, msg, msglen);
-    info->path = path;
-    info->workspace_bytes = cp.bytes + ws;
-  }
-  free(cp.buf);
-  info->device_us = nsa_now_us() - t0;
-  return rc;
+  return sel_request(rc, a, &a->sel, &d, flags, force_path, bwd_on_path, info, t0, msg, msglen);
 }
