@@ -185,7 +185,8 @@ typedef struct {
   int64_t len_hist[NSA_LEN_HIST_BUCKETS];
   double plan_us;   /* planner time */
   double device_us; /* planner + kernels, measured by the backend */
-  size_t workspace_bytes; /* peak scratch memory this call used */
+  size_t workspace_bytes; /* scratch memory this call used; the CUDA packed forward
+                           * reports its padded K/V gather only (the bucket formula) */
 } nsa_run_info_t;
 
 /* Validates shapes, dtypes and consistency of a forward/backward request
