@@ -293,14 +293,16 @@ def read_v2(path):
         for r in csv.DictReader(f):
             key = (int(r["T"]), int(r["h"]), int(r["Dk"]), int(r["Dv"]), r["sel"])
             out[key] = {k: float(r[k]) for k in ("fwd_ms", "plan_ms", "bwd_ms", "tflops", "bwd_tflops")
-                        if r.get(k) not in (None, "", "nan")}
+                        if r.get(k)}  # C prints NaN as nan or -nan: float() takes both
             out[key]["ws"] = int(r["workspace_bytes"])
     return out
 
 
 def merged_table(results, v2):
-    print("\n== merged table (targets: v2 fwd <= 0.5x peer B, v2 bwd <= 0.6x peer B; same run)")
-    hdr = ("T", "h", "Dk", "Dv", "sel", "v2_fwd", "v2_bwd", "v2_plan", "v2_ws_MB", "B_fwd", "B_bwd",
+    print("\n== merged table (ms, medians; targets: v2 fwd <= 0.5x peer B, v2 bwd <= 0.6x peer B; same run;"
+          " v2 TFLOP/s: bwd counts 2.5x the fwd FLOPs; A_GiB: peer A's packed K/V)")
+    hdr = ("T", "h", "Dk", "Dv", "sel", "v2_fwd", "v2_bwd", "v2_TF_f", "v2_TF_b", "v2_plan", "v2_ws_MB",
+           "B_fwd", "B_bwd",
            "fwd/B", "ok", "bwd/B", "ok", "A_pack", "A_attn", "A_GiB", "dense_f", "dense_b")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
@@ -319,7 +321,9 @@ def merged_table(results, v2):
                 met[tag][1] += 1
                 met[tag][0] += ok == "yes"
         a_gib = "%.1f" % gib(r["A_bytes"]) if "A_bytes" in r else "-"
+        tf = [w.get(x, float("nan")) for x in ("tflops", "bwd_tflops")]
         cells = ["%dk" % (r["T"] // 1024), str(r["h"]), str(r["Dk"]), str(r["Dv"]), r["sel"], f3(vf), f3(vb),
+                 *["%.1f" % x if x == x else "-" for x in tf],
                  f3(w.get("plan_ms", float("nan"))), "%.1f" % (w["ws"] / 1e6) if "ws" in w else "-",
                  f3(bf), f3(bb), "%.2f" % rf if rf == rf else "-", okf, "%.2f" % rb if rb == rb else "-", okb,
                  f3(r.get("A_pack_ms", float("nan"))), f3(r.get("A_attn_ms", float("nan"))), a_gib,
