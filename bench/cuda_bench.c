@@ -2,7 +2,7 @@
  * cuda_bench.c — CUDA selection-attention forward + backward benchmark (issue 7 configs).
  *
  *   build/bin/nsa_bench_cuda [--quick] [--reps N] [--csv FILE] [--no-pack] [--small-h]
- *                            [--no-bwd] [--dump-sel DIR]
+ *                            [--no-bwd] [--dump-sel DIR [--dump-only]] [--one T h corr]
  * --quick: T = 16k only; --small-h: h in {1, 4} only; --no-pack: one query per
  * MMA tile even when h < 16 (to measure what query packing buys); --qt1: one
  * 16-row query tile per CTA, --qt2: two where Dv <= 128 (default: auto);
