@@ -21,6 +21,10 @@
  * progress".
  *
  * Pass: after STEPS steps L ≤ 0.5 · L(step 0), and L is finite throughout.
+ *
+ * The host-side math (data, target, projections, loss, chain rule, SGD) is
+ * tests/common/train_math.c, shared with the GPU variant (the `train` mode of
+ * tests/cuda/ipc_client.c, run by tests/cuda/test_cuda_ipc.c).
  */
 #define _GNU_SOURCE
 #include <criterion/criterion.h>
@@ -32,72 +36,15 @@
 
 #include "harness.h"
 #include "ref.h"
+#include "train_math.h"
 
 TestSuite(train, .fini = th_fini, .timeout = 300);
 
-/* Sizes: small enough for seconds under ASan, with h > 1, G > 1, Dk ≠ Dv,
- * and several blocks per sequence. */
-enum { B = 2, S = 64, G = 2, HG = 2, H = G * HG, DK = 16, DV = 12, DIN = 16, NSEL = 4, BS = 8 };
-enum { ROWS = B * S, NQ = ROWS * H * DK, NK = ROWS * G * DK, NV = ROWS * G * DV, NO = ROWS * H * DV };
-enum { NL = ROWS * H, NS = ROWS * G * NSEL };
-#define STEPS 200
-#define LR 2.0
-#define MOMENTUM 0.9
-
-/* splitmix64 → uniform in [-1, 1). */
-static double urand(uint64_t *s) {
-  uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  return (double)(z >> 11) * 0x1.0p-53 * 2.0 - 1.0;
-}
-
-/* W [DIN, cols] uniform with variance gain²/DIN, so X·W has O(gain) entries. */
-static void init_w(double *w, int cols, double gain, uint64_t *s) {
-  double a = gain * sqrt(3.0 / DIN);
-  for (int i = 0; i < DIN * cols; i++) w[i] = a * urand(s);
-}
-
-/* out [ROWS, cols] = X [ROWS, DIN] · W [DIN, cols], in double. */
-static void project(const double *x, const double *w, int cols, double *out) {
-  for (int r = 0; r < ROWS; r++)
-    for (int c = 0; c < cols; c++) {
-      double acc = 0;
-      for (int i = 0; i < DIN; i++) acc += x[r * DIN + i] * w[i * cols + c];
-      out[r * cols + c] = acc;
-    }
-}
-
-/* dW [DIN, cols] = Xᵀ · dY, dY [ROWS, cols] (f32 from the daemon). */
-static void grad_w(const double *x, const float *dy, int cols, double *dw) {
-  memset(dw, 0, sizeof(double) * DIN * cols);
-  for (int r = 0; r < ROWS; r++)
-    for (int i = 0; i < DIN; i++) {
-      double xi = x[r * DIN + i];
-      for (int c = 0; c < cols; c++) dw[i * cols + c] += xi * (double)dy[r * cols + c];
-    }
-}
-
-/* Selection [B,S,G,NSEL]: the query's own block, block 0, a random earlier
- * (or same) block, and a random slot in [-1, nblocks) — so duplicates,
- * unused slots and future blocks (clipped to nothing, p(t) = t) all occur.
- * The own block keeps every key set non-empty (it holds key t). */
-static void make_sel(int32_t *sel, uint64_t *s) {
-  const int nb = (S + BS - 1) / BS;
-  for (int b = 0; b < B; b++)
-    for (int t = 0; t < S; t++)
-      for (int g = 0; g < G; g++) {
-        int32_t *row = sel + ((b * S + t) * G + g) * NSEL;
-        int own = t / BS;
-        row[0] = own;
-        row[1] = 0;
-        row[2] = (int32_t)((urand(s) + 1) * 0.5 * (own + 1));
-        if (row[2] > own) row[2] = own;
-        row[3] = (int32_t)((urand(s) + 1) * 0.5 * (nb + 1)) - 1;
-        if (row[3] >= nb) row[3] = nb - 1;
-      }
-}
+enum { B = NSA_TR_B, S = NSA_TR_S, G = NSA_TR_G, H = NSA_TR_H, DK = NSA_TR_DK, DV = NSA_TR_DV,
+       NSEL = NSA_TR_NSEL, BS = NSA_TR_BS };
+enum { NQ = NSA_TR_NQ, NK = NSA_TR_NK, NV = NSA_TR_NV, NO = NSA_TR_NO, NL = NSA_TR_NL,
+       NS = NSA_TR_NS };
+#define STEPS NSA_TR_STEPS
 
 /* shm layout (byte offsets, 64-aligned). */
 typedef struct {
@@ -126,17 +73,6 @@ static void set_flag(nsa_client_t *c, const char *name, const char *value) {
   uint64_t e = 0;
   cr_assert_eq(nsa_client_flags_set(c, name, value, -1, NULL, 0, &e), 0, "flags.set %s=%s: %s: %s",
                name, value, nsa_client_error_code(c), nsa_client_error_message(c));
-}
-
-/* max |got − want| / max |want|; inf on NaN. */
-static double rel_err(const float *got, const double *want, size_t n) {
-  double ma = 0, mr = 0;
-  for (size_t i = 0; i < n; i++) {
-    double d = fabs((double)got[i] - want[i]);
-    if (!(d <= ma)) ma = isnan(d) ? INFINITY : d;
-    if (fabs(want[i]) > mr) mr = fabs(want[i]);
-  }
-  return mr > 0 ? ma / mr : ma;
 }
 
 static double now_s(void) {
@@ -187,55 +123,21 @@ static void train(const char *flag, const char *value, const char *want_path) {
   nsa_client_tensor(&ba.dv, r, L.dv, NSA_CLIENT_F32, 4, sv);
 
   /* Fixed data: inputs, selection, teacher weights → target (float64 ref). */
-  uint64_t rng = 0x7261696eull; /* same for every path: the runs are comparable */
-  static double x[ROWS * DIN];
-  for (int i = 0; i < ROWS * DIN; i++) x[i] = urand(&rng);
-  make_sel(sel, &rng);
-  double *w[3], *vel[3], *gw[3];
-  double *qd = malloc(sizeof(double) * NQ), *kd = malloc(sizeof(double) * NK);
-  double *vd = malloc(sizeof(double) * NV), *target = malloc(sizeof(double) * NO);
-  const int cols[3] = {H * DK, G * DK, G * DV};
-  for (int m = 0; m < 3; m++) {
-    w[m] = malloc(sizeof(double) * DIN * cols[m]);
-    vel[m] = calloc((size_t)DIN * cols[m], sizeof(double));
-    gw[m] = malloc(sizeof(double) * DIN * cols[m]);
-  }
-  /* Teacher with gain 2 on q/k: sharper attention than the student starts with. */
-  init_w(w[0], cols[0], 2.0, &rng);
-  init_w(w[1], cols[1], 2.0, &rng);
-  init_w(w[2], cols[2], 1.0, &rng);
-  project(x, w[0], cols[0], qd);
-  project(x, w[1], cols[1], kd);
-  project(x, w[2], cols[2], vd);
-  nsa_ref_problem_t ref = {.B = B, .S = S, .Skv = S, .G = G, .h = HG, .Dk = DK, .Dv = DV,
-                           .n = NSEL, .q = qd, .k = kd, .v = vd, .sel_kind = NSA_REF_BLOCKS,
-                           .sel = sel, .block_size = BS, .scale = 0};
-  nsa_ref_fwd(&ref, target, NULL);
-  /* Student: fresh weights from the same distribution (gain 1). */
-  for (int m = 0; m < 3; m++) init_w(w[m], cols[m], 1.0, &rng);
+  nsa_train_t tr;
+  cr_assert_eq(nsa_train_init(&tr, NSA_TR_SEED), 0, "out of memory");
+  memcpy(sel, tr.sel, sizeof tr.sel);
 
   double loss0 = NAN, loss = NAN, t0 = now_s();
   int halved_at = -1;
   for (int step = 0; step <= STEPS; step++) {
-    project(x, w[0], cols[0], qd);
-    project(x, w[1], cols[1], kd);
-    project(x, w[2], cols[2], vd);
-    for (int i = 0; i < NQ; i++) q[i] = (float)qd[i];
-    for (int i = 0; i < NK; i++) k[i] = (float)kd[i];
-    for (int i = 0; i < NV; i++) v[i] = (float)vd[i];
+    nsa_train_project(&tr, q, k, v);
     for (int i = 0; i < NO; i++) o[i] = NAN;
     for (int i = 0; i < NL; i++) lse[i] = NAN;
     nsa_client_result_t res;
     cr_assert_eq(nsa_client_forward(c, &fa, &res), 0, "step %d forward: %s: %s", step,
                  nsa_client_error_code(c), nsa_client_error_message(c));
     cr_assert_str_eq(res.path, want_path, "step %d forward path", step);
-    double sum = 0;
-    for (int i = 0; i < NO; i++) {
-      double e = (double)o[i] - target[i];
-      sum += e * e;
-      dout[i] = (float)(2.0 * e / NO);
-    }
-    loss = sum / NO;
+    loss = nsa_train_loss(&tr, o, dout);
     cr_assert(isfinite(loss), "step %d: loss %g", step, loss);
     if (step == 0) loss0 = loss;
     if (halved_at < 0 && loss <= 0.5 * loss0) halved_at = step;
@@ -250,28 +152,15 @@ static void train(const char *flag, const char *value, const char *want_path) {
     if (step == 0) {
       /* Gradients of the model as it stands vs the float64 reference, with
        * the same f32 inputs and dO the daemon saw. */
-      double *dod = malloc(sizeof(double) * NO), *dqr = malloc(sizeof(double) * NQ);
-      double *dkr = malloc(sizeof(double) * NK), *dvr = malloc(sizeof(double) * NV);
-      for (int i = 0; i < NQ; i++) qd[i] = q[i];
-      for (int i = 0; i < NK; i++) kd[i] = k[i];
-      for (int i = 0; i < NV; i++) vd[i] = v[i];
-      for (int i = 0; i < NO; i++) dod[i] = dout[i];
-      nsa_ref_bwd(&ref, dod, dqr, dkr, dvr);
-      double eq = rel_err(dq, dqr, NQ), ek = rel_err(dk, dkr, NK), ev = rel_err(dv, dvr, NV);
-      free(dod), free(dqr), free(dkr), free(dvr);
+      double e[3];
+      nsa_train_check_grads(&tr, q, k, v, dout, dq, dk, dv, e);
+      double eq = e[0], ek = e[1], ev = e[2];
       cr_expect_leq(eq, 1e-4, "%s dq rel err %g", want_path, eq);
       cr_expect_leq(ek, 1e-4, "%s dk rel err %g", want_path, ek);
       cr_expect_leq(ev, 1e-4, "%s dv rel err %g", want_path, ev);
     }
     /* Chain rule through the projections, then SGD with momentum. */
-    grad_w(x, dq, cols[0], gw[0]);
-    grad_w(x, dk, cols[1], gw[1]);
-    grad_w(x, dv, cols[2], gw[2]);
-    for (int m = 0; m < 3; m++)
-      for (int i = 0; i < DIN * cols[m]; i++) {
-        vel[m][i] = MOMENTUM * vel[m][i] - LR * gw[m][i];
-        w[m][i] += vel[m][i];
-      }
+    nsa_train_step(&tr, dq, dk, dv);
   }
   double secs = now_s() - t0;
   fprintf(stderr, "train %s: loss %.6g -> %.6g after %d steps (halved at step %d), %.2f s\n",
@@ -281,8 +170,7 @@ static void train(const char *flag, const char *value, const char *want_path) {
   cr_expect_leq(loss, 0.5 * loss0, "%s: loss %g -> %g after %d steps, not halved", want_path,
                 loss0, loss, STEPS);
 
-  for (int m = 0; m < 3; m++) free(w[m]), free(vel[m]), free(gw[m]);
-  free(qd), free(kd), free(vd), free(target);
+  nsa_train_free(&tr);
   nsa_client_shm_destroy(c, shm);
   nsa_client_close(c);
   cr_expect_eq(th_stop(&d, 1), 0);
