@@ -4,7 +4,7 @@
  * (cudaMalloc), hands device pointers to libnsaclient (base + offset → cached
  * CUDA IPC handles) and checks nsad's answers against the float64 reference.
  *
- *   nsa_ipc_client --socket PATH --mode check|async|hang|errors [--seed N]
+ *   nsa_ipc_client --socket PATH --mode check|async|hang|errors|train [--seed N]
  *
  *   check   forward + backward, sync=true, on every path (flags.set), f32,
  *           h = 3 (odd), Dk != Dv; ≤ 1e-5 relative to max |ref|
@@ -19,6 +19,12 @@
  *           device → bad_request; the same IPC handle registered three times
  *           in one session shares one mapping (unregister one, use another);
  *           a bad selection → invalid_selection, then nsad keeps serving
+ *   train   tests/daemon/test_train.c's loop on the GPU (issue 6): the same
+ *           model, sizes, seed, teacher target and SGD (tests/common/
+ *           train_math.c), with q/k/v/o/lse/do/dq/dk/dv in device memory;
+ *           200 steps per path (all three, sync=true) plus varlen_v2 with
+ *           sync=false + wait/done events; loss must halve, step-0 dq/dk/dv
+ *           ≤ 1e-4 relative to the float64 reference backward
  *
  * Exit 0 = pass, 1 = a check failed, 2 = setup error. Messages on stderr.
  */
@@ -31,6 +37,7 @@
 
 #include "nsaclient.h"
 #include "ref.h"
+#include "train_math.h"
 
 #define CK(x)                                                                              \
   do {                                                                                     \
@@ -417,6 +424,206 @@ static int mode_errors(nsa_client_t *c) {
   return g_fail;
 }
 
+/* ------------------------------------------------------------- train mode --- */
+
+/* Count of NaN/inf entries (the NaN poison shows up as NaN). */
+static size_t nonfinite(const float *x, size_t n) {
+  size_t bad = 0;
+  for (size_t i = 0; i < n; i++) bad += !isfinite(x[i]);
+  return bad;
+}
+
+/* One training run of tests/daemon/test_train.c's loop (shared math in
+ * tests/common/train_math.c) through nsad --backend cuda, with every tensor
+ * in device memory. p holds the buffers (sizes NSA_TR_*), f/b their refs.
+ *   sync=true (st == NULL): each step uploads q/k/v with cudaMemcpy, poisons
+ *     o/lse (then dq/dk/dv) with cudaMemset 0xFF, synchronizes the device,
+ *     sends the request and copies the results back with cudaMemcpy.
+ *   sync=false (st != NULL): the same uploads and poisoning are queued on the
+ *     client's stream st and announced with wait_event (ready); each request
+ *     has a done_event (done_f / done_b), and st waits on it before the copy
+ *     back; the host only synchronizes st after that copy.
+ * Returns 0 on pass, 1 on a failed check. */
+static int train_run(nsa_client_t *c, prob_t *p, const nsa_client_fwd_t *f,
+                     const nsa_client_bwd_t *b, const char *use, const char *v2,
+                     const char *want, cudaStream_t st, cudaEvent_t ready, uint64_t ev_ready,
+                     cudaEvent_t done_f, uint64_t ev_f, cudaEvent_t done_b, uint64_t ev_b) {
+  const int async = st != NULL;
+  const char *how = async ? "sync=false" : "sync=true";
+  int fail = 0;
+  set_flag(c, "NSA_USE_SEL_VARLEN", use);
+  set_flag(c, "NSA_SEL_VARLEN_V2", v2);
+  nsa_train_t tr;
+  if (nsa_train_init(&tr, NSA_TR_SEED) != 0) {
+    fprintf(stderr, "ipc_client: out of host memory\n");
+    exit(2);
+  }
+  /* The selection is fixed: upload it once. */
+  memcpy(p->hs, tr.sel, sizeof tr.sel);
+  CK(cudaMemcpy(p->dsel, p->hs, p->ns * 4, cudaMemcpyHostToDevice));
+  nsa_client_exec_t exf = {.wait_event = ev_ready, .has_wait_event = 1, .done_event = ev_f,
+                           .has_done_event = 1, .async = 1};
+  nsa_client_exec_t exb = {.wait_event = ev_ready, .has_wait_event = 1, .done_event = ev_b,
+                           .has_done_event = 1, .async = 1};
+  double loss0 = NAN, loss = NAN;
+  int halved_at = -1;
+  for (int step = 0; step <= NSA_TR_STEPS; step++) {
+    nsa_client_result_t r;
+    uint32_t tk;
+    /* ---- forward: q/k/v in, o/lse poisoned, o/lse back ---- */
+    nsa_train_project(&tr, p->hq, p->hk, p->hv);
+    if (!async) {
+      CK(cudaMemcpy(p->q, p->hq, p->nq * 4, cudaMemcpyHostToDevice));
+      CK(cudaMemcpy(p->k, p->hk, p->nk * 4, cudaMemcpyHostToDevice));
+      CK(cudaMemcpy(p->v, p->hv, p->nv * 4, cudaMemcpyHostToDevice));
+      CK(cudaMemset(p->o, 0xFF, p->no * 4));
+      CK(cudaMemset(p->lse, 0xFF, p->nl * 4));
+      CK(cudaDeviceSynchronize());
+      need(c, nsa_client_forward(c, f, &r), "train forward");
+      CK(cudaMemcpy(p->ho, p->o, p->no * 4, cudaMemcpyDeviceToHost));
+      CK(cudaMemcpy(p->hl, p->lse, p->nl * 4, cudaMemcpyDeviceToHost));
+    } else {
+      CK(cudaMemcpyAsync(p->q, p->hq, p->nq * 4, cudaMemcpyHostToDevice, st));
+      CK(cudaMemcpyAsync(p->k, p->hk, p->nk * 4, cudaMemcpyHostToDevice, st));
+      CK(cudaMemcpyAsync(p->v, p->hv, p->nv * 4, cudaMemcpyHostToDevice, st));
+      CK(cudaMemsetAsync(p->o, 0xFF, p->no * 4, st));
+      CK(cudaMemsetAsync(p->lse, 0xFF, p->nl * 4, st));
+      CK(cudaEventRecord(ready, st));
+      need(c, nsa_client_forward_submit_ex(c, f, &exf, &tk), "train forward submit");
+      need(c, nsa_client_wait(c, tk, &r), "train forward reply");
+      CK(cudaStreamWaitEvent(st, done_f, 0));
+      CK(cudaMemcpyAsync(p->ho, p->o, p->no * 4, cudaMemcpyDeviceToHost, st));
+      CK(cudaMemcpyAsync(p->hl, p->lse, p->nl * 4, cudaMemcpyDeviceToHost, st));
+      CK(cudaStreamSynchronize(st));
+    }
+    if (strcmp(r.path, want) != 0) {
+      fprintf(stderr, "ipc_client: FAIL: train %s step %d forward served by %s, expected %s\n",
+              how, step, r.path, want);
+      fail = 1;
+      break;
+    }
+    /* Every row's key set holds its own key, so lse is finite everywhere. */
+    size_t bad = nonfinite(p->hl, p->nl);
+    loss = nsa_train_loss(&tr, p->ho, p->hdo);
+    if (bad || !isfinite(loss)) {
+      fprintf(stderr, "ipc_client: FAIL: train %s %s step %d: loss %g, %zu non-finite lse\n",
+              want, how, step, loss, bad);
+      fail = 1;
+      break;
+    }
+    if (step == 0) loss0 = loss;
+    if (halved_at < 0 && loss <= 0.5 * loss0) halved_at = step;
+    if (step == NSA_TR_STEPS) break; /* the last forward only measures */
+
+    /* ---- backward: do in, dq/dk/dv poisoned, dq/dk/dv back ---- */
+    if (!async) {
+      CK(cudaMemcpy(p->dout, p->hdo, p->no * 4, cudaMemcpyHostToDevice));
+      CK(cudaMemset(p->dq, 0xFF, p->nq * 4));
+      CK(cudaMemset(p->dk, 0xFF, p->nk * 4));
+      CK(cudaMemset(p->dv, 0xFF, p->nv * 4));
+      CK(cudaDeviceSynchronize());
+      need(c, nsa_client_backward(c, b, &r), "train backward");
+      CK(cudaMemcpy(p->hdq, p->dq, p->nq * 4, cudaMemcpyDeviceToHost));
+      CK(cudaMemcpy(p->hdk, p->dk, p->nk * 4, cudaMemcpyDeviceToHost));
+      CK(cudaMemcpy(p->hdv, p->dv, p->nv * 4, cudaMemcpyDeviceToHost));
+    } else {
+      /* st finished the forward (synchronized above), so re-recording ready
+       * cannot race the daemon's wait on its previous record. */
+      CK(cudaMemcpyAsync(p->dout, p->hdo, p->no * 4, cudaMemcpyHostToDevice, st));
+      CK(cudaMemsetAsync(p->dq, 0xFF, p->nq * 4, st));
+      CK(cudaMemsetAsync(p->dk, 0xFF, p->nk * 4, st));
+      CK(cudaMemsetAsync(p->dv, 0xFF, p->nv * 4, st));
+      CK(cudaEventRecord(ready, st));
+      need(c, nsa_client_backward_submit_ex(c, b, &exb, &tk), "train backward submit");
+      need(c, nsa_client_wait(c, tk, &r), "train backward reply");
+      CK(cudaStreamWaitEvent(st, done_b, 0));
+      CK(cudaMemcpyAsync(p->hdq, p->dq, p->nq * 4, cudaMemcpyDeviceToHost, st));
+      CK(cudaMemcpyAsync(p->hdk, p->dk, p->nk * 4, cudaMemcpyDeviceToHost, st));
+      CK(cudaMemcpyAsync(p->hdv, p->dv, p->nv * 4, cudaMemcpyDeviceToHost, st));
+      CK(cudaStreamSynchronize(st));
+    }
+    if (strcmp(r.path, want) != 0) {
+      fprintf(stderr, "ipc_client: FAIL: train %s step %d backward served by %s, expected %s\n",
+              how, step, r.path, want);
+      fail = 1;
+      break;
+    }
+    if (step == 0) {
+      /* The model's gradients as they stand vs the float64 reference, with
+       * the same f32 q/k/v and dO the daemon saw. */
+      double e[3];
+      nsa_train_check_grads(&tr, p->hq, p->hk, p->hv, p->hdo, p->hdq, p->hdk, p->hdv, e);
+      fprintf(stderr, "ipc_client: train %-9s %s step 0 rel err dq %.3g dk %.3g dv %.3g\n",
+              want, how, e[0], e[1], e[2]);
+      for (int m = 0; m < 3; m++)
+        if (!(e[m] <= 1e-4)) {
+          fprintf(stderr, "ipc_client: FAIL: train %s %s step 0 d%c rel err %g > 1e-4\n", want,
+                  how, "qkv"[m], e[m]);
+          fail = 1;
+        }
+    } else if (nonfinite(p->hdq, p->nq) || nonfinite(p->hdk, p->nk) ||
+               nonfinite(p->hdv, p->nv)) {
+      fprintf(stderr, "ipc_client: FAIL: train %s %s step %d: non-finite dq/dk/dv\n", want, how,
+              step);
+      fail = 1;
+      break;
+    }
+    /* Chain rule through the projections, then SGD with momentum. */
+    nsa_train_step(&tr, p->hdq, p->hdk, p->hdv);
+  }
+  fprintf(stderr, "ipc_client: train %-9s %s: loss %.6g -> %.6g after %d steps (halved at %d)\n",
+          want, how, loss0, loss, NSA_TR_STEPS, halved_at);
+  if (!fail && !(loss0 > 0 && isfinite(loss0) && isfinite(loss) && loss <= 0.5 * loss0)) {
+    fprintf(stderr, "ipc_client: FAIL: train %s %s: loss %g -> %g, not halved\n", want, how,
+            loss0, loss);
+    fail = 1;
+  }
+  nsa_train_free(&tr);
+  return fail;
+}
+
+static int mode_train(nsa_client_t *c) {
+  prob_t p;
+  prob_init(&p, NSA_TR_B, NSA_TR_S, NSA_TR_S, NSA_TR_G, NSA_TR_HG, NSA_TR_DK, NSA_TR_DV,
+            NSA_TR_NSEL, NSA_TR_BS);
+  nsa_client_fwd_t f;
+  nsa_client_bwd_t b;
+  make_args(c, &p, &f, &b);
+  /* Inputs poisoned too, once: nothing is read before it was written. */
+  CK(cudaMemset(p.dbase, 0xFF, p.dbytes));
+  CK(cudaDeviceSynchronize());
+  static const struct {
+    const char *use, *v2, *path;
+  } paths[] = {{"1", "1", "varlen_v2"}, {"1", "0", "varlen_v1"}, {"0", "1", "packed"}};
+  for (int i = 0; i < 3; i++)
+    if (train_run(c, &p, &f, &b, paths[i].use, paths[i].v2, paths[i].path, NULL, NULL, 0, NULL,
+                  0, NULL, 0))
+      g_fail = 1;
+  /* sync=false on varlen_v2: the client's stream orders everything. */
+  cudaStream_t st;
+  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  cudaEvent_t ready, done_f, done_b;
+  const unsigned fl = cudaEventInterprocess | cudaEventDisableTiming;
+  CK(cudaEventCreateWithFlags(&ready, fl));
+  CK(cudaEventCreateWithFlags(&done_f, fl));
+  CK(cudaEventCreateWithFlags(&done_b, fl));
+  uint64_t ev_ready, ev_f, ev_b;
+  need(c, nsa_client_cuda_event(c, ready, &ev_ready), "event ready");
+  need(c, nsa_client_cuda_event(c, done_f, &ev_f), "event done_f");
+  need(c, nsa_client_cuda_event(c, done_b, &ev_b), "event done_b");
+  if (train_run(c, &p, &f, &b, "1", "1", "varlen_v2", st, ready, ev_ready, done_f, ev_f, done_b,
+                ev_b))
+    g_fail = 1;
+  need(c, nsa_client_cuda_forget(c, ready), "forget");
+  need(c, nsa_client_cuda_forget(c, done_f), "forget");
+  need(c, nsa_client_cuda_forget(c, done_b), "forget");
+  CK(cudaStreamDestroy(st));
+  uint64_t ep;
+  nsa_client_flags_reset(c, "NSA_USE_SEL_VARLEN", &ep);
+  nsa_client_flags_reset(c, "NSA_SEL_VARLEN_V2", &ep);
+  return g_fail;
+}
+
 int main(int argc, char **argv) {
   const char *sock = NULL, *mode = "check";
   g_rng = (uint64_t)getpid() * 7919u + 17;
@@ -425,7 +632,8 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--mode") && i + 1 < argc) mode = argv[++i];
     else if (!strcmp(argv[i], "--seed") && i + 1 < argc) g_rng = strtoull(argv[++i], NULL, 10);
     else {
-      fprintf(stderr, "usage: nsa_ipc_client --socket PATH --mode check|async|hang|errors [--seed N]\n");
+      fprintf(stderr, "usage: nsa_ipc_client --socket PATH --mode check|async|hang|errors|train "
+              "[--seed N]\n");
       return 2;
     }
   }
@@ -446,6 +654,7 @@ int main(int argc, char **argv) {
   else if (!strcmp(mode, "async")) rc = mode_async(c);
   else if (!strcmp(mode, "hang")) rc = mode_hang(c);
   else if (!strcmp(mode, "errors")) rc = mode_errors(c);
+  else if (!strcmp(mode, "train")) rc = mode_train(c);
   else {
     fprintf(stderr, "ipc_client: unknown mode %s\n", mode);
     rc = 2;

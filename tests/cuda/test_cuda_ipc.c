@@ -13,6 +13,10 @@
  *                            invalid selection without harm to the daemon
  *   shm_regions              host shm regions on the cuda backend
  *                            (cudaHostRegister): forward/backward + nsa_example
+ *   train                    issue 6's training loop (tests/daemon/
+ *                            test_train.c) on the GPU: device tensors, every
+ *                            path, plus sync=false with done_event (client
+ *                            mode `train`); loss halves in 200 steps
  *
  * ctest label gpu. Without a GPU every test skips (cr_skip_test) and passes.
  */
@@ -190,4 +194,16 @@ Test(cuda_ipc, shm_regions) {
   cr_expect_eq(st, 0, "nsa_example against nsad --backend cuda failed (%d)", st);
 #endif
   cr_expect_eq(th_stop(&d, 1), 0);
+}
+
+/* Issue 6: the CPU training loop (tests/daemon/test_train.c) through nsad
+ * --backend cuda, from a separate client process with device tensors; the
+ * checks (paths, step-0 gradients vs float64, loss halved) are in the client
+ * (ipc_client.c, mode_train), which exits non-zero on any failure. */
+Test(cuda_ipc, train) {
+  need_gpu();
+  th_nsad_t d;
+  start(&d);
+  client_ok(&d, "train");
+  cr_expect_eq(th_stop(&d, 1), 0, "nsad did not exit 0 on SIGTERM");
 }
