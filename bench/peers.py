@@ -197,6 +197,12 @@ def rnd(shape, dev):
     return torch.empty(shape, device=dev, dtype=torch.float32).uniform_(-1, 1).to(torch.bfloat16)
 
 
+def emsg(e, n=80):
+    """First line of an exception's message, never raising on an empty one."""
+    lines = str(e).splitlines()
+    return "%s: %s" % (type(e).__name__, lines[0][:n] if lines else "")
+
+
 def gib(b):
     return b / 2.0 ** 30
 
@@ -224,7 +230,7 @@ def run_peer_a(cfg, ids_dev, q, k, v, budget_gib, reps, vfn, vname):
             names.append("failed: %s -> %s" % (type(e).__name__, fname))
             vfn = fb
         except Exception as e2:
-            res["A_note"] = "error: %s; %s" % (str(e).splitlines()[0][:80], str(e2).splitlines()[0][:80])
+            res["A_note"] = "error: %s; %s" % (emsg(e, 80), emsg(e2, 80))
             return res
     attn_ms = time_ms(lambda: vfn(qr, pk, pv, cu_q, cu_k, 1, max_k), reps)
     res.update(A_pack_ms=pack_ms, A_attn_ms=attn_ms, A_note=" ".join(names))
@@ -245,7 +251,7 @@ def run_peer_b(cfg, ids_dev, q, k, v, tsa, reps):
         do = torch.randn_like(o)
         bwd = time_ms(lambda: torch.autograd.grad(o, (qg, kg, vg), do, retain_graph=True), reps)
     except Exception as e:
-        return {"B_note": "error: %s" % str(e).splitlines()[0][:120]}
+        return {"B_note": "error: %s" % emsg(e, 120)}
     return {"B_fwd_ms": fwd, "B_bwd_ms": bwd, "B_note": ""}
 
 
@@ -265,7 +271,7 @@ def run_dense(cfg, q, k, v, reps):
     except Exception as e:
         import contextlib
         ctx = contextlib.nullcontext
-        note = "default backend (flash: %s)" % str(e).splitlines()[0][:60]
+        note = "default backend (flash: %s)" % emsg(e, 60)
     try:
         with ctx():
             with torch.no_grad():
@@ -275,7 +281,7 @@ def run_dense(cfg, q, k, v, reps):
             do = torch.randn_like(o)
             bwd = time_ms(lambda: torch.autograd.grad(o, (qg, kg, vg), do, retain_graph=True), reps)
     except Exception as e:
-        return {"D_note": "error: %s" % str(e).splitlines()[0][:100]}
+        return {"D_note": "error: %s" % emsg(e, 100)}
     return {"D_fwd_ms": fwd, "D_bwd_ms": bwd, "D_note": note}
 
 
@@ -471,7 +477,7 @@ def main():
             try:
                 res.update(run_peer_a(cfg, ids, q, k, v, args.peer_a_budget_gib, args.reps, vfn, vname))
             except Exception as e:  # OOM or anything else: report it, go on with the other peers
-                res["A_note"] = "error: %s: %s" % (type(e).__name__, str(e).splitlines()[0][:80] if str(e) else "")
+                res["A_note"] = "error: %s" % emsg(e)
             print("%s | %-6s | %9s %9s %9s %9s | %s" % (lead, "A", f3(res.get("A_attn_ms", float("nan"))), "-",
                   f3(res.get("A_pack_ms", float("nan"))), "%.2f" % gib(res.get("A_bytes", 0)), res.get("A_note", "")))
             torch.cuda.empty_cache()
@@ -486,8 +492,7 @@ def main():
                 try:
                     dense_cache[dk] = run_dense(cfg, q, k, v, max(3, args.reps // 2))
                 except Exception as e:
-                    dense_cache[dk] = {"D_note": "error: %s: %s" % (type(e).__name__,
-                                                                    str(e).splitlines()[0][:80] if str(e) else "")}
+                    dense_cache[dk] = {"D_note": "error: %s" % emsg(e)}
                 torch.cuda.empty_cache()
             res.update(dense_cache[dk])
             print("%s | %-6s | %9s %9s %9s %9s | %s" % (lead, "dense", f3(res.get("D_fwd_ms", float("nan"))),
