@@ -260,6 +260,21 @@ static int handshake(nsa_client_t *c) {
     }
     r->wire_id = id;
   }
+  /* A subscription belongs to the daemon's session: ask the new one again. */
+  if (c->sub_interval_ms > 0) {
+    nsa_proto_writer_t sw;
+    nsa_proto_writer_init(&sw);
+    uint32_t sid = c->next_msgid++;
+    nsa_proto_write_request_begin(&sw, sid, "metrics.subscribe");
+    msgpack_pack_map(&sw.pk, 1);
+    nsa_proto_pack_kv_uint(&sw.pk, "interval_ms", c->sub_interval_ms);
+    char *sres = NULL;
+    size_t srl = 0;
+    int src = rpc_raw(c, &sw, sid, &sres, &srl);
+    nsa_proto_writer_destroy(&sw);
+    free(sres);
+    if (src != 0 && c->fd < 0) return -1; /* the daemon went away again */
+  }
   return 0;
 }
 

@@ -57,6 +57,7 @@ struct nsa_client {
   nsa_client_shm_t **shms;
   int nshm, capshm;
   nsa_client_info_t info;
+  uint32_t sub_interval_ms; /* metrics.subscribe to repeat after a reconnect; 0 = none */
   char err_code[32];
   char err_msg[512];
 };

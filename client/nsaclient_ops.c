@@ -749,5 +749,7 @@ static void pack_sub(nsa_client_t *c, msgpack_packer *pk, const void *ctx) {
 }
 
 int nsa_client_subscribe(nsa_client_t *c, uint32_t interval_ms) {
-  return nsac_call(c, "metrics.subscribe", pack_sub, &interval_ms, NULL, NULL);
+  int rc = nsac_call(c, "metrics.subscribe", pack_sub, &interval_ms, NULL, NULL);
+  if (rc == 0) c->sub_interval_ms = interval_ms; /* repeated after a reconnect */
+  return rc;
 }

@@ -111,6 +111,31 @@ Test(client, subscribe_gets_metrics_notifications) {
   cr_expect_eq(th_stop(&d, 1), 0);
 }
 
+Test(client, subscription_survives_daemon_restart) {
+  th_nsad_t d;
+  cr_assert_eq(th_start(&d, NULL), 0);
+  nsa_client_t *c = th_client(&d, "watcher");
+  cr_assert_not_null(c);
+  cr_assert_eq(nsa_client_subscribe(c, 50), 0);
+  char method[32];
+  nsa_client_value_t *v = NULL;
+  cr_assert_eq(nsa_client_next_notification(c, 3000, method, &v), 0, "%s",
+               nsa_client_error_message(c));
+  nsa_client_value_free(v);
+  cr_assert_eq(th_stop(&d, 0), 0);
+  d.pid = th_spawn(&d, d.sock, NULL, 1);
+  cr_assert_gt(d.pid, 0);
+  /* The next call reconnects; the new daemon must be streaming again. */
+  cr_assert_eq(nsa_client_ping(c), 0, "%s", nsa_client_error_message(c));
+  cr_expect_eq(nsa_client_connections(c), 2);
+  v = NULL;
+  cr_expect_eq(nsa_client_next_notification(c, 3000, method, &v), 0,
+               "no metrics notification after the reconnect: %s", nsa_client_error_message(c));
+  if (v) nsa_client_value_free(v);
+  nsa_client_close(c);
+  cr_expect_eq(th_stop(&d, 1), 0);
+}
+
 Test(client, label_rule_selects_path_per_session) {
   th_nsad_t d;
   cr_assert_eq(th_start(&d, NULL), 0);
