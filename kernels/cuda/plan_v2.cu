@@ -1,23 +1,78 @@
 // plan_v2.cu — the v2 planner on the device (DESIGN.md §3, sel_attn.h "plan").
 //
-// One thread per row r = ((b*S)+t)*G+g:
-//   load the row's n selection slots, validate (count bad entries), turn each
-//   into a token span, clip to [0, min(p(t)+1, Skv)), insertion-sort by start
-//   in place inside the row's own plan slots, merge overlapping/touching spans,
-//   zero the unused slots, write nspans and row_len.
+// Row r = ((b*S)+t)*G+g. Per row: load the row's n selection slots, validate
+// (count bad entries), turn each into a token span, clip to
+// [0, min(p(t)+1, Skv)), sort by start, merge overlapping/touching spans,
+// write the merged spans, {0,0} in the unused slots, nspans and row_len.
 // Then an exclusive scan (CUB) of the lengths into row_off (i64, rows+1).
 // Max length, total, invalid count and the length histogram are integer
 // atomics into a device summary, so every value is deterministic.
 // No host loop, no host synchronization: the whole planner is capturable.
+//
+// Two row kernels, both producing the canonical plan (sel_attn.h: the merged
+// spans of a key set are unique, so any sort by start gives the same bytes as
+// the CPU planner's (start, end) insertion sort):
+//
+//  * plan_rows_group_kernel (1 <= n <= 32, the NSA case): a group of L lanes
+//    per row, L = n rounded up to a power of two (n = 16: two rows per warp).
+//      lane j < n  loads slot j (the row's slots are contiguous in the usual
+//                  layout, so a warp's loads are coalesced) and makes a sort
+//                  key: the block id (block_indices) or start<<32 | end
+//                  (ranges), already clipped; unused, invalid and clipped-away
+//                  slots (and lanes j >= n) get the sentinel ~0, which sorts
+//                  last;
+//      bitonic sort of the L keys in registers (xor shuffles, width L);
+//      after the sort the kept spans are lanes [0, c) in start order:
+//        pm[j]    = max(end[0..j])                 (inclusive shuffle scan)
+//        head[j]  = j < c and (j == 0 or start[j] > pm[j-1])
+//                   (a head opens a merged span: nothing before reaches it)
+//        H        = ballot of heads; nspans = popc(H)
+//        head j's merged span = [start[j], pm[tail]), tail = next head - 1
+//                   (or c - 1): pm[tail] is the max end of its members
+//                   because every earlier end is < start[j] < end[j];
+//      one store per lane j < n covers slots [0, n) exactly once: head j
+//      writes its span to slot popc(H below j), non-head j writes {0,0} to
+//      slot nspans + (non-heads below j) — there are n - nspans of them.
+//    Each thread loads ITERS rows' slots up front, then processes them, so
+//    several loads are in flight per warp; a block covers
+//    (256 / L) * ITERS rows.
+//
+//  * plan_rows_thread_kernel (n > 32, n == 0): the original one thread per
+//    row, insertion sort inside the row's own plan slots. Correct for any n,
+//    slow (0.13 ms at 65 536 rows of n = 16 on an H100, which is why the
+//    group kernel exists).
 #include <cub/device/device_scan.cuh>
 
 #include "cuda_internal.h"
 
 namespace {
 
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kGroupThreads = 256;
+
 struct HistBounds {
   long long le[NSA_LEN_HIST_BUCKETS - 1];
 };
+
+__device__ __forceinline__ int hist_bucket(int len, const HistBounds &hb) {
+  int bk = NSA_LEN_HIST_BUCKETS - 1;
+  for (int i = 0; i < NSA_LEN_HIST_BUCKETS - 1; i++)
+    if ((long long)len <= hb.le[i]) {
+      bk = i;
+      break;
+    }
+  return bk;
+}
+
+// Exclusive key limit of query t: min(p(t)+1, Skv), at least 0.
+__device__ __forceinline__ int row_limit(int64_t t, int64_t S, int64_t Skv) {
+  long long limit = (long long)t + (Skv - S) + 1;  // p(t) + 1
+  if (limit > Skv) limit = Skv;
+  if (limit < 0) limit = 0;
+  return (int)limit;  // Skv < 2^27 (check_limits)
+}
+
+// ------------------------------------------------------ one thread per row --
 
 // Slot i of row (b,t,g) as a token span in int64 (no overflow for any i32
 // input). Returns 0 = unused, 1 = span, -1 = invalid.
@@ -41,11 +96,12 @@ __device__ __forceinline__ int load_slot(const nsa_cuda_selview_t &s, int64_t b,
   return 1;
 }
 
-__global__ void plan_rows_kernel(nsa_cuda_selview_t sel, int64_t B, int64_t S, int64_t Skv,
-                                 int64_t G, int64_t n, int2 *__restrict__ spans,
-                                 int32_t *__restrict__ nspans, int32_t *__restrict__ row_len,
-                                 int64_t *__restrict__ len64, nsa_cuda_summary_t *summary,
-                                 HistBounds hb) {
+__global__ void plan_rows_thread_kernel(nsa_cuda_selview_t sel, int64_t B, int64_t S,
+                                        int64_t Skv, int64_t G, int64_t n,
+                                        int2 *__restrict__ spans, int32_t *__restrict__ nspans,
+                                        int32_t *__restrict__ row_len,
+                                        int64_t *__restrict__ len64, nsa_cuda_summary_t *summary,
+                                        HistBounds hb) {
   __shared__ unsigned long long s_hist[NSA_LEN_HIST_BUCKETS];
   __shared__ unsigned long long s_inv, s_tot;
   __shared__ int s_max;
@@ -61,9 +117,7 @@ __global__ void plan_rows_kernel(nsa_cuda_selview_t sel, int64_t B, int64_t S, i
   const int64_t r = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (r < rows) {
     const int64_t g = r % G, t = (r / G) % S, b = r / (G * S);
-    long long limit = (long long)t + (Skv - S) + 1;  // p(t) + 1
-    if (limit > Skv) limit = Skv;
-    if (limit < 0) limit = 0;
+    const long long limit = row_limit(t, S, Skv);
     const int64_t nblk = sel.kind == NSA_SEL_BLOCK_INDICES
                              ? (Skv + sel.block_size - 1) / sel.block_size
                              : 0;
@@ -106,13 +160,7 @@ __global__ void plan_rows_kernel(nsa_cuda_selview_t sel, int64_t B, int64_t S, i
     len64[r] = len;
     if (r == rows - 1) len64[rows] = 0;
 
-    int bk = NSA_LEN_HIST_BUCKETS - 1;
-    for (int i = 0; i < NSA_LEN_HIST_BUCKETS - 1; i++)
-      if ((long long)len <= hb.le[i]) {
-        bk = i;
-        break;
-      }
-    atomicAdd(&s_hist[bk], 1ull);
+    atomicAdd(&s_hist[hist_bucket(len, hb)], 1ull);
     if (inv) atomicAdd(&s_inv, (unsigned long long)inv);
     if (len) {
       atomicAdd(&s_tot, (unsigned long long)len);
@@ -127,6 +175,237 @@ __global__ void plan_rows_kernel(nsa_cuda_selview_t sel, int64_t B, int64_t S, i
     if (s_tot) atomicAdd((unsigned long long *)&summary->total, s_tot);
     if (s_max) atomicMax(&summary->max_len, s_max);
   }
+}
+
+// ------------------------------------------------------ L lanes per row ----
+
+// Sort key of a kept span. block_indices: the block id (< 2^27, the span is
+// rebuilt from it after the sort); ranges: start << 32 | clipped end (both
+// < 2^27). ~0 = nothing (sorts after every kept span).
+template <bool RANGES>
+struct KeyOf {
+  typedef unsigned type;
+};
+template <>
+struct KeyOf<true> {
+  typedef unsigned long long type;
+};
+
+// Row r's decode (32-bit divisions when the row count allows).
+__device__ __forceinline__ void row_decode(int64_t r, int64_t S, int64_t G, bool small,
+                                           int64_t *b, int64_t *t, int64_t *g) {
+  if (small) {
+    const unsigned ur = (unsigned)r, uG = (unsigned)G, uS = (unsigned)S;
+    const unsigned bt = ur / uG;
+    *g = ur - bt * uG;
+    *t = bt % uS;
+    *b = bt / uS;
+  } else {
+    const int64_t bt = r / G;
+    *g = r - bt * G;
+    *t = bt % S;
+    *b = bt / S;
+  }
+}
+
+template <int L, bool RANGES, int ITERS>
+__global__ void __launch_bounds__(kGroupThreads)
+    plan_rows_group_kernel(nsa_cuda_selview_t sel, int64_t S, int64_t Skv, int64_t G, int n,
+                           int64_t rows, int2 *__restrict__ spans,
+                           int32_t *__restrict__ nspans, int32_t *__restrict__ row_len,
+                           int64_t *__restrict__ len64, nsa_cuda_summary_t *summary,
+                           HistBounds hb) {
+  typedef typename KeyOf<RANGES>::type Key;
+  constexpr Key kNone = ~(Key)0;
+  constexpr int GPB = kGroupThreads / L;                      // rows per pass
+  constexpr unsigned kGroupMask = (unsigned)((1ull << L) - 1ull);
+
+  __shared__ unsigned s_hist[NSA_LEN_HIST_BUCKETS];
+  __shared__ unsigned long long s_inv, s_tot;
+  __shared__ int s_max;
+  if (threadIdx.x < NSA_LEN_HIST_BUCKETS) s_hist[threadIdx.x] = 0;
+  if (threadIdx.x == 0) {
+    s_inv = 0;
+    s_tot = 0;
+    s_max = 0;
+  }
+  __syncthreads();
+
+  const int lane = threadIdx.x & 31;
+  const int p = lane & (L - 1);             // slot of this lane in its row
+  const int gbase = lane & ~(L - 1) & 31;   // first lane of this row's group
+  const int grp = threadIdx.x / L;          // row of this group in a pass
+  const int warp_grp = (threadIdx.x & ~31) / L;  // the warp's first group
+  const int64_t row0 = (int64_t)blockIdx.x * (GPB * ITERS);
+  const bool small = rows <= 0x7fffffffLL;
+  const int32_t bs = sel.block_size;
+  const int64_t nblk = RANGES ? 0 : (Skv + bs - 1) / bs;
+
+  // ---- load: key of slot p of each of this group's ITERS rows
+  Key key[ITERS];
+  int lim[ITERS];
+  unsigned bad = 0;  // bit i: slot p of row i is invalid
+#pragma unroll
+  for (int i = 0; i < ITERS; i++) {
+    key[i] = kNone;
+    lim[i] = 0;
+    const int64_t r = row0 + (int64_t)i * GPB + grp;
+    if (r >= rows) continue;
+    int64_t b, t, g;
+    row_decode(r, S, G, small, &b, &t, &g);
+    const int limit = row_limit(t, S, Skv);
+    lim[i] = limit;
+    if (p >= n) continue;
+    const int32_t *ptr = sel.data + b * sel.st[0] + t * sel.st[1] + g * sel.st[2] + p * sel.st[3];
+    if (!RANGES) {
+      const int32_t id = __ldg(ptr);
+      if (id == -1) continue;                       // unused
+      if (id < -1 || (int64_t)id >= nblk) {         // invalid
+        bad |= 1u << i;
+        continue;
+      }
+      if ((long long)id * bs < limit) key[i] = (Key)id;  // else clipped away
+    } else {
+      const int32_t a = __ldg(ptr), e = __ldg(ptr + sel.st[4]);
+      if (a == 0 && e == 0) continue;  // unused
+      if (a < 0 || a > e) {            // invalid
+        bad |= 1u << i;
+        continue;
+      }
+      const int hi = e < limit ? e : limit;
+      if (a < hi) key[i] = (Key)(((unsigned long long)(unsigned)a << 32) | (unsigned)hi);
+    }
+  }
+
+  unsigned long long tot = 0;
+  unsigned inv = 0;
+  int mx = 0;
+#pragma unroll
+  for (int i = 0; i < ITERS; i++) {
+    if (row0 + (int64_t)i * GPB + warp_grp >= rows) break;  // warp-uniform
+    const int64_t r = row0 + (int64_t)i * GPB + grp;
+    const bool active = r < rows;  // uniform in the group
+
+    // bitonic sort of the group's L keys, ascending along p
+    Key x = key[i];
+#pragma unroll
+    for (int k = 2; k <= L; k <<= 1) {
+#pragma unroll
+      for (int j = k >> 1; j > 0; j >>= 1) {
+        const Key o = __shfl_xor_sync(kFull, x, j, L);
+        const bool up = (p & k) == 0, lower = (p & j) == 0;
+        x = (lower == up) ? (o < x ? o : x) : (o > x ? o : x);
+      }
+    }
+
+    const bool valid = x != kNone;
+    int lo = 0, hi = 0;
+    if (valid) {
+      if (RANGES) {
+        lo = (int)((unsigned long long)x >> 32);
+        hi = (int)(x & 0xffffffffu);
+      } else {
+        const long long l = (long long)x * bs, h = l + bs;
+        lo = (int)l;  // < limit
+        hi = h < lim[i] ? (int)h : lim[i];
+      }
+    }
+    // inclusive prefix max of the ends (kept lanes first, then zeros)
+    int pm = hi;
+#pragma unroll
+    for (int d = 1; d < L; d <<= 1) {
+      const int o = __shfl_up_sync(kFull, pm, d, L);
+      if (p >= d) pm = o > pm ? o : pm;
+    }
+    const int prev = __shfl_up_sync(kFull, pm, 1, L);
+    const bool head = valid && (p == 0 || lo > prev);
+    const unsigned H = (__ballot_sync(kFull, head) >> gbase) & kGroupMask;
+    const unsigned V = (__ballot_sync(kFull, valid) >> gbase) & kGroupMask;
+    const unsigned Bd = (__ballot_sync(kFull, (bad >> i) & 1u) >> gbase) & kGroupMask;
+    const int nsp = __popc(H), cnt = __popc(V);
+    const int below = __popc(H & ((1u << p) - 1u));  // heads before p
+    const unsigned after = H & ~((2u << p) - 1u);     // heads after p (p = 31: none)
+    int tail = after ? __ffs(after) - 2 : cnt - 1;
+    if (tail < 0) tail = p;  // no kept span: the value is not used
+    const int end = __shfl_sync(kFull, pm, tail, L);
+    int len = head ? end - lo : 0;
+#pragma unroll
+    for (int o = L >> 1; o > 0; o >>= 1) len += __shfl_xor_sync(kFull, len, o, L);
+
+    if (active) {
+      if (p < n) {
+        const int slot = head ? below : nsp + (p - below);
+        spans[r * n + slot] = head ? make_int2(lo, end) : make_int2(0, 0);
+      }
+      if (p == 0) {
+        nspans[r] = nsp;
+        row_len[r] = len;
+        len64[r] = len;
+        if (r == rows - 1) len64[rows] = 0;
+        atomicAdd(&s_hist[hist_bucket(len, hb)], 1u);
+        inv += __popc(Bd);
+        tot += (unsigned long long)len;
+        mx = len > mx ? len : mx;
+      }
+    }
+  }
+
+  // block summary: warp sums, then one shared atomic per warp
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    tot += __shfl_xor_sync(kFull, tot, o);
+    inv += __shfl_xor_sync(kFull, inv, o);
+    const int m = __shfl_xor_sync(kFull, mx, o);
+    mx = m > mx ? m : mx;
+  }
+  if (lane == 0) {
+    if (inv) atomicAdd(&s_inv, (unsigned long long)inv);
+    if (tot) atomicAdd(&s_tot, tot);
+    if (mx) atomicMax(&s_max, mx);
+  }
+  __syncthreads();
+  if (threadIdx.x < NSA_LEN_HIST_BUCKETS && s_hist[threadIdx.x])
+    atomicAdd((unsigned long long *)&summary->hist[threadIdx.x],
+              (unsigned long long)s_hist[threadIdx.x]);
+  if (threadIdx.x == 0) {
+    if (s_inv) atomicAdd((unsigned long long *)&summary->invalid, s_inv);
+    if (s_tot) atomicAdd((unsigned long long *)&summary->total, s_tot);
+    if (s_max) atomicMax(&summary->max_len, s_max);
+  }
+}
+
+// Rows per thread: enough that a block covers 32..256 rows (fewer blocks and
+// summary atomics, several loads in flight per thread).
+template <int L>
+constexpr int group_iters() {
+  return L >= 8 ? 4 : (L >= 2 ? 2 : 1);
+}
+
+template <int L, bool RANGES>
+cudaError_t launch_group(const nsa_cuda_selview_t &sel, int64_t S, int64_t Skv, int64_t G,
+                         int n, int64_t rows, nsa_plan_t *plan, nsa_cuda_summary_t *summary,
+                         int64_t *len64, const HistBounds &hb, cudaStream_t st) {
+  constexpr int ITERS = group_iters<L>();
+  constexpr int64_t per_block = (int64_t)(kGroupThreads / L) * ITERS;
+  const int64_t blocks = (rows + per_block - 1) / per_block;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  plan_rows_group_kernel<L, RANGES, ITERS><<<(unsigned)blocks, kGroupThreads, 0, st>>>(
+      sel, S, Skv, G, n, rows, (int2 *)plan->spans, plan->nspans, plan->row_len, len64, summary,
+      hb);
+  return cudaGetLastError();
+}
+
+template <bool RANGES>
+cudaError_t launch_group_n(const nsa_cuda_selview_t &sel, int64_t S, int64_t Skv, int64_t G,
+                           int n, int64_t rows, nsa_plan_t *plan, nsa_cuda_summary_t *summary,
+                           int64_t *len64, const HistBounds &hb, cudaStream_t st) {
+  if (n <= 1) return launch_group<1, RANGES>(sel, S, Skv, G, n, rows, plan, summary, len64, hb, st);
+  if (n <= 2) return launch_group<2, RANGES>(sel, S, Skv, G, n, rows, plan, summary, len64, hb, st);
+  if (n <= 4) return launch_group<4, RANGES>(sel, S, Skv, G, n, rows, plan, summary, len64, hb, st);
+  if (n <= 8) return launch_group<8, RANGES>(sel, S, Skv, G, n, rows, plan, summary, len64, hb, st);
+  if (n <= 16)
+    return launch_group<16, RANGES>(sel, S, Skv, G, n, rows, plan, summary, len64, hb, st);
+  return launch_group<32, RANGES>(sel, S, Skv, G, n, rows, plan, summary, len64, hb, st);
 }
 
 }  // namespace
@@ -148,12 +427,18 @@ extern "C" cudaError_t nsa_cuda_launch_plan_v2(const nsa_cuda_selview_t *sel, in
   if (rows == 0) return cudaMemsetAsync(plan->row_off, 0, sizeof(int64_t), st);
   HistBounds hb;
   for (int i = 0; i < NSA_LEN_HIST_BUCKETS - 1; i++) hb.le[i] = nsa_len_hist_le[i];
-  const int threads = 128;
-  const int64_t blocks = (rows + threads - 1) / threads;
-  plan_rows_kernel<<<(unsigned)blocks, threads, 0, st>>>(*sel, B, S, Skv, G, n, (int2 *)plan->spans,
-                                                         plan->nspans, plan->row_len, len64,
-                                                         summary, hb);
-  e = cudaGetLastError();
+  if (n >= 1 && n <= 32) {
+    e = sel->kind == NSA_SEL_RANGES
+            ? launch_group_n<true>(*sel, S, Skv, G, (int)n, rows, plan, summary, len64, hb, st)
+            : launch_group_n<false>(*sel, S, Skv, G, (int)n, rows, plan, summary, len64, hb, st);
+  } else {
+    const int threads = 128;
+    const int64_t blocks = (rows + threads - 1) / threads;
+    plan_rows_thread_kernel<<<(unsigned)blocks, threads, 0, st>>>(
+        *sel, B, S, Skv, G, n, (int2 *)plan->spans, plan->nspans, plan->row_len, len64, summary,
+        hb);
+    e = cudaGetLastError();
+  }
   if (e != cudaSuccess) return e;
   size_t tb = temp_bytes;
   return cub::DeviceScan::ExclusiveSum(temp, tb, (const int64_t *)len64, plan->row_off,

@@ -2,36 +2,109 @@
  * test_cuda_plan.c — the v2 device planner builds the CPU planner's plan,
  * byte for byte (spans, nspans, row_len, row_off), with the same summary
  * (total, max_len, invalid count, length histogram), on every selection
- * shape the generators make, including invalid entries.
+ * shape the generators make, including invalid entries. Independently of
+ * kernels/cpu, every row's spans must be sorted, non-empty, non-touching,
+ * {0,0} past nspans, and cover exactly the float64 reference's key mask
+ * (tests/common/ref.c), and the invalid count must equal the reference's.
+ *
+ * The device planner has two row kernels (kernels/cuda/plan_v2.cu): a group
+ * of L = next_pow2(n) lanes per row for 1 <= n <= 32, and one thread per row
+ * otherwise; the cases below cover every L (n = 1..32, powers of two and
+ * not), the fallback (n = 33, 40, 64), strided layouts on both, rows with
+ * every slot unused, many invalid entries of every kind, and enough rows for
+ * many planner blocks and a multi-block scan.
  */
 #include <criterion/criterion.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "cuda_case.h"
 
-static void check_plan(const nsa_tu_case_cfg_t *cfg, int inject_invalid) {
+enum {
+  INJ_NONE = 0,
+  INJ_FEW = 1,        /* 7 invalid entries */
+  INJ_MANY = 2,       /* about a third of all entries invalid, every kind */
+  INJ_ALL_UNUSED = 3, /* every slot unused (-1 / [0,0]) */
+};
+
+/* Makes entry i of sel_raw invalid, kind chosen by k. */
+static void make_invalid(nsa_tu_case_t *c, const nsa_tu_case_cfg_t *cfg, int64_t i, int k) {
+  const int64_t nblk = (cfg->Skv + cfg->block_size - 1) / cfg->block_size;
+  if (cfg->ranges) {
+    int32_t *p = c->sel_raw + 2 * i;
+    switch (k % 6) {
+      case 0: p[0] = 9; p[1] = 3; break;                 /* start > end */
+      case 1: p[0] = -4; p[1] = 2; break;                /* negative start */
+      case 2: p[0] = INT32_MIN; p[1] = 5; break;
+      case 3: p[0] = INT32_MAX; p[1] = 0; break;
+      case 4: p[0] = -1; p[1] = -1; break;
+      default: p[0] = 1; p[1] = 0; break;
+    }
+  } else {
+    switch (k % 6) {
+      case 0: c->sel_raw[i] = (int32_t)nblk; break;      /* one past the end */
+      case 1: c->sel_raw[i] = -2; break;                  /* below -1 */
+      case 2: c->sel_raw[i] = INT32_MIN; break;
+      case 3: c->sel_raw[i] = INT32_MAX; break;
+      case 4: c->sel_raw[i] = (int32_t)nblk + 1000; break;
+      default: c->sel_raw[i] = -1000; break;
+    }
+  }
+}
+
+/* The device plan against the reference's key masks (no kernels/cpu code). */
+static void check_against_ref(const nsa_tu_case_t *c, const nsa_dims_t *d, const nsa_plan_t *gp) {
+  unsigned char *mask = malloc((size_t)(d->Skv > 0 ? d->Skv : 1));
+  unsigned char *got = malloc((size_t)(d->Skv > 0 ? d->Skv : 1));
+  int64_t bad_rows = 0, first_bad = -1;
+  for (int64_t r = 0; r < d->rows; r++) {
+    const int64_t g = r % d->G, t = (r / d->G) % d->S, b = r / (d->G * d->S);
+    int64_t lim = t + (d->Skv - d->S) + 1;
+    if (lim > d->Skv) lim = d->Skv;
+    const int64_t want = nsa_ref_row_mask(&c->ref, b, t, g, mask);
+    memset(got, 0, (size_t)d->Skv);
+    const int32_t *sp = gp->spans + r * d->n * 2;
+    const int32_t ns = gp->nspans[r];
+    int ok = ns >= 0 && ns <= d->n;
+    int64_t len = 0, prev_end = -1;
+    for (int64_t i = 0; ok && i < d->n; i++) {
+      const int32_t s0 = sp[2 * i], s1 = sp[2 * i + 1];
+      if (i >= ns) {
+        ok = s0 == 0 && s1 == 0;
+        continue;
+      }
+      /* non-empty, inside [0, lim), after the previous span with a gap */
+      ok = s0 >= 0 && s0 < s1 && s1 <= lim && s0 > prev_end;
+      prev_end = s1;
+      for (int32_t s = s0; ok && s < s1; s++) got[s] = 1;
+      len += s1 - s0;
+    }
+    ok = ok && len == want && gp->row_len[r] == len && memcmp(got, mask, (size_t)d->Skv) == 0;
+    if (!ok && bad_rows++ == 0) first_bad = r;
+  }
+  cr_expect_eq(bad_rows, 0, "%lld rows differ from the reference key set (first: row %lld)",
+               (long long)bad_rows, (long long)first_bad);
+  free(mask);
+  free(got);
+}
+
+static void check_plan(const nsa_tu_case_cfg_t *cfg, int inject) {
   nsa_tu_case_t c;
   cr_assert_eq(nsa_tu_case_init(&c, cfg), 0, "case init");
-  int64_t want_invalid = 0;
-  if (inject_invalid) {
+  const int64_t entries = c.nsel / (cfg->ranges ? 2 : 1);
+  if (inject == INJ_FEW || inject == INJ_MANY) {
     nsa_tu_rng_t r;
     nsa_tu_rng_seed(&r, cfg->seed ^ 0xabcdef);
-    const int64_t nblk = (cfg->Skv + cfg->block_size - 1) / cfg->block_size;
-    for (int k = 0; k < 7 && c.nsel > 2; k++) {
-      int64_t i = nsa_tu_rng_int(&r, 0, c.nsel / (cfg->ranges ? 2 : 1) - 1);
-      if (cfg->ranges) {
-        int32_t *p = c.sel_raw + 2 * i;
-        if (k & 1) { p[0] = 9; p[1] = 3; } /* start > end */
-        else { p[0] = -4; p[1] = 2; }      /* negative start */
-      } else {
-        c.sel_raw[i] = (k & 1) ? (int32_t)nblk : -2 - k; /* past the end / below -1 */
-      }
-    }
-    nsa_tu_case_sync_sel(&c);
-    want_invalid = nsa_ref_count_invalid(&c.ref);
-    cr_assert_gt(want_invalid, 0);
+    const int64_t count = inject == INJ_FEW ? 7 : entries / 3;
+    for (int64_t k = 0; k < count && entries > 2; k++)
+      make_invalid(&c, cfg, nsa_tu_rng_int(&r, 0, entries - 1), (int)k);
+  } else if (inject == INJ_ALL_UNUSED) {
+    for (int64_t i = 0; i < c.nsel; i++) c.sel_raw[i] = cfg->ranges ? 0 : -1;
   }
+  if (inject != INJ_NONE) nsa_tu_case_sync_sel(&c);
+  const int64_t want_invalid = nsa_ref_count_invalid(&c.ref);
+  if (inject == INJ_FEW || inject == INJ_MANY) cr_assert_gt(want_invalid, 0);
   nsa_dims_t d;
   char msg[256];
   cr_assert_eq(nsa_fwd_check(&c.fwd, &d, msg, sizeof msg), NSA_OK, "%s", msg);
@@ -70,8 +143,15 @@ static void check_plan(const nsa_tu_case_cfg_t *cfg, int inject_invalid) {
   cr_expect_eq(dp.max_len, hp.max_len, "max_len %d vs %d", dp.max_len, hp.max_len);
   cr_expect_eq(dp.invalid, hp.invalid, "invalid %lld vs %lld", (long long)dp.invalid,
                (long long)hp.invalid);
-  cr_expect_eq(dp.invalid, want_invalid, "invalid vs reference count");
+  cr_expect_eq(dp.invalid, want_invalid, "invalid %lld vs reference count %lld",
+               (long long)dp.invalid, (long long)want_invalid);
   cr_expect_eq(memcmp(dp.len_hist, hp.len_hist, sizeof hp.len_hist), 0, "histogram differs");
+  check_against_ref(&c, &d, &gp);
+  if (inject == INJ_ALL_UNUSED) {
+    cr_expect_eq(dp.total_len, 0);
+    cr_expect_eq(dp.max_len, 0);
+    cr_expect_eq(dp.len_hist[0], d.rows, "every row in the length-0 bucket");
+  }
 
   nsa_cuda_ctx_destroy(ctx);
   cudaFree(dbuf);
@@ -94,7 +174,7 @@ Test(cuda_plan, blocks_equal_cpu) {
     nsa_tu_case_cfg_t cfg = cfg0();
     cfg.block_size = bss[i];
     cfg.seed = 20 + i;
-    check_plan(&cfg, 0);
+    check_plan(&cfg, INJ_NONE);
   }
 }
 
@@ -105,8 +185,57 @@ Test(cuda_plan, ranges_equal_cpu) {
     cfg.ranges = 1;
     cfg.n = 3 + 4 * i;
     cfg.seed = 40 + i;
-    check_plan(&cfg, 0);
+    check_plan(&cfg, INJ_NONE);
   }
+}
+
+/* Every group width of the fast kernel: n = 1..32 (L = 1, 2, 4, 8, 16, 32,
+ * with and without idle lanes), both selection kinds, also Skv = S. */
+Test(cuda_plan, group_widths) {
+  NSA_REQUIRE_GPU();
+  const int64_t ns[] = {1, 2, 3, 4, 5, 8, 9, 15, 16, 17, 24, 31, 32};
+  for (size_t i = 0; i < sizeof ns / sizeof ns[0]; i++)
+    for (int ranges = 0; ranges < 2; ranges++) {
+      nsa_tu_case_cfg_t cfg = cfg0();
+      cfg.n = ns[i];
+      cfg.ranges = ranges;
+      cfg.block_size = (int32_t)(4 + 3 * i);
+      cfg.Skv = (i % 3 == 2) ? cfg.S : 150 + 7 * (int64_t)i; /* Skv = S: prefill square */
+      cfg.seed = 100 + 2 * i + (uint64_t)ranges;
+      check_plan(&cfg, INJ_NONE);
+    }
+}
+
+/* Strided (gapped) selection tensors on both kernels. */
+Test(cuda_plan, gapped_layouts) {
+  NSA_REQUIRE_GPU();
+  const int64_t ns[] = {5, 16, 17, 32, 33};
+  for (size_t i = 0; i < sizeof ns / sizeof ns[0]; i++)
+    for (int ranges = 0; ranges < 2; ranges++) {
+      nsa_tu_case_cfg_t cfg = cfg0();
+      cfg.n = ns[i];
+      cfg.ranges = ranges;
+      cfg.gapped = 1;
+      cfg.Skv = 400;
+      cfg.seed = 140 + 2 * i + (uint64_t)ranges;
+      check_plan(&cfg, INJ_NONE);
+    }
+}
+
+/* n > 32: the one-thread-per-row fallback. */
+Test(cuda_plan, fallback_large_n) {
+  NSA_REQUIRE_GPU();
+  const int64_t ns[] = {33, 64};
+  for (size_t i = 0; i < sizeof ns / sizeof ns[0]; i++)
+    for (int ranges = 0; ranges < 2; ranges++) {
+      nsa_tu_case_cfg_t cfg = cfg0();
+      cfg.n = ns[i];
+      cfg.ranges = ranges;
+      cfg.Skv = 2000;
+      cfg.block_size = 32;
+      cfg.seed = 160 + 2 * i + (uint64_t)ranges;
+      check_plan(&cfg, INJ_NONE);
+    }
 }
 
 Test(cuda_plan, decode_large_n_gapped) {
@@ -118,10 +247,13 @@ Test(cuda_plan, decode_large_n_gapped) {
   cfg.B = 5;
   cfg.gapped = 1;
   cfg.seed = 60;
-  check_plan(&cfg, 0);
+  check_plan(&cfg, INJ_NONE);
   cfg.ranges = 1;
   cfg.seed = 61;
-  check_plan(&cfg, 0);
+  check_plan(&cfg, INJ_NONE);
+  cfg.n = 16; /* decode on the group kernel */
+  cfg.seed = 63;
+  check_plan(&cfg, INJ_NONE);
   cfg = cfg0();
   cfg.S = 1000; /* many rows: several planner blocks and a multi-block scan */
   cfg.Skv = 1000;
@@ -129,15 +261,62 @@ Test(cuda_plan, decode_large_n_gapped) {
   cfg.n = 16;
   cfg.block_size = 64;
   cfg.seed = 62;
-  check_plan(&cfg, 0);
+  check_plan(&cfg, INJ_NONE);
+}
+
+/* The benchmark's shape at a smaller T: 16 slots of block 64, G = 4, random
+ * and correlated selections, row count not a multiple of a planner block. */
+Test(cuda_plan, many_rows) {
+  NSA_REQUIRE_GPU();
+  for (int corr = 0; corr < 2; corr++) {
+    nsa_tu_case_cfg_t cfg = cfg0();
+    cfg.B = 1;
+    cfg.S = 4093;
+    cfg.Skv = 4093;
+    cfg.G = 4;
+    cfg.n = 16;
+    cfg.block_size = 64;
+    cfg.sel_flags = corr ? NSA_TU_SEL_CORRELATED : NSA_TU_SEL_DUP | NSA_TU_SEL_UNUSED;
+    cfg.seed = 180 + (uint64_t)corr;
+    check_plan(&cfg, INJ_NONE);
+  }
 }
 
 Test(cuda_plan, invalid_entries_counted) {
   NSA_REQUIRE_GPU();
   nsa_tu_case_cfg_t cfg = cfg0();
   cfg.seed = 80;
-  check_plan(&cfg, 1);
+  check_plan(&cfg, INJ_FEW);
   cfg.ranges = 1;
   cfg.seed = 81;
-  check_plan(&cfg, 1);
+  check_plan(&cfg, INJ_FEW);
+}
+
+/* About a third of the entries invalid (every kind, INT32_MIN/MAX included),
+ * on both kernels. */
+Test(cuda_plan, many_invalid_entries) {
+  NSA_REQUIRE_GPU();
+  const int64_t ns[] = {1, 7, 16, 17, 32, 40};
+  for (size_t i = 0; i < sizeof ns / sizeof ns[0]; i++)
+    for (int ranges = 0; ranges < 2; ranges++) {
+      nsa_tu_case_cfg_t cfg = cfg0();
+      cfg.n = ns[i];
+      cfg.ranges = ranges;
+      cfg.seed = 200 + 2 * i + (uint64_t)ranges;
+      check_plan(&cfg, INJ_MANY);
+    }
+}
+
+/* Every slot of every row unused: empty plan, all rows in bucket 0. */
+Test(cuda_plan, all_rows_unused) {
+  NSA_REQUIRE_GPU();
+  const int64_t ns[] = {3, 16, 40};
+  for (size_t i = 0; i < sizeof ns / sizeof ns[0]; i++)
+    for (int ranges = 0; ranges < 2; ranges++) {
+      nsa_tu_case_cfg_t cfg = cfg0();
+      cfg.n = ns[i];
+      cfg.ranges = ranges;
+      cfg.seed = 220 + 2 * i + (uint64_t)ranges;
+      check_plan(&cfg, INJ_ALL_UNUSED);
+    }
 }
