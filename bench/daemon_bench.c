@@ -12,7 +12,12 @@
  *        cuda: cudaMalloc tensors through libnsaclient's device-pointer API,
  *              sync=false with wait_event/done_event (the client's stream
  *              waits on done_event, then the host waits on its stream) vs
- *              nsa_cuda_sel_fwd(sync=0) on a context here + stream sync.
+ *              nsa_cuda_sel_fwd(sync=0) on a context here + stream sync;
+ *              then five more variants in the same rounds that split the
+ *              difference (host path, kernel inside nsad, events, the
+ *              client's stream waiting on nsad's event; bench_fwd_cuda).
+ *      The in-process runs use nsad's effective flags (flags.get), printed
+ *      above the table, so both sides plan and choose the path alike.
  *   3. concurrency: K forked client processes, each sending M blocking
  *      forwards with its own random inputs, then checking every output
  *      bitwise against an in-process run of the same inputs; throughput of K
@@ -450,12 +455,50 @@ typedef struct {
   double outside_us; /* median of (nsad wall - nsad's device_us) per run */
   int bitwise_equal;
   char path[16];
+  /* nsad's effective flags for this bench's session (flags.get), used for
+   * the in-process runs too, so that both sides plan and choose alike */
+  nsa_path_flags_t flags;
+  double shadow_rate;
+  int have_flags;
+  /* --cuda only: where the overhead goes (medians; see bench_fwd_cuda) */
+  int have_split;
+  double reply_us;              /* A: submit -> reply of the sync=false request */
+  double host_ev_us;            /* C: nsad sync=false, host waits on done_event */
+  double sync_ev_us;            /* D: nsad sync=true + events */
+  double sync_us, sync_dev_us;  /* E: nsad sync=true, no events: wall, nsad device_us */
+  double in_sync_us, in_dev_us; /* F: in-process sync=1: wall, device_us */
+  double in_ev_us;              /* G: in-process with the same events + stream waits */
 } fwd_res_t;
+
+/* nsad's effective flags for client c (flags.get "effective": bools and
+ * MIN_L as integers, the rate as a double). 0, or -1 (r->flags = defaults). */
+static int effective_flags(nsa_client_t *c, fwd_res_t *r) {
+  nsa_path_flags_default(&r->flags);
+  r->shadow_rate = 0;
+  r->have_flags = 0;
+  nsa_client_value_t *v = NULL;
+  if (nsa_client_flags_get(c, &v) != 0) return -1;
+  int64_t use = 0, v2 = 0, minl = 0;
+  double rate = 0;
+  int ok = !nsa_client_value_get_int(v, "effective.NSA_USE_SEL_VARLEN", &use) &&
+           !nsa_client_value_get_int(v, "effective.NSA_SEL_VARLEN_V2", &v2) &&
+           !nsa_client_value_get_int(v, "effective.NSA_SEL_VARLEN_MIN_L", &minl) &&
+           !nsa_client_value_get_double(v, "effective.NSA_SEL_SHADOW_RATE", &rate);
+  nsa_client_value_free(v);
+  if (!ok) return -1;
+  r->flags.use_sel_varlen = use != 0;
+  r->flags.sel_varlen_v2 = v2 != 0;
+  r->flags.sel_varlen_min_l = minl;
+  r->shadow_rate = rate;
+  r->have_flags = 1;
+  return 0;
+}
 
 static void bench_fwd_cpu(const opts_t *o, const char *sock, fwd_res_t *r) {
   shape_t p;
   shape_init(&p, o, o->S);
   nsa_client_t *c = client_open(sock, "nsa_bench_daemon-fwd");
+  effective_flags(c, r);
   nsa_client_shm_t *shm = NULL;
   if (nsa_client_shm_create(c, p.kvbytes + p.rqbytes + p.scbytes, &shm) != 0)
     die_client(c, "shm region");
@@ -478,7 +521,7 @@ static void bench_fwd_cpu(const opts_t *o, const char *sock, fwd_res_t *r) {
     double t0 = now_us();
     if (nsa_client_forward(c, &a, &res) != 0) die_client(c, "sel_attn.forward");
     double t1 = now_us();
-    if (nsa_cpu_sel_fwd(&k, NULL, NSA_PATH_AUTO, &info, msg, sizeof msg) != NSA_OK) {
+    if (nsa_cpu_sel_fwd(&k, &r->flags, NSA_PATH_AUTO, &info, msg, sizeof msg) != NSA_OK) {
       fprintf(stderr, "nsa_bench_daemon: nsa_cpu_sel_fwd: %s\n", msg);
       exit(1);
     }
@@ -546,6 +589,33 @@ static int cuda_outputs_equal(const shape_t *p, const char *rq, const char *sc) 
   return eq;
 }
 
+/* The CUDA forward, seven ways, interleaved in every round (so that clock
+ * and thermal drift hit all of them alike); medians of --runs rounds after
+ * warm-up rounds. A/B are the headline (issue 7: nsad with IPC, events and
+ * sync=false vs the in-process call); C-G split A - B into its parts:
+ *
+ *   A  nsad, sync=false, wait_event + done_event; this process's stream
+ *      waits on done_event (cudaStreamWaitEvent), the host on that stream.
+ *      Also timed: submit -> reply. nsad replies once the work is queued, so
+ *      a reply time near the kernel time means nsad waited on the host.
+ *   B  in-process: nsa_cuda_sel_fwd(sync=0) with nsad's flags + stream sync.
+ *   C  as A, but the host waits on done_event itself (cudaEventSynchronize)
+ *      and this process queues nothing behind nsad's work: A - C is what a
+ *      stream wait on another process's event costs while that work runs
+ *      (GPU time-slicing between the two processes' contexts).
+ *   D  nsad, sync=true + events: the reply comes after nsad's own stream
+ *      sync, and this process's stream wait is then already satisfied.
+ *   E  nsad, sync=true, no events: wall; nsad's device_us (its ev0 -> ev2);
+ *      wall - device_us = socket + dispatch + worker hand-offs + reply.
+ *   F  in-process sync=1: wall and device_us (same events as E, this
+ *      process's context): E.device_us - F.device_us = the kernel itself
+ *      running slower inside nsad.
+ *   G  in-process with the same interprocess events and stream waits as A
+ *      (one process): G - B = the event record/wait cost alone.
+ * Outputs: nsad writes the request block's o/lse, this process the scratch
+ * block's; compared bitwise at the end (after a stream-ordered wait). */
+enum { V_A, V_B, V_C, V_D, V_E, V_F, V_G, V_COUNT };
+
 static void bench_fwd_cuda(const opts_t *o, const char *sock, fwd_res_t *r) {
   shape_t p;
   shape_init(&p, o, o->S);
@@ -581,47 +651,120 @@ static void bench_fwd_cuda(const opts_t *o, const char *sock, fwd_res_t *r) {
   CK(cudaEventCreateWithFlags(&done, fl));
 
   nsa_client_t *c = client_open(sock, "nsa_bench_daemon-fwd-cuda");
+  if (effective_flags(c, r) != 0)
+    fprintf(stderr, "nsa_bench_daemon: flags.get failed; the in-process runs use the defaults\n");
   nsa_client_fwd_t a;
   client_args_cuda(c, &a, &p, kv, rq);
   nsa_client_exec_t ex = {.has_wait_event = 1, .has_done_event = 1, .async = 1};
   if (nsa_client_cuda_event(c, ready, &ex.wait_event) ||
       nsa_client_cuda_event(c, done, &ex.done_event))
     die_client(c, "cuda event");
+  nsa_client_exec_t ex_sync = ex;
+  ex_sync.async = 0;
   nsa_fwd_args_t k;
   kernel_args(&k, &p, kv, rq, sc);
+  const nsa_path_flags_t *pf = &r->flags;
   nsa_cuda_exec_t kex = {.wait_event = NULL, .done_event = NULL, .sync = 0};
+  nsa_cuda_exec_t kex_sync = {.wait_event = NULL, .done_event = NULL, .sync = 1};
+  nsa_cuda_exec_t kex_ev = {.wait_event = ready, .done_event = done, .sync = 0};
 
   int N = o->runs, W = N / 5 > 3 ? N / 5 : 3;
-  double *tn = malloc(sizeof(double) * N), *ti = malloc(sizeof(double) * N);
+  double *t[V_COUNT], *t_reply = malloc(sizeof(double) * N), *t_edev = malloc(sizeof(double) * N),
+         *t_fdev = malloc(sizeof(double) * N), *t_eout = malloc(sizeof(double) * N);
+  for (int v = 0; v < V_COUNT; v++) t[v] = malloc(sizeof(double) * N);
   nsa_run_info_t info;
-  nsa_client_result_t res;
+  nsa_client_result_t res, res_e;
+  char path_a[16] = "";
   for (int i = -W; i < N; i++) {
-    /* through nsad: the caller's stream announces its inputs (ready), nsad
-     * queues the work behind it and records done; the caller's stream waits
-     * on done; the host waits on the caller's stream only at the end */
+    double w[V_COUNT], reply = 0;
+    uint32_t ticket;
+    /* A: the caller's stream announces its inputs (ready), nsad queues the
+     * work behind it and records done; the caller's stream waits on done;
+     * the host waits on the caller's stream */
     double t0 = now_us();
     CK(cudaEventRecord(ready, st));
-    uint32_t ticket;
     if (nsa_client_forward_submit_ex(c, &a, &ex, &ticket) != 0 ||
         nsa_client_wait(c, ticket, &res) != 0)
       die_client(c, "sel_attn.forward (sync=false)");
+    reply = now_us() - t0;
     CK(cudaStreamWaitEvent(st, done, 0));
     CK(cudaStreamSynchronize(st));
-    double t1 = now_us();
-    /* in-process: the same kernel on this process's context */
-    if (nsa_cuda_sel_fwd(ctx, &k, NULL, NSA_PATH_AUTO, &kex, &info, msg, sizeof msg) != NSA_OK) {
+    w[V_A] = now_us() - t0;
+    snprintf(path_a, sizeof path_a, "%s", res.path);
+    /* B: the same kernel on this process's context */
+    t0 = now_us();
+    if (nsa_cuda_sel_fwd(ctx, &k, pf, NSA_PATH_AUTO, &kex, &info, msg, sizeof msg) != NSA_OK) {
       fprintf(stderr, "nsa_bench_daemon: nsa_cuda_sel_fwd: %s\n", msg);
       exit(1);
     }
     CK(cudaStreamSynchronize(cst));
-    double t2 = now_us();
-    if (i >= 0) tn[i] = t1 - t0, ti[i] = t2 - t1;
+    w[V_B] = now_us() - t0;
+    /* C: as A, the host waits on done_event; no stream wait queued here */
+    t0 = now_us();
+    CK(cudaEventRecord(ready, st));
+    if (nsa_client_forward_submit_ex(c, &a, &ex, &ticket) != 0 ||
+        nsa_client_wait(c, ticket, &res) != 0)
+      die_client(c, "sel_attn.forward (sync=false, host wait)");
+    CK(cudaEventSynchronize(done));
+    w[V_C] = now_us() - t0;
+    /* unmeasured: should the event sync not have waited for nsad's record
+     * (C then reads too low, see the table), D must not inherit C's work */
+    CK(cudaStreamWaitEvent(st, done, 0));
+    CK(cudaStreamSynchronize(st));
+    /* D: sync=true with the events (the stream wait finds done complete) */
+    t0 = now_us();
+    CK(cudaEventRecord(ready, st));
+    if (nsa_client_forward_submit_ex(c, &a, &ex_sync, &ticket) != 0 ||
+        nsa_client_wait(c, ticket, &res) != 0)
+      die_client(c, "sel_attn.forward (sync=true, events)");
+    CK(cudaStreamWaitEvent(st, done, 0));
+    CK(cudaStreamSynchronize(st));
+    w[V_D] = now_us() - t0;
+    /* E: a plain blocking request */
+    t0 = now_us();
+    if (nsa_client_forward(c, &a, &res_e) != 0) die_client(c, "sel_attn.forward (sync=true)");
+    w[V_E] = now_us() - t0;
+    /* F: in-process, synchronous (device_us from the context's events) */
+    t0 = now_us();
+    if (nsa_cuda_sel_fwd(ctx, &k, pf, NSA_PATH_AUTO, &kex_sync, &info, msg, sizeof msg) != NSA_OK) {
+      fprintf(stderr, "nsa_bench_daemon: nsa_cuda_sel_fwd (sync): %s\n", msg);
+      exit(1);
+    }
+    w[V_F] = now_us() - t0;
+    double fdev = info.device_us;
+    /* G: in-process with A's events and stream waits */
+    t0 = now_us();
+    CK(cudaEventRecord(ready, st));
+    if (nsa_cuda_sel_fwd(ctx, &k, pf, NSA_PATH_AUTO, &kex_ev, &info, msg, sizeof msg) != NSA_OK) {
+      fprintf(stderr, "nsa_bench_daemon: nsa_cuda_sel_fwd (events): %s\n", msg);
+      exit(1);
+    }
+    CK(cudaStreamWaitEvent(st, done, 0));
+    CK(cudaStreamSynchronize(st));
+    w[V_G] = now_us() - t0;
+    if (i < 0) continue;
+    for (int v = 0; v < V_COUNT; v++) t[v][i] = w[v];
+    t_reply[i] = reply;
+    t_edev[i] = res_e.device_us;
+    t_eout[i] = w[V_E] - res_e.device_us;
+    t_fdev[i] = fdev;
   }
-  r->nsad_us = median(tn, N), r->inproc_us = median(ti, N);
+  r->nsad_us = median(t[V_A], N), r->inproc_us = median(t[V_B], N);
   r->device_us = r->outside_us = NAN; /* sync=false replies come before the work ends */
-  snprintf(r->path, sizeof r->path, "%s", res.path);
+  r->have_split = 1;
+  r->reply_us = median(t_reply, N);
+  r->host_ev_us = median(t[V_C], N);
+  r->sync_ev_us = median(t[V_D], N);
+  r->sync_us = median(t[V_E], N), r->sync_dev_us = median(t_edev, N);
+  r->outside_us = median(t_eout, N); /* of E: a sync request's host path */
+  r->in_sync_us = median(t[V_F], N), r->in_dev_us = median(t_fdev, N);
+  r->in_ev_us = median(t[V_G], N);
+  snprintf(r->path, sizeof r->path, "%s", path_a);
+  /* Every nsad request above ended with a wait on done_event or a
+   * sync=true reply, so its outputs are complete here. */
   r->bitwise_equal = cuda_outputs_equal(&p, rq, sc);
-  free(tn), free(ti);
+  for (int v = 0; v < V_COUNT; v++) free(t[v]);
+  free(t_reply), free(t_edev), free(t_fdev), free(t_eout);
   nsa_client_cuda_forget(c, d);
   nsa_client_cuda_forget(c, ready);
   nsa_client_cuda_forget(c, done);
@@ -1007,6 +1150,24 @@ int main(int argc, char **argv) {
          (long long)o.B, (long long)o.S, (long long)o.Skv, (long long)o.G, (long long)o.h,
          (long long)o.D, (long long)o.n, o.bs, nsa_dtype_name(o.dt), (long long)cS, o.runs,
          o.pings);
+  if (fr.have_flags) {
+    /* ctx.cu: with sync=false the host waits for the planner summary only
+     * when packed may be chosen (varlen off, or v2 with MIN_L > 0) or the
+     * v1 host planner runs */
+    const nsa_path_flags_t *f = &fr.flags;
+    int v1 = f->use_sel_varlen && !f->sel_varlen_v2;
+    int maybe_packed = !f->use_sel_varlen || (f->sel_varlen_v2 && f->sel_varlen_min_l > 0);
+    printf("nsad's flags for this session (also used in-process): NSA_USE_SEL_VARLEN=%d "
+           "NSA_SEL_VARLEN_V2=%d NSA_SEL_VARLEN_MIN_L=%lld NSA_SEL_SHADOW_RATE=%g; "
+           "host wait for the planner summary on the GPU path: %s\n",
+           f->use_sel_varlen, f->sel_varlen_v2, (long long)f->sel_varlen_min_l, fr.shadow_rate,
+           v1 ? "yes (v1 host planner)" : maybe_packed ? "yes (packed may be chosen)" : "no");
+    if (fr.shadow_rate > 0)
+      printf("note: NSA_SEL_SHADOW_RATE > 0: nsad shadows sampled sync=true/CPU requests "
+             "before replying, which inflates their times\n");
+  } else {
+    printf("nsad's flags: unknown (flags.get failed); in-process runs used the defaults\n");
+  }
   printf("| measurement | value | issue 7 target | met |\n|---|---|---|---|\n");
   printf("| ping p50 (blocking, libnsaclient) | %.1f us | <= 20 us | %s |\n", pr.p50,
          pr.p50 <= 20 ? "yes" : "no");
@@ -1043,6 +1204,41 @@ int main(int argc, char **argv) {
     printf("| outputs != in-process run (bitwise) | %d of %d | 0 (none misrouted) | %s |\n", mism,
            one.sent + many.sent, mism == 0 ? "yes" : "NO");
     bad |= lost != 0 || mism != 0 || one.sent + many.sent != expect;
+  }
+  if (fr.have_split) {
+    /* bench_fwd_cuda's header comment says what A..G are */
+    double b = fr.inproc_us;
+#define ROW(what, x) printf("| %s | %.1f us | %+.1f us (%+.1f %%) |\n", what, x, (x) - b, 100.0 * ((x) - b) / b)
+    printf("\nforward overhead, split (medians of the same interleaved rounds; vs B)\n");
+    printf("| variant | wall | vs in-process (B) |\n|---|---|---|\n");
+    ROW("A nsad sync=false, events, stream waits on done_event (headline)", fr.nsad_us);
+    ROW("B in-process sync=0 + stream sync (baseline)", fr.inproc_us);
+    ROW("C nsad sync=false, events, host waits on done_event (no stream wait queued)", fr.host_ev_us);
+    ROW("D nsad sync=true + events", fr.sync_ev_us);
+    ROW("E nsad sync=true, no events", fr.sync_us);
+    ROW("F in-process sync=1", fr.in_sync_us);
+    ROW("G in-process with A's events and stream waits", fr.in_ev_us);
+#undef ROW
+    int c_ok = fr.host_ev_us >= 0.9 * fr.in_dev_us;
+    printf("| A: submit -> reply (nsad replies once queued; ~kernel time = nsad waited) | %.1f us | |\n",
+           fr.reply_us);
+    printf("| E: nsad device_us (its kernel, its events) | %.1f us | |\n", fr.sync_dev_us);
+    printf("| F: in-process device_us (same events, this context) | %.1f us | |\n", fr.in_dev_us);
+    printf("\nwhere A - B goes (each a difference of medians; they need not add up exactly)\n");
+    printf("| part | us |\n|---|---|\n");
+    printf("| host path of a sync request: E wall - E device_us (socket, dispatch, worker, reply) | %.1f |\n",
+           fr.outside_us);
+    printf("| kernel slower inside nsad: E device_us - F device_us | %+.1f |\n",
+           fr.sync_dev_us - fr.in_dev_us);
+    printf("| interprocess events in one process: G - B | %+.1f |\n", fr.in_ev_us - fr.inproc_us);
+    if (c_ok)
+      printf("| this process's stream waiting on nsad's event during the kernel: A - C | %+.1f |\n",
+             fr.nsad_us - fr.host_ev_us);
+    else
+      printf("| A - C | n/a: C (%.1f us) is shorter than the kernel (%.1f us), so "
+             "cudaEventSynchronize here did not wait for nsad's record |\n",
+             fr.host_ev_us, fr.in_dev_us);
+    printf("| sync=false vs sync=true with events: A - D | %+.1f |\n", fr.nsad_us - fr.sync_ev_us);
   }
   fflush(stdout);
   nsad_stop();
