@@ -610,8 +610,9 @@ static int cuda_outputs_equal(const shape_t *p, const char *rq, const char *sc) 
  *   F  in-process sync=1: wall and device_us (same events as E, this
  *      process's context): E.device_us - F.device_us = the kernel itself
  *      running slower inside nsad.
- *   G  in-process with the same interprocess events and stream waits as A
- *      (one process): G - B = the event record/wait cost alone.
+ *   G  in-process with A's stream waits on interprocess events of the same
+ *      kind (its own pair, never registered with nsad, so that no event is
+ *      recorded by both processes): G - B = the event calls' cost alone.
  * Outputs: nsad writes the request block's o/lse, this process the scratch
  * block's; compared bitwise at the end (after a stream-ordered wait). */
 enum { V_A, V_B, V_C, V_D, V_E, V_F, V_G, V_COUNT };
@@ -649,6 +650,9 @@ static void bench_fwd_cuda(const opts_t *o, const char *sock, fwd_res_t *r) {
   const unsigned fl = cudaEventInterprocess | cudaEventDisableTiming;
   CK(cudaEventCreateWithFlags(&ready, fl));
   CK(cudaEventCreateWithFlags(&done, fl));
+  cudaEvent_t ready_l, done_l; /* G's: same kind, never shown to nsad */
+  CK(cudaEventCreateWithFlags(&ready_l, fl));
+  CK(cudaEventCreateWithFlags(&done_l, fl));
 
   nsa_client_t *c = client_open(sock, "nsa_bench_daemon-fwd-cuda");
   if (effective_flags(c, r) != 0)
@@ -666,7 +670,7 @@ static void bench_fwd_cuda(const opts_t *o, const char *sock, fwd_res_t *r) {
   const nsa_path_flags_t *pf = &r->flags;
   nsa_cuda_exec_t kex = {.wait_event = NULL, .done_event = NULL, .sync = 0};
   nsa_cuda_exec_t kex_sync = {.wait_event = NULL, .done_event = NULL, .sync = 1};
-  nsa_cuda_exec_t kex_ev = {.wait_event = ready, .done_event = done, .sync = 0};
+  nsa_cuda_exec_t kex_ev = {.wait_event = ready_l, .done_event = done_l, .sync = 0};
 
   int N = o->runs, W = N / 5 > 3 ? N / 5 : 3;
   double *t[V_COUNT], *t_reply = malloc(sizeof(double) * N), *t_edev = malloc(sizeof(double) * N),
@@ -734,12 +738,12 @@ static void bench_fwd_cuda(const opts_t *o, const char *sock, fwd_res_t *r) {
     double fdev = info.device_us;
     /* G: in-process with A's events and stream waits */
     t0 = now_us();
-    CK(cudaEventRecord(ready, st));
+    CK(cudaEventRecord(ready_l, st));
     if (nsa_cuda_sel_fwd(ctx, &k, pf, NSA_PATH_AUTO, &kex_ev, &info, msg, sizeof msg) != NSA_OK) {
       fprintf(stderr, "nsa_bench_daemon: nsa_cuda_sel_fwd (events): %s\n", msg);
       exit(1);
     }
-    CK(cudaStreamWaitEvent(st, done, 0));
+    CK(cudaStreamWaitEvent(st, done_l, 0));
     CK(cudaStreamSynchronize(st));
     w[V_G] = now_us() - t0;
     if (i < 0) continue;
@@ -772,6 +776,8 @@ static void bench_fwd_cuda(const opts_t *o, const char *sock, fwd_res_t *r) {
   nsa_cuda_ctx_destroy(ctx);
   cudaEventDestroy(ready);
   cudaEventDestroy(done);
+  cudaEventDestroy(ready_l);
+  cudaEventDestroy(done_l);
   cudaStreamDestroy(st);
   cudaFree(d);
 }
