@@ -9,9 +9,12 @@
 // atomics into a device summary, so every value is deterministic.
 // No host loop, no host synchronization: the whole planner is capturable.
 //
-// Two row kernels, both producing the canonical plan (sel_attn.h: the merged
+// Three row kernels, all producing the canonical plan (sel_attn.h: the merged
 // spans of a key set are unique, so any sort by start gives the same bytes as
-// the CPU planner's (start, end) insertion sort):
+// the CPU planner's (start, end) insertion sort). Validation, clipping and
+// the invalid count are the CPU planner's (nsa_sel_entry, nsa_row_limit)
+// entry by entry; every read is a slot (b, t, g, i < n) of the view, never
+// an address taken from the selection's values.
 //
 //  * plan_rows_group_kernel (1 <= n <= 32, the NSA case): a group of L lanes
 //    per row, L = n rounded up to a power of two (n = 16: two rows per warp).
@@ -37,10 +40,14 @@
 //    several loads are in flight per warp; a block covers
 //    (256 / L) * ITERS rows.
 //
-//  * plan_rows_thread_kernel (n > 32, n == 0): the original one thread per
+//  * plan_rows_warp_kernel (32 < n <= 128): one warp per row, K = 2 or 4
+//    slots per lane, the same sort and merge over 32K elements (comment at
+//    the kernel).
+//
+//  * plan_rows_thread_kernel (n > 128, n == 0): the original one thread per
 //    row, insertion sort inside the row's own plan slots. Correct for any n,
 //    slow (0.13 ms at 65 536 rows of n = 16 on an H100, which is why the
-//    group kernel exists).
+//    other two exist).
 #include <cub/device/device_scan.cuh>
 
 #include "cuda_internal.h"
@@ -374,6 +381,233 @@ __global__ void __launch_bounds__(kGroupThreads)
   }
 }
 
+// ------------------------------------------------ one warp per row, K slots --
+
+// 32 < n <= 32*K: one warp per row, K slots per lane. Slot k*32 + lane is
+// loaded into x[k] (coalesced); the sort treats x[k] of lane l as element
+// e = l*K + k of a 32K-element bitonic network (the initial placement does
+// not matter to a sort), so j < K steps compare inside a lane and j >= K
+// steps are xor shuffles by j/K. After the sort, in element order:
+//   pm[e]   = max(end[0..e])     (in-lane running max + warp scan of lane maxima)
+//   head[e] = kept and (e == 0 or start[e] > pm[e-1])
+//   tail[e] = kept and (e+1 is not kept or is a head): the last member
+//   rank    = heads before e (warp scan of per-lane head counts)
+// Stores: a head writes .x = start of slot rank, a tail writes .y = pm[e]
+// of slot (heads up to e) - 1, and every non-head e < n writes {0,0} to slot
+// nspans + (non-heads before e): together each of the n slots exactly once
+// per field. row_len = sum(tail ends) - sum(head starts), mod 2^32 (exact:
+// the true value is < 2^27).
+template <int K, bool RANGES>
+__global__ void __launch_bounds__(kGroupThreads)
+    plan_rows_warp_kernel(nsa_cuda_selview_t sel, int64_t S, int64_t Skv, int64_t G, int n,
+                          int64_t rows, int32_t *__restrict__ spans,
+                          int32_t *__restrict__ nspans, int32_t *__restrict__ row_len,
+                          int64_t *__restrict__ len64, nsa_cuda_summary_t *summary,
+                          HistBounds hb) {
+  typedef typename KeyOf<RANGES>::type Key;
+  constexpr Key kNone = ~(Key)0;
+  constexpr int N = 32 * K;
+
+  __shared__ unsigned s_hist[NSA_LEN_HIST_BUCKETS];
+  __shared__ unsigned long long s_inv, s_tot;
+  __shared__ int s_max;
+  if (threadIdx.x < NSA_LEN_HIST_BUCKETS) s_hist[threadIdx.x] = 0;
+  if (threadIdx.x == 0) {
+    s_inv = 0;
+    s_tot = 0;
+    s_max = 0;
+  }
+  __syncthreads();
+
+  const int lane = threadIdx.x & 31;
+  const int64_t r = (int64_t)blockIdx.x * (kGroupThreads / 32) + threadIdx.x / 32;
+  unsigned long long tot = 0;
+  unsigned inv = 0;
+  int mx = 0;
+  if (r < rows) {  // warp-uniform
+    const int32_t bs = sel.block_size;
+    const int64_t nblk = RANGES ? 0 : (Skv + bs - 1) / bs;
+    int64_t b, t, g;
+    row_decode(r, S, G, rows <= 0x7fffffffLL, &b, &t, &g);
+    const int limit = row_limit(t, S, Skv);
+    const int32_t *row = sel.data + b * sel.st[0] + t * sel.st[1] + g * sel.st[2];
+
+    Key x[K];
+    unsigned bad = 0;
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+      x[k] = kNone;
+      const int slot = k * 32 + lane;
+      if (slot >= n) continue;
+      const int32_t *ptr = row + (int64_t)slot * sel.st[3];
+      if (!RANGES) {
+        const int32_t id = __ldg(ptr);
+        if (id == -1) continue;
+        if (id < -1 || (int64_t)id >= nblk) {
+          bad++;
+          continue;
+        }
+        if ((long long)id * bs < limit) x[k] = (Key)id;
+      } else {
+        const int32_t a = __ldg(ptr), e = __ldg(ptr + sel.st[4]);
+        if (a == 0 && e == 0) continue;
+        if (a < 0 || a > e) {
+          bad++;
+          continue;
+        }
+        const int hi = e < limit ? e : limit;
+        if (a < hi) x[k] = (Key)(((unsigned long long)(unsigned)a << 32) | (unsigned)hi);
+      }
+    }
+
+    // bitonic sort, element e = lane*K + k ascending
+#pragma unroll
+    for (int size = 2; size <= N; size <<= 1) {
+#pragma unroll
+      for (int j = size >> 1; j > 0; j >>= 1) {
+        if (j < K) {
+#pragma unroll
+          for (int k = 0; k < K; k++) {
+            if (k & j) continue;
+            const bool up = ((lane * K + k) & size) == 0;
+            const Key a = x[k], c = x[k | j];
+            const Key mn = a < c ? a : c, mxk = a < c ? c : a;
+            x[k] = up ? mn : mxk;
+            x[k | j] = up ? mxk : mn;
+          }
+        } else {
+          const int m = j / K;
+          const bool lower = (lane & m) == 0;
+#pragma unroll
+          for (int k = 0; k < K; k++) {
+            const Key o = __shfl_xor_sync(kFull, x[k], m);
+            const bool up = ((lane * K + k) & size) == 0;
+            x[k] = (lower == up) ? (o < x[k] ? o : x[k]) : (o > x[k] ? o : x[k]);
+          }
+        }
+      }
+    }
+
+    int lo[K], hi[K], pm[K];
+    bool valid[K], head[K];
+    int run = 0;
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+      valid[k] = x[k] != kNone;
+      lo[k] = hi[k] = 0;
+      if (valid[k]) {
+        if (RANGES) {
+          lo[k] = (int)((unsigned long long)x[k] >> 32);
+          hi[k] = (int)(x[k] & 0xffffffffu);
+        } else {
+          const long long l = (long long)x[k] * bs, h = l + bs;
+          lo[k] = (int)l;
+          hi[k] = h < limit ? (int)h : limit;
+        }
+      }
+      run = hi[k] > run ? hi[k] : run;
+      pm[k] = run;  // in-lane inclusive max
+    }
+    int sc = run;  // warp inclusive scan of the lane maxima
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int o = __shfl_up_sync(kFull, sc, d);
+      if (lane >= d) sc = o > sc ? o : sc;
+    }
+    int excl = __shfl_up_sync(kFull, sc, 1);
+    if (lane == 0) excl = -1;  // element 0 is a head when kept
+    int hc = 0;
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+      const int prev = k == 0 ? excl : (excl > pm[k - 1] ? excl : pm[k - 1]);
+      head[k] = valid[k] && lo[k] > prev;
+      hc += head[k];
+    }
+#pragma unroll
+    for (int k = 0; k < K; k++) pm[k] = excl > pm[k] ? excl : pm[k];
+    int hs = hc;  // warp inclusive scan of head counts
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int o = __shfl_up_sync(kFull, hs, d);
+      if (lane >= d) hs += o;
+    }
+    const int nsp = __shfl_sync(kFull, hs, 31);
+    // the next lane's first element (the last lane has none: e + 1 == N)
+    const int nx_valid = __shfl_down_sync(kFull, (int)valid[0], 1);
+    const int nx_head = __shfl_down_sync(kFull, (int)head[0], 1);
+    int before = hs - hc;  // heads before this lane's element k
+    unsigned len_u = 0;
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+      const int e = lane * K + k;
+      bool next_open;  // element e+1 is not kept, or opens a new span
+      if (k < K - 1)
+        next_open = !valid[k + 1] || head[k + 1];
+      else
+        next_open = lane == 31 || !nx_valid || nx_head;
+      const bool tail = valid[k] && next_open;
+      if (head[k]) {
+        if (tail) {
+          *(int2 *)(spans + 2 * (r * n + before)) = make_int2(lo[k], pm[k]);
+        } else {
+          spans[2 * (r * n + before)] = lo[k];
+        }
+        len_u -= (unsigned)lo[k];
+      } else if (e < n) {
+        *(int2 *)(spans + 2 * (r * n + nsp + (e - before))) = make_int2(0, 0);
+      }
+      before += head[k];  // now: heads up to e
+      if (tail) {
+        if (!head[k]) spans[2 * (r * n + before - 1) + 1] = pm[k];
+        len_u += (unsigned)pm[k];
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      len_u += __shfl_xor_sync(kFull, len_u, o);
+      bad += __shfl_xor_sync(kFull, bad, o);
+    }
+    const int len = (int)len_u;
+    if (lane == 0) {
+      nspans[r] = nsp;
+      row_len[r] = len;
+      len64[r] = len;
+      if (r == rows - 1) len64[rows] = 0;
+      atomicAdd(&s_hist[hist_bucket(len, hb)], 1u);
+      inv = bad;
+      tot = (unsigned long long)len;
+      mx = len;
+    }
+  }
+  // block summary (only lane 0 of each warp holds values)
+  if (lane == 0) {
+    if (inv) atomicAdd(&s_inv, (unsigned long long)inv);
+    if (tot) atomicAdd(&s_tot, tot);
+    if (mx) atomicMax(&s_max, mx);
+  }
+  __syncthreads();
+  if (threadIdx.x < NSA_LEN_HIST_BUCKETS && s_hist[threadIdx.x])
+    atomicAdd((unsigned long long *)&summary->hist[threadIdx.x],
+              (unsigned long long)s_hist[threadIdx.x]);
+  if (threadIdx.x == 0) {
+    if (s_inv) atomicAdd((unsigned long long *)&summary->invalid, s_inv);
+    if (s_tot) atomicAdd((unsigned long long *)&summary->total, s_tot);
+    if (s_max) atomicMax(&summary->max_len, s_max);
+  }
+}
+
+template <int K, bool RANGES>
+cudaError_t launch_warp(const nsa_cuda_selview_t &sel, int64_t S, int64_t Skv, int64_t G, int n,
+                        int64_t rows, nsa_plan_t *plan, nsa_cuda_summary_t *summary,
+                        int64_t *len64, const HistBounds &hb, cudaStream_t st) {
+  constexpr int64_t per_block = kGroupThreads / 32;
+  const int64_t blocks = (rows + per_block - 1) / per_block;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  plan_rows_warp_kernel<K, RANGES><<<(unsigned)blocks, kGroupThreads, 0, st>>>(
+      sel, S, Skv, G, n, rows, plan->spans, plan->nspans, plan->row_len, len64, summary, hb);
+  return cudaGetLastError();
+}
+
 // Rows per thread: enough that a block covers 32..256 rows (fewer blocks and
 // summary atomics, several loads in flight per thread).
 template <int L>
@@ -427,10 +661,17 @@ extern "C" cudaError_t nsa_cuda_launch_plan_v2(const nsa_cuda_selview_t *sel, in
   if (rows == 0) return cudaMemsetAsync(plan->row_off, 0, sizeof(int64_t), st);
   HistBounds hb;
   for (int i = 0; i < NSA_LEN_HIST_BUCKETS - 1; i++) hb.le[i] = nsa_len_hist_le[i];
+  const bool rg = sel->kind == NSA_SEL_RANGES;
+  const int ni = (int)n;
   if (n >= 1 && n <= 32) {
-    e = sel->kind == NSA_SEL_RANGES
-            ? launch_group_n<true>(*sel, S, Skv, G, (int)n, rows, plan, summary, len64, hb, st)
-            : launch_group_n<false>(*sel, S, Skv, G, (int)n, rows, plan, summary, len64, hb, st);
+    e = rg ? launch_group_n<true>(*sel, S, Skv, G, ni, rows, plan, summary, len64, hb, st)
+           : launch_group_n<false>(*sel, S, Skv, G, ni, rows, plan, summary, len64, hb, st);
+  } else if (n > 32 && n <= 64) {
+    e = rg ? launch_warp<2, true>(*sel, S, Skv, G, ni, rows, plan, summary, len64, hb, st)
+           : launch_warp<2, false>(*sel, S, Skv, G, ni, rows, plan, summary, len64, hb, st);
+  } else if (n > 64 && n <= 128) {
+    e = rg ? launch_warp<4, true>(*sel, S, Skv, G, ni, rows, plan, summary, len64, hb, st)
+           : launch_warp<4, false>(*sel, S, Skv, G, ni, rows, plan, summary, len64, hb, st);
   } else {
     const int threads = 128;
     const int64_t blocks = (rows + threads - 1) / threads;

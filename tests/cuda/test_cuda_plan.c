@@ -7,12 +7,13 @@
  * {0,0} past nspans, and cover exactly the float64 reference's key mask
  * (tests/common/ref.c), and the invalid count must equal the reference's.
  *
- * The device planner has two row kernels (kernels/cuda/plan_v2.cu): a group
- * of L = next_pow2(n) lanes per row for 1 <= n <= 32, and one thread per row
- * otherwise; the cases below cover every L (n = 1..32, powers of two and
- * not), the fallback (n = 33, 40, 64), strided layouts on both, rows with
- * every slot unused, many invalid entries of every kind, and enough rows for
- * many planner blocks and a multi-block scan.
+ * The device planner has three row kernels (kernels/cuda/plan_v2.cu): a
+ * group of L = next_pow2(n) lanes per row for 1 <= n <= 32, one warp with K
+ * slots per lane for 32 < n <= 128 (K = 2, 4), one thread per row otherwise;
+ * the cases below cover every L (n = 1..32, powers of two and not), both K
+ * (n = 33..128), the one-thread fallback (n = 129, 200), strided layouts on
+ * all three, rows with every slot unused, many invalid entries of every kind,
+ * and enough rows for many planner blocks and a multi-block scan.
  */
 #include <criterion/criterion.h>
 #include <stdint.h>
@@ -206,10 +207,10 @@ Test(cuda_plan, group_widths) {
     }
 }
 
-/* Strided (gapped) selection tensors on both kernels. */
+/* Strided (gapped) selection tensors on every kernel. */
 Test(cuda_plan, gapped_layouts) {
   NSA_REQUIRE_GPU();
-  const int64_t ns[] = {5, 16, 17, 32, 33};
+  const int64_t ns[] = {5, 16, 17, 32, 33, 100, 130};
   for (size_t i = 0; i < sizeof ns / sizeof ns[0]; i++)
     for (int ranges = 0; ranges < 2; ranges++) {
       nsa_tu_case_cfg_t cfg = cfg0();
@@ -222,10 +223,26 @@ Test(cuda_plan, gapped_layouts) {
     }
 }
 
-/* n > 32: the one-thread-per-row fallback. */
+/* 32 < n <= 128: one warp per row, K = 2 or 4 slots per lane. */
+Test(cuda_plan, warp_widths) {
+  NSA_REQUIRE_GPU();
+  const int64_t ns[] = {33, 48, 63, 64, 65, 100, 127, 128};
+  for (size_t i = 0; i < sizeof ns / sizeof ns[0]; i++)
+    for (int ranges = 0; ranges < 2; ranges++) {
+      nsa_tu_case_cfg_t cfg = cfg0();
+      cfg.n = ns[i];
+      cfg.ranges = ranges;
+      cfg.block_size = (int32_t)(3 + 5 * i);
+      cfg.Skv = (i % 3 == 2) ? cfg.S : 300 + 11 * (int64_t)i;
+      cfg.seed = 240 + 2 * i + (uint64_t)ranges;
+      check_plan(&cfg, INJ_NONE);
+    }
+}
+
+/* n > 128: the one-thread-per-row fallback. */
 Test(cuda_plan, fallback_large_n) {
   NSA_REQUIRE_GPU();
-  const int64_t ns[] = {33, 64};
+  const int64_t ns[] = {129, 200};
   for (size_t i = 0; i < sizeof ns / sizeof ns[0]; i++)
     for (int ranges = 0; ranges < 2; ranges++) {
       nsa_tu_case_cfg_t cfg = cfg0();
@@ -253,6 +270,9 @@ Test(cuda_plan, decode_large_n_gapped) {
   check_plan(&cfg, INJ_NONE);
   cfg.n = 16; /* decode on the group kernel */
   cfg.seed = 63;
+  check_plan(&cfg, INJ_NONE);
+  cfg.n = 160; /* and on the one-thread fallback */
+  cfg.seed = 64;
   check_plan(&cfg, INJ_NONE);
   cfg = cfg0();
   cfg.S = 1000; /* many rows: several planner blocks and a multi-block scan */
@@ -293,10 +313,10 @@ Test(cuda_plan, invalid_entries_counted) {
 }
 
 /* About a third of the entries invalid (every kind, INT32_MIN/MAX included),
- * on both kernels. */
+ * on every kernel. */
 Test(cuda_plan, many_invalid_entries) {
   NSA_REQUIRE_GPU();
-  const int64_t ns[] = {1, 7, 16, 17, 32, 40};
+  const int64_t ns[] = {1, 7, 16, 17, 32, 40, 128, 130};
   for (size_t i = 0; i < sizeof ns / sizeof ns[0]; i++)
     for (int ranges = 0; ranges < 2; ranges++) {
       nsa_tu_case_cfg_t cfg = cfg0();
@@ -310,7 +330,7 @@ Test(cuda_plan, many_invalid_entries) {
 /* Every slot of every row unused: empty plan, all rows in bucket 0. */
 Test(cuda_plan, all_rows_unused) {
   NSA_REQUIRE_GPU();
-  const int64_t ns[] = {3, 16, 40};
+  const int64_t ns[] = {3, 16, 40, 130};
   for (size_t i = 0; i < sizeof ns / sizeof ns[0]; i++)
     for (int ranges = 0; ranges < 2; ranges++) {
       nsa_tu_case_cfg_t cfg = cfg0();
