@@ -203,15 +203,15 @@ __device__ __forceinline__ void row_decode(int64_t r, int64_t S, int64_t G, bool
                                            int64_t *b, int64_t *t, int64_t *g) {
   if (small) {
     const unsigned ur = (unsigned)r, uG = (unsigned)G, uS = (unsigned)S;
-    const unsigned bt = ur / uG;
+    const unsigned bt = ur / uG, ub = bt / uS;
     *g = ur - bt * uG;
-    *t = bt % uS;
-    *b = bt / uS;
+    *t = bt - ub * uS;
+    *b = ub;
   } else {
-    const int64_t bt = r / G;
+    const int64_t bt = r / G, bb = bt / S;
     *g = r - bt * G;
-    *t = bt % S;
-    *b = bt / S;
+    *t = bt - bb * S;
+    *b = bb;
   }
 }
 
