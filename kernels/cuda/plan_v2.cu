@@ -48,7 +48,13 @@
 //    row, insertion sort inside the row's own plan slots. Correct for any n,
 //    slow (0.13 ms at 65 536 rows of n = 16 on an H100, which is why the
 //    other two exist).
+//
+// NSA_CUDA_PLAN_LEGACY=1 (read once per process; a benchmark knob like
+// NSA_CUDA_NO_PACK): every n on the one-thread-per-row kernel, so the old
+// and new planners can be timed on the same card in one run.
 #include <cub/device/device_scan.cuh>
+#include <stdlib.h>
+#include <string.h>
 
 #include "cuda_internal.h"
 
@@ -642,6 +648,14 @@ cudaError_t launch_group_n(const nsa_cuda_selview_t &sel, int64_t S, int64_t Skv
   return launch_group<32, RANGES>(sel, S, Skv, G, n, rows, plan, summary, len64, hb, st);
 }
 
+bool plan_legacy() {
+  static const bool on = [] {
+    const char *e = getenv("NSA_CUDA_PLAN_LEGACY");
+    return e && *e && strcmp(e, "0") != 0;
+  }();
+  return on;
+}
+
 }  // namespace
 
 extern "C" size_t nsa_cuda_plan_v2_temp_bytes(int64_t rows) {
@@ -663,13 +677,14 @@ extern "C" cudaError_t nsa_cuda_launch_plan_v2(const nsa_cuda_selview_t *sel, in
   for (int i = 0; i < NSA_LEN_HIST_BUCKETS - 1; i++) hb.le[i] = nsa_len_hist_le[i];
   const bool rg = sel->kind == NSA_SEL_RANGES;
   const int ni = (int)n;
-  if (n >= 1 && n <= 32) {
+  const bool thread_rows = n < 1 || n > 128 || plan_legacy();
+  if (!thread_rows && n <= 32) {
     e = rg ? launch_group_n<true>(*sel, S, Skv, G, ni, rows, plan, summary, len64, hb, st)
            : launch_group_n<false>(*sel, S, Skv, G, ni, rows, plan, summary, len64, hb, st);
-  } else if (n > 32 && n <= 64) {
+  } else if (!thread_rows && n <= 64) {
     e = rg ? launch_warp<2, true>(*sel, S, Skv, G, ni, rows, plan, summary, len64, hb, st)
            : launch_warp<2, false>(*sel, S, Skv, G, ni, rows, plan, summary, len64, hb, st);
-  } else if (n > 64 && n <= 128) {
+  } else if (!thread_rows) {  // 64 < n <= 128
     e = rg ? launch_warp<4, true>(*sel, S, Skv, G, ni, rows, plan, summary, len64, hb, st)
            : launch_warp<4, false>(*sel, S, Skv, G, ni, rows, plan, summary, len64, hb, st);
   } else {
