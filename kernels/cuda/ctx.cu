@@ -25,6 +25,7 @@
 #include <time.h>
 
 #include "cuda_internal.h"
+#include "fwd_key.h"
 
 struct nsa_cuda_ctx {
   int device;
@@ -41,6 +42,7 @@ struct nsa_cuda_ctx {
   int qt_max;   // NSA_CUDA_QTILES=1|2 (benchmarks): force one / two query tiles per CTA
   int stages_max;  // NSA_CUDA_STAGES=2 (benchmarks): two-stage K/V ring
   int l2hint;      // NSA_CUDA_L2HINT=0 (benchmarks): no L2 cache policies
+  int fwd_key;     // NSA_CUDA_FWD_KEY=0|1: key-centric forward never / wherever supported; else auto
 };
 
 static void setmsg(char *msg, size_t len, const char *fmt, ...) {
@@ -130,6 +132,8 @@ extern "C" int nsa_cuda_ctx_create(int device, size_t ws_cap, nsa_cuda_ctx_t **o
   ctx->stages_max = (ns && ns[0] == '2') ? 2 : 3;
   const char *lh = getenv("NSA_CUDA_L2HINT");
   ctx->l2hint = (lh && lh[0] == '0') ? 0 : 1;
+  const char *fk = getenv("NSA_CUDA_FWD_KEY");
+  ctx->fwd_key = (fk && fk[0] == '0') ? 0 : (fk && fk[0] == '1') ? 1 : -1;
   cudaError_t e = cudaSetDevice(device);
   if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&ctx->stream, cudaStreamNonBlocking);
   if (e == cudaSuccess) e = cudaMallocHost((void **)&ctx->h_sum, sizeof(nsa_cuda_summary_t));
@@ -564,11 +568,34 @@ extern "C" int nsa_cuda_sel_fwd(nsa_cuda_ctx_t *ctx, const nsa_fwd_args_t *a,
                        (int2 *)(ws + gcount_off), msg, msglen);
     if (st) return st;
   } else {
-    const int mma = q_ok && aligned16(&a->k) && aligned16(&a->v) &&
-                    nsa_cuda_mma_supported(d.dtype, d.Dk, d.Dv);
-    st = run_attention(ctx, &at, d.dtype, P, mma, &plan, (nsa_cuda_piece_t *)(ws + L.pieces),
-                       (int2 *)(ws + L.gcount), msg, msglen);
-    if (st) return st;
+    const int aligned = q_ok && aligned16(&a->k) && aligned16(&a->v);
+    const int mma = aligned && nsa_cuda_mma_supported(d.dtype, d.Dk, d.Dv);
+    // Key-block-centric forward (fwd_key.h) where it pays (small h); it needs
+    // its inversion and partials in the arena. If they do not fit (cap, or
+    // out of device memory) the query-centric kernel runs instead.
+    nsa_cuda_fwd_key_layout_t KL;
+    int key = nsa_cuda_fwd_key_plan(&at, d.dtype, a->sel.kind, a->sel.block_size, aligned, ctx->fwd_key, used, &KL);
+    if (key) {
+      st = arena_reserve(ctx, KL.end, L.end_plan, msg, msglen);
+      if (st != NSA_OK) {
+        if (ctx->fatal) return st;
+        cudaGetLastError();  // a failed cudaMalloc is not sticky
+        if (msg && msglen) msg[0] = 0;
+        key = 0;
+      } else {
+        ws = (char *)ctx->arena;
+        dsum = (nsa_cuda_summary_t *)(ws + L.sum);
+        nsa_plan_bind(&plan, ws + L.plan, d.rows, d.n);
+        at.invalid = &dsum->invalid;
+        CK(nsa_cuda_launch_fwd_key(&at, d.dtype, &plan, ws, &KL, ctx->stream), "key-centric forward launch");
+        used = KL.end;
+      }
+    }
+    if (!key) {
+      st = run_attention(ctx, &at, d.dtype, P, mma, &plan, (nsa_cuda_piece_t *)(ws + L.pieces),
+                         (int2 *)(ws + L.gcount), msg, msglen);
+      if (st) return st;
+    }
   }
   // packed: its padded K/V workspace, sum_b rows_b * Lpad_b * (Dk + Dv) * es
   // (the arena also holds the plan, as on v2); varlen: the plan's arena bytes.

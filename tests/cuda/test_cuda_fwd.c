@@ -158,6 +158,75 @@ Test(cuda_fwd, all_head_dims) {
   nsa_cuda_ctx_destroy(ctx);
 }
 
+/* The key-block-centric forward (kernels/cuda/fwd_key.cu) and the
+ * query-centric one, each forced by NSA_CUDA_FWD_KEY on its own context, vs
+ * the reference: every h (h = 16 and 20 take several head tiles), every
+ * built (Dk, Dv), random and correlated selections, and long tile lists
+ * (S = 640, h = 1: ~1000 rows per tile, cut into several CTA segments).
+ * The forced key context must report the partials in its workspace
+ * (rows * h * Dv * 4 bytes at least) beyond the query-centric one's. */
+static nsa_cuda_ctx_t *mkctx_env(const char *fwd_key) {
+  setenv("NSA_CUDA_FWD_KEY", fwd_key, 1);
+  nsa_cuda_ctx_t *ctx = mkctx(0);
+  unsetenv("NSA_CUDA_FWD_KEY");
+  return ctx;
+}
+
+Test(cuda_fwd, key_vs_query_centric) {
+  NSA_REQUIRE_GPU();
+  nsa_cuda_ctx_t *kc = mkctx_env("1"), *qc = mkctx_env("0");
+  const int64_t hs[] = {1, 2, 3, 4, 5, 8, 16, 20};
+  const int64_t dks[] = {64, 128, 192, 256};
+  const int64_t dvs[] = {64, 128};
+  int k = 0;
+  for (int dt = 0; dt < 2; dt++)
+    for (size_t i = 0; i < sizeof hs / sizeof hs[0]; i++) {
+      nsa_tu_case_cfg_t cfg = base();
+      cfg.dtype = dt ? NSA_F16 : NSA_BF16;
+      cfg.h = hs[i];
+      cfg.Dk = dks[k % 4];
+      cfg.Dv = dvs[(k / 4) % 2];
+      cfg.S = 40;
+      cfg.Skv = 300;
+      cfg.block_size = (k % 3) ? 64 : 32;
+      cfg.n = 6;
+      cfg.sel_flags = (k & 1) ? NSA_TU_SEL_CORRELATED : NSA_TU_SEL_ALL;
+      cfg.seed = 1300 + k++;
+      fx_t f;
+      fx_init(&f, &cfg);
+      nsa_run_info_t ik, iq, i1;
+      run_check_info(kc, &f, NSA_PATH_VARLEN_V2, &ik);
+      run_check_info(kc, &f, NSA_PATH_VARLEN_V1, &i1);
+      run_check_info(qc, &f, NSA_PATH_VARLEN_V2, &iq);
+      /* the key-centric layout starts where the query-centric one ends */
+      const size_t part = (size_t)(cfg.B * cfg.S * cfg.G * cfg.h * cfg.Dv * 4);
+      cr_expect_geq(ik.workspace_bytes, iq.workspace_bytes + part,
+                    "h=%lld: key-centric workspace %zu, query-centric %zu: key-centric kernel not run",
+                    (long long)cfg.h, ik.workspace_bytes, iq.workspace_bytes);
+      fx_free(&f);
+    }
+  for (int dt = 0; dt < 2; dt++) {
+    nsa_tu_case_cfg_t cfg = base();
+    cfg.dtype = dt ? NSA_F16 : NSA_BF16;
+    cfg.B = 1;
+    cfg.S = cfg.Skv = 640;
+    cfg.G = 2;
+    cfg.h = 1;
+    cfg.Dk = cfg.Dv = 128;
+    cfg.block_size = 64;
+    cfg.n = 8;
+    cfg.sel_flags = dt ? NSA_TU_SEL_CORRELATED : NSA_TU_SEL_ALL;
+    cfg.seed = 1400 + dt;
+    fx_t f;
+    fx_init(&f, &cfg);
+    run_check(kc, &f, NSA_PATH_VARLEN_V2);
+    run_check(qc, &f, NSA_PATH_VARLEN_V2);
+    fx_free(&f);
+  }
+  nsa_cuda_ctx_destroy(kc);
+  nsa_cuda_ctx_destroy(qc);
+}
+
 /* Layouts: K/V stored [B,G,Skv,D] (strided but aligned: tensor cores),
  * gapped + padded everything (generic kernel), head dims the tensor-core
  * kernel does not build (generic kernel). */

@@ -1,0 +1,436 @@
+// fwd_key.cu — key-block-centric forward (fwd_key.h; KERNELS.md loop order 2).
+//
+// fwd_key_kernel: one CTA (8 warps) per item = (64-key tile x, segment of x's
+// row list) of the inverted plan (bwd_invert_plan.cu). The CTA stages the
+// tile's K [64][Dk] and V [64][Dv] in shared memory once, and the segment's
+// rows, their pair indices and 64-bit key masks. The segment's (row, head)
+// columns are cut into "chunks" of 16 MMA rows (the backward's mapping):
+//   column m of chunk ch = (listed row (ch / njt) * Pk + m / HT, head (ch % njt) * 16 + m % HT)
+// with HT = min(h, 16), Pk = 16 / HT, njt = ceil(h / 16): at h < 16 a chunk
+// holds Pk different queries, so small h fills the MMA as well as h = 16.
+// Warp w takes chunks w, w + 8, ...; per chunk (FlashAttention-2 fragments,
+// one key tile, so no online rescaling):
+//   Q (16 x Dk) ← cp.async gather of the 16 query rows (per-warp stages)
+//   S = Q K^T (16 x 64)              m16n8k16, A = Q (ldmatrix), B = K rows (ldmatrix)
+//   S ← S * scale * log2(e), -inf where the key is not in the row's key set
+//   m = rowmax S, P = 2^(S - m), l = rowsum P
+//   O = P V (16 x Dv)                A = P from the S accumulators, B = V (ldmatrix.trans)
+//   po[(p*h + j)*Dv + d] = O / l,  pl[p*h + j] = m + log2 l
+// fwd_key_merge_kernel: one warp per (row, head), partials in pair order:
+//   M = max pl, w_p = 2^(pl_p - M), o = sum w_p po_p / sum w_p,
+//   lse = (M + log2 sum w_p) * ln 2            (natural log of scaled scores)
+// Same outputs as the query-centric kernels: empty row → o = 0, lse = -inf;
+// *invalid > 0 (device-validated selection, sync=false) → NaN.
+#include <stdlib.h>
+#include <string.h>
+
+#include "bwd_common.cuh"
+#include "fwd_key.h"
+
+using namespace nsa_bwd;
+
+namespace {
+
+constexpr int kT = NSA_BWD_TILE;  // keys per tile (64)
+constexpr int kNW = 8;            // warps per CTA
+constexpr int kSegMax = 256;      // rows per item (all staged in shared memory)
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+// Auto mode: largest h that takes this kernel, and the partials' budget.
+// (h threshold from the A/B in docs/PERF.md; above it the partials'
+// traffic, h * Dv * 4 bytes per (row, tile), costs more than the re-fetched
+// K/V tiles of the query-centric kernel.)
+constexpr int64_t kAutoMaxH = 8;
+constexpr double kPartBudget = 4.0 * 1024 * 1024 * 1024;
+
+struct KInv {
+  const int32_t *tile_off, *rows, *pidx, *item_off;
+  const unsigned long long *masks;  // per sorted pair: the row's keys inside the tile
+  int64_t NT, ntiles;
+  int seg_rows;
+};
+
+// CTA item -> tile x and segment; false past the real item count.
+__device__ __forceinline__ bool find_item(const KInv &iv, int64_t it, int64_t *x, int *seg) {
+  if (it >= iv.item_off[iv.ntiles]) return false;
+  int64_t lo = 0, hi = iv.ntiles - 1;  // last x with item_off[x] <= it
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) >> 1;
+    if (iv.item_off[mid] <= it) lo = mid;
+    else hi = mid - 1;
+  }
+  *x = lo;
+  *seg = (int)(it - iv.item_off[lo]);
+  return true;
+}
+
+// Shared memory of one CTA. Rows are padded by 16 bytes so the 8 rows an
+// ldmatrix reads fall in different banks.
+template <int DK, int DV> struct FkSmem {
+  static constexpr int ST = (DK + DV <= 256) ? 2 : 1;  // Q stages per warp (2 CTAs/SM either way)
+  static constexpr int QS = DK + 8, KS = DK + 8, VS = DV + 8;
+  static constexpr size_t k_off = 0;                                  // [64][KS]
+  static constexpr size_t v_off = k_off + (size_t)kT * KS * 2;         // [64][VS]
+  static constexpr size_t q_off = v_off + (size_t)kT * VS * 2;         // [kNW][ST][16][QS]
+  static constexpr size_t mk_off = q_off + (size_t)kNW * ST * 16 * QS * 2;  // [kSegMax] u64
+  static constexpr size_t row_off = mk_off + (size_t)kSegMax * 8;     // [kSegMax] i32 row id
+  static constexpr size_t t_off = row_off + (size_t)kSegMax * 4;      // [kSegMax] i32 query position
+  static constexpr size_t p_off = t_off + (size_t)kSegMax * 4;        // [kSegMax] i32 pair index
+  static constexpr size_t bytes = p_off + (size_t)kSegMax * 4;
+};
+
+template <typename T, int DK, int DV>
+__global__ void __launch_bounds__(kNW * 32, 2)
+    fwd_key_kernel(nsa_cuda_attn_t a, KInv iv, float *__restrict__ po, float *__restrict__ pl, int Pk,
+                   int HT, int njt) {
+  using L = FkSmem<DK, DV>;
+  constexpr int CK = DK / 8, CV = DV / 8;  // 16-byte pieces per K / V row
+  extern __shared__ __align__(16) unsigned char smem[];
+  T *sK = reinterpret_cast<T *>(smem + L::k_off);
+  T *sV = reinterpret_cast<T *>(smem + L::v_off);
+  T *sQ = reinterpret_cast<T *>(smem + L::q_off);
+  unsigned long long *sMk = reinterpret_cast<unsigned long long *>(smem + L::mk_off);
+  int *sRow = reinterpret_cast<int *>(smem + L::row_off);
+  int *sT = reinterpret_cast<int *>(smem + L::t_off);
+  int *sP = reinterpret_cast<int *>(smem + L::p_off);
+
+  int64_t x;
+  int seg;
+  if (!find_item(iv, blockIdx.x, &x, &seg)) return;
+  if (a.invalid != nullptr && *a.invalid > 0) return;  // the merge writes NaN
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t kt = x % iv.NT, bg = x / iv.NT, g = bg % a.G, b = bg / a.G;
+  const int k0 = (int)(kt * kT);
+  const int lo = iv.tile_off[x] + seg * iv.seg_rows;
+  const int hi = min(iv.tile_off[x + 1], lo + iv.seg_rows);
+  if (hi <= lo) return;  // a tile no row selected (block-uniform)
+  const int nrows = hi - lo;
+
+  // K/V tile → shared memory (keys past Skv zero-filled; their mask bits are 0).
+  const T *kb = reinterpret_cast<const T *>(a.k) + b * a.ks[0] + g * a.ks[2];
+  const T *vb = reinterpret_cast<const T *>(a.v) + b * a.vs[0] + g * a.vs[2];
+  for (int c = tid; c < kT * (CK + CV); c += kNW * 32) {
+    const bool isk = c < kT * CK;
+    const int cc = isk ? c : c - kT * CK;
+    const int CH = isk ? CK : CV;
+    const int kk = cc / CH, pt = cc % CH;
+    const int tok = k0 + kk;
+    const bool ok = tok < a.Skv;
+    const T *src = isk ? (ok ? kb + (int64_t)tok * a.ks[1] + pt * 8 : kb)
+                       : (ok ? vb + (int64_t)tok * a.vs[1] + pt * 8 : vb);
+    T *dst = isk ? sK + kk * L::KS + pt * 8 : sV + kk * L::VS + pt * 8;
+    cp_async16(smem_u32(dst), src, ok ? 16 : 0);
+  }
+  cp_commit();
+  for (int i = tid; i < nrows; i += kNW * 32) {
+    const int r = iv.rows[lo + i];
+    sRow[i] = r;
+    sT[i] = (int)(((int64_t)r / a.G) % a.S);
+    sP[i] = iv.pidx[lo + i];
+    sMk[i] = iv.masks[lo + i];
+  }
+  cp_wait<0>();
+  __syncthreads();  // the only block barrier: warps run their chunks independently
+
+  const int nch = ((nrows + Pk - 1) / Pk) * njt;
+  T *myQ = sQ + (size_t)warp * L::ST * 16 * L::QS;
+  const T *qb = reinterpret_cast<const T *>(a.q) + b * a.qs[0];
+  const float c2 = a.scale * kLog2e;
+
+  // Column m of chunk ch → listed row wi, head j; false for padding columns.
+  auto col_of = [&](int ch, int m, int *wi, int *j) -> bool {
+    const int jt = ch % njt;
+    *wi = (ch / njt) * Pk + m / HT;
+    *j = jt * 16 + m % HT;
+    return m < Pk * HT && *wi < nrows && *j < a.h;
+  };
+  // Gathers chunk ch's 16 query rows into stage stg (padding rows zero-filled).
+  auto prep = [&](int ch, int stg) {
+    T *dst = myQ + stg * 16 * L::QS;
+    for (int c = lane; c < 16 * CK; c += 32) {
+      const int m = c / CK, pt = c % CK;
+      int wi, j;
+      const T *src = qb;
+      int bytes = 0;
+      if (col_of(ch, m, &wi, &j)) {
+        src = qb + (int64_t)sT[wi] * a.qs[1] + (g * a.h + j) * a.qs[2] + pt * 8;
+        bytes = 16;
+      }
+      cp_async16(smem_u32(dst + m * L::QS + pt * 8), src, bytes);
+    }
+  };
+
+  const int r0 = lane >> 2, cq = lane & 3;
+#pragma unroll
+  for (int s = 0; s < L::ST - 1; s++) {
+    const int ch = warp + s * kNW;
+    if (ch < nch) prep(ch, s);
+    cp_commit();
+  }
+  int it = 0;
+  for (int ch = warp; ch < nch; ch += kNW, it++) {
+    const int stg = it % L::ST;
+    {
+      const int nx = ch + (L::ST - 1) * kNW;
+      if (nx < nch) prep(nx, (it + L::ST - 1) % L::ST);
+      cp_commit();  // possibly empty: wait_group<ST-1> then always means "chunk ch landed"
+    }
+    cp_wait<L::ST - 1>();
+    __syncwarp();
+
+    // S = Q K^T: rows = chunk columns, columns = the tile's 64 keys (8 n-tiles).
+    const T *q_s = myQ + stg * 16 * L::QS;
+    float s[8][4];
+#pragma unroll
+    for (int i = 0; i < 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < DK / 16; ks++) {
+      unsigned af[4];
+      ldsm_x4(smem_u32(q_s + (lane & 15) * L::QS + ks * 16 + (lane >> 4) * 8), af[0], af[1], af[2], af[3]);
+#pragma unroll
+      for (int np = 0; np < 4; np++) {
+        unsigned b0, b1, b2, b3;
+        ldsm_x4(smem_u32(sK + (np * 16 + (lane & 7) + (lane >> 4) * 8) * L::KS + ks * 16 + ((lane >> 3) & 1) * 8),
+                b0, b1, b2, b3);
+        Mma<T>::run(s[2 * np], af, b0, b1);
+        Mma<T>::run(s[2 * np + 1], af, b2, b3);
+      }
+    }
+
+    // This thread holds MMA rows r0 (elements 0, 1) and r0 + 8 (elements 2, 3),
+    // keys nt*8 + 2*cq + (e & 1).
+    int wi0, j0, wi1, j1;
+    const bool v0 = col_of(ch, r0, &wi0, &j0), v1 = col_of(ch, r0 + 8, &wi1, &j1);
+    const unsigned long long mk0 = v0 ? sMk[wi0] : 0ull, mk1 = v1 ? sMk[wi1] : 0ull;
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int key = nt * 8 + 2 * cq + (e & 1);
+        const unsigned long long mk = e < 2 ? mk0 : mk1;
+        const float v = ((mk >> key) & 1ull) ? s[nt][e] * c2 : -INFINITY;
+        s[nt][e] = v;
+        if (e < 2) mx0 = fmaxf(mx0, v);
+        else mx1 = fmaxf(mx1, v);
+      }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float m0 = mx0 == -INFINITY ? 0.f : mx0, m1 = mx1 == -INFINITY ? 0.f : mx1;  // padding rows
+    float l0 = 0.f, l1 = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const float p = ex2(s[nt][e] - (e < 2 ? m0 : m1));  // 2^-inf = 0
+        s[nt][e] = p;
+        if (e < 2) l0 += p;
+        else l1 += p;
+      }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+
+    // P as A fragments: k-step kk = keys 16kk..16kk+15 = n-tiles 2kk, 2kk+1
+    // (the m16n8 accumulator layout is the m16n8k16 A layout half by half).
+    unsigned pa[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+      pa[kk][0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+      pa[kk][1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+      pa[kk][2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[kk][3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    float *o0 = v0 ? po + ((int64_t)sP[wi0] * a.h + j0) * DV : nullptr;
+    float *o1 = v1 ? po + ((int64_t)sP[wi1] * a.h + j1) * DV : nullptr;
+    // O = P V in 64-column halves (32 accumulators live at a time).
+#pragma unroll
+    for (int half = 0; half < DV / 64; half++) {
+      float o[8][4];
+#pragma unroll
+      for (int i = 0; i < 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+        for (int dp = 0; dp < 4; dp++) {
+          unsigned b0, b1, b2, b3;
+          ldsm_x4_t(smem_u32(sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * L::VS + half * 64 + dp * 16 +
+                             (lane >> 4) * 8),
+                    b0, b1, b2, b3);
+          Mma<T>::run(o[2 * dp], pa[kk], b0, b1);
+          Mma<T>::run(o[2 * dp + 1], pa[kk], b2, b3);
+        }
+#pragma unroll
+      for (int nt = 0; nt < 8; nt++) {
+        const int col = half * 64 + nt * 8 + 2 * cq;
+        if (o0) *reinterpret_cast<float2 *>(o0 + col) = make_float2(o[nt][0] * i0, o[nt][1] * i0);
+        if (o1) *reinterpret_cast<float2 *>(o1 + col) = make_float2(o[nt][2] * i1, o[nt][3] * i1);
+      }
+    }
+    if (cq == 0) {
+      if (v0) pl[(int64_t)sP[wi0] * a.h + j0] = m0 + log2f(l0);
+      if (v1) pl[(int64_t)sP[wi1] * a.h + j1] = m1 + log2f(l1);
+    }
+    __syncwarp();  // stage stg is refilled by the next iteration's prefetch
+  }
+  cp_wait<0>();
+}
+
+// One warp per (row r, head j): log-sum-exp merge of the row's partials in
+// pair order. Lane handles Dv/32 consecutive output columns.
+template <typename T, int DV>
+__global__ void __launch_bounds__(256) fwd_key_merge_kernel(nsa_cuda_attn_t a, const int32_t *__restrict__ pair_off,
+                                                            const float *__restrict__ po,
+                                                            const float *__restrict__ pl) {
+  constexpr int PER = DV / 32;
+  const int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  const int64_t rows = a.B * a.S * a.G;
+  if (w >= rows * a.h) return;  // warp-uniform
+  const int64_t r = w / a.h, j = w % a.h;
+  const int64_t g = r % a.G, t = (r / a.G) % a.S, b = r / (a.G * a.S);
+  const bool bad = a.invalid != nullptr && *a.invalid > 0;
+  const int p0 = bad ? 0 : pair_off[r], p1 = bad ? 0 : pair_off[r + 1];
+  float M = -INFINITY;
+  for (int p = p0 + lane; p < p1; p += 32) M = fmaxf(M, pl[(int64_t)p * a.h + j]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+  float W = 0.f;
+  float acc[PER];
+#pragma unroll
+  for (int i = 0; i < PER; i++) acc[i] = 0.f;
+  for (int p = p0; p < p1; p++) {
+    const int64_t idx = (int64_t)p * a.h + j;
+    const float wgt = ex2(pl[idx] - M);
+    W += wgt;  // every lane adds the same values in the same order
+    const float *src = po + idx * DV + lane * PER;
+    if constexpr (PER == 4) {
+      const float4 v = *reinterpret_cast<const float4 *>(src);
+      acc[0] = fmaf(wgt, v.x, acc[0]);
+      acc[1] = fmaf(wgt, v.y, acc[1]);
+      acc[2] = fmaf(wgt, v.z, acc[2]);
+      acc[3] = fmaf(wgt, v.w, acc[3]);
+    } else {
+      const float2 v = *reinterpret_cast<const float2 *>(src);
+      acc[0] = fmaf(wgt, v.x, acc[0]);
+      acc[1] = fmaf(wgt, v.y, acc[1]);
+    }
+  }
+  const float inv = bad ? NAN : (W > 0.f ? 1.f / W : 0.f);
+  T *o = reinterpret_cast<T *>(a.o) + b * a.os[0] + t * a.os[1] + (g * a.h + j) * a.os[2];
+#pragma unroll
+  for (int i = 0; i < PER; i++) st(o + (int64_t)(lane * PER + i) * a.os[3], acc[i] * inv);
+  if (a.lse != nullptr && lane == 0)
+    a.lse[b * a.ls[0] + t * a.ls[1] + (g * a.h + j) * a.ls[2]] =
+        bad ? NAN : (W > 0.f ? (M + log2f(W)) * kLn2 : -INFINITY);
+}
+
+template <typename T, int DK, int DV>
+cudaError_t launch_dk(const nsa_cuda_attn_t *a, const KInv &iv, float *po, float *pl, const int32_t *pair_off,
+                      int64_t items, int Pk, int HT, int njt, cudaStream_t st) {
+  using L = FkSmem<DK, DV>;
+  // Per device (one worker per GPU, each on its own thread): set every launch.
+  cudaError_t e = cudaFuncSetAttribute(fwd_key_kernel<T, DK, DV>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       (int)L::bytes);
+  if (e != cudaSuccess) return e;
+  fwd_key_kernel<T, DK, DV><<<(unsigned)items, kNW * 32, L::bytes, st>>>(*a, iv, po, pl, Pk, HT, njt);
+  e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  const int64_t warps = a->B * a->S * a->G * a->h;
+  const int64_t blocks = (warps + 7) / 8;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  if (blocks > 0) fwd_key_merge_kernel<T, DV><<<(unsigned)blocks, 256, 0, st>>>(*a, pair_off, po, pl);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_t(const nsa_cuda_attn_t *a, const KInv &iv, float *po, float *pl, const int32_t *pair_off,
+                     int64_t items, int Pk, int HT, int njt, cudaStream_t st) {
+#define NSA_FK(DK, DV) \
+  if (a->Dk == DK && a->Dv == DV) return launch_dk<T, DK, DV>(a, iv, po, pl, pair_off, items, Pk, HT, njt, st)
+  NSA_FK(64, 64);
+  NSA_FK(128, 64);
+  NSA_FK(192, 64);
+  NSA_FK(256, 64);
+  NSA_FK(64, 128);
+  NSA_FK(128, 128);
+  NSA_FK(192, 128);
+  NSA_FK(256, 128);
+#undef NSA_FK
+  return cudaErrorInvalidValue;
+}
+
+size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
+
+}  // namespace
+
+extern "C" int nsa_cuda_fwd_key_supported(nsa_dtype_t dt, int64_t Dk, int64_t Dv) {
+  if (dt != NSA_BF16 && dt != NSA_F16) return 0;
+  return (Dk == 64 || Dk == 128 || Dk == 192 || Dk == 256) && (Dv == 64 || Dv == 128);
+}
+
+extern "C" int nsa_cuda_fwd_key_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, int sel_kind, int32_t block_size,
+                                     int aligned, int mode, size_t base, nsa_cuda_fwd_key_layout_t *L) {
+  memset(L, 0, sizeof(*L));
+  if (mode == 0 || !aligned || sel_kind != NSA_SEL_BLOCK_INDICES) return 0;
+  if (!nsa_cuda_fwd_key_supported(dt, a->Dk, a->Dv)) return 0;
+  const int64_t rows = a->B * a->S * a->G;
+  if (rows <= 0 || a->h <= 0) return 0;
+  L->NT = (a->Skv + kT - 1) / kT;
+  const int64_t ntiles = a->B * a->G * L->NT;
+  L->cap = rows * nsa_cuda_inv_row_bound_blocks(a->n, block_size, L->NT);
+  if (ntiles <= 0 || L->cap <= 0 || L->cap >= 0x7fffffff || ntiles + 1 > 0x7fffffff || rows + 1 > 0x7fffffff)
+    return 0;
+  const double part = (double)L->cap * (double)a->h * (double)(a->Dv + 1) * 4.0;
+  if (mode < 0 && (a->h > kAutoMaxH || part > kPartBudget)) return 0;
+  const int HT = a->h < 16 ? (int)a->h : 16;
+  const int Pk = 16 / HT;
+  const int64_t njt = (a->h + 15) / 16;
+  int64_t seg = 32 * (int64_t)Pk / njt;  // ~32 chunks (4 per warp) per item
+  if (seg < 1) seg = 1;
+  if (seg > kSegMax) seg = kSegMax;
+  L->seg_rows = (int)seg;
+  L->items_bound = ntiles + L->cap / seg + 1;
+  if (L->items_bound > 0x7fffffff) return 0;
+  size_t o = align256(base);
+  L->inv = o;
+  o = align256(o + nsa_cuda_inv_layout(rows, L->cap, ntiles, &L->il));
+  L->part_o = o;
+  o = align256(o + (size_t)L->cap * (size_t)a->h * (size_t)a->Dv * 4);
+  L->part_l = o;
+  o = align256(o + (size_t)L->cap * (size_t)a->h * 4);
+  L->end = o;
+  return 1;
+}
+
+extern "C" cudaError_t nsa_cuda_launch_fwd_key(const nsa_cuda_attn_t *a, nsa_dtype_t dt, const nsa_plan_t *plan,
+                                               void *ws, const nsa_cuda_fwd_key_layout_t *L, cudaStream_t st) {
+  char *w = (char *)ws;
+  char *inv = w + L->inv;
+  cudaError_t e = nsa_cuda_launch_invert_plan(plan, a->B, a->S, a->G, L->NT, L->cap, L->seg_rows, inv, &L->il, st);
+  if (e != cudaSuccess) return e;
+  KInv iv;
+  iv.tile_off = (const int32_t *)(inv + L->il.tile_off);
+  iv.rows = (const int32_t *)(inv + L->il.rows_out);
+  iv.pidx = (const int32_t *)(inv + L->il.vals_out);
+  iv.item_off = (const int32_t *)(inv + L->il.item_off);
+  iv.masks = (const unsigned long long *)(inv + L->il.masks);
+  iv.NT = L->NT;
+  iv.ntiles = a->B * a->G * L->NT;
+  iv.seg_rows = L->seg_rows;
+  const int32_t *pair_off = (const int32_t *)(inv + L->il.pair_off);
+  float *po = (float *)(w + L->part_o), *pl = (float *)(w + L->part_l);
+  const int HT = a->h < 16 ? (int)a->h : 16;
+  const int Pk = 16 / HT;
+  const int njt = (int)((a->h + 15) / 16);
+  switch (dt) {
+    case NSA_BF16:
+      return launch_t<__nv_bfloat16>(a, iv, po, pl, pair_off, L->items_bound, Pk, HT, njt, st);
+    case NSA_F16: return launch_t<__half>(a, iv, po, pl, pair_off, L->items_bound, Pk, HT, njt, st);
+    default: return cudaErrorInvalidValue;
+  }
+}

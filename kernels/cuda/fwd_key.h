@@ -1,0 +1,57 @@
+/*
+ * fwd_key.h — key-block-centric forward (KERNELS.md loop order 2), fwd_key.cu.
+ *
+ * The query-centric tensor-core forward (varlen_fwd_mma*.cuh) pulls every
+ * selected 64-key tile from L2 once per query group that selected it. Here the
+ * plan is inverted first (bwd_invert_plan.cu: per 64-key tile of each (b, g),
+ * the rows whose key set touches it, rows ascending), then:
+ *   1. fwd_key_kernel: one CTA per (tile, segment of its row list) loads the
+ *      tile's K/V once and runs it against every listed (row, head): per
+ *      (pair p, head j) it writes the tile-local softmax partial
+ *        po[(p*h + j)*Dv + d] = sum_k e^(s_k - m) v_k[d] / l     (f32)
+ *        pl[p*h + j]          = (m + log l) in log2 units of the scaled scores
+ *      where p is the pair's index in row order (pair_off[r] <= p < pair_off[r+1]);
+ *   2. fwd_key_merge_kernel: per (row, head) the log-sum-exp merge of its
+ *      partials in pair order (deterministic, no atomics) → o, lse.
+ * It pays where many (row, head) columns share a tile: small h (the MMA rows
+ * are filled with several queries) and correlated selections. The partials
+ * cost rows * (tiles per row) * h * (Dv + 1) * 4 bytes of workspace.
+ */
+#ifndef NSA_CUDA_FWD_KEY_H
+#define NSA_CUDA_FWD_KEY_H
+
+#include "bwd_internal.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+  nsa_cuda_inv_layout_t il; /* the inversion, at byte offset `inv` of the arena */
+  int64_t cap;              /* bound on (row, tile) pairs */
+  int64_t NT;               /* 64-key tiles per (b, g) */
+  int64_t items_bound;      /* grid of fwd_key_kernel (CTAs past the real items exit) */
+  int seg_rows;             /* rows per CTA item */
+  size_t inv, part_o, part_l, end; /* arena byte offsets; end = total bytes used */
+} nsa_cuda_fwd_key_layout_t;
+
+/* 1 when the key-centric kernel is built for (dt, Dk, Dv). */
+int nsa_cuda_fwd_key_supported(nsa_dtype_t dt, int64_t Dk, int64_t Dv);
+
+/* Whether the key-centric forward should run for this request, and its
+ * workspace layout after byte offset `base`. mode: 0 never, 1 wherever
+ * supported (tests, benchmarks), -1 auto (by h and the partials' size).
+ * Only block-index selections (their pair bound comes from n and the block
+ * size without a host sync); `aligned` = q, k, v rows 16-byte aligned. */
+int nsa_cuda_fwd_key_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, int sel_kind, int32_t block_size,
+                          int aligned, int mode, size_t base, nsa_cuda_fwd_key_layout_t *L);
+
+/* Enqueues inversion, key-centric kernel and merge on `st`; `ws` is the arena
+ * base the layout's offsets refer to. No host synchronization. */
+cudaError_t nsa_cuda_launch_fwd_key(const nsa_cuda_attn_t *a, nsa_dtype_t dt, const nsa_plan_t *plan,
+                                    void *ws, const nsa_cuda_fwd_key_layout_t *L, cudaStream_t st);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* NSA_CUDA_FWD_KEY_H */
