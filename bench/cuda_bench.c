@@ -3,10 +3,12 @@
  *
  *   build/bin/nsa_bench_cuda [--quick] [--reps N] [--csv FILE] [--no-pack] [--small-h]
  *                            [--no-bwd] [--dump-sel DIR [--dump-only]] [--one T h corr]
+ *                            [--fwd-key 0|1]
  * --quick: T = 16k only; --small-h: h in {1, 4} only; --no-pack: one query per
  * MMA tile even when h < 16 (to measure what query packing buys); --qt1: one
  * 16-row query tile per CTA, --qt2: two where Dv <= 128 (default: auto);
  * --stages2: two-stage K/V ring; --nohint: no L2 cache policies;
+ * --fwd-key 0|1: query-centric / key-block-centric forward forced (default auto);
  * --one T h corr: one config (corr -1 = both patterns; for A/B runs and ncu).
  *
  * One sequence (B = 1), S = Skv = T, G = 4 KV heads, block 64, n = 16
@@ -212,6 +214,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--qt2")) setenv("NSA_CUDA_QTILES", "2", 1);
     else if (!strcmp(argv[i], "--stages2")) setenv("NSA_CUDA_STAGES", "2", 1);
     else if (!strcmp(argv[i], "--nohint")) setenv("NSA_CUDA_L2HINT", "0", 1);
+    else if (!strcmp(argv[i], "--fwd-key") && i + 1 < argc) setenv("NSA_CUDA_FWD_KEY", argv[++i], 1);
     else if (!strcmp(argv[i], "--one") && i + 3 < argc) {
       one_T = atoll(argv[++i]);
       one_h = atoll(argv[++i]);
