@@ -65,14 +65,28 @@ int th_raw_connect(const char *sock) {
 }
 
 pid_t th_spawn(th_nsad_t *d, const char *sock, const char *const *extra, int wait_ready) {
-  const char *argv[40];
+  const char *argv[56];
   int n = 0;
+  // NSAD_TEST_WRAPPER="compute-sanitizer --tool memcheck ..." runs nsad under
+  // a tool (space-separated words, at most 15) while the test's own clients
+  // run plain: compute-sanitizer with --target-processes all stalls on CUDA
+  // IPC between instrumented processes, so the GPU IPC suite checks the
+  // daemon alone this way (docs/GPU_VERIFICATION.md).
+  static char wrap[512];
+  const char *we = getenv("NSAD_TEST_WRAPPER");
+  int wrapped = 0;
+  if (we && we[0]) {
+    snprintf(wrap, sizeof wrap, "%s", we);
+    for (char *save = NULL, *w = strtok_r(wrap, " ", &save); w && n < 15; w = strtok_r(NULL, " ", &save))
+      argv[n++] = w;
+    wrapped = n > 0;
+  }
   argv[n++] = NSAD_BIN;
   argv[n++] = "--socket";
   argv[n++] = sock;
   argv[n++] = "--log-level";
   argv[n++] = "debug";
-  for (int i = 0; extra && extra[i] && n < 38; i++) argv[n++] = extra[i];
+  for (int i = 0; extra && extra[i] && n < 54; i++) argv[n++] = extra[i];
   argv[n] = NULL;
   pid_t pid = fork();
   if (pid == 0) {
@@ -81,13 +95,14 @@ pid_t th_spawn(th_nsad_t *d, const char *sock, const char *const *extra, int wai
       dup2(fd, 2);
       close(fd);
     }
-    execv(NSAD_BIN, (char *const *)argv);
+    if (wrapped) execvp(argv[0], (char *const *)argv);
+    else execv(NSAD_BIN, (char *const *)argv);
     _exit(127);
   }
   if (pid < 0) return -1;
   remember(pid);
   if (!wait_ready) return pid;
-  int64_t deadline = now_ms() + 15000;
+  int64_t deadline = now_ms() + (wrapped ? 120000 : 15000);  // a tool starts slowly
   while (now_ms() < deadline) {
     int fd = th_raw_connect(sock);
     if (fd >= 0) {
