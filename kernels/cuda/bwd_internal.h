@@ -72,6 +72,15 @@ cudaError_t nsa_cuda_launch_invert_plan(const nsa_plan_t *plan, int64_t B, int64
                                         int64_t NT, int64_t cap, int seg_rows, void *ws,
                                         const nsa_cuda_inv_layout_t *L, cudaStream_t st);
 
+/* The same for the plan's rows [row0, row0 + rows) only (the key-centric
+ * forward's row batches, fwd_key.cu): the layout is for `rows` rows; pair_off
+ * and the pair indices p are local to the batch, rows_out holds the plan's
+ * row ids. */
+cudaError_t nsa_cuda_launch_invert_rows(const nsa_plan_t *plan, int64_t B, int64_t S, int64_t G,
+                                        int64_t NT, int64_t row0, int64_t rows, int64_t cap,
+                                        int seg_rows, void *ws, const nsa_cuda_inv_layout_t *L,
+                                        cudaStream_t st);
+
 /* ---- bwd_dq.cu ---- */
 
 /* Generic dq: any dtype, any strides, Dk, Dv <= 256; one warp per (row, head). */

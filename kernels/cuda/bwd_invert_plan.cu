@@ -32,17 +32,17 @@ namespace {
 constexpr int kT = NSA_BWD_TILE;
 
 __global__ void count_kernel(const int2 *__restrict__ spans, const int32_t *__restrict__ nspans,
-                             int64_t rows, int64_t n, int32_t *__restrict__ cnt) {
+                             int64_t row0, int64_t rows, int64_t n, int32_t *__restrict__ cnt) {
   const int64_t r = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (r > rows) return;
   if (r == rows) {
     cnt[rows] = 0;
     return;
   }
-  const int nsp = nspans[r];
+  const int nsp = nspans[row0 + r];
   int c = 0, prev = -1;
   for (int i = 0; i < nsp; i++) {
-    const int2 sp = spans[r * n + i];
+    const int2 sp = spans[(row0 + r) * n + i];
     if (sp.y <= sp.x) continue;
     int first = sp.x / kT, last = (sp.y - 1) / kT;
     if (first <= prev) first = prev + 1;
@@ -65,18 +65,19 @@ __global__ void pad_kernel(const int32_t *__restrict__ pair_off, int64_t rows, i
 }
 
 __global__ void write_kernel(const int2 *__restrict__ spans, const int32_t *__restrict__ nspans,
-                             int64_t rows, int64_t n, int64_t S, int64_t G, int64_t NT, int64_t cap,
-                             const int32_t *__restrict__ pair_off, unsigned *__restrict__ keys,
+                             int64_t row0, int64_t rows, int64_t n, int64_t S, int64_t G, int64_t NT,
+                             int64_t cap, const int32_t *__restrict__ pair_off, unsigned *__restrict__ keys,
                              int32_t *__restrict__ vals) {
-  const int64_t r = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t r = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;  // local row
   if (r >= rows) return;
-  const int64_t g = r % G, b = r / (G * S);
+  const int64_t gr = row0 + r;  // the plan's row
+  const int64_t g = gr % G, b = gr / (G * S);
   const int64_t base = (b * G + g) * NT;
-  const int nsp = nspans[r];
+  const int nsp = nspans[gr];
   int64_t pos = pair_off[r];
   int prev = -1;
   for (int i = 0; i < nsp; i++) {
-    const int2 sp = spans[r * n + i];
+    const int2 sp = spans[gr * n + i];
     if (sp.y <= sp.x) continue;
     int first = sp.x / kT, last = (sp.y - 1) / kT;
     if (first <= prev) first = prev + 1;
@@ -103,8 +104,8 @@ __global__ void tile_off_kernel(const unsigned *__restrict__ keys, int64_t cap, 
 
 __global__ void mask_kernel(const unsigned *__restrict__ keys, const int32_t *__restrict__ pidx,
                             const int32_t *__restrict__ row_of, const int2 *__restrict__ spans,
-                            const int32_t *__restrict__ nspans, int64_t n, int64_t NT, int64_t cap,
-                            unsigned pad, int32_t *__restrict__ rows_out,
+                            const int32_t *__restrict__ nspans, int64_t row0, int64_t n, int64_t NT,
+                            int64_t cap, unsigned pad, int32_t *__restrict__ rows_out,
                             unsigned long long *__restrict__ masks) {
   const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= cap) return;
@@ -114,7 +115,7 @@ __global__ void mask_kernel(const unsigned *__restrict__ keys, const int32_t *__
     rows_out[i] = -1;
     return;
   }
-  const int64_t r = row_of[pidx[i]];
+  const int64_t r = row0 + row_of[pidx[i]];  // the plan's row
   rows_out[i] = (int32_t)r;
   const int k0 = (int)((x % NT) * kT);
   unsigned long long m = 0;
@@ -215,8 +216,16 @@ extern "C" cudaError_t nsa_cuda_launch_invert_plan(const nsa_plan_t *plan, int64
                                                    int64_t G, int64_t NT, int64_t cap, int seg_rows,
                                                    void *ws, const nsa_cuda_inv_layout_t *L,
                                                    cudaStream_t st) {
-  const int64_t rows = B * S * G, ntiles = B * G * NT;
-  if (rows + 1 > 0x7fffffff || cap > 0x7fffffff || ntiles + 1 > 0x7fffffff)
+  return nsa_cuda_launch_invert_rows(plan, B, S, G, NT, 0, B * S * G, cap, seg_rows, ws, L, st);
+}
+
+extern "C" cudaError_t nsa_cuda_launch_invert_rows(const nsa_plan_t *plan, int64_t B, int64_t S, int64_t G,
+                                                   int64_t NT, int64_t row0, int64_t rows, int64_t cap,
+                                                   int seg_rows, void *ws, const nsa_cuda_inv_layout_t *L,
+                                                   cudaStream_t st) {
+  const int64_t ntiles = B * G * NT;
+  if (row0 < 0 || rows < 0 || row0 + rows > B * S * G) return cudaErrorInvalidValue;
+  if (row0 + rows + 1 > 0x7fffffff || cap > 0x7fffffff || ntiles + 1 > 0x7fffffff)
     return cudaErrorInvalidConfiguration;
   char *w = (char *)ws;
   int32_t *cnt = (int32_t *)(w + L->cnt), *pair_off = (int32_t *)(w + L->pair_off);
@@ -230,7 +239,7 @@ extern "C" cudaError_t nsa_cuda_launch_invert_plan(const nsa_plan_t *plan, int64
   const int th = 256;
   const int2 *sp = (const int2 *)plan->spans;
 
-  count_kernel<<<(unsigned)((rows + 1 + th - 1) / th), th, 0, st>>>(sp, plan->nspans, rows, plan->n, cnt);
+  count_kernel<<<(unsigned)((rows + 1 + th - 1) / th), th, 0, st>>>(sp, plan->nspans, row0, rows, plan->n, cnt);
   NSA_CK(cudaGetLastError());
   size_t tb = L->temp_bytes;
   NSA_CK(cub::DeviceScan::ExclusiveSum(temp, tb, cnt, pair_off, (int)(rows + 1), st));
@@ -239,8 +248,8 @@ extern "C" cudaError_t nsa_cuda_launch_invert_plan(const nsa_plan_t *plan, int64
     NSA_CK(cudaGetLastError());
   }
   if (rows > 0) {
-    write_kernel<<<(unsigned)((rows + th - 1) / th), th, 0, st>>>(sp, plan->nspans, rows, plan->n, S, G,
-                                                                  NT, cap, pair_off, kin, vin);
+    write_kernel<<<(unsigned)((rows + th - 1) / th), th, 0, st>>>(sp, plan->nspans, row0, rows, plan->n, S,
+                                                                  G, NT, cap, pair_off, kin, vin);
     NSA_CK(cudaGetLastError());
   }
   if (cap > 0) {
@@ -250,8 +259,8 @@ extern "C" cudaError_t nsa_cuda_launch_invert_plan(const nsa_plan_t *plan, int64
   tile_off_kernel<<<(unsigned)((ntiles + 1 + th - 1) / th), th, 0, st>>>(kout, cap, ntiles, tile_off);
   NSA_CK(cudaGetLastError());
   if (cap > 0) {
-    mask_kernel<<<(unsigned)((cap + th - 1) / th), th, 0, st>>>(kout, vout, vin, sp, plan->nspans, plan->n, NT,
-                                                                cap, (unsigned)ntiles, rout,
+    mask_kernel<<<(unsigned)((cap + th - 1) / th), th, 0, st>>>(kout, vout, vin, sp, plan->nspans, row0, plan->n,
+                                                                NT, cap, (unsigned)ntiles, rout,
                                                                 (unsigned long long *)(w + L->masks));
     NSA_CK(cudaGetLastError());
   }

@@ -570,9 +570,11 @@ extern "C" int nsa_cuda_sel_fwd(nsa_cuda_ctx_t *ctx, const nsa_fwd_args_t *a,
   } else {
     const int aligned = q_ok && aligned16(&a->k) && aligned16(&a->v);
     const int mma = aligned && nsa_cuda_mma_supported(d.dtype, d.Dk, d.Dv);
-    // Key-block-centric forward (fwd_key.h) where it pays (small h); it needs
-    // its inversion and partials in the arena. If they do not fit (cap, or
-    // out of device memory) the query-centric kernel runs instead.
+    // Key-block-centric forward (fwd_key.h) wherever it is built (measured
+    // faster than the query-centric kernel at every h on random selections,
+    // docs/PERF.md); it needs its inversion and one row batch of partials in
+    // the arena. If they do not fit (cap, or out of device memory) the
+    // query-centric kernel runs instead.
     nsa_cuda_fwd_key_layout_t KL;
     int key = nsa_cuda_fwd_key_plan(&at, d.dtype, a->sel.kind, a->sel.block_size, aligned, ctx->fwd_key, used, &KL);
     if (key) {

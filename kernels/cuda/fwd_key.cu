@@ -36,12 +36,8 @@ constexpr int kNW = 8;            // warps per CTA
 constexpr int kSegMax = 256;      // rows per item (all staged in shared memory)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-// Auto mode: largest h that takes this kernel, and the partials' budget.
-// (h threshold from the A/B in docs/PERF.md; above it the partials'
-// traffic, h * Dv * 4 bytes per (row, tile), costs more than the re-fetched
-// K/V tiles of the query-centric kernel.)
-constexpr int64_t kAutoMaxH = 8;
-constexpr double kPartBudget = 4.0 * 1024 * 1024 * 1024;
+// Partials of one row batch (f32 o + lse per (pair, head)): 2 GiB.
+constexpr double kPartBudget = 2.0 * 1024 * 1024 * 1024;
 
 struct KInv {
   const int32_t *tile_off, *rows, *pidx, *item_off;
@@ -283,18 +279,19 @@ __global__ void __launch_bounds__(kNW * 32, 2)
 // One warp per (row r, head j): log-sum-exp merge of the row's partials in
 // pair order. Lane handles Dv/32 consecutive output columns.
 template <typename T, int DV>
-__global__ void __launch_bounds__(256) fwd_key_merge_kernel(nsa_cuda_attn_t a, const int32_t *__restrict__ pair_off,
+__global__ void __launch_bounds__(256) fwd_key_merge_kernel(nsa_cuda_attn_t a, int64_t row0, int64_t rows,
+                                                            const int32_t *__restrict__ pair_off,
                                                             const float *__restrict__ po,
                                                             const float *__restrict__ pl) {
   constexpr int PER = DV / 32;
   const int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
-  const int64_t rows = a.B * a.S * a.G;
   if (w >= rows * a.h) return;  // warp-uniform
-  const int64_t r = w / a.h, j = w % a.h;
+  const int64_t lr = w / a.h, j = w % a.h;  // batch-local row (pair_off), head
+  const int64_t r = row0 + lr;
   const int64_t g = r % a.G, t = (r / a.G) % a.S, b = r / (a.G * a.S);
   const bool bad = a.invalid != nullptr && *a.invalid > 0;
-  const int p0 = bad ? 0 : pair_off[r], p1 = bad ? 0 : pair_off[r + 1];
+  const int p0 = bad ? 0 : pair_off[lr], p1 = bad ? 0 : pair_off[lr + 1];
   float M = -INFINITY;
   for (int p = p0 + lane; p < p1; p += 32) M = fmaxf(M, pl[(int64_t)p * a.h + j]);
 #pragma unroll
@@ -331,7 +328,7 @@ __global__ void __launch_bounds__(256) fwd_key_merge_kernel(nsa_cuda_attn_t a, c
 
 template <typename T, int DK, int DV>
 cudaError_t launch_dk(const nsa_cuda_attn_t *a, const KInv &iv, float *po, float *pl, const int32_t *pair_off,
-                      int64_t items, int Pk, int HT, int njt, cudaStream_t st) {
+                      int64_t row0, int64_t rows, int64_t items, int Pk, int HT, int njt, cudaStream_t st) {
   using L = FkSmem<DK, DV>;
   // Per device (one worker per GPU, each on its own thread): set every launch.
   cudaError_t e = cudaFuncSetAttribute(fwd_key_kernel<T, DK, DV>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -340,18 +337,19 @@ cudaError_t launch_dk(const nsa_cuda_attn_t *a, const KInv &iv, float *po, float
   fwd_key_kernel<T, DK, DV><<<(unsigned)items, kNW * 32, L::bytes, st>>>(*a, iv, po, pl, Pk, HT, njt);
   e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  const int64_t warps = a->B * a->S * a->G * a->h;
+  const int64_t warps = rows * a->h;
   const int64_t blocks = (warps + 7) / 8;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  if (blocks > 0) fwd_key_merge_kernel<T, DV><<<(unsigned)blocks, 256, 0, st>>>(*a, pair_off, po, pl);
+  if (blocks > 0) fwd_key_merge_kernel<T, DV><<<(unsigned)blocks, 256, 0, st>>>(*a, row0, rows, pair_off, po, pl);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_t(const nsa_cuda_attn_t *a, const KInv &iv, float *po, float *pl, const int32_t *pair_off,
-                     int64_t items, int Pk, int HT, int njt, cudaStream_t st) {
-#define NSA_FK(DK, DV) \
-  if (a->Dk == DK && a->Dv == DV) return launch_dk<T, DK, DV>(a, iv, po, pl, pair_off, items, Pk, HT, njt, st)
+                     int64_t row0, int64_t rows, int64_t items, int Pk, int HT, int njt, cudaStream_t st) {
+#define NSA_FK(DK, DV)                                                                                   \
+  if (a->Dk == DK && a->Dv == DV)                                                                        \
+  return launch_dk<T, DK, DV>(a, iv, po, pl, pair_off, row0, rows, items, Pk, HT, njt, st)
   NSA_FK(64, 64);
   NSA_FK(128, 64);
   NSA_FK(192, 64);
@@ -382,11 +380,18 @@ extern "C" int nsa_cuda_fwd_key_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, i
   if (rows <= 0 || a->h <= 0) return 0;
   L->NT = (a->Skv + kT - 1) / kT;
   const int64_t ntiles = a->B * a->G * L->NT;
-  L->cap = rows * nsa_cuda_inv_row_bound_blocks(a->n, block_size, L->NT);
-  if (ntiles <= 0 || L->cap <= 0 || L->cap >= 0x7fffffff || ntiles + 1 > 0x7fffffff || rows + 1 > 0x7fffffff)
-    return 0;
-  const double part = (double)L->cap * (double)a->h * (double)(a->Dv + 1) * 4.0;
-  if (mode < 0 && (a->h > kAutoMaxH || part > kPartBudget)) return 0;
+  const int64_t bound = nsa_cuda_inv_row_bound_blocks(a->n, block_size, L->NT);  // pairs per row
+  if (ntiles <= 0 || bound <= 0 || ntiles + 1 > 0x7fffffff || rows + 1 > 0x7fffffff) return 0;
+  const double per_row = (double)bound * (double)a->h * (double)(a->Dv + 1) * 4.0;
+  int64_t br = (int64_t)(kPartBudget / per_row);
+  const char *be = getenv("NSA_CUDA_FWD_KEY_BATCH_ROWS");  // tests: force several batches
+  if (be && atoll(be) > 0 && atoll(be) < br) br = atoll(be);
+  if (br < 1) br = 1;
+  if (br > rows) br = rows;
+  if (br * bound >= 0x7fffffff) br = 0x7ffffffe / bound;
+  if (br < 1) return 0;
+  L->batch_rows = br;
+  L->cap = br * bound;
   const int HT = a->h < 16 ? (int)a->h : 16;
   const int Pk = 16 / HT;
   const int64_t njt = (a->h + 15) / 16;
@@ -398,7 +403,7 @@ extern "C" int nsa_cuda_fwd_key_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, i
   if (L->items_bound > 0x7fffffff) return 0;
   size_t o = align256(base);
   L->inv = o;
-  o = align256(o + nsa_cuda_inv_layout(rows, L->cap, ntiles, &L->il));
+  o = align256(o + nsa_cuda_inv_layout(br, L->cap, ntiles, &L->il));
   L->part_o = o;
   o = align256(o + (size_t)L->cap * (size_t)a->h * (size_t)a->Dv * 4);
   L->part_l = o;
@@ -411,8 +416,6 @@ extern "C" cudaError_t nsa_cuda_launch_fwd_key(const nsa_cuda_attn_t *a, nsa_dty
                                                void *ws, const nsa_cuda_fwd_key_layout_t *L, cudaStream_t st) {
   char *w = (char *)ws;
   char *inv = w + L->inv;
-  cudaError_t e = nsa_cuda_launch_invert_plan(plan, a->B, a->S, a->G, L->NT, L->cap, L->seg_rows, inv, &L->il, st);
-  if (e != cudaSuccess) return e;
   KInv iv;
   iv.tile_off = (const int32_t *)(inv + L->il.tile_off);
   iv.rows = (const int32_t *)(inv + L->il.rows_out);
@@ -427,10 +430,24 @@ extern "C" cudaError_t nsa_cuda_launch_fwd_key(const nsa_cuda_attn_t *a, nsa_dty
   const int HT = a->h < 16 ? (int)a->h : 16;
   const int Pk = 16 / HT;
   const int njt = (int)((a->h + 15) / 16);
-  switch (dt) {
-    case NSA_BF16:
-      return launch_t<__nv_bfloat16>(a, iv, po, pl, pair_off, L->items_bound, Pk, HT, njt, st);
-    case NSA_F16: return launch_t<__half>(a, iv, po, pl, pair_off, L->items_bound, Pk, HT, njt, st);
-    default: return cudaErrorInvalidValue;
+  const int64_t rows = a->B * a->S * a->G;
+  // Row batches run one after the other on the stream and reuse the same
+  // inversion and partial buffers (stream order makes that safe).
+  for (int64_t row0 = 0; row0 < rows; row0 += L->batch_rows) {
+    const int64_t nb = rows - row0 < L->batch_rows ? rows - row0 : L->batch_rows;
+    const int64_t cap = nb * (L->cap / L->batch_rows);
+    cudaError_t e = nsa_cuda_launch_invert_rows(plan, a->B, a->S, a->G, L->NT, row0, nb, cap, L->seg_rows, inv,
+                                                &L->il, st);
+    if (e != cudaSuccess) return e;
+    const int64_t items = iv.ntiles + cap / L->seg_rows + 1;
+    switch (dt) {
+      case NSA_BF16:
+        e = launch_t<__nv_bfloat16>(a, iv, po, pl, pair_off, row0, nb, items, Pk, HT, njt, st);
+        break;
+      case NSA_F16: e = launch_t<__half>(a, iv, po, pl, pair_off, row0, nb, items, Pk, HT, njt, st); break;
+      default: return cudaErrorInvalidValue;
+    }
+    if (e != cudaSuccess) return e;
   }
+  return cudaSuccess;
 }

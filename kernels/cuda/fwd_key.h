@@ -13,9 +13,12 @@
  *      where p is the pair's index in row order (pair_off[r] <= p < pair_off[r+1]);
  *   2. fwd_key_merge_kernel: per (row, head) the log-sum-exp merge of its
  *      partials in pair order (deterministic, no atomics) → o, lse.
- * It pays where many (row, head) columns share a tile: small h (the MMA rows
- * are filled with several queries) and correlated selections. The partials
- * cost rows * (tiles per row) * h * (Dv + 1) * 4 bytes of workspace.
+ * Each K/V tile crosses L2 → shared memory once per CTA item instead of once
+ * per query that selected it; the price is the partials, (tiles per row) *
+ * h * (Dv + 1) * 4 bytes per row written and read back once. Rows are
+ * processed in batches (inversion, kernel, merge per batch, all on the
+ * stream) so the partials of one batch stay within a fixed budget: the
+ * workspace is bounded whatever T and h are.
  */
 #ifndef NSA_CUDA_FWD_KEY_H
 #define NSA_CUDA_FWD_KEY_H
@@ -27,8 +30,9 @@ extern "C" {
 #endif
 
 typedef struct {
-  nsa_cuda_inv_layout_t il; /* the inversion, at byte offset `inv` of the arena */
-  int64_t cap;              /* bound on (row, tile) pairs */
+  nsa_cuda_inv_layout_t il; /* the inversion of one row batch, at byte offset `inv` of the arena */
+  int64_t batch_rows;       /* rows per batch: the partials of one batch fit the budget */
+  int64_t cap;              /* bound on (row, tile) pairs of one batch */
   int64_t NT;               /* 64-key tiles per (b, g) */
   int64_t items_bound;      /* grid of fwd_key_kernel (CTAs past the real items exit) */
   int seg_rows;             /* rows per CTA item */
@@ -40,7 +44,9 @@ int nsa_cuda_fwd_key_supported(nsa_dtype_t dt, int64_t Dk, int64_t Dv);
 
 /* Whether the key-centric forward should run for this request, and its
  * workspace layout after byte offset `base`. mode: 0 never, 1 wherever
- * supported (tests, benchmarks), -1 auto (by h and the partials' size).
+ * supported (tests, benchmarks), -1 auto (currently: wherever supported,
+ * docs/PERF.md has the A/B). NSA_CUDA_FWD_KEY_BATCH_ROWS (tests) caps the
+ * rows per batch.
  * Only block-index selections (their pair bound comes from n and the block
  * size without a host sync); `aligned` = q, k, v rows 16-byte aligned. */
 int nsa_cuda_fwd_key_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, int sel_kind, int32_t block_size,

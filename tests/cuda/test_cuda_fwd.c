@@ -162,7 +162,8 @@ Test(cuda_fwd, all_head_dims) {
  * query-centric one, each forced by NSA_CUDA_FWD_KEY on its own context, vs
  * the reference: every h (h = 16 and 20 take several head tiles), every
  * built (Dk, Dv), random and correlated selections, and long tile lists
- * (S = 640, h = 1: ~1000 rows per tile, cut into several CTA segments).
+ * (S = 640, h = 1: ~1000 rows per tile, cut into several CTA segments),
+ * and row batches forced small by NSA_CUDA_FWD_KEY_BATCH_ROWS.
  * The forced key context must report the partials in its workspace
  * (rows * h * Dv * 4 bytes at least) beyond the query-centric one's. */
 static nsa_cuda_ctx_t *mkctx_env(const char *fwd_key) {
@@ -221,6 +222,17 @@ Test(cuda_fwd, key_vs_query_centric) {
     fx_init(&f, &cfg);
     run_check(kc, &f, NSA_PATH_VARLEN_V2);
     run_check(qc, &f, NSA_PATH_VARLEN_V2);
+    /* row batches (normally sized by a 2 GiB partial budget): 7 rows per
+     * batch, not a multiple of G, so batches split query positions */
+    setenv("NSA_CUDA_FWD_KEY_BATCH_ROWS", dt ? "7" : "500", 1);
+    run_check(kc, &f, NSA_PATH_VARLEN_V2);
+    cfg.h = 5;
+    cfg.S = 37;
+    cfg.seed = 1410 + dt;
+    fx_free(&f);
+    fx_init(&f, &cfg);
+    run_check(kc, &f, NSA_PATH_VARLEN_V2);
+    unsetenv("NSA_CUDA_FWD_KEY_BATCH_ROWS");
     fx_free(&f);
   }
   nsa_cuda_ctx_destroy(kc);
