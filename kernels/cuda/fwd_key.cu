@@ -15,7 +15,8 @@
 //   S ← S * scale * log2(e), -inf where the key is not in the row's key set
 //   m = rowmax S, P = 2^(S - m), l = rowsum P
 //   O = P V (16 x Dv)                A = P from the S accumulators, B = V (ldmatrix.trans)
-//   po[(p*h + j)*Dv + d] = O / l,  pl[p*h + j] = m + log2 l
+//   po[(p*h + j)*Dv + d] = O / l (in the input dtype by default, f32 with
+//   NSA_CUDA_FWD_KEY_F32=1),  pl[p*h + j] = m + log2 l (f32)
 // fwd_key_merge_kernel: one warp per (row, head), partials in pair order:
 //   M = max pl, w_p = 2^(pl_p - M), o = sum w_p po_p / sum w_p,
 //   lse = (M + log2 sum w_p) * ln 2            (natural log of scaled scores)
@@ -23,6 +24,8 @@
 // *invalid > 0 (device-validated selection, sync=false) → NaN.
 #include <stdlib.h>
 #include <string.h>
+
+#include <type_traits>
 
 #include "bwd_common.cuh"
 #include "fwd_key.h"
@@ -62,6 +65,29 @@ __device__ __forceinline__ bool find_item(const KInv &iv, int64_t it, int64_t *x
 
 // Shared memory of one CTA. Rows are padded by 16 bytes so the 8 rows an
 // ldmatrix reads fall in different banks.
+// N consecutive 16-bit partial values (N = 2 or 4, 4- or 8-byte aligned) as f32.
+template <typename T, int N> __device__ __forceinline__ void load16(const T *p, float *v);
+template <> __device__ __forceinline__ void load16<__nv_bfloat16, 2>(const __nv_bfloat16 *p, float *v) {
+  const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(p));
+  v[0] = f.x, v[1] = f.y;
+}
+template <> __device__ __forceinline__ void load16<__nv_bfloat16, 4>(const __nv_bfloat16 *p, float *v) {
+  const uint2 u = *reinterpret_cast<const uint2 *>(p);
+  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
+  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
+  v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
+}
+template <> __device__ __forceinline__ void load16<__half, 2>(const __half *p, float *v) {
+  const float2 f = __half22float2(*reinterpret_cast<const __half2 *>(p));
+  v[0] = f.x, v[1] = f.y;
+}
+template <> __device__ __forceinline__ void load16<__half, 4>(const __half *p, float *v) {
+  const uint2 u = *reinterpret_cast<const uint2 *>(p);
+  const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&u.x));
+  const float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&u.y));
+  v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
+}
+
 template <int DK, int DV> struct FkSmem {
   static constexpr int ST = (DK + DV <= 256) ? 2 : 1;  // Q stages per warp (2 CTAs/SM either way)
   static constexpr int QS = DK + 8, KS = DK + 8, VS = DV + 8;
@@ -75,11 +101,14 @@ template <int DK, int DV> struct FkSmem {
   static constexpr size_t bytes = p_off + (size_t)kSegMax * 4;
 };
 
-template <typename T, int DK, int DV>
+// P16: o partials stored in T (bf16/f16, half the traffic), else f32.
+template <typename T, int DK, int DV, bool P16>
 __global__ void __launch_bounds__(kNW * 32, 2)
-    fwd_key_kernel(nsa_cuda_attn_t a, KInv iv, float *__restrict__ po, float *__restrict__ pl, int Pk,
+    fwd_key_kernel(nsa_cuda_attn_t a, KInv iv, void *__restrict__ po_, float *__restrict__ pl, int Pk,
                    int HT, int njt) {
   using L = FkSmem<DK, DV>;
+  using PT = typename std::conditional<P16, T, float>::type;
+  PT *po = reinterpret_cast<PT *>(po_);
   constexpr int CK = DK / 8, CV = DV / 8;  // 16-byte pieces per K / V row
   extern __shared__ __align__(16) unsigned char smem[];
   T *sK = reinterpret_cast<T *>(smem + L::k_off);
@@ -241,8 +270,8 @@ __global__ void __launch_bounds__(kNW * 32, 2)
       pa[kk][3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
     }
     const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
-    float *o0 = v0 ? po + ((int64_t)sP[wi0] * a.h + j0) * DV : nullptr;
-    float *o1 = v1 ? po + ((int64_t)sP[wi1] * a.h + j1) * DV : nullptr;
+    PT *o0 = v0 ? po + ((int64_t)sP[wi0] * a.h + j0) * DV : nullptr;
+    PT *o1 = v1 ? po + ((int64_t)sP[wi1] * a.h + j1) * DV : nullptr;
     // O = P V in 64-column halves (32 accumulators live at a time).
 #pragma unroll
     for (int half = 0; half < DV / 64; half++) {
@@ -263,8 +292,13 @@ __global__ void __launch_bounds__(kNW * 32, 2)
 #pragma unroll
       for (int nt = 0; nt < 8; nt++) {
         const int col = half * 64 + nt * 8 + 2 * cq;
-        if (o0) *reinterpret_cast<float2 *>(o0 + col) = make_float2(o[nt][0] * i0, o[nt][1] * i0);
-        if (o1) *reinterpret_cast<float2 *>(o1 + col) = make_float2(o[nt][2] * i1, o[nt][3] * i1);
+        if constexpr (P16) {
+          if (o0) *reinterpret_cast<unsigned *>(o0 + col) = Mma<T>::pack(o[nt][0] * i0, o[nt][1] * i0);
+          if (o1) *reinterpret_cast<unsigned *>(o1 + col) = Mma<T>::pack(o[nt][2] * i1, o[nt][3] * i1);
+        } else {
+          if (o0) *reinterpret_cast<float2 *>(o0 + col) = make_float2(o[nt][0] * i0, o[nt][1] * i0);
+          if (o1) *reinterpret_cast<float2 *>(o1 + col) = make_float2(o[nt][2] * i1, o[nt][3] * i1);
+        }
       }
     }
     if (cq == 0) {
@@ -278,12 +312,14 @@ __global__ void __launch_bounds__(kNW * 32, 2)
 
 // One warp per (row r, head j): log-sum-exp merge of the row's partials in
 // pair order. Lane handles Dv/32 consecutive output columns.
-template <typename T, int DV>
+template <typename T, int DV, bool P16>
 __global__ void __launch_bounds__(256) fwd_key_merge_kernel(nsa_cuda_attn_t a, int64_t row0, int64_t rows,
                                                             const int32_t *__restrict__ pair_off,
-                                                            const float *__restrict__ po,
+                                                            const void *__restrict__ po_,
                                                             const float *__restrict__ pl) {
   constexpr int PER = DV / 32;
+  using PT = typename std::conditional<P16, T, float>::type;
+  const PT *po = reinterpret_cast<const PT *>(po_);
   const int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (w >= rows * a.h) return;  // warp-uniform
@@ -304,8 +340,13 @@ __global__ void __launch_bounds__(256) fwd_key_merge_kernel(nsa_cuda_attn_t a, i
     const int64_t idx = (int64_t)p * a.h + j;
     const float wgt = ex2(pl[idx] - M);
     W += wgt;  // every lane adds the same values in the same order
-    const float *src = po + idx * DV + lane * PER;
-    if constexpr (PER == 4) {
+    const PT *src = po + idx * DV + lane * PER;
+    if constexpr (P16) {
+      float v[PER];
+      load16<T, PER>(src, v);
+#pragma unroll
+      for (int i = 0; i < PER; i++) acc[i] = fmaf(wgt, v[i], acc[i]);
+    } else if constexpr (PER == 4) {
       const float4 v = *reinterpret_cast<const float4 *>(src);
       acc[0] = fmaf(wgt, v.x, acc[0]);
       acc[1] = fmaf(wgt, v.y, acc[1]);
@@ -326,30 +367,30 @@ __global__ void __launch_bounds__(256) fwd_key_merge_kernel(nsa_cuda_attn_t a, i
         bad ? NAN : (W > 0.f ? (M + log2f(W)) * kLn2 : -INFINITY);
 }
 
-template <typename T, int DK, int DV>
-cudaError_t launch_dk(const nsa_cuda_attn_t *a, const KInv &iv, float *po, float *pl, const int32_t *pair_off,
+template <typename T, int DK, int DV, bool P16>
+cudaError_t launch_dk(const nsa_cuda_attn_t *a, const KInv &iv, void *po, float *pl, const int32_t *pair_off,
                       int64_t row0, int64_t rows, int64_t items, int Pk, int HT, int njt, cudaStream_t st) {
   using L = FkSmem<DK, DV>;
   // Per device (one worker per GPU, each on its own thread): set every launch.
-  cudaError_t e = cudaFuncSetAttribute(fwd_key_kernel<T, DK, DV>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  cudaError_t e = cudaFuncSetAttribute(fwd_key_kernel<T, DK, DV, P16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        (int)L::bytes);
   if (e != cudaSuccess) return e;
-  fwd_key_kernel<T, DK, DV><<<(unsigned)items, kNW * 32, L::bytes, st>>>(*a, iv, po, pl, Pk, HT, njt);
+  fwd_key_kernel<T, DK, DV, P16><<<(unsigned)items, kNW * 32, L::bytes, st>>>(*a, iv, po, pl, Pk, HT, njt);
   e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   const int64_t warps = rows * a->h;
   const int64_t blocks = (warps + 7) / 8;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  if (blocks > 0) fwd_key_merge_kernel<T, DV><<<(unsigned)blocks, 256, 0, st>>>(*a, row0, rows, pair_off, po, pl);
+  if (blocks > 0) fwd_key_merge_kernel<T, DV, P16><<<(unsigned)blocks, 256, 0, st>>>(*a, row0, rows, pair_off, po, pl);
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t launch_t(const nsa_cuda_attn_t *a, const KInv &iv, float *po, float *pl, const int32_t *pair_off,
+template <typename T, bool P16>
+cudaError_t launch_t(const nsa_cuda_attn_t *a, const KInv &iv, void *po, float *pl, const int32_t *pair_off,
                      int64_t row0, int64_t rows, int64_t items, int Pk, int HT, int njt, cudaStream_t st) {
 #define NSA_FK(DK, DV)                                                                                   \
   if (a->Dk == DK && a->Dv == DV)                                                                        \
-  return launch_dk<T, DK, DV>(a, iv, po, pl, pair_off, row0, rows, items, Pk, HT, njt, st)
+  return launch_dk<T, DK, DV, P16>(a, iv, po, pl, pair_off, row0, rows, items, Pk, HT, njt, st)
   NSA_FK(64, 64);
   NSA_FK(128, 64);
   NSA_FK(192, 64);
@@ -382,7 +423,11 @@ extern "C" int nsa_cuda_fwd_key_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, i
   const int64_t ntiles = a->B * a->G * L->NT;
   const int64_t bound = nsa_cuda_inv_row_bound_blocks(a->n, block_size, L->NT);  // pairs per row
   if (ntiles <= 0 || bound <= 0 || ntiles + 1 > 0x7fffffff || rows + 1 > 0x7fffffff) return 0;
-  const double per_row = (double)bound * (double)a->h * (double)(a->Dv + 1) * 4.0;
+  // o partials in the input dtype (half the bytes) unless NSA_CUDA_FWD_KEY_F32=1
+  const char *fe = getenv("NSA_CUDA_FWD_KEY_F32");
+  L->p16 = !(fe && fe[0] == '1');
+  const double pbytes = L->p16 ? 2.0 : 4.0;
+  const double per_row = (double)bound * (double)a->h * ((double)a->Dv * pbytes + 4.0);
   int64_t br = (int64_t)(kPartBudget / per_row);
   const char *be = getenv("NSA_CUDA_FWD_KEY_BATCH_ROWS");  // tests: force several batches
   if (be && atoll(be) > 0 && atoll(be) < br) br = atoll(be);
@@ -405,7 +450,7 @@ extern "C" int nsa_cuda_fwd_key_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, i
   L->inv = o;
   o = align256(o + nsa_cuda_inv_layout(br, L->cap, ntiles, &L->il));
   L->part_o = o;
-  o = align256(o + (size_t)L->cap * (size_t)a->h * (size_t)a->Dv * 4);
+  o = align256(o + (size_t)L->cap * (size_t)a->h * (size_t)a->Dv * (L->p16 ? 2 : 4));
   L->part_l = o;
   o = align256(o + (size_t)L->cap * (size_t)a->h * 4);
   L->end = o;
@@ -426,7 +471,8 @@ extern "C" cudaError_t nsa_cuda_launch_fwd_key(const nsa_cuda_attn_t *a, nsa_dty
   iv.ntiles = a->B * a->G * L->NT;
   iv.seg_rows = L->seg_rows;
   const int32_t *pair_off = (const int32_t *)(inv + L->il.pair_off);
-  float *po = (float *)(w + L->part_o), *pl = (float *)(w + L->part_l);
+  void *po = w + L->part_o;
+  float *pl = (float *)(w + L->part_l);
   const int HT = a->h < 16 ? (int)a->h : 16;
   const int Pk = 16 / HT;
   const int njt = (int)((a->h + 15) / 16);
@@ -442,9 +488,13 @@ extern "C" cudaError_t nsa_cuda_launch_fwd_key(const nsa_cuda_attn_t *a, nsa_dty
     const int64_t items = iv.ntiles + cap / L->seg_rows + 1;
     switch (dt) {
       case NSA_BF16:
-        e = launch_t<__nv_bfloat16>(a, iv, po, pl, pair_off, row0, nb, items, Pk, HT, njt, st);
+        e = L->p16 ? launch_t<__nv_bfloat16, true>(a, iv, po, pl, pair_off, row0, nb, items, Pk, HT, njt, st)
+                   : launch_t<__nv_bfloat16, false>(a, iv, po, pl, pair_off, row0, nb, items, Pk, HT, njt, st);
         break;
-      case NSA_F16: e = launch_t<__half>(a, iv, po, pl, pair_off, row0, nb, items, Pk, HT, njt, st); break;
+      case NSA_F16:
+        e = L->p16 ? launch_t<__half, true>(a, iv, po, pl, pair_off, row0, nb, items, Pk, HT, njt, st)
+                   : launch_t<__half, false>(a, iv, po, pl, pair_off, row0, nb, items, Pk, HT, njt, st);
+        break;
       default: return cudaErrorInvalidValue;
     }
     if (e != cudaSuccess) return e;

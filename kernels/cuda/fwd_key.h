@@ -8,14 +8,17 @@
  *   1. fwd_key_kernel: one CTA per (tile, segment of its row list) loads the
  *      tile's K/V once and runs it against every listed (row, head): per
  *      (pair p, head j) it writes the tile-local softmax partial
- *        po[(p*h + j)*Dv + d] = sum_k e^(s_k - m) v_k[d] / l     (f32)
+ *        po[(p*h + j)*Dv + d] = sum_k e^(s_k - m) v_k[d] / l
+ *      (a convex combination of V rows, so it is stored in the input dtype:
+ *      half the traffic of f32, rounding of the order of the output's own;
+ *      NSA_CUDA_FWD_KEY_F32=1 keeps f32)
  *        pl[p*h + j]          = (m + log l) in log2 units of the scaled scores
  *      where p is the pair's index in row order (pair_off[r] <= p < pair_off[r+1]);
  *   2. fwd_key_merge_kernel: per (row, head) the log-sum-exp merge of its
  *      partials in pair order (deterministic, no atomics) → o, lse.
  * Each K/V tile crosses L2 → shared memory once per CTA item instead of once
  * per query that selected it; the price is the partials, (tiles per row) *
- * h * (Dv + 1) * 4 bytes per row written and read back once. Rows are
+ * h * (2 Dv + 4) bytes per row written and read back once. Rows are
  * processed in batches (inversion, kernel, merge per batch, all on the
  * stream) so the partials of one batch stay within a fixed budget: the
  * workspace is bounded whatever T and h are.
@@ -36,6 +39,7 @@ typedef struct {
   int64_t NT;               /* 64-key tiles per (b, g) */
   int64_t items_bound;      /* grid of fwd_key_kernel (CTAs past the real items exit) */
   int seg_rows;             /* rows per CTA item */
+  int p16;                  /* o partials in the input dtype (default) instead of f32 */
   size_t inv, part_o, part_l, end; /* arena byte offsets; end = total bytes used */
 } nsa_cuda_fwd_key_layout_t;
 

@@ -164,8 +164,9 @@ Test(cuda_fwd, all_head_dims) {
  * built (Dk, Dv), random and correlated selections, and long tile lists
  * (S = 640, h = 1: ~1000 rows per tile, cut into several CTA segments),
  * and row batches forced small by NSA_CUDA_FWD_KEY_BATCH_ROWS.
- * The forced key context must report the partials in its workspace
- * (rows * h * Dv * 4 bytes at least) beyond the query-centric one's. */
+ * Partials in the input dtype (default, on v2) and f32 (v1 here). The forced
+ * key context must report the partials in its workspace (rows * h * Dv * 2
+ * bytes at least) beyond the query-centric one's. */
 static nsa_cuda_ctx_t *mkctx_env(const char *fwd_key) {
   setenv("NSA_CUDA_FWD_KEY", fwd_key, 1);
   nsa_cuda_ctx_t *ctx = mkctx(0);
@@ -197,10 +198,12 @@ Test(cuda_fwd, key_vs_query_centric) {
       fx_init(&f, &cfg);
       nsa_run_info_t ik, iq, i1;
       run_check_info(kc, &f, NSA_PATH_VARLEN_V2, &ik);
+      setenv("NSA_CUDA_FWD_KEY_F32", "1", 1); /* f32 partials (default: the input dtype) */
       run_check_info(kc, &f, NSA_PATH_VARLEN_V1, &i1);
+      unsetenv("NSA_CUDA_FWD_KEY_F32");
       run_check_info(qc, &f, NSA_PATH_VARLEN_V2, &iq);
       /* the key-centric layout starts where the query-centric one ends */
-      const size_t part = (size_t)(cfg.B * cfg.S * cfg.G * cfg.h * cfg.Dv * 4);
+      const size_t part = (size_t)(cfg.B * cfg.S * cfg.G * cfg.h * cfg.Dv * 2);
       cr_expect_geq(ik.workspace_bytes, iq.workspace_bytes + part,
                     "h=%lld: key-centric workspace %zu, query-centric %zu: key-centric kernel not run",
                     (long long)cfg.h, ik.workspace_bytes, iq.workspace_bytes);
