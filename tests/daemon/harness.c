@@ -155,11 +155,29 @@ static void rm_rf(const char *dir) {
   }
 }
 
+/* Under NSAD_TEST_WRAPPER the pid is the tool's: signal its children (nsad)
+ * so the tool sees nsad exit, prints its report and exits with nsad's
+ * status (or the tool's error exit code). */
+static void term_children(pid_t pid) {
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d/task/%d/children", (int)pid, (int)pid);
+  FILE *f = fopen(path, "r");
+  int c, n = 0;
+  while (f && fscanf(f, "%d", &c) == 1) {
+    kill((pid_t)c, SIGTERM);
+    n++;
+  }
+  if (f) fclose(f);
+  if (n == 0) kill(pid, SIGTERM);
+}
+
 int th_stop(th_nsad_t *d, int rm_dir) {
   int rc = -1, had = d->pid > 0;
   if (d->pid > 0) {
-    kill(d->pid, SIGTERM);
-    rc = th_wait_exit(d->pid, 20000);
+    const char *we = getenv("NSAD_TEST_WRAPPER");
+    if (we && we[0]) term_children(d->pid);
+    else kill(d->pid, SIGTERM);
+    rc = th_wait_exit(d->pid, (we && we[0]) ? 120000 : 20000);
     if (rc < 0) {
       kill(d->pid, SIGKILL);
       th_wait_exit(d->pid, 5000);
