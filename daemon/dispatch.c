@@ -130,7 +130,7 @@ void nsad_dispatch_job_free(nsad_server_t *srv, nsad_job_t *job) {
 }
 
 /* Builds and queues a sel_attn.forward/backward job. */
-static int submit_sel(nsad_session_t *s, const nsa_request_t *req, double t0,
+static int submit_sel(nsad_session_t *s, const nsa_request_t *req, double t0, double t_parsed,
                       nsa_proto_err_t *err) {
   nsad_server_t *srv = s->srv;
   const nsa_req_sel_attn_t *ra = &req->u.sel_attn;
@@ -139,6 +139,10 @@ static int submit_sel(nsad_session_t *s, const nsa_request_t *req, double t0,
   job->session = s;
   job->msgid = req->msgid;
   job->t_recv = t0;
+  /* A message decoded from an earlier read (kept in the input buffer by
+   * backpressure) is timed from that read. */
+  job->t_read = s->t_read > 0 && s->t_read <= t0 ? s->t_read : t0;
+  job->t_parsed = t_parsed;
   job->kind = req->method == NSA_M_SEL_FORWARD ? NSAD_JOB_FWD : NSAD_JOB_BWD;
   char msg[256] = "";
   nsa_dims_t dims;
@@ -193,6 +197,7 @@ static int submit_sel(nsad_session_t *s, const nsa_request_t *req, double t0,
   job->queue = queue;
   job->lane = &s->lanes[queue];
   nsad_session_job_queued(s);
+  job->t_queued = nsad_now(); /* before the push: a worker may take it at once */
   nsad_jobq_push(&srv->jq, job);
   return 0;
 fail:
@@ -200,8 +205,37 @@ fail:
   return -1;
 }
 
+/* Records a finished job's phases (metrics.h nsad_phase_t) and logs them at
+ * debug level, one line per request. */
+static void job_phases(nsad_server_t *srv, const nsad_job_t *job, nsa_proto_code_t code) {
+  /* The timeline in order; phase i runs from one stamp to the next, except
+   * that picked -> call0 (run_job's set-up, nanoseconds) counts as queue. */
+  double ph[NSAD_PH_COUNT];
+  ph[NSAD_PH_DECODE] = job->t_parsed - job->t_read;
+  ph[NSAD_PH_SUBMIT] = job->t_queued - job->t_parsed;
+  ph[NSAD_PH_QUEUE] = job->t_call0 - job->t_queued;
+  ph[NSAD_PH_BACKEND] = job->t_call1 - job->t_call0;
+  ph[NSAD_PH_POST] = job->t_posted - job->t_call1;
+  ph[NSAD_PH_COMPLETE] = job->t_loop - job->t_posted;
+  ph[NSAD_PH_REPLY] = job->t_reply - job->t_loop;
+  ph[NSAD_PH_TOTAL] = job->t_reply - job->t_read;
+  if (srv->metrics)
+    for (int i = 0; i < NSAD_PH_COUNT; i++) nsad_metrics_phase(srv->metrics, (nsad_phase_t)i, ph[i]);
+  nsad_session_t *s = job->session;
+  nsa_method_t method = job->kind == NSAD_JOB_FWD ? NSA_M_SEL_FORWARD : NSA_M_SEL_BACKWARD;
+  nsad_debug("session %llu: msgid %u %s: %s path=%s rows=%lld max_len=%d device_us=%.1f sync=%d "
+             "phases_us decode=%.1f submit=%.1f queue=%.1f backend=%.1f post=%.1f complete=%.1f "
+             "reply=%.1f total=%.1f read_at_us=%.1f%s%s",
+             (unsigned long long)s->id, job->msgid, nsa_method_name(method),
+             nsa_proto_code_name(code), nsa_path_name(job->info.path), (long long)job->info.rows,
+             (int)job->info.max_len, job->info.device_us, job->ex.sync, ph[0] * 1e6, ph[1] * 1e6,
+             ph[2] * 1e6, ph[3] * 1e6, ph[4] * 1e6, ph[5] * 1e6, ph[6] * 1e6, ph[7] * 1e6,
+             job->t_read * 1e6, code ? " : " : "", code ? job->msg : "");
+}
+
 void nsad_dispatch_job_done(nsad_server_t *srv, nsad_job_t *job) {
   nsad_session_t *s = job->session;
+  job->t_loop = nsad_now();
   nsa_method_t method = job->kind == NSAD_JOB_FWD ? NSA_M_SEL_FORWARD : NSA_M_SEL_BACKWARD;
   /* A shm object truncated while this job read it: whatever the kernel
    * computed came from zero pages (region.h, SIGBUS guard). */
@@ -222,11 +256,6 @@ void nsad_dispatch_job_done(nsad_server_t *srv, nsad_job_t *job) {
       nsad_metrics_shadow(srv->metrics, path, (int)job->shadow.shadow_path, job->shadow.max_abs,
                           job->shadow.max_rel);
   }
-  nsad_debug("session %llu: msgid %u %s: %s path=%s rows=%lld max_len=%d device_us=%.1f%s%s",
-             (unsigned long long)s->id, job->msgid, nsa_method_name(method),
-             nsa_proto_code_name(code), nsa_path_name(job->info.path), (long long)job->info.rows,
-             (int)job->info.max_len, job->info.device_us, code ? " : " : "",
-             code ? job->msg : "");
   if (!s->closing) {
     if (code == NSA_E_OK) {
       nsad_out_t *o = result_begin(job->msgid);
@@ -251,6 +280,8 @@ void nsad_dispatch_job_done(nsad_server_t *srv, nsad_job_t *job) {
       nsad_session_send_error(s, job->msgid, code, job->msg);
     }
   }
+  job->t_reply = nsad_now();
+  job_phases(srv, job, code);
   if (job->status == NSA_ERR_DEVICE_FATAL) {
     nsad_err("fatal device error: %s; shutting down so that nsad can be restarted", job->msg);
     nsad_server_begin_shutdown(srv, "fatal device error", 70);
@@ -411,7 +442,9 @@ void nsad_dispatch(nsad_session_t *s, const nsa_proto_msg_t *msg) {
     nsad_session_close(s, 1, "over the session limit");
     return;
   }
-  if (nsa_proto_parse_request(msg, &req, &err) != 0) {
+  int parsed = nsa_proto_parse_request(msg, &req, &err);
+  double t_parsed = nsad_now();
+  if (parsed != 0) {
     int m = nsa_method_lookup(msg->method, msg->method_len);
     method = m >= 0 ? (nsa_method_t)m : NSA_M_COUNT;
     goto error;
@@ -431,7 +464,7 @@ void nsad_dispatch(nsad_session_t *s, const nsa_proto_msg_t *msg) {
     case NSA_M_EVENT_UNREGISTER: do_unregister(s, &req, 1, &err); break;
     case NSA_M_SEL_FORWARD:
     case NSA_M_SEL_BACKWARD:
-      if (submit_sel(s, &req, t0, &err) == 0) {
+      if (submit_sel(s, &req, t0, t_parsed, &err) == 0) {
         nsad_server_update_gauges(srv);
         return; /* replied and counted when the job comes back */
       }

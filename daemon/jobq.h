@@ -35,7 +35,13 @@ typedef struct nsad_job {
   nsad_job_kind_t kind;
   int queue;
   uint32_t msgid;
-  double t_recv; /* monotonic seconds when the request was read */
+  double t_recv; /* monotonic seconds when dispatch started on the request */
+  /* Per-phase timeline (CLOCK_MONOTONIC seconds, metrics.h nsad_phase_t):
+   * loop thread: t_read (its bytes were read), t_parsed, t_queued, then
+   * t_loop (completion picked up) and t_reply (uv_write issued); worker:
+   * t_picked, t_call0/t_call1 (around the backend call), t_posted. The
+   * worker's fields are published to the loop by the job queue's mutex. */
+  double t_read, t_parsed, t_queued, t_picked, t_call0, t_call1, t_posted, t_loop, t_reply;
   nsa_fwd_args_t fwd;
   nsa_bwd_args_t bwd;
   nsad_exec_t ex;

@@ -38,10 +38,24 @@ static const double k_lat_le[] = {25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.
 #define NLAT ((int)(sizeof k_lat_le / sizeof k_lat_le[0]))
 #define NROWK NSA_LEN_HIST_BUCKETS /* incl. +Inf */
 
+/* Request phase bucket upper bounds, seconds: the host-side phases are
+ * microseconds to a few milliseconds (the backend phase of a sync request
+ * includes its device time). */
+static const double k_ph_le[] = {1e-6,   2.5e-6, 5e-6,   10e-6, 25e-6, 50e-6, 100e-6, 250e-6,
+                                 500e-6, 1e-3,   2.5e-3, 5e-3,  10e-3, 25e-3, 0.1,    1.0};
+#define NPH ((int)(sizeof k_ph_le / sizeof k_ph_le[0]))
+static const char *const k_ph_names[NSAD_PH_COUNT] = {
+    "decode", "submit", "queue", "backend", "post", "complete", "reply", "total"};
+
 typedef struct {
   _Atomic uint64_t b[NLAT + 1]; /* last = +Inf */
   _Atomic uint64_t sum_ns;
 } lat_hist_t;
+
+typedef struct {
+  _Atomic uint64_t b[NPH + 1]; /* last = +Inf */
+  _Atomic uint64_t sum_ns;
+} ph_hist_t;
 
 typedef struct {
   _Atomic uint64_t b[NROWK];
@@ -59,6 +73,7 @@ struct nsad_metrics {
   _Atomic uint64_t errors[NSA_E_COUNT];
   lat_hist_t req_lat[NP];
   lat_hist_t dev_lat[NSA_PATH_COUNT];
+  ph_hist_t phase[NSAD_PH_COUNT];
   rowk_hist_t rowk[NSA_PATH_COUNT];
   _Atomic uint64_t rows[NSA_PATH_COUNT];
   _Atomic uint64_t gauge[NSAD_G_COUNT];
@@ -156,6 +171,19 @@ void nsad_metrics_request(nsad_metrics_t *m, nsa_method_t method, int path, nsa_
   lat_observe(&m->req_lat[p], latency_s);
 }
 
+const char *nsad_phase_name(nsad_phase_t ph) {
+  return ((int)ph >= 0 && ph < NSAD_PH_COUNT) ? k_ph_names[ph] : "?";
+}
+
+void nsad_metrics_phase(nsad_metrics_t *m, nsad_phase_t ph, double s) {
+  if (!m || (int)ph < 0 || ph >= NSAD_PH_COUNT) return;
+  if (!(s >= 0)) s = 0; /* NaN */
+  int b = 0;
+  while (b < NPH && s > k_ph_le[b]) b++;
+  cnt_add(&m->phase[ph].b[b], 1);
+  cnt_add(&m->phase[ph].sum_ns, (uint64_t)llround(s * 1e9));
+}
+
 void nsad_metrics_kernel(nsad_metrics_t *m, int path, const nsa_run_info_t *info) {
   if (!m || !info || path < 0 || path >= NSA_PATH_COUNT) return;
   lat_observe(&m->dev_lat[path], info->device_us * 1e-6);
@@ -235,7 +263,7 @@ typedef struct {
   int nb;
   const double *le;       /* nb-1 finite bounds */
   const int64_t *le_int;  /* or integer bounds */
-  uint64_t cum[NLAT + 2];
+  uint64_t cum[(NLAT > NPH ? NLAT : NPH) + 2];
   double sum;
 } sample_t;
 
@@ -470,6 +498,20 @@ static void render(nsad_metrics_t *m, emit_t *e) {
   for (int p = 0; p < NSA_PATH_COUNT; p++) lat_sample(e, &m->dev_lat[p], pname(p));
   flush_family(e, "nsad_device_seconds", "histogram",
                "Device time of a kernel run (planner + kernels), by path.");
+
+  for (int ph = 0; ph < NSAD_PH_COUNT; ph++) {
+    if (!(s = add_sample(e))) continue;
+    lab(s, "phase", k_ph_names[ph]);
+    s->nb = NPH + 1;
+    s->le = k_ph_le;
+    uint64_t c = 0;
+    for (int b = 0; b <= NPH; b++) s->cum[b] = (c += cnt_get(&m->phase[ph].b[b]));
+    s->sum = (double)cnt_get(&m->phase[ph].sum_ns) * 1e-9;
+  }
+  flush_family(e, "nsad_request_phase_seconds", "histogram",
+               "Host time of sel_attn requests inside nsad by phase: decode, submit, queue "
+               "(worker wake-up), backend (the fwd/bwd call), post, complete (loop wake-up), "
+               "reply; total = read to reply.");
 
   for (int p = 0; p < NSA_PATH_COUNT; p++) {
     if (!(s = add_sample(e))) continue;

@@ -60,6 +60,35 @@ double nsad_metrics_gauge_get(nsad_metrics_t *m, nsad_gauge_t g);
  * -1 none, else nsa_path_t) and code (-1 any). */
 uint64_t nsad_metrics_requests(nsad_metrics_t *m, int method, int path, int code);
 
+/* ---- additions (hostpath helper): per-phase host timing of a request -------
+ * One sel_attn request's path through nsad, as consecutive phases of one
+ * CLOCK_MONOTONIC timeline (durations, seconds):
+ *   decode    socket bytes read (on_read) -> request parsed (includes time the
+ *             message sat in the session's input buffer under backpressure)
+ *   submit    parsed -> job queued (tensor resolve/validation, flag snapshot)
+ *   queue     queued -> a worker picked it up (wake-up of an idle worker, or
+ *             the wait behind other jobs of that device)
+ *   backend   the backend's fwd/bwd call (CUDA sync=false: host time to queue
+ *             the work; sync=true: includes the device time)
+ *   post      backend return -> completion posted (shadow run, if any)
+ *   complete  posted -> the loop thread picked the completion up (uv_async)
+ *   reply     loop picked up -> reply handed to the socket (uv_write)
+ *   total     read -> reply handed to the socket (= the sum of the above)
+ * Exported as the histogram nsad_request_phase_seconds{phase=...}. */
+typedef enum {
+  NSAD_PH_DECODE = 0,
+  NSAD_PH_SUBMIT,
+  NSAD_PH_QUEUE,
+  NSAD_PH_BACKEND,
+  NSAD_PH_POST,
+  NSAD_PH_COMPLETE,
+  NSAD_PH_REPLY,
+  NSAD_PH_TOTAL,
+  NSAD_PH_COUNT
+} nsad_phase_t;
+const char *nsad_phase_name(nsad_phase_t ph);
+void nsad_metrics_phase(nsad_metrics_t *m, nsad_phase_t ph, double seconds);
+
 /*
  * Map form (metrics.get default, metrics.subscribe notifications): one map
  *   { family_name: { "type": "counter"|"gauge"|"histogram", "help": str,

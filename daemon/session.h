@@ -55,6 +55,7 @@ typedef struct nsad_session {
   int write_shut;  /* uv_shutdown issued: no more writes */
   int handles_open;
   int sub_interval_ms;
+  double t_read; /* monotonic seconds of the last socket read (request phases) */
   uv_shutdown_t shut_req;
 } nsad_session_t;
 

@@ -17,10 +17,12 @@ struct nsad_worker_arg {
   int queue;
 };
 
-static double now_us(void) {
+/* Monotonic seconds, the same formula as nsad_now() (server.c), so that the
+ * worker's phase stamps and the loop's are one timeline. */
+static double mono_s(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec * 1e6 + (double)ts.tv_nsec / 1e3;
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
 static void run_job(nsad_backend_t *b, void *wctx, nsad_job_t *job) {
@@ -28,14 +30,15 @@ static void run_job(nsad_backend_t *b, void *wctx, nsad_job_t *job) {
   memset(&job->info, 0, sizeof job->info);
   job->info.path = NSA_PATH_AUTO;
   job->msg[0] = 0;
-  double t0 = now_us();
+  job->t_call0 = mono_s();
   if (job->kind == NSAD_JOB_FWD)
     job->status = b->ops->fwd(b, wctx, &job->fwd, pf, NSA_PATH_AUTO, &job->ex, &job->info,
                               job->msg, sizeof job->msg);
   else
     job->status = b->ops->bwd(b, wctx, &job->bwd, pf, NSA_PATH_AUTO, &job->ex, &job->info,
                               job->msg, sizeof job->msg);
-  if (job->info.device_us <= 0) job->info.device_us = now_us() - t0;
+  job->t_call1 = mono_s();
+  if (job->info.device_us <= 0) job->info.device_us = (job->t_call1 - job->t_call0) * 1e6;
   /* NSA_SEL_SHADOW_RATE: a fraction of forwards also run on a second path
    * into backend scratch memory; the client keeps the primary's result.
    * Only for sync requests: with sync=false the client owns its buffers again
@@ -67,12 +70,15 @@ static void *worker_main(void *p) {
   if (!ok) nsad_err("worker %d: init failed: %s", a->index, msg);
   nsad_job_t *job;
   while ((job = nsad_jobq_pop(w->jq, a->queue)) != NULL) {
+    job->t_picked = mono_s();
     if (ok) {
       run_job(b, wctx, job);
     } else {
       job->status = NSA_ERR_DEVICE_FATAL;
       snprintf(job->msg, sizeof job->msg, "worker %d failed to start: %.200s", a->index, msg);
+      job->t_call0 = job->t_call1 = job->t_picked;
     }
+    job->t_posted = mono_s();
     nsad_jobq_complete(w->jq, job);
   }
   if (ok && b->ops->worker_teardown) b->ops->worker_teardown(b, a->index, wctx);
