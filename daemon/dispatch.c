@@ -220,7 +220,8 @@ static void job_phases(nsad_server_t *srv, const nsad_job_t *job, nsa_proto_code
   ph[NSAD_PH_REPLY] = job->t_reply - job->t_loop;
   ph[NSAD_PH_TOTAL] = job->t_reply - job->t_read;
   if (srv->metrics)
-    for (int i = 0; i < NSAD_PH_COUNT; i++) nsad_metrics_phase(srv->metrics, (nsad_phase_t)i, ph[i]);
+    for (int i = 0; i < NSAD_PH_COUNT; i++)
+      nsad_metrics_phase(srv->metrics, job->ex.sync, (nsad_phase_t)i, ph[i]);
   nsad_session_t *s = job->session;
   nsa_method_t method = job->kind == NSAD_JOB_FWD ? NSA_M_SEL_FORWARD : NSA_M_SEL_BACKWARD;
   nsad_debug("session %llu: msgid %u %s: %s path=%s rows=%lld max_len=%d device_us=%.1f sync=%d "

@@ -73,7 +73,7 @@ struct nsad_metrics {
   _Atomic uint64_t errors[NSA_E_COUNT];
   lat_hist_t req_lat[NP];
   lat_hist_t dev_lat[NSA_PATH_COUNT];
-  ph_hist_t phase[NSAD_PH_COUNT];
+  ph_hist_t phase[2][NSAD_PH_COUNT]; /* [sync][phase] */
   rowk_hist_t rowk[NSA_PATH_COUNT];
   _Atomic uint64_t rows[NSA_PATH_COUNT];
   _Atomic uint64_t gauge[NSAD_G_COUNT];
@@ -175,13 +175,14 @@ const char *nsad_phase_name(nsad_phase_t ph) {
   return ((int)ph >= 0 && ph < NSAD_PH_COUNT) ? k_ph_names[ph] : "?";
 }
 
-void nsad_metrics_phase(nsad_metrics_t *m, nsad_phase_t ph, double s) {
+void nsad_metrics_phase(nsad_metrics_t *m, int sync, nsad_phase_t ph, double s) {
   if (!m || (int)ph < 0 || ph >= NSAD_PH_COUNT) return;
   if (!(s >= 0)) s = 0; /* NaN */
   int b = 0;
   while (b < NPH && s > k_ph_le[b]) b++;
-  cnt_add(&m->phase[ph].b[b], 1);
-  cnt_add(&m->phase[ph].sum_ns, (uint64_t)llround(s * 1e9));
+  ph_hist_t *h = &m->phase[sync != 0][ph];
+  cnt_add(&h->b[b], 1);
+  cnt_add(&h->sum_ns, (uint64_t)llround(s * 1e9));
 }
 
 void nsad_metrics_kernel(nsad_metrics_t *m, int path, const nsa_run_info_t *info) {
@@ -499,19 +500,21 @@ static void render(nsad_metrics_t *m, emit_t *e) {
   flush_family(e, "nsad_device_seconds", "histogram",
                "Device time of a kernel run (planner + kernels), by path.");
 
-  for (int ph = 0; ph < NSAD_PH_COUNT; ph++) {
-    if (!(s = add_sample(e))) continue;
-    lab(s, "phase", k_ph_names[ph]);
-    s->nb = NPH + 1;
-    s->le = k_ph_le;
-    uint64_t c = 0;
-    for (int b = 0; b <= NPH; b++) s->cum[b] = (c += cnt_get(&m->phase[ph].b[b]));
-    s->sum = (double)cnt_get(&m->phase[ph].sum_ns) * 1e-9;
-  }
+  for (int sy = 0; sy < 2; sy++)
+    for (int ph = 0; ph < NSAD_PH_COUNT; ph++) {
+      if (!(s = add_sample(e))) continue;
+      lab(s, "sync", sy ? "1" : "0");
+      lab(s, "phase", k_ph_names[ph]);
+      s->nb = NPH + 1;
+      s->le = k_ph_le;
+      uint64_t c = 0;
+      for (int b = 0; b <= NPH; b++) s->cum[b] = (c += cnt_get(&m->phase[sy][ph].b[b]));
+      s->sum = (double)cnt_get(&m->phase[sy][ph].sum_ns) * 1e-9;
+    }
   flush_family(e, "nsad_request_phase_seconds", "histogram",
-               "Host time of sel_attn requests inside nsad by phase: decode, submit, queue "
-               "(worker wake-up), backend (the fwd/bwd call), post, complete (loop wake-up), "
-               "reply; total = read to reply.");
+               "Host time of sel_attn requests inside nsad by request sync flag and phase: "
+               "decode, submit, queue (worker wake-up), backend (the fwd/bwd call), post, "
+               "complete (loop wake-up), reply; total = read to reply.");
 
   for (int p = 0; p < NSA_PATH_COUNT; p++) {
     if (!(s = add_sample(e))) continue;

@@ -74,7 +74,9 @@ uint64_t nsad_metrics_requests(nsad_metrics_t *m, int method, int path, int code
  *   complete  posted -> the loop thread picked the completion up (uv_async)
  *   reply     loop picked up -> reply handed to the socket (uv_write)
  *   total     read -> reply handed to the socket (= the sum of the above)
- * Exported as the histogram nsad_request_phase_seconds{phase=...}. */
+ * Exported as the histogram nsad_request_phase_seconds{sync="0|1",phase=...}
+ * (sync=false and sync=true requests apart: on CUDA their backend phase is
+ * host queuing time vs queuing + device time). */
 typedef enum {
   NSAD_PH_DECODE = 0,
   NSAD_PH_SUBMIT,
@@ -87,7 +89,8 @@ typedef enum {
   NSAD_PH_COUNT
 } nsad_phase_t;
 const char *nsad_phase_name(nsad_phase_t ph);
-void nsad_metrics_phase(nsad_metrics_t *m, nsad_phase_t ph, double seconds);
+/* sync: the request's sync flag (0 = sync=false), exported as label sync. */
+void nsad_metrics_phase(nsad_metrics_t *m, int sync, nsad_phase_t ph, double seconds);
 
 /*
  * Map form (metrics.get default, metrics.subscribe notifications): one map

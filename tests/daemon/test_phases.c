@@ -2,9 +2,9 @@
  * test_phases.c — nsad's per-phase request timing (metrics.h nsad_phase_t,
  * docs/DAEMON.md "Forward overhead on the CUDA backend"), against a real nsad
  * on the CPU backend:
- *   - metrics.get has nsad_request_phase_seconds with every phase, in order,
- *     each counted once per sel_attn request, and the phase sums add up to
- *     the total (the phases tile the request's timeline);
+ *   - metrics.get has nsad_request_phase_seconds with every (sync, phase), in
+ *     order, each counted once per sel_attn request of that sync flag, and
+ *     the phase sums add up to the total (the phases tile the timeline);
  *   - the debug log has one "phases_us" line per request whose phases are
  *     non-negative (stamps in timeline order), add up to its total, and whose
  *     backend phase brackets the kernel's own time (device_us on cpu);
@@ -65,10 +65,20 @@ Test(phases, forward_phases_reported_and_ordered) {
   th_prob_t p;
   /* big enough that the kernel (backend phase) takes a measurable time */
   cr_assert_eq(th_prob_init(&p, c, 1, 64, 1024, 2, 4, 64, 8, 32, 0, 77), 0);
-  enum { N = 6 };
+  enum { N = 6, NA = 2 }; /* N sync=true forwards, then NA sync=false */
   for (int i = 0; i < N; i++) {
     cr_assert(forward_ok(c, &p), "forward %d", i);
     cr_assert_eq(nsa_client_ping(c), 0); /* not a sel_attn request: not counted */
+  }
+  for (int i = 0; i < NA; i++) { /* the cpu backend runs these synchronously too */
+    th_prob_fill(&p);
+    nsa_client_exec_t ex = {.async = 1};
+    uint32_t t;
+    nsa_client_result_t r;
+    cr_assert_eq(nsa_client_forward_submit_ex(c, &p.fwd, &ex, &t), 0);
+    cr_assert_eq(nsa_client_wait(c, t, &r), 0, "sync=false forward: %s",
+                 nsa_client_error_message(c));
+    cr_assert(th_prob_check_fwd(&p) <= 1e-5);
   }
 
   nsa_client_value_t *m = NULL;
@@ -76,31 +86,40 @@ Test(phases, forward_phases_reported_and_ordered) {
   const char *fam = "nsad_request_phase_seconds";
   char path[160], buf[64];
   snprintf(path, sizeof path, "%s.samples", fam);
-  cr_assert_eq(nsa_client_value_len(m, path), NPHASE, "one sample per phase");
+  cr_assert_eq(nsa_client_value_len(m, path), 2 * NPHASE, "one sample per (sync, phase)");
   snprintf(path, sizeof path, "%s.type", fam);
   cr_assert_eq(nsa_client_value_get_str(m, path, buf, sizeof buf), 0);
   cr_expect_str_eq(buf, "histogram");
-  double sum[NPHASE];
-  for (int i = 0; i < NPHASE; i++) {
-    snprintf(path, sizeof path, "%s.samples.%d.labels.phase", fam, i);
-    cr_assert_eq(nsa_client_value_get_str(m, path, buf, sizeof buf), 0);
-    cr_expect_str_eq(buf, k_phases[i], "phase %d in timeline order", i);
-    int64_t count = -1;
-    snprintf(path, sizeof path, "%s.samples.%d.count", fam, i);
-    cr_assert_eq(nsa_client_value_get_int(m, path, &count), 0);
-    cr_expect_eq(count, N, "phase %s counted once per forward (pings excluded)", k_phases[i]);
-    snprintf(path, sizeof path, "%s.samples.%d.sum", fam, i);
-    cr_assert_eq(nsa_client_value_get_double(m, path, &sum[i]), 0);
-    cr_expect(sum[i] >= 0, "phase %s sum %g", k_phases[i], sum[i]);
-  }
+  double sum[2][NPHASE];
+  for (int sy = 0; sy < 2; sy++)
+    for (int i = 0; i < NPHASE; i++) {
+      int k = sy * NPHASE + i;
+      snprintf(path, sizeof path, "%s.samples.%d.labels.phase", fam, k);
+      cr_assert_eq(nsa_client_value_get_str(m, path, buf, sizeof buf), 0);
+      cr_expect_str_eq(buf, k_phases[i], "phase %d in timeline order", i);
+      snprintf(path, sizeof path, "%s.samples.%d.labels.sync", fam, k);
+      cr_assert_eq(nsa_client_value_get_str(m, path, buf, sizeof buf), 0);
+      cr_expect_str_eq(buf, sy ? "1" : "0");
+      int64_t count = -1;
+      snprintf(path, sizeof path, "%s.samples.%d.count", fam, k);
+      cr_assert_eq(nsa_client_value_get_int(m, path, &count), 0);
+      cr_expect_eq(count, sy ? N : NA, "sync=%d phase %s counted once per forward (no pings)",
+                   sy, k_phases[i]);
+      snprintf(path, sizeof path, "%s.samples.%d.sum", fam, k);
+      cr_assert_eq(nsa_client_value_get_double(m, path, &sum[sy][i]), 0);
+      cr_expect(sum[sy][i] >= 0, "phase %s sum %g", k_phases[i], sum[sy][i]);
+    }
   nsa_client_value_free(m);
-  double parts = 0;
-  for (int i = 0; i < NPHASE - 1; i++) parts += sum[i];
-  /* sums are kept in integer ns: at most 0.5 ns of rounding per observation */
-  cr_expect(fabs(parts - sum[NPHASE - 1]) <= NPHASE * N * 1e-9,
-            "phases add up to the total: %.9f vs %.9f s", parts, sum[NPHASE - 1]);
-  cr_expect(sum[3] > 0, "the backend phase took time");
-  cr_expect(sum[NPHASE - 1] >= sum[3], "total >= backend");
+  for (int sy = 0; sy < 2; sy++) {
+    double parts = 0;
+    for (int i = 0; i < NPHASE - 1; i++) parts += sum[sy][i];
+    /* sums are kept in integer ns: at most 0.5 ns of rounding per observation */
+    cr_expect(fabs(parts - sum[sy][NPHASE - 1]) <= NPHASE * N * 1e-9,
+              "sync=%d: phases add up to the total: %.9f vs %.9f s", sy, parts,
+              sum[sy][NPHASE - 1]);
+    cr_expect(sum[sy][3] > 0, "sync=%d: the backend phase took time", sy);
+    cr_expect(sum[sy][NPHASE - 1] >= sum[sy][3], "total >= backend");
+  }
 
   th_prob_free(&p, c);
   nsa_client_close(c);
@@ -130,6 +149,6 @@ Test(phases, forward_phases_reported_and_ordered) {
     n++;
   }
   fclose(f);
-  cr_expect_eq(n, N, "one phase line per forward");
+  cr_expect_eq(n, N + NA, "one phase line per forward");
   th_stop(&d, 1); /* removes the temp dir (the daemon is already gone) */
 }
