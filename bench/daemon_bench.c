@@ -469,7 +469,44 @@ typedef struct {
   double in_sync_us, in_dev_us; /* F: in-process sync=1: wall, device_us */
   double in_ev_us;              /* G: in-process with the same events + stream waits */
   char c_err[96];               /* C's cudaEventSynchronize error, if any */
+  double b_issue_us;            /* B: host time until nsa_cuda_sel_fwd(sync=0) returned */
+  /* nsad's own per-phase host timing (metrics nsad_request_phase_seconds)
+   * over the timed rounds: mean us per request, [sync][phase] (sync=0: A, C;
+   * sync=1: D, E); have_phases = 0 for an nsad without that family */
+  int have_phases;
+  double ph_us[2][8];
+  int64_t ph_n[2];
 } fwd_res_t;
+
+static const char *const k_phase[8] = {"decode", "submit", "queue", "backend",
+                                       "post",   "complete", "reply", "total"};
+
+/* Sums and counts of nsad_request_phase_seconds by [sync][phase]. 0 or -1. */
+static int phase_snapshot(nsa_client_t *c, double sum[2][8], int64_t cnt[2][8]) {
+  nsa_client_value_t *v = NULL;
+  memset(sum, 0, sizeof(double) * 16);
+  memset(cnt, 0, sizeof(int64_t) * 16);
+  if (nsa_client_metrics_get(c, &v) != 0) return -1;
+  int n = nsa_client_value_len(v, "nsad_request_phase_seconds.samples"), found = 0;
+  for (int k = 0; k < n; k++) {
+    char path[128], sy[8] = "", ph[16] = "";
+    snprintf(path, sizeof path, "nsad_request_phase_seconds.samples.%d.labels.sync", k);
+    nsa_client_value_get_str(v, path, sy, sizeof sy);
+    snprintf(path, sizeof path, "nsad_request_phase_seconds.samples.%d.labels.phase", k);
+    nsa_client_value_get_str(v, path, ph, sizeof ph);
+    int y = !strcmp(sy, "1") ? 1 : !strcmp(sy, "0") ? 0 : -1;
+    for (int i = 0; i < 8 && y >= 0; i++)
+      if (!strcmp(ph, k_phase[i])) {
+        snprintf(path, sizeof path, "nsad_request_phase_seconds.samples.%d.sum", k);
+        nsa_client_value_get_double(v, path, &sum[y][i]);
+        snprintf(path, sizeof path, "nsad_request_phase_seconds.samples.%d.count", k);
+        nsa_client_value_get_int(v, path, &cnt[y][i]);
+        found++;
+      }
+  }
+  nsa_client_value_free(v);
+  return found == 16 ? 0 : -1;
+}
 
 /* nsad's effective flags for client c (flags.get "effective": bools and
  * MIN_L as integers, the rate as a double). 0, or -1 (r->flags = defaults). */
@@ -677,12 +714,18 @@ static void bench_fwd_cuda(const opts_t *o, const char *sock, fwd_res_t *r) {
   double *t[V_COUNT], *t_reply = malloc(sizeof(double) * N), *t_edev = malloc(sizeof(double) * N),
          *t_fdev = malloc(sizeof(double) * N), *t_eout = malloc(sizeof(double) * N);
   for (int v = 0; v < V_COUNT; v++) t[v] = malloc(sizeof(double) * N);
+  double *t_bissue = malloc(sizeof(double) * N);
+  double ph_sum0[2][8], ph_sum1[2][8];
+  int64_t ph_cnt0[2][8], ph_cnt1[2][8];
+  int ph_ok = 0;
   nsa_run_info_t info;
   nsa_client_result_t res, res_e;
   char path_a[16] = "";
   cudaError_t c_err = cudaSuccess; /* C's event sync failed: C not usable */
   for (int i = -W; i < N; i++) {
-    double w[V_COUNT], reply = 0;
+    double w[V_COUNT], reply = 0, bissue = 0;
+    /* nsad's phase counters from here on cover exactly the timed rounds */
+    if (i == 0) ph_ok = phase_snapshot(c, ph_sum0, ph_cnt0) == 0;
     uint32_t ticket;
     /* A: the caller's stream announces its inputs (ready), nsad queues the
      * work behind it and records done; the caller's stream waits on done;
@@ -703,6 +746,7 @@ static void bench_fwd_cuda(const opts_t *o, const char *sock, fwd_res_t *r) {
       fprintf(stderr, "nsa_bench_daemon: nsa_cuda_sel_fwd: %s\n", msg);
       exit(1);
     }
+    bissue = now_us() - t0; /* host time to queue it (compare: nsad's backend phase) */
     CK(cudaStreamSynchronize(cst));
     w[V_B] = now_us() - t0;
     /* C: as A, the host waits on done_event; no stream wait queued here */
@@ -755,6 +799,7 @@ static void bench_fwd_cuda(const opts_t *o, const char *sock, fwd_res_t *r) {
     if (i < 0) continue;
     for (int v = 0; v < V_COUNT; v++) t[v][i] = w[v];
     t_reply[i] = reply;
+    t_bissue[i] = bissue;
     t_edev[i] = res_e.device_us;
     t_eout[i] = w[V_E] - res_e.device_us;
     t_fdev[i] = fdev;
@@ -773,6 +818,18 @@ static void bench_fwd_cuda(const opts_t *o, const char *sock, fwd_res_t *r) {
   r->outside_us = median(t_eout, N); /* of E: a sync request's host path */
   r->in_sync_us = median(t[V_F], N), r->in_dev_us = median(t_fdev, N);
   r->in_ev_us = median(t[V_G], N);
+  r->b_issue_us = median(t_bissue, N);
+  free(t_bissue);
+  if (ph_ok && phase_snapshot(c, ph_sum1, ph_cnt1) == 0) {
+    r->have_phases = 1;
+    for (int y = 0; y < 2; y++) {
+      r->ph_n[y] = ph_cnt1[y][7] - ph_cnt0[y][7];
+      for (int i = 0; i < 8; i++) {
+        int64_t dn = ph_cnt1[y][i] - ph_cnt0[y][i];
+        r->ph_us[y][i] = dn > 0 ? (ph_sum1[y][i] - ph_sum0[y][i]) * 1e6 / (double)dn : NAN;
+      }
+    }
+  }
   snprintf(r->path, sizeof r->path, "%s", path_a);
   /* Every nsad request above ended with a wait on done_event or a
    * sync=true reply, so its outputs are complete here. */
@@ -1257,6 +1314,35 @@ int main(int argc, char **argv) {
              "cudaEventSynchronize here did not wait for nsad's record |\n",
              fr.host_ev_us, fr.in_dev_us);
     printf("| sync=false vs sync=true with events: A - D | %+.1f |\n", fr.nsad_us - fr.sync_ev_us);
+    printf("| B: in-process host time to queue the forward (nsa_cuda_sel_fwd sync=0 returns), "
+           "median | %.1f |\n", fr.b_issue_us);
+    if (fr.have_phases) {
+      /* docs/DAEMON.md: what each phase is; per-request lines are in nsad's
+       * debug log ("phases_us") */
+      printf("\nnsad's own host timeline per request (metrics nsad_request_phase_seconds, "
+             "mean us over the timed rounds)\n");
+      printf("| requests | n |");
+      for (int i = 0; i < 8; i++) printf(" %s |", k_phase[i]);
+      printf("\n|---|---|");
+      for (int i = 0; i < 8; i++) printf("---|");
+      printf("\n");
+      for (int y = 0; y < 2; y++) {
+        printf("| %s | %lld |", y ? "sync=true (D, E)" : "sync=false (A, C)",
+               (long long)fr.ph_n[y]);
+        for (int i = 0; i < 8; i++) printf(" %.1f |", fr.ph_us[y][i]);
+        printf("\n");
+      }
+      printf("| outside nsad's timeline for E (socket both ways, nsad's epoll wake-up before "
+             "its read, the client's wake-up): E wall - sync=true total, approx. | %.1f |\n",
+             fr.sync_us - fr.ph_us[1][7]);
+      printf("| host time inside nsad's CUDA call around E's device time (before ev0, after "
+             "ev2): sync=true backend - E device_us, approx. | %.1f |\n",
+             fr.ph_us[1][3] - fr.sync_dev_us);
+      printf("| nsad backend phase (sync=false) - B's host queue time: the same call run "
+             "slower in nsad's worker | %+.1f |\n", fr.ph_us[0][3] - fr.b_issue_us);
+    } else {
+      printf("(nsad has no nsad_request_phase_seconds metric: no per-phase split)\n");
+    }
   }
   fflush(stdout);
   nsad_stop();
