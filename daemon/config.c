@@ -293,7 +293,8 @@ int nsad_config_load_file(nsad_config_t *c, char *msg, size_t msglen) {
       return -1;
     }
     /* Backend-specific settings are read by the backend itself (backend_cuda.c). */
-    if (r == 1 && !strncmp(kv[i].key, "NSAD_", 5) && strcmp(kv[i].key, "NSAD_CUDA_WORKSPACE_CAP"))
+    if (r == 1 && !strncmp(kv[i].key, "NSAD_", 5) && strcmp(kv[i].key, "NSAD_CUDA_WORKSPACE_CAP") &&
+        strcmp(kv[i].key, "NSAD_SPIN_US"))
       nsad_warn("%s: unknown daemon setting %s ignored", c->config_file, kv[i].key);
   }
   nsad_config_destroy(&scratch);

@@ -2,12 +2,21 @@
 #include "jobq.h"
 
 #include <string.h>
+#include <time.h>
+
+static double mono_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
 
 int nsad_jobq_init(nsad_jobq_t *jq, int nqueues, uv_async_t *done_async) {
   memset(jq, 0, sizeof *jq);
   if (nqueues < 1 || nqueues > NSAD_MAX_DEVICES) return -1;
   jq->nqueues = nqueues;
   jq->done_async = done_async;
+  atomic_init(&jq->stopping, 0);
+  for (int q = 0; q < NSAD_MAX_DEVICES; q++) atomic_init(&jq->avail[q], 0);
   if (pthread_mutex_init(&jq->mu, NULL)) return -1;
   for (int q = 0; q < nqueues; q++)
     if (pthread_cond_init(&jq->q[q].cv, NULL)) {
@@ -65,6 +74,7 @@ void nsad_jobq_push(nsad_jobq_t *jq, nsad_job_t *job) {
   lane->tail = job;
   activate(jq, lane);
   jq->depth++;
+  atomic_fetch_add(&jq->avail[lane->queue], 1);
   pthread_cond_signal(&jq->q[lane->queue].cv); /* one job: one worker of its queue */
   pthread_mutex_unlock(&jq->mu);
 }
@@ -72,7 +82,10 @@ void nsad_jobq_push(nsad_jobq_t *jq, nsad_job_t *job) {
 nsad_job_t *nsad_jobq_cancel_lane(nsad_jobq_t *jq, nsad_lane_t *lane) {
   pthread_mutex_lock(&jq->mu);
   nsad_job_t *list = lane->head;
-  for (nsad_job_t *j = list; j; j = j->next) jq->depth--;
+  for (nsad_job_t *j = list; j; j = j->next) {
+    jq->depth--;
+    atomic_fetch_sub(&jq->avail[lane->queue], 1);
+  }
   lane->head = lane->tail = NULL;
   deactivate(jq, lane);
   pthread_mutex_unlock(&jq->mu);
@@ -87,6 +100,19 @@ int64_t nsad_jobq_depth(nsad_jobq_t *jq) {
 }
 
 nsad_job_t *nsad_jobq_pop(nsad_jobq_t *jq, int queue) {
+  if (jq->spin_s > 0) {
+    /* Poll (without the mutex) until a job is queued, stop, or the window
+     * ends; then take it the normal way below. */
+    double end = mono_s() + jq->spin_s;
+    unsigned n = 0;
+    while (atomic_load_explicit(&jq->avail[queue], memory_order_acquire) == 0 &&
+           !atomic_load_explicit(&jq->stopping, memory_order_relaxed)) {
+      if ((++n & 255) == 0 && mono_s() > end) break;
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+  }
   pthread_mutex_lock(&jq->mu);
   for (;;) {
     nsad_lane_t *lane = jq->q[queue].head;
@@ -99,6 +125,7 @@ nsad_job_t *nsad_jobq_pop(nsad_jobq_t *jq, int queue) {
       deactivate(jq, lane);
       if (lane->head) activate(jq, lane);
       jq->depth--;
+      atomic_fetch_sub(&jq->avail[queue], 1);
       pthread_mutex_unlock(&jq->mu);
       return job;
     }
@@ -131,7 +158,7 @@ nsad_job_t *nsad_jobq_take_done(nsad_jobq_t *jq) {
 
 void nsad_jobq_stop(nsad_jobq_t *jq) {
   pthread_mutex_lock(&jq->mu);
-  jq->stopping = 1;
+  atomic_store(&jq->stopping, 1);
   for (int q = 0; q < jq->nqueues; q++) pthread_cond_broadcast(&jq->q[q].cv);
   pthread_mutex_unlock(&jq->mu);
 }

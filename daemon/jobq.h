@@ -14,6 +14,7 @@
 #define NSAD_JOBQ_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <uv.h>
 
@@ -70,10 +71,17 @@ typedef struct {
     nsad_lane_t *head, *tail; /* active lanes, round-robin order */
     pthread_cond_t cv;        /* this queue's workers wait here */
   } q[NSAD_MAX_DEVICES];
-  int stopping;
+  atomic_int stopping;
   int64_t depth; /* queued, not yet started */
   nsad_job_t *done_head, *done_tail;
   uv_async_t *done_async;
+  /* NSAD_SPIN_US (server.c; 0 = off): after each job a worker polls its
+   * queue for this long before it sleeps on the condition variable, so a
+   * request arriving within the window starts without a thread wake-up
+   * (tens to hundreds of us on an idle core; docs/DAEMON.md). `avail`
+   * mirrors the number of queued jobs per queue for that lock-free poll. */
+  double spin_s;
+  atomic_int avail[NSAD_MAX_DEVICES];
 } nsad_jobq_t;
 
 int nsad_jobq_init(nsad_jobq_t *jq, int nqueues, uv_async_t *done_async);

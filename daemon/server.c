@@ -43,6 +43,7 @@ void nsad_server_update_gauges(nsad_server_t *srv) {
 
 static void on_done(uv_async_t *a) {
   nsad_server_t *srv = a->data;
+  srv->last_activity = nsad_now();
   nsad_job_t *j = nsad_jobq_take_done(&srv->jq);
   while (j) {
     nsad_job_t *next = j->next;
@@ -254,6 +255,30 @@ static int start_listening(nsad_server_t *srv, char *msg, size_t msglen) {
 
 /* ------------------------------------------------------------ lifecycle --- */
 
+/* NSAD_SPIN_US from the environment, else the config file's pair: busy-poll
+ * window in microseconds (0 = off, the default; at most 10 s). */
+static int read_spin(nsad_server_t *srv, const nsad_config_t *cfg, char *msg, size_t msglen) {
+  const char *v = getenv("NSAD_SPIN_US");
+  for (int i = 0; (!v || !*v) && i < cfg->nkv; i++)
+    if (!strcmp(cfg->kv[i].key, "NSAD_SPIN_US")) v = cfg->kv[i].value;
+  srv->spin_s = 0;
+  if (!v || !*v) return 0;
+  char *end = NULL;
+  errno = 0;
+  long long us = strtoll(v, &end, 10);
+  if (end == v || *end || errno || us < 0 || us > 10000000) {
+    snprintf(msg, msglen, "NSAD_SPIN_US: '%s' is not a number of microseconds in [0, 10000000]",
+             v);
+    return -1;
+  }
+  srv->spin_s = (double)us * 1e-6;
+  if (us > 0)
+    nsad_info("busy-polling for %lld us after each request (NSAD_SPIN_US): the loop thread and "
+              "each worker use a core while clients are active",
+              us);
+  return 0;
+}
+
 int nsad_server_init(nsad_server_t *srv, nsad_config_t *cfg, char *msg, size_t msglen) {
   memset(srv, 0, sizeof *srv);
   srv->cfg = cfg;
@@ -293,6 +318,8 @@ int nsad_server_init(nsad_server_t *srv, nsad_config_t *cfg, char *msg, size_t m
     return -1;
   }
   srv->jq_ready = 1;
+  if (read_spin(srv, cfg, msg, msglen) != 0) return -1;
+  srv->jq.spin_s = srv->spin_s;
   if (start_listening(srv, msg, msglen) != 0) return -1;
   if (nsad_workers_start(&srv->workers, &srv->backend, &srv->jq, msg, msglen) != 0) return -1;
   if (cfg->metrics_listen) {
@@ -318,7 +345,19 @@ int nsad_server_init(nsad_server_t *srv, nsad_config_t *cfg, char *msg, size_t m
 }
 
 int nsad_server_run(nsad_server_t *srv) {
-  uv_run(&srv->loop, UV_RUN_DEFAULT);
+  if (srv->spin_s <= 0) {
+    uv_run(&srv->loop, UV_RUN_DEFAULT);
+    return srv->exit_code;
+  }
+  /* NSAD_SPIN_US: within the window after the last read or completion the
+   * loop polls (epoll timeout 0) instead of sleeping, so the next request or
+   * completion is seen without waking the thread; afterwards it blocks as
+   * usual. Same exit condition as UV_RUN_DEFAULT (no uv_stop is used). */
+  for (;;) {
+    int hot = nsad_now() - srv->last_activity < srv->spin_s;
+    if (uv_run(&srv->loop, hot ? UV_RUN_NOWAIT : UV_RUN_ONCE) == 0 && !uv_loop_alive(&srv->loop))
+      break;
+  }
   return srv->exit_code;
 }
 

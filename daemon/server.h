@@ -50,6 +50,10 @@ typedef struct nsad_server {
   int exit_code;
   char socket_path[108];
   int own_socket_file; /* unlink it at exit (not when inherited from systemd) */
+  /* NSAD_SPIN_US (0 = off): busy-poll window after activity, loop thread
+   * and workers (docs/DAEMON.md, "Forward overhead on the CUDA backend") */
+  double spin_s;
+  double last_activity; /* loop thread: last socket read or job completion */
 } nsad_server_t;
 
 /* Sets everything up (backend, flags, metrics, workers, listening socket).

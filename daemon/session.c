@@ -97,6 +97,7 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
   nsad_session_t *s = st->data;
   if (nread > 0) {
     s->t_read = nsad_now(); /* start of the "decode" phase of what it completes */
+    s->srv->last_activity = s->t_read;
     nsa_proto_decoder_commit(s->dec, (size_t)nread);
     session_pump(s);
   } else if (nread < 0) {

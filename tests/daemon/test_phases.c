@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "harness.h"
 
@@ -151,4 +152,46 @@ Test(phases, forward_phases_reported_and_ordered) {
   fclose(f);
   cr_expect_eq(n, N + NA, "one phase line per forward");
   th_stop(&d, 1); /* removes the temp dir (the daemon is already gone) */
+}
+
+/* NSAD_SPIN_US (opt-in busy polling of the loop and the workers): requests
+ * are served correctly and timed, and nsad still shuts down cleanly (the
+ * workers' poll must see the stop, the loop's must notice it has no handles
+ * left). A bad value is refused at start. */
+Test(phases, spin_mode_serves_and_stops) {
+  setenv("NSAD_SPIN_US", "20000", 1);
+  th_nsad_t d;
+  cr_assert_eq(th_start(&d, NULL), 0);
+  nsa_client_t *c = th_client(&d, "spin");
+  cr_assert_not_null(c);
+  th_prob_t p;
+  cr_assert_eq(th_prob_init(&p, c, 1, 16, 512, 2, 2, 32, 4, 32, 0, 5), 0);
+  for (int i = 0; i < 4; i++) {
+    cr_assert(forward_ok(c, &p), "forward %d", i);
+    if (i == 1) usleep(60000); /* past the window: the loop and worker sleep again */
+  }
+  nsa_client_value_t *m = NULL;
+  cr_assert_eq(nsa_client_metrics_get(c, &m), 0);
+  int64_t count = -1;
+  cr_assert_eq(nsa_client_value_get_int(m, "nsad_request_phase_seconds.samples.15.count", &count),
+               0);
+  cr_expect_eq(count, 4, "sync=true total counted per forward");
+  nsa_client_value_free(m);
+  th_prob_free(&p, c);
+  nsa_client_close(c);
+  cr_expect_eq(th_stop(&d, 0), 0, "clean exit while spinning");
+  FILE *f = fopen(d.log, "r");
+  cr_assert_not_null(f);
+  char l[4096];
+  int said = 0;
+  while (fgets(l, sizeof l, f)) said |= strstr(l, "busy-polling for 20000 us") != NULL;
+  fclose(f);
+  cr_expect(said, "the spin window is logged at start");
+  th_stop(&d, 1);
+
+  setenv("NSAD_SPIN_US", "soon", 1);
+  th_nsad_t bad;
+  cr_expect_neq(th_start(&bad, NULL), 0, "NSAD_SPIN_US=soon refused");
+  th_stop(&bad, 1);
+  unsetenv("NSAD_SPIN_US");
 }
