@@ -371,10 +371,22 @@ template <typename T, int DK, int DV, bool P16>
 cudaError_t launch_dk(const nsa_cuda_attn_t *a, const KInv &iv, void *po, float *pl, const int32_t *pair_off,
                       int64_t row0, int64_t rows, int64_t items, int Pk, int HT, int njt, cudaStream_t st) {
   using L = FkSmem<DK, DV>;
-  // Per device (one worker per GPU, each on its own thread): set every launch.
-  cudaError_t e = cudaFuncSetAttribute(fwd_key_kernel<T, DK, DV, P16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       (int)L::bytes);
+  // The attribute belongs to this function in the device's primary context
+  // and stays set (nothing here resets a device): set it once per device
+  // (bit d of set_on) instead of on every launch, which took a runtime call
+  // per batch. Devices >= 64 set it every launch. Racing first launches on
+  // one device both set it, which is harmless.
+  static unsigned long long set_on = 0;
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return e;
+  const unsigned long long bit = dev >= 0 && dev < 64 ? 1ull << dev : 0ull;
+  if (!bit || !(__atomic_load_n(&set_on, __ATOMIC_ACQUIRE) & bit)) {
+    e = cudaFuncSetAttribute(fwd_key_kernel<T, DK, DV, P16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             (int)L::bytes);
+    if (e != cudaSuccess) return e;
+    if (bit) __atomic_fetch_or(&set_on, bit, __ATOMIC_RELEASE);
+  }
   fwd_key_kernel<T, DK, DV, P16><<<(unsigned)items, kNW * 32, L::bytes, st>>>(*a, iv, po, pl, Pk, HT, njt);
   e = cudaGetLastError();
   if (e != cudaSuccess) return e;
@@ -440,7 +452,13 @@ extern "C" int nsa_cuda_fwd_key_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, i
   const int HT = a->h < 16 ? (int)a->h : 16;
   const int Pk = 16 / HT;
   const int64_t njt = (a->h + 15) / 16;
-  int64_t seg = 32 * (int64_t)Pk / njt;  // ~32 chunks (4 per warp) per item
+  // Chunks per CTA item: each item pays a prologue (K/V tile, row metadata,
+  // first Q gathers) that its chunks amortize. NSA_CUDA_FWD_KEY_CHUNKS
+  // overrides (A/B runs); rows per item are capped by kSegMax.
+  int64_t chunks = 32;
+  const char *ce = getenv("NSA_CUDA_FWD_KEY_CHUNKS");
+  if (ce && atoll(ce) > 0) chunks = atoll(ce);
+  int64_t seg = chunks * (int64_t)Pk / njt;
   if (seg < 1) seg = 1;
   if (seg > kSegMax) seg = kSegMax;
   L->seg_rows = (int)seg;
