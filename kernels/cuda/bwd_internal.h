@@ -50,8 +50,8 @@ cudaError_t nsa_cuda_launch_bwd_preprocess(const nsa_cuda_bwd_t *a, nsa_dtype_t 
 /* Sizes of the inversion for `rows` rows, `cap` pair capacity and `ntiles`
  * tiles (B*G*NT): byte offsets inside one workspace block. */
 typedef struct {
-  size_t cnt, pair_off, keys_in, vals_in, keys_out, vals_out, idx_in, rows_out, masks, tile_off, nseg, item_off, part_off,
-      temp, temp_bytes, total;
+  size_t cnt, pair_off, keys_in, vals_in, keys_out, vals_out, idx_in, rows_out, masks, masks_in, tile_off, nseg, item_off,
+      part_off, temp, temp_bytes, total;
 } nsa_cuda_inv_layout_t;
 size_t nsa_cuda_inv_layout(int64_t rows, int64_t cap, int64_t ntiles, nsa_cuda_inv_layout_t *L);
 

@@ -7,7 +7,8 @@
 //      boundary of two consecutive spans: skip tiles <= the previous last);
 //   2. exclusive scan (CUB) → pair_off; pads past the total get key = ntiles;
 //   3. write_kernel: pairs in row order, pair p in [pair_off[r], pair_off[r+1])
-//      has key = tile and row_of[p] = r;
+//      has key = tile, row_of[p] = r and the row's 64-bit key mask inside
+//      the tile (a tile shared by two consecutive spans ORs both);
 //   4. CUB radix sort of (key, p). LSD radix sort is stable and p grows with
 //      the row, so rows stay ascending within a tile: the dk/dv summation
 //      order is fixed and the result deterministic, with no atomics at all.
@@ -15,7 +16,7 @@
 //      per-pair partial: dq of row r is then the sum of the contiguous
 //      partials pair_off[r] .. pair_off[r+1] in order;
 //   5. tile_off[x] = lower_bound(keys, x) (binary search, no atomics), and
-//      per pair the row's 64-bit key mask inside the tile (so the dk/dv
+//      per sorted pair its row and mask gathered through pidx (so the dk/dv
 //      kernels read one word instead of walking the row's spans);
 //   6. segments: tile x with c rows gets max(1, ceil(c / seg_rows)) CTA items,
 //      and, when that is > 1, as many f32 partial slots; two scans give the
@@ -67,7 +68,7 @@ __global__ void pad_kernel(const int32_t *__restrict__ pair_off, int64_t rows, i
 __global__ void write_kernel(const int2 *__restrict__ spans, const int32_t *__restrict__ nspans,
                              int64_t row0, int64_t rows, int64_t n, int64_t S, int64_t G, int64_t NT,
                              int64_t cap, const int32_t *__restrict__ pair_off, unsigned *__restrict__ keys,
-                             int32_t *__restrict__ vals) {
+                             int32_t *__restrict__ vals, unsigned long long *__restrict__ mask_of) {
   const int64_t r = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;  // local row
   if (r >= rows) return;
   const int64_t gr = row0 + r;  // the plan's row
@@ -79,11 +80,22 @@ __global__ void write_kernel(const int2 *__restrict__ spans, const int32_t *__re
   for (int i = 0; i < nsp; i++) {
     const int2 sp = spans[gr * n + i];
     if (sp.y <= sp.x) continue;
-    int first = sp.x / kT, last = (sp.y - 1) / kT;
-    if (first <= prev) first = prev + 1;
-    for (int kt = first; kt <= last && pos < cap; kt++, pos++) {  // pos < cap: never past the bound
-      keys[pos] = (unsigned)(base + kt);
-      vals[pos] = (int32_t)r;
+    const int first = sp.x / kT, last = (sp.y - 1) / kT;
+    for (int kt = first; kt <= last; kt++) {
+      // the row's keys of this span inside tile kt, as bits of the tile
+      const int k0 = kt * kT;
+      const int lo = max(sp.x, k0) - k0, hi = min(sp.y, k0 + kT) - k0;
+      const unsigned long long m = (hi - lo == 64 ? ~0ull : ((1ull << (hi - lo)) - 1ull)) << lo;
+      if (kt <= prev) {  // spans are sorted and disjoint: only the previous span's last tile repeats
+        if (pos - 1 < cap) mask_of[pos - 1] |= m;
+        continue;
+      }
+      if (pos < cap) {  // never past the bound
+        keys[pos] = (unsigned)(base + kt);
+        vals[pos] = (int32_t)r;
+        mask_of[pos] = m;
+      }
+      pos++;
     }
     if (last > prev) prev = last;
   }
@@ -102,10 +114,11 @@ __global__ void tile_off_kernel(const unsigned *__restrict__ keys, int64_t cap, 
   tile_off[x] = (int32_t)lo;
 }
 
+// Sorted pair i: its row (the plan's id) and key mask, gathered from the
+// row-ordered arrays through pidx.
 __global__ void mask_kernel(const unsigned *__restrict__ keys, const int32_t *__restrict__ pidx,
-                            const int32_t *__restrict__ row_of, const int2 *__restrict__ spans,
-                            const int32_t *__restrict__ nspans, int64_t row0, int64_t n, int64_t NT,
-                            int64_t cap, unsigned pad, int32_t *__restrict__ rows_out,
+                            const int32_t *__restrict__ row_of, const unsigned long long *__restrict__ mask_of,
+                            int64_t row0, int64_t cap, unsigned pad, int32_t *__restrict__ rows_out,
                             unsigned long long *__restrict__ masks) {
   const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= cap) return;
@@ -115,19 +128,9 @@ __global__ void mask_kernel(const unsigned *__restrict__ keys, const int32_t *__
     rows_out[i] = -1;
     return;
   }
-  const int64_t r = row0 + row_of[pidx[i]];  // the plan's row
-  rows_out[i] = (int32_t)r;
-  const int k0 = (int)((x % NT) * kT);
-  unsigned long long m = 0;
-  const int nsp = nspans[r];
-  for (int j = 0; j < nsp; j++) {
-    const int2 sp = spans[r * n + j];
-    const int lo = max(sp.x, k0) - k0, hi = min(sp.y, k0 + kT) - k0;
-    if (hi <= lo) continue;
-    const unsigned long long ones = hi - lo == 64 ? ~0ull : ((1ull << (hi - lo)) - 1ull);
-    m |= ones << lo;
-  }
-  masks[i] = m;
+  const int32_t p = pidx[i];
+  rows_out[i] = (int32_t)(row0 + row_of[p]);
+  masks[i] = mask_of[p];
 }
 
 __global__ void seg_kernel(const int32_t *__restrict__ tile_off, int64_t ntiles, int seg_rows,
@@ -182,6 +185,8 @@ extern "C" size_t nsa_cuda_inv_layout(int64_t rows, int64_t cap, int64_t ntiles,
   L->rows_out = o;
   o = align256(o + (size_t)cap * 4);
   L->masks = o;
+  o = align256(o + (size_t)cap * 8);
+  L->masks_in = o;
   o = align256(o + (size_t)cap * 8);
   L->tile_off = o;
   o = align256(o + (size_t)(ntiles + 1) * 4);
@@ -248,8 +253,9 @@ extern "C" cudaError_t nsa_cuda_launch_invert_rows(const nsa_plan_t *plan, int64
     NSA_CK(cudaGetLastError());
   }
   if (rows > 0) {
-    write_kernel<<<(unsigned)((rows + th - 1) / th), th, 0, st>>>(sp, plan->nspans, row0, rows, plan->n, S,
-                                                                  G, NT, cap, pair_off, kin, vin);
+    write_kernel<<<(unsigned)((rows + th - 1) / th), th, 0, st>>>(
+        sp, plan->nspans, row0, rows, plan->n, S, G, NT, cap, pair_off, kin, vin,
+        (unsigned long long *)(w + L->masks_in));
     NSA_CK(cudaGetLastError());
   }
   if (cap > 0) {
@@ -259,8 +265,9 @@ extern "C" cudaError_t nsa_cuda_launch_invert_rows(const nsa_plan_t *plan, int64
   tile_off_kernel<<<(unsigned)((ntiles + 1 + th - 1) / th), th, 0, st>>>(kout, cap, ntiles, tile_off);
   NSA_CK(cudaGetLastError());
   if (cap > 0) {
-    mask_kernel<<<(unsigned)((cap + th - 1) / th), th, 0, st>>>(kout, vout, vin, sp, plan->nspans, row0, plan->n,
-                                                                NT, cap, (unsigned)ntiles, rout,
+    mask_kernel<<<(unsigned)((cap + th - 1) / th), th, 0, st>>>(kout, vout, vin,
+                                                                (const unsigned long long *)(w + L->masks_in),
+                                                                row0, cap, (unsigned)ntiles, rout,
                                                                 (unsigned long long *)(w + L->masks));
     NSA_CK(cudaGetLastError());
   }
