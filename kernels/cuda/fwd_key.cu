@@ -455,7 +455,7 @@ extern "C" int nsa_cuda_fwd_key_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, i
   // Chunks per CTA item: each item pays a prologue (K/V tile, row metadata,
   // first Q gathers) that its chunks amortize. NSA_CUDA_FWD_KEY_CHUNKS
   // overrides (A/B runs); rows per item are capped by kSegMax.
-  int64_t chunks = 32;
+  int64_t chunks = 128;  // H200, T = 16k: h = 16 5.95 / 5.67 / 5.55 ms at 32 / 64 / 128 (docs/PERF.md)
   const char *ce = getenv("NSA_CUDA_FWD_KEY_CHUNKS");
   if (ce && atoll(ce) > 0) chunks = atoll(ce);
   int64_t seg = chunks * (int64_t)Pk / njt;
