@@ -100,6 +100,23 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
+// CTA item `it` of the inverted plan (bwd_invert_plan.cu: item_off
+// [ntiles+1] = first item of each tile) -> tile x and segment index within
+// it; false past the real item count (the grid is an upper bound).
+__device__ __forceinline__ bool inv_find_item(const int32_t *item_off, int64_t ntiles, int64_t it, int64_t *x,
+                                              int *seg) {
+  if (it >= item_off[ntiles]) return false;
+  int64_t lo = 0, hi = ntiles - 1;  // last x with item_off[x] <= it
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) >> 1;
+    if (item_off[mid] <= it) lo = mid;
+    else hi = mid - 1;
+  }
+  *x = lo;
+  *seg = (int)(it - item_off[lo]);
+  return true;
+}
+
 // A fragment (16 x 16, row-major) from two m16n8 accumulator tiles c[0], c[1]
 // (columns 0-7 and 8-15 of the same 16 rows): the accumulator layout of
 // m16n8 equals the A layout of m16n8k16 half by half.

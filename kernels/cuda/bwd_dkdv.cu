@@ -43,18 +43,10 @@ struct Inv {
   int seg_rows;
 };
 
-// CTA item -> tile x and segment; false when past the real item count.
+// CTA item -> tile x, segment and the tile's segment count.
 __device__ __forceinline__ bool find_item(const Inv &iv, int64_t it, int64_t *x, int *seg, int *nseg) {
-  if (it >= iv.item_off[iv.ntiles]) return false;
-  int64_t lo = 0, hi = iv.ntiles - 1;  // last x with item_off[x] <= it
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) >> 1;
-    if (iv.item_off[mid] <= it) lo = mid;
-    else hi = mid - 1;
-  }
-  *x = lo;
-  *seg = (int)(it - iv.item_off[lo]);
-  *nseg = iv.item_off[lo + 1] - iv.item_off[lo];
+  if (!inv_find_item(iv.item_off, iv.ntiles, it, x, seg)) return false;
+  *nseg = iv.item_off[*x + 1] - iv.item_off[*x];
   return true;
 }
 

@@ -49,22 +49,6 @@ struct KInv {
   int seg_rows;
 };
 
-// CTA item -> tile x and segment; false past the real item count.
-__device__ __forceinline__ bool find_item(const KInv &iv, int64_t it, int64_t *x, int *seg) {
-  if (it >= iv.item_off[iv.ntiles]) return false;
-  int64_t lo = 0, hi = iv.ntiles - 1;  // last x with item_off[x] <= it
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) >> 1;
-    if (iv.item_off[mid] <= it) lo = mid;
-    else hi = mid - 1;
-  }
-  *x = lo;
-  *seg = (int)(it - iv.item_off[lo]);
-  return true;
-}
-
-// Shared memory of one CTA. Rows are padded by 16 bytes so the 8 rows an
-// ldmatrix reads fall in different banks.
 // N consecutive 16-bit partial values (N = 2 or 4, 4- or 8-byte aligned) as f32.
 template <typename T, int N> __device__ __forceinline__ void load16(const T *p, float *v);
 template <> __device__ __forceinline__ void load16<__nv_bfloat16, 2>(const __nv_bfloat16 *p, float *v) {
@@ -121,7 +105,7 @@ __global__ void __launch_bounds__(kNW * 32, 2)
 
   int64_t x;
   int seg;
-  if (!find_item(iv, blockIdx.x, &x, &seg)) return;
+  if (!inv_find_item(iv.item_off, iv.ntiles, blockIdx.x, &x, &seg)) return;
   if (a.invalid != nullptr && *a.invalid > 0) return;  // the merge writes NaN
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t kt = x % iv.NT, bg = x / iv.NT, g = bg % a.G, b = bg / a.G;
