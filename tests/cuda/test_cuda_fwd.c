@@ -242,6 +242,37 @@ Test(cuda_fwd, key_vs_query_centric) {
   nsa_cuda_ctx_destroy(qc);
 }
 
+/* A workspace cap that holds the query-centric request but not the
+ * key-centric one (inversion + partials): the request must still succeed,
+ * on the query-centric kernel (same workspace as a query-centric context),
+ * with correct outputs, instead of failing with busy. */
+Test(cuda_fwd, key_centric_falls_back_under_cap) {
+  NSA_REQUIRE_GPU();
+  nsa_tu_case_cfg_t cfg = base();
+  cfg.h = 4;
+  cfg.Dk = cfg.Dv = 128;
+  cfg.S = 64;
+  cfg.Skv = 512;
+  cfg.block_size = 64;
+  cfg.n = 6;
+  cfg.seed = 1500;
+  fx_t f;
+  fx_init(&f, &cfg);
+  nsa_cuda_ctx_t *qc = mkctx_env("0");
+  nsa_run_info_t iq, ik;
+  run_check_info(qc, &f, NSA_PATH_VARLEN_V2, &iq);
+  nsa_cuda_ctx_destroy(qc);
+  setenv("NSA_CUDA_FWD_KEY", "1", 1);
+  nsa_cuda_ctx_t *capped = mkctx(iq.workspace_bytes);
+  unsetenv("NSA_CUDA_FWD_KEY");
+  run_check_info(capped, &f, NSA_PATH_VARLEN_V2, &ik);
+  cr_expect_eq(ik.workspace_bytes, iq.workspace_bytes,
+               "capped context used %zu bytes, the query-centric request %zu", ik.workspace_bytes,
+               iq.workspace_bytes);
+  nsa_cuda_ctx_destroy(capped);
+  fx_free(&f);
+}
+
 /* Layouts: K/V stored [B,G,Skv,D] (strided but aligned: tensor cores),
  * gapped + padded everything (generic kernel), head dims the tensor-core
  * kernel does not build (generic kernel). */
