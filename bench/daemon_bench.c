@@ -482,6 +482,7 @@ static const char *const k_phase[8] = {"decode", "submit", "queue", "backend",
                                        "post",   "complete", "reply", "total"};
 
 /* Sums and counts of nsad_request_phase_seconds by [sync][phase]. 0 or -1. */
+#ifdef NSA_HAVE_CUDA /* used by the --cuda phase table only */
 static int phase_snapshot(nsa_client_t *c, double sum[2][8], int64_t cnt[2][8]) {
   nsa_client_value_t *v = NULL;
   memset(sum, 0, sizeof(double) * 16);
@@ -507,6 +508,7 @@ static int phase_snapshot(nsa_client_t *c, double sum[2][8], int64_t cnt[2][8]) 
   nsa_client_value_free(v);
   return found == 16 ? 0 : -1;
 }
+#endif
 
 /* nsad's effective flags for client c (flags.get "effective": bools and
  * MIN_L as integers, the rate as a double). 0, or -1 (r->flags = defaults). */

@@ -238,7 +238,7 @@ static int sample_line(st_t *s, const char *p) {
   f->has_samples = 1;
 
   /* duplicate series */
-  char full[700];
+  char full[1280]; /* name + labels + le, each bounded by the parser */
   snprintf(full, sizeof full, "%s{%sle=%s}", name, key, has_le ? le : "");
   for (int i = 0; i < s->nser; i++)
     if (!strcmp(s->series[i], full)) return fail(s, "duplicate series %s", full);
