@@ -26,7 +26,8 @@ for f in 'cuda_plan/*' ; do
     "$B/test_cuda_plan" --jobs 1 --filter "$f" >> "$OUT/memcheck.log" 2>&1 || { echo "memcheck FAIL $f"; rc=1; }
 done
 for f in 'cuda_fwd/invalid_selection' 'cuda_fwd/shapes_and_blocks' 'cuda_fwd/heads_bf16_blocks' \
-         'cuda_fwd/layouts_and_fallbacks' 'cuda_fwd/async_graph_determinism' 'cuda_fwd/flags_choose_path'; do
+         'cuda_fwd/layouts_and_fallbacks' 'cuda_fwd/async_graph_determinism' 'cuda_fwd/flags_choose_path' \
+         'cuda_fwd/key_vs_query_centric' 'cuda_fwd/key_centric_falls_back_under_cap'; do
   timeout 200 compute-sanitizer --tool memcheck --target-processes all --error-exitcode 9 \
     "$B/test_cuda_fwd" --jobs 1 --filter "$f" >> "$OUT/memcheck.log" 2>&1 || { echo "memcheck FAIL $f"; rc=1; }
 done
