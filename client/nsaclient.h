@@ -70,7 +70,10 @@ typedef struct {
 } nsa_client_info_t;
 
 /* Connects and says hello. On failure *out is NULL and the error is readable
- * with nsa_client_open_error(). */
+ * with nsa_client_open_error().
+ * Environment: NSACLIENT_SPIN_US (default 50, 0..10000): while waiting for a
+ * reply, poll without sleeping for up to this many microseconds first, so a
+ * fast reply costs no thread wake-up (0 = always sleep in poll()). */
 int nsa_client_open(nsa_client_t **out, const nsa_client_opts_t *opts);
 /* Error of the last failed nsa_client_open in this thread: "code: message". */
 const char *nsa_client_open_error(void);

@@ -47,6 +47,7 @@ struct nsa_client {
   int nlabels;
   int timeout_ms;
   int attempts;
+  int spin_us; /* NSACLIENT_SPIN_US: busy-poll this long for a reply before sleeping */
   nsa_proto_decoder_t *dec;
   uint32_t next_msgid;
   nsac_stash_t *stash_head, *stash_tail;

@@ -341,3 +341,40 @@ Test(client, cuda_registrations_and_exec_options_on_the_cpu_backend) {
   nsa_client_close(c);
   cr_expect_eq(th_stop(&d, 1), 0);
 }
+
+/* NSACLIENT_SPIN_US: replies and forwards work with the spin off, at its
+ * maximum, and with values the client must clamp or ignore; a reply that
+ * never comes still ends at the call's timeout, spin or not. */
+Test(client, reply_spin_settings) {
+  th_nsad_t d;
+  cr_assert_eq(th_start(&d, NULL), 0);
+  const char *vals[] = {"0", "1", "10000", "999999", "-7", "abc"};
+  for (size_t i = 0; i < sizeof vals / sizeof vals[0]; i++) {
+    setenv("NSACLIENT_SPIN_US", vals[i], 1);
+    nsa_client_t *c = th_client(&d, "spinner");
+    cr_assert_not_null(c, "open with NSACLIENT_SPIN_US=%s", vals[i]);
+    for (int k = 0; k < 50; k++) cr_assert_eq(nsa_client_ping(c), 0, "%s", nsa_client_error_message(c));
+    th_prob_t p;
+    cr_assert_eq(th_prob_init(&p, c, 1, 32, 256, 2, 4, 64, 16, 8, 0, 40 + (int)i), 0);
+    th_prob_fill(&p);
+    nsa_client_result_t r;
+    cr_expect_eq(nsa_client_forward(c, &p.fwd, &r), 0, "%s", nsa_client_error_message(c));
+    cr_expect_leq(th_prob_check_fwd(&p), 1e-5, "NSACLIENT_SPIN_US=%s", vals[i]);
+    th_prob_free(&p, c);
+    nsa_client_close(c);
+  }
+  /* a stopped daemon never answers: the call must still time out */
+  setenv("NSACLIENT_SPIN_US", "10000", 1);
+  nsa_client_opts_t o = {.socket_path = d.sock, .name = "spinner", .timeout_ms = 300,
+                         .reconnect_attempts = 1};
+  nsa_client_t *c = NULL;
+  cr_assert_eq(nsa_client_open(&c, &o), 0);
+  kill(d.pid, SIGSTOP);
+  const int rc = nsa_client_ping(c);
+  kill(d.pid, SIGCONT);
+  cr_expect_neq(rc, 0, "ping answered by a stopped daemon?");
+  cr_expect_str_eq(nsa_client_error_code(c), "timeout");
+  nsa_client_close(c);
+  unsetenv("NSACLIENT_SPIN_US");
+  cr_expect_eq(th_stop(&d, 1), 0);
+}
