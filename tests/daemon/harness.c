@@ -81,6 +81,7 @@ pid_t th_spawn(th_nsad_t *d, const char *sock, const char *const *extra, int wai
       argv[n++] = w;
     wrapped = n > 0;
   }
+  d->wrapped = wrapped;
   argv[n++] = NSAD_BIN;
   argv[n++] = "--socket";
   argv[n++] = sock;
@@ -174,10 +175,9 @@ static void term_children(pid_t pid) {
 int th_stop(th_nsad_t *d, int rm_dir) {
   int rc = -1, had = d->pid > 0;
   if (d->pid > 0) {
-    const char *we = getenv("NSAD_TEST_WRAPPER");
-    if (we && we[0]) term_children(d->pid);
+    if (d->wrapped) term_children(d->pid);
     else kill(d->pid, SIGTERM);
-    rc = th_wait_exit(d->pid, (we && we[0]) ? 120000 : 20000);
+    rc = th_wait_exit(d->pid, d->wrapped ? 120000 : 20000);
     if (rc < 0) {
       kill(d->pid, SIGKILL);
       th_wait_exit(d->pid, 5000);

@@ -20,6 +20,7 @@ typedef struct {
   char sock[192];
   char log[192];
   pid_t pid;
+  int wrapped; /* pid is NSAD_TEST_WRAPPER's tool, nsad its child */
 } th_nsad_t;
 
 /* Creates a temp dir and starts nsad on <dir>/nsad.sock with extra args
