@@ -39,6 +39,7 @@ struct Inv {
   const int32_t *pidx;              // per pair: its index in row order (dq partial slot)
   const int2 *spans;
   const int32_t *nspans;
+  float *acc;  // row batches (bwd_request.cu): f32 dk/dv accumulators [ntiles][slot], else null
   int64_t NT, ntiles;
   int seg_rows;
 };
@@ -50,11 +51,15 @@ __device__ __forceinline__ bool find_item(const Inv &iv, int64_t it, int64_t *x,
   return true;
 }
 
-// Writes one key's results: final (T, dk scaled) or f32 partial.
+// Writes one key's results: final or f32 segment partial. Final values go to
+// dk/dv (T, dk scaled) or, when the request runs in row batches, are added
+// to the tile's f32 accumulator accx (unscaled; acc_store_kernel writes dk/dv
+// after the last batch). Only one CTA (or the reduction) finalizes a tile per
+// batch and batches run in stream order, so the += is race-free and ordered.
 template <typename T>
-__device__ __forceinline__ void put(const nsa_cuda_bwd_t &a, bool final_, float *part, int64_t b, int64_t g,
-                                    int tok, int kk, bool isk, int col, float val) {
-  if (final_) {
+__device__ __forceinline__ void put(const nsa_cuda_bwd_t &a, bool final_, float *part, float *accx, int64_t b,
+                                    int64_t g, int tok, int kk, bool isk, int col, float val) {
+  if (final_ && accx == nullptr) {
     if (tok >= a.Skv) return;
     if (isk)
       st(reinterpret_cast<T *>(a.dk) + b * a.dks[0] + (int64_t)tok * a.dks[1] + g * a.dks[2] + col * a.dks[3],
@@ -63,9 +68,15 @@ __device__ __forceinline__ void put(const nsa_cuda_bwd_t &a, bool final_, float 
       st(reinterpret_cast<T *>(a.dv) + b * a.dvs[0] + (int64_t)tok * a.dvs[1] + g * a.dvs[2] + col * a.dvs[3],
          val);
   } else {
-    if (isk) part[kk * a.Dk + col] = val;
-    else part[kT * a.Dk + kk * a.Dv + col] = val;
+    float *dst = final_ ? accx : part;
+    const int64_t e = isk ? (int64_t)kk * a.Dk + col : (int64_t)kT * a.Dk + kk * a.Dv + col;
+    if (final_) dst[e] += val;
+    else dst[e] = val;
   }
+}
+
+__device__ __forceinline__ float *acc_of(const nsa_cuda_bwd_t &a, const Inv &iv, int64_t x) {
+  return iv.acc == nullptr ? nullptr : iv.acc + x * kT * (a.Dk + a.Dv);
 }
 
 // ------------------------------------------------------------------ generic --
@@ -162,20 +173,23 @@ __global__ void __launch_bounds__(kGenThreads)
   }
   const bool final_ = nseg == 1;
   float *pp = final_ ? nullptr : part + (int64_t)(iv.part_off[x] + seg) * kT * (a.Dk + a.Dv);
+  float *accx = acc_of(a, iv, x);
 #pragma unroll
   for (int i = 0; i < kMaxD / 4; i++) {
     const int d = c + 4 * i;
-    if (d < a.Dk) put<T>(a, final_, pp, b, g, tok, kk, true, d, bad ? NAN : dk[i]);
-    if (d < a.Dv) put<T>(a, final_, pp, b, g, tok, kk, false, d, bad ? NAN : dv[i]);
+    if (d < a.Dk) put<T>(a, final_, pp, accx, b, g, tok, kk, true, d, bad ? NAN : dk[i]);
+    if (d < a.Dv) put<T>(a, final_, pp, accx, b, g, tok, kk, false, d, bad ? NAN : dv[i]);
   }
 }
 
-// Tiles with several segments: dk/dv = Σ_seg partial[seg] in segment order.
+// Tiles with several segments: dk/dv = Σ_seg partial[seg] in segment order
+// (added to the tile's accumulator in row-batch mode).
 template <typename T>
 __global__ void reduce_kernel(nsa_cuda_bwd_t a, Inv iv, const float *__restrict__ part) {
   const int64_t x = blockIdx.x;
   const int p0 = iv.part_off[x], np = iv.part_off[x + 1] - p0;
   if (np == 0) return;
+  float *accx = acc_of(a, iv, x);
   const int64_t kt = x % iv.NT, bg = x / iv.NT, g = bg % a.G, b = bg / a.G;
   const int k0 = (int)(kt * kT);
   const int64_t slot = kT * (a.Dk + a.Dv);
@@ -186,7 +200,23 @@ __global__ void reduce_kernel(nsa_cuda_bwd_t a, Inv iv, const float *__restrict_
     const int64_t f = isk ? e : e - kT * a.Dk;
     const int D = (int)(isk ? a.Dk : a.Dv);
     const int kk = (int)(f / D), col = (int)(f % D);
-    put<T>(a, true, nullptr, b, g, k0 + kk, kk, isk, col, s);
+    put<T>(a, true, nullptr, accx, b, g, k0 + kk, kk, isk, col, s);
+  }
+}
+
+// Row-batch mode, after the last batch: dk/dv of tile x from its accumulator.
+template <typename T>
+__global__ void acc_store_kernel(nsa_cuda_bwd_t a, int64_t NT, const float *__restrict__ acc) {
+  const int64_t x = blockIdx.x;
+  const int64_t kt = x % NT, bg = x / NT, g = bg % a.G, b = bg / a.G;
+  const int k0 = (int)(kt * kT);
+  const int64_t slot = kT * (a.Dk + a.Dv);
+  for (int64_t e = threadIdx.x; e < slot; e += blockDim.x) {
+    const bool isk = e < kT * a.Dk;
+    const int64_t f = isk ? e : e - kT * a.Dk;
+    const int D = (int)(isk ? a.Dk : a.Dv);
+    const int kk = (int)(f / D), col = (int)(f % D);
+    put<T>(a, true, nullptr, nullptr, b, g, k0 + kk, kk, isk, col, acc[x * slot + e]);
   }
 }
 
@@ -470,6 +500,7 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
 
   const bool final_ = nseg == 1;
   float *pp = final_ ? nullptr : part + (int64_t)(iv.part_off[x] + seg) * kT * (a.Dk + a.Dv);
+  float *accx = acc_of(a, iv, x);
 #pragma unroll
   for (int rh = 0; rh < 2; rh++) {
     const int kk = kw + r0 + rh * 8;
@@ -478,13 +509,13 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
     for (int i = 0; i < DKW / 8; i++)
 #pragma unroll
       for (int e = 0; e < 2; e++)
-        put<T>(a, final_, pp, b, g, tok, kk, true, hs * DKW + i * 8 + (lane & 3) * 2 + e,
+        put<T>(a, final_, pp, accx, b, g, tok, kk, true, hs * DKW + i * 8 + (lane & 3) * 2 + e,
                bad ? NAN : dk[i][rh * 2 + e]);
 #pragma unroll
     for (int i = 0; i < DVW / 8; i++)
 #pragma unroll
       for (int e = 0; e < 2; e++)
-        put<T>(a, final_, pp, b, g, tok, kk, false, hs * DVW + i * 8 + (lane & 3) * 2 + e,
+        put<T>(a, final_, pp, accx, b, g, tok, kk, false, hs * DVW + i * 8 + (lane & 3) * 2 + e,
                bad ? NAN : dv[i][rh * 2 + e]);
   }
 }
@@ -565,7 +596,8 @@ cudaError_t launch_all<float>(const nsa_cuda_bwd_t *a, int, const Inv &iv, float
 extern "C" cudaError_t nsa_cuda_launch_bwd_dkdv(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, int use_mma,
                                                 const nsa_plan_t *plan, const void *inv_ws,
                                                 const nsa_cuda_inv_layout_t *L, int64_t NT, int seg_rows,
-                                                int64_t items_bound, float *part, float *dqp, cudaStream_t st) {
+                                                int64_t items_bound, float *part, float *dqp, float *acc,
+                                                cudaStream_t st) {
   Inv iv;
   const char *w = (const char *)inv_ws;
   iv.tile_off = (const int32_t *)(w + L->tile_off);
@@ -576,6 +608,7 @@ extern "C" cudaError_t nsa_cuda_launch_bwd_dkdv(const nsa_cuda_bwd_t *a, nsa_dty
   iv.part_off = (const int32_t *)(w + L->part_off);
   iv.spans = (const int2 *)plan->spans;
   iv.nspans = plan->nspans;
+  iv.acc = acc;
   iv.NT = NT;
   iv.ntiles = a->B * a->G * NT;
   iv.seg_rows = seg_rows;
@@ -590,19 +623,35 @@ extern "C" cudaError_t nsa_cuda_launch_bwd_dkdv(const nsa_cuda_bwd_t *a, nsa_dty
   }
 }
 
+extern "C" cudaError_t nsa_cuda_launch_bwd_acc_store(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, int64_t NT,
+                                                    const float *acc, cudaStream_t st) {
+  const int64_t ntiles = a->B * a->G * NT;
+  if (ntiles == 0) return cudaSuccess;
+  if (ntiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  switch (dt) {
+    case NSA_F32: acc_store_kernel<float><<<(unsigned)ntiles, 256, 0, st>>>(*a, NT, acc); break;
+    case NSA_F16: acc_store_kernel<__half><<<(unsigned)ntiles, 256, 0, st>>>(*a, NT, acc); break;
+    case NSA_BF16: acc_store_kernel<__nv_bfloat16><<<(unsigned)ntiles, 256, 0, st>>>(*a, NT, acc); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
 // ---- key-centric dq: dq[r][j] = scale * sum of pair partials, pairs of row r in order ----
+// Rows [row0, row0 + rows) of one row batch: pair_off and the partials are
+// batch-local (pair_off[r - row0]).
 namespace {
 template <typename T>
-__global__ void __launch_bounds__(128) dq_reduce_kernel(nsa_cuda_bwd_t a, const int32_t *__restrict__ pair_off,
+__global__ void __launch_bounds__(128) dq_reduce_kernel(nsa_cuda_bwd_t a, int64_t row0, int64_t rows,
+                                                        const int32_t *__restrict__ pair_off,
                                                         const float *__restrict__ dqp) {
   const int lane = threadIdx.x & 31;
   const int64_t pr = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  const int64_t rows = a.B * a.S * a.G;
   if (pr >= rows * a.h) return;
   const bool bad = a.invalid != nullptr && *a.invalid > 0;
-  const int64_t r = pr / a.h, j = pr % a.h;
+  const int64_t lr = pr / a.h, j = pr % a.h, r = row0 + lr;
   const int64_t g = r % a.G, t = (r / a.G) % a.S, b = r / (a.G * a.S);
-  const int p0 = pair_off[r], p1 = pair_off[r + 1];
+  const int p0 = pair_off[lr], p1 = pair_off[lr + 1];
   T *dq = reinterpret_cast<T *>(a.dq) + b * a.dqs[0] + t * a.dqs[1] + (g * a.h + j) * a.dqs[2];
   for (int64_t d = lane; d < a.Dk; d += 32) {
     float s = 0.f;
@@ -620,15 +669,15 @@ extern "C" int nsa_cuda_bwd_dq_key_ok(nsa_dtype_t dt, int64_t Dk, int64_t Dv) {
 
 extern "C" cudaError_t nsa_cuda_launch_bwd_dq_reduce(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, const void *inv_ws,
                                                      const nsa_cuda_inv_layout_t *L, const float *dqp,
-                                                     cudaStream_t st) {
-  const int64_t pairs = a->B * a->S * a->G * a->h;
-  if (pairs == 0) return cudaSuccess;
+                                                     int64_t row0, int64_t rows, cudaStream_t st) {
+  const int64_t pairs = rows * a->h;
+  if (pairs <= 0) return cudaSuccess;
   const int64_t blocks = (pairs * 32 + 127) / 128;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const int32_t *po = (const int32_t *)((const char *)inv_ws + L->pair_off);
   switch (dt) {
-    case NSA_F16: dq_reduce_kernel<__half><<<(unsigned)blocks, 128, 0, st>>>(*a, po, dqp); break;
-    case NSA_BF16: dq_reduce_kernel<__nv_bfloat16><<<(unsigned)blocks, 128, 0, st>>>(*a, po, dqp); break;
+    case NSA_F16: dq_reduce_kernel<__half><<<(unsigned)blocks, 128, 0, st>>>(*a, row0, rows, po, dqp); break;
+    case NSA_BF16: dq_reduce_kernel<__nv_bfloat16><<<(unsigned)blocks, 128, 0, st>>>(*a, row0, rows, po, dqp); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();

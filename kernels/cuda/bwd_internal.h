@@ -59,23 +59,18 @@ size_t nsa_cuda_inv_layout(int64_t rows, int64_t cap, int64_t ntiles, nsa_cuda_i
  * a block-id selection of block size bs and n slots (capped at NT). */
 int64_t nsa_cuda_inv_row_bound_blocks(int64_t n, int32_t bs, int64_t NT);
 
-/* Builds the inverted plan into the workspace `ws` laid out by L:
+/* Builds the inverted plan of the plan's rows [row0, row0 + rows) into the
+ * workspace `ws` laid out by L (for `rows` rows and pair capacity `cap`):
  *   tile_off [ntiles+1] i32: rows of tile x are vals_out[tile_off[x] .. tile_off[x+1])
- *   rows_out [cap]      i32: row ids, ascending within each tile
- *   vals_out [cap]      i32: the pair's index p in row order (pair_off[r] <= p < pair_off[r+1])
- *   pair_off [rows+1]   i32: the row-ordered pairs of row r
+ *   rows_out [cap]      i32: the plan's row ids, ascending within each tile
+ *   vals_out [cap]      i32: the pair's index p in row order (pair_off[r - row0] <= p < pair_off[r - row0 + 1])
+ *   pair_off [rows+1]   i32: the row-ordered pairs of each row of the batch
  *   masks    [cap]      u64: bit k = key tile*64 + k is in that row's key set
  *   item_off [ntiles+1] i32: CTA items (tile, segment) of tile x start at item_off[x]
  *   part_off [ntiles+1] i32: f32 partial slots of tile x (0 when it has one segment)
- * seg_rows: rows per segment. No host synchronization. */
-cudaError_t nsa_cuda_launch_invert_plan(const nsa_plan_t *plan, int64_t B, int64_t S, int64_t G,
-                                        int64_t NT, int64_t cap, int seg_rows, void *ws,
-                                        const nsa_cuda_inv_layout_t *L, cudaStream_t st);
-
-/* The same for the plan's rows [row0, row0 + rows) only (the key-centric
- * forward's row batches, fwd_key.cu): the layout is for `rows` rows; pair_off
- * and the pair indices p are local to the batch, rows_out holds the plan's
- * row ids. */
+ * seg_rows: rows per segment. Used whole (row0 = 0, all rows) or per row batch
+ * (the key-centric forward, fwd_key.cu; the batched key-centric dq). No host
+ * synchronization. */
 cudaError_t nsa_cuda_launch_invert_rows(const nsa_plan_t *plan, int64_t B, int64_t S, int64_t G,
                                         int64_t NT, int64_t row0, int64_t rows, int64_t cap,
                                         int seg_rows, void *ws, const nsa_cuda_inv_layout_t *L,
@@ -97,20 +92,32 @@ cudaError_t nsa_cuda_launch_bwd_dq_mma(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, 
 /* Key-centric dk/dv over the inverted plan. `items_bound` is the grid (CTAs
  * beyond the real item count exit); `part` holds part_slots f32 partials of
  * 64 x (Dk + Dv). use_mma selects the tensor-core kernel (bf16/f16, built
- * Dk/Dv, aligned rows) over the generic one. */
+ * Dk/Dv, aligned rows) over the generic one.
+ * Row batches (the inversion of rows [row0, row0 + rows) only): acc != NULL
+ * is an f32 accumulator [B*G*NT][64*(Dk+Dv)] (key kk's dk at kk*Dk + d, its
+ * dv at 64*Dk + kk*Dv + d, zeroed before the first batch) that each batch
+ * adds its per-tile sums to, in stream order; nsa_cuda_launch_bwd_acc_store
+ * then writes dk (scaled) and dv from it. acc == NULL writes dk/dv directly
+ * (one inversion of all rows). */
 cudaError_t nsa_cuda_launch_bwd_dkdv(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, int use_mma,
                                      const nsa_plan_t *plan, const void *inv_ws,
                                      const nsa_cuda_inv_layout_t *L, int64_t NT, int seg_rows,
-                                     int64_t items_bound, float *part, float *dqp, cudaStream_t st);
+                                     int64_t items_bound, float *part, float *dqp, float *acc,
+                                     cudaStream_t st);
+cudaError_t nsa_cuda_launch_bwd_acc_store(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, int64_t NT,
+                                          const float *acc, cudaStream_t st);
 
-/* Key-centric dq (small h): with dqp != NULL the tensor-core dk/dv kernel also
+/* Key-centric dq: with dqp != NULL the tensor-core dk/dv kernel also
  * writes, per (pair p, head j), the f32 partial dqp[(p*h + j)*Dk + d] of dq
- * over the pair's 64-key tile; nsa_cuda_launch_bwd_dq_reduce then sums each
- * row's partials in pair order (deterministic). nsa_cuda_bwd_dq_key_ok says
- * whether the tensor-core kernel of (dt, Dk, Dv) supports it. */
+ * over the pair's 64-key tile (p local to the row batch the inversion was
+ * built for); nsa_cuda_launch_bwd_dq_reduce then sums each row of the batch
+ * [row0, row0 + rows) over its partials in pair order (deterministic).
+ * nsa_cuda_bwd_dq_key_ok says whether the tensor-core kernel of (dt, Dk, Dv)
+ * supports it. */
 int nsa_cuda_bwd_dq_key_ok(nsa_dtype_t dt, int64_t Dk, int64_t Dv);
 cudaError_t nsa_cuda_launch_bwd_dq_reduce(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, const void *inv_ws,
-                                          const nsa_cuda_inv_layout_t *L, const float *dqp, cudaStream_t st);
+                                          const nsa_cuda_inv_layout_t *L, const float *dqp, int64_t row0,
+                                          int64_t rows, cudaStream_t st);
 
 /* ---- ctx.cu accessors for bwd_request.cu (added by helper cuda-bwd) ---- */
 typedef struct {

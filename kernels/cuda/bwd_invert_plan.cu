@@ -217,13 +217,6 @@ extern "C" size_t nsa_cuda_inv_layout(int64_t rows, int64_t cap, int64_t ntiles,
     if (e_ != cudaSuccess) return e_;   \
   } while (0)
 
-extern "C" cudaError_t nsa_cuda_launch_invert_plan(const nsa_plan_t *plan, int64_t B, int64_t S,
-                                                   int64_t G, int64_t NT, int64_t cap, int seg_rows,
-                                                   void *ws, const nsa_cuda_inv_layout_t *L,
-                                                   cudaStream_t st) {
-  return nsa_cuda_launch_invert_rows(plan, B, S, G, NT, 0, B * S * G, cap, seg_rows, ws, L, st);
-}
-
 extern "C" cudaError_t nsa_cuda_launch_invert_rows(const nsa_plan_t *plan, int64_t B, int64_t S, int64_t G,
                                                    int64_t NT, int64_t row0, int64_t rows, int64_t cap,
                                                    int seg_rows, void *ws, const nsa_cuda_inv_layout_t *L,

@@ -4,8 +4,9 @@
 //   check → wait_event → plan (v2 on the device / v1 on the host, the forward's
 //   planners) → [summary on the host where needed] → path →
 //   preprocess (delta, lse copy) → dq (query-centric; `packed` gathers K/V
-//   first and runs dq over the packed rows) → invert the plan → dk/dv
-//   (key-centric, segments + ordered partial reduction) → done_event → [sync].
+//   first and runs dq over the packed rows) → per row batch: invert the plan →
+//   dk/dv (key-centric, segments + ordered partial reduction) [+ key-centric
+//   dq and its reduction] → done_event → [sync].
 // Deterministic: no float atomics anywhere; two runs are bitwise identical.
 //
 // Host synchronization happens where the forward has it (sync = 1, v1, the
@@ -18,9 +19,10 @@
 // NSA_BWD_TIMING=1 (development): with sync = 1, prints the time of each
 // phase (preprocess, dq, inversion, dk/dv) to stderr, measured with events;
 // NSA_BWD_SEG=<rows> overrides the rows per dk/dv segment (benchmarks).
-// dq is query-centric (bwd_dq.cu) or, for small h on the tensor-core path,
-// key-centric: the dk/dv kernel writes per-(pair, head) partials that a
-// reduction sums per row in pair order (choose_dq_key); with key-centric dq
+// dq is query-centric (bwd_dq.cu) or, wherever the tensor-core dk/dv kernel
+// supports it, key-centric: the dk/dv kernel writes per-(pair, head) partials that a
+// reduction sums per row in pair order (choose_dq_rows: row batches bound the
+// partials, bwd_internal.h has the accumulator); with key-centric dq
 // the "dq" phase time is ~0 and the work shows under "dkdv".
 #include <stdarg.h>
 #include <stdio.h>
@@ -63,9 +65,11 @@ struct Layout {
   // part 1: plan and per-(row, head) scalars
   size_t sum, plan, len64, ptemp, ptemp_bytes, pieces, gcount, delta, lsec, end1;
   // part 2: inversion, partials, packed buffers
-  size_t inv, part, dqp, pplan, pscr, pscr_bytes, kp, vp, ppieces, pgcount, end;
-  nsa_cuda_inv_layout_t il;
-  int64_t cap, items_bound, NT;
+  size_t inv, part, dqp, acc, pplan, pscr, pscr_bytes, kp, vp, ppieces, pgcount, end;
+  nsa_cuda_inv_layout_t il;  // the inversion of one row batch
+  int64_t cap;               // pair bound of all rows
+  int64_t brows, bcap;       // rows per batch (all rows unless the key-centric dq is batched), its pair bound
+  int64_t items_bound, NT;   // items_bound: for a batch of brows rows
   int seg_rows;
 };
 
@@ -94,28 +98,41 @@ void layout1(const nsa_dims_t *d, int P, Layout *L) {
 }
 
 // Part 2 once the pair capacity (and, for packed, the padded key slots of its
-// length buckets, nsa_cuda_pack_slots) is known.
-void layout2(const nsa_dims_t *d, int64_t cap, int packed, int64_t slots, int dq_key, Layout *L) {
+// length buckets, nsa_cuda_pack_slots) is known. dq_rows: 0 = query-centric
+// dq; else the key-centric dq's rows per batch (== d->rows: one batch).
+// Several batches need block ids (cap = rows * per-row bound) and an f32
+// dk/dv accumulator (bwd_internal.h).
+void layout2(const nsa_dims_t *d, int64_t cap, int packed, int64_t slots, int64_t dq_rows, Layout *L) {
   L->cap = cap;
+  L->brows = dq_rows > 0 && dq_rows < d->rows ? dq_rows : d->rows;
+  L->bcap = L->brows == d->rows ? cap : L->brows * (cap / d->rows);
   L->NT = (d->Skv + NSA_BWD_TILE - 1) / NSA_BWD_TILE;
   const int64_t ntiles = d->B * d->G * L->NT;
-  int64_t seg = d->h >= 16 ? 128 : 2048 / d->h;  // >= 128 MMA chunks per segment
+  // Rows per dk/dv segment: 1024 (the kernel's staging window) was fastest at
+  // every h in an H200 sweep (docs/PERF.md, T = 16k, 64..4096 rows).
+  // Fewer rows where the pairs are few, so small requests still fill the GPU
+  // (>= ~512 CTA items).
+  int64_t seg = L->bcap / 512;
+  if (seg > 1024) seg = 1024;
+  if (seg < 64) seg = 64;
   const char *se = getenv("NSA_BWD_SEG");  // development knob: rows per segment
   if (se && atoll(se) > 0) seg = atoll(se);
   const double slot = (double)NSA_BWD_TILE * (double)(d->Dk + d->Dv) * 4.0;
-  const double need = 2.0 * (double)cap * slot / kPartBudget;
+  const double need = 2.0 * (double)L->bcap * slot / kPartBudget;
   if ((double)seg < need) seg = (int64_t)need + 1;
   if (seg > 0x3fffffff) seg = 0x3fffffff;
   L->seg_rows = (int)seg;
-  const int64_t nparts = 2 * cap / seg + 1;
-  L->items_bound = ntiles + cap / seg + 1;
+  const int64_t nparts = 2 * L->bcap / seg + 1;
+  L->items_bound = ntiles + L->bcap / seg + 1;
   size_t o = L->end1;
   L->inv = o;
-  o = align256(o + nsa_cuda_inv_layout(d->rows, cap, ntiles, &L->il));
+  o = align256(o + nsa_cuda_inv_layout(L->brows, L->bcap, ntiles, &L->il));
   L->part = o;
   o = align256(o + (size_t)nparts * (size_t)slot);
   L->dqp = o;
-  if (dq_key) o = align256(o + (size_t)cap * d->h * d->Dk * 4);
+  if (dq_rows > 0) o = align256(o + (size_t)L->bcap * d->h * d->Dk * 4);
+  L->acc = o;
+  if (L->brows < d->rows) o = align256(o + (size_t)ntiles * (size_t)slot);
   L->pplan = L->pscr = L->kp = L->vp = L->ppieces = L->pgcount = o;
   L->pscr_bytes = 0;
   if (packed) {
@@ -138,20 +155,28 @@ void layout2(const nsa_dims_t *d, int64_t cap, int packed, int64_t slots, int dq
   L->end = o;
 }
 
-// Key-centric dq (partials per (pair, head), bwd_internal.h) where it pays:
-// small h (the query-centric kernel then re-reads every K/V tile for a
-// 16-row MMA that holds few useful rows) and partials within a budget.
-// NSA_BWD_DQ=query|key forces a mode (benchmarks; key only where supported).
-// (Measured on an H200, T=16k G=4 D=128 n=16 bf16: h=1 1.6 ms vs 5.6 ms
-// query-centric, h=4 4.6 vs 10.6.) Partials are f32: cap*h*Dk*4 bytes.
+// Key-centric dq (partials per (pair, head), bwd_internal.h) wherever the
+// tensor-core kernel supports it: the query-centric dq re-reads every K/V
+// tile per query group. (H200, T=16k G=4 D=128 n=16 bf16, whole backward:
+// h=1 1.6 vs 5.6 ms, h=4 4.6 vs 10.6, h=16 13.3 vs 19.8.) Its f32 partials,
+// cap*h*Dk*4 bytes, are bounded by running the rows in batches of at most
+// kDqPartBudget of partials (block ids; a `ranges` selection has no per-row
+// pair bound, so it takes the key-centric dq only when all rows fit one
+// batch). Returns the rows per batch, 0 for the query-centric dq.
+// NSA_BWD_DQ=query|key forces a mode (key: still batched);
+// NSA_BWD_DQ_BATCH_ROWS caps the rows per batch (tests: several batches).
 constexpr double kDqPartBudget = 4.0 * 1024 * 1024 * 1024;
-int choose_dq_key(const nsa_dims_t *d, int64_t cap, int tc_ok) {
-  if (!tc_ok || !nsa_cuda_bwd_dq_key_ok(d->dtype, d->Dk, d->Dv)) return 0;
-  const double bytes = (double)cap * (double)d->h * (double)d->Dk * 4.0;
+int64_t choose_dq_rows(const nsa_dims_t *d, int64_t cap, int ranges, int tc_ok) {
+  if (!tc_ok || !nsa_cuda_bwd_dq_key_ok(d->dtype, d->Dk, d->Dv) || d->rows <= 0) return 0;
   const char *e = getenv("NSA_BWD_DQ");
   if (e && strcmp(e, "query") == 0) return 0;
-  if (e && strcmp(e, "key") == 0) return bytes <= 4 * kDqPartBudget;
-  return bytes <= kDqPartBudget;
+  const double per_row = (double)cap / (double)d->rows * (double)d->h * (double)d->Dk * 4.0;
+  if (ranges) return per_row * (double)d->rows <= kDqPartBudget ? d->rows : 0;
+  int64_t br = per_row > 0 ? (int64_t)(kDqPartBudget / per_row) : d->rows;
+  const char *be = getenv("NSA_BWD_DQ_BATCH_ROWS");
+  if (be && atoll(be) > 0 && atoll(be) < br) br = atoll(be);
+  if (br > d->rows) br = d->rows;
+  return br >= 1 ? br : 0;
 }
 
 void summary_to_info(const nsa_cuda_summary_t *s, const nsa_dims_t *d, nsa_run_info_t *info) {
@@ -271,7 +296,7 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
                     aligned16(&a->k) && aligned16(&a->v);
   if (!ranges) {
     cap = d.rows * nsa_cuda_inv_row_bound_blocks(d.n, a->sel.block_size, NT);
-    layout2(&d, cap, 0, 0, choose_dq_key(&d, cap, tc_ok), &L);
+    layout2(&d, cap, 0, 0, choose_dq_rows(&d, cap, 0, tc_ok), &L);
   } else {
     L.end = L.end1;
   }
@@ -281,7 +306,7 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   }
   void *arena = NULL;
   st = nsa_cuda_ctx_arena(ctx, L.end, 0, &arena, msg, msglen);
-  if (st == NSA_ERR_BUSY && !ranges && choose_dq_key(&d, cap, tc_ok)) {
+  if (st == NSA_ERR_BUSY && !ranges && choose_dq_rows(&d, cap, 0, tc_ok)) {
     // The key-centric dq's partials do not fit the workspace cap (or the
     // device): size for the query-centric dq, which needs none.
     layout2(&d, cap, 0, 0, 0, &L);
@@ -359,11 +384,13 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
       return NSA_ERR_UNSUPPORTED;
     }
   }
-  int dq_key = !packed && choose_dq_key(&d, cap, tc_ok);
-  layout2(&d, cap, packed, slots, dq_key, &L);
+  int64_t dq_rows = packed ? 0 : choose_dq_rows(&d, cap, ranges, tc_ok);
+  int dq_key = dq_rows > 0;
+  layout2(&d, cap, packed, slots, dq_rows, &L);
   st = nsa_cuda_ctx_arena(ctx, L.end, L.end1, &arena, msg, msglen);
   if (st == NSA_ERR_BUSY && dq_key) {  // as above: fall back to the query-centric dq
     dq_key = 0;
+    dq_rows = 0;
     layout2(&d, cap, packed, slots, 0, &L);
     st = nsa_cuda_ctx_arena(ctx, L.end, L.end1, &arena, msg, msglen);
   }
@@ -423,18 +450,34 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
     BCK(nsa_cuda_launch_bwd_dq_simple(&at, d.dtype, &plan, stream), "dq launch");
   }
 
-  // ---- dk, dv ----
+  // ---- dk, dv (+ key-centric dq), one row batch at a time ----
+  // One batch (brows = rows) writes dk/dv directly; several add into the f32
+  // accumulator, written out after the last. A request with no rows still
+  // runs one (empty) batch: its dk/dv are zeros.
   if (timing) cudaEventRecord(pev[2], stream);
-  BCK(nsa_cuda_launch_invert_plan(&plan, d.B, d.S, d.G, L.NT, L.cap, L.seg_rows, ws + L.inv, &L.il, stream),
-      "plan inversion launch");
-  if (timing) cudaEventRecord(pev[3], stream);
-  BCK(nsa_cuda_launch_bwd_dkdv(&at, d.dtype, mma_dims && qo_ok && kv_ok, &plan, ws + L.inv, &L.il, L.NT,
-                               L.seg_rows, L.items_bound, (float *)(ws + L.part),
-                               dq_key ? (float *)(ws + L.dqp) : NULL, stream),
-      "dk/dv launch");
-  if (dq_key)
-    BCK(nsa_cuda_launch_bwd_dq_reduce(&at, d.dtype, ws + L.inv, &L.il, (const float *)(ws + L.dqp), stream),
-        "dq reduction launch");
+  float *acc = L.brows < d.rows ? (float *)(ws + L.acc) : NULL;
+  const int64_t ntiles = d.B * d.G * L.NT;
+  if (acc)
+    BCK(cudaMemsetAsync(acc, 0, (size_t)ntiles * NSA_BWD_TILE * (size_t)(d.Dk + d.Dv) * 4, stream),
+        "accumulator clear");
+  for (int64_t row0 = 0; row0 == 0 || row0 < d.rows; row0 += L.brows) {
+    const int64_t nb = d.rows - row0 < L.brows ? d.rows - row0 : L.brows;
+    const int64_t bcap = nb == L.brows ? L.bcap : nb * (L.cap / d.rows);
+    BCK(nsa_cuda_launch_invert_rows(&plan, d.B, d.S, d.G, L.NT, row0, nb, bcap, L.seg_rows, ws + L.inv, &L.il,
+                                    stream),
+        "plan inversion launch");
+    if (timing && row0 == 0) cudaEventRecord(pev[3], stream);  // "invert" = the first batch's
+    BCK(nsa_cuda_launch_bwd_dkdv(&at, d.dtype, mma_dims && qo_ok && kv_ok, &plan, ws + L.inv, &L.il, L.NT,
+                                 L.seg_rows, ntiles + bcap / L.seg_rows + 1, (float *)(ws + L.part),
+                                 dq_key ? (float *)(ws + L.dqp) : NULL, acc, stream),
+        "dk/dv launch");
+    if (dq_key)
+      BCK(nsa_cuda_launch_bwd_dq_reduce(&at, d.dtype, ws + L.inv, &L.il, (const float *)(ws + L.dqp), row0, nb,
+                                        stream),
+          "dq reduction launch");
+    if (nb <= 0) break;
+  }
+  if (acc) BCK(nsa_cuda_launch_bwd_acc_store(&at, d.dtype, L.NT, acc, stream), "dk/dv store launch");
   if (timing) cudaEventRecord(pev[4], stream);
   info->workspace_bytes = L.end;
 
@@ -451,8 +494,9 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
       float t[4] = {0, 0, 0, 0};
       for (int i = 0; i < 4; i++) cudaEventElapsedTime(&t[i], pev[i], pev[i + 1]);
       fprintf(stderr, "nsa bwd phases (ms): preprocess %.3f dq %.3f invert %.3f dkdv %.3f | cap %lld seg_rows %d "
-              "items_bound %lld path %s dq %s\n", t[0], t[1], t[2], t[3], (long long)L.cap, L.seg_rows,
-              (long long)L.items_bound, nsa_path_name(path), dq_key ? "key-centric" : "query-centric");
+              "items_bound %lld path %s dq %s batches %lld\n", t[0], t[1], t[2], t[3], (long long)L.cap,
+              L.seg_rows, (long long)L.items_bound, nsa_path_name(path), dq_key ? "key-centric" : "query-centric",
+              (long long)((d.rows + L.brows - 1) / (L.brows > 0 ? L.brows : 1)));
     }
     cudaGetLastError();
   } else {

@@ -374,6 +374,53 @@ Test(cuda_bwd, determinism) {
   nsa_cuda_ctx_destroy(ctx);
 }
 
+/* The key-centric dq in row batches (NSA_BWD_DQ_BATCH_ROWS): the inversion,
+ * dk/dv and dq partials run per batch of rows, dk/dv add up in the f32
+ * accumulator. 300 rows per batch of 2 x 600 x 2 = 2400 rows → 8 batches, the
+ * last one partial; every row selects block 0, so tile 0 has 300 rows per
+ * batch: several segments (NSA_BWD_SEG=64) and the ordered reduction into the
+ * accumulator. Checked against float64 for h = 1 / 4 / 16, Dk != Dv, and two
+ * batched runs are bitwise equal. */
+Test(cuda_bwd, dq_key_row_batches) {
+  NSA_REQUIRE_GPU();
+  nsa_cuda_ctx_t *ctx = mkctx(0);
+  const int64_t hs[] = {1, 4, 16};
+  for (size_t i = 0; i < 3; i++) {
+    nsa_tu_case_cfg_t cfg = base();
+    cfg.B = 2;
+    cfg.G = 2;
+    cfg.S = cfg.Skv = 600;
+    cfg.h = hs[i];
+    cfg.Dk = 128;
+    cfg.Dv = i == 1 ? 64 : 128;
+    cfg.block_size = 64;
+    cfg.n = 4;
+    cfg.sel_flags = i == 2 ? NSA_TU_SEL_CORRELATED : NSA_TU_SEL_ALL;
+    cfg.seed = 3200 + i;
+    bx_t f;
+    bx_init(&f, &cfg, force_block0);
+    run_check(ctx, &f, NSA_PATH_VARLEN_V2); /* one batch */
+    setenv("NSA_BWD_DQ_BATCH_ROWS", "300", 1);
+    setenv("NSA_BWD_SEG", "64", 1);
+    setenv("NSA_BWD_TIMING", "1", 1); /* stderr says "batches 8" */
+    run_check(ctx, &f, NSA_PATH_VARLEN_V2);
+    unsetenv("NSA_BWD_TIMING");
+    void *a[3] = {malloc(f.c.dq.bytes), malloc(f.c.dk.bytes), malloc(f.c.dv.bytes)};
+    memcpy(a[0], f.c.dq.mem, f.c.dq.bytes);
+    memcpy(a[1], f.c.dk.mem, f.c.dk.bytes);
+    memcpy(a[2], f.c.dv.mem, f.c.dv.bytes);
+    run_check(ctx, &f, NSA_PATH_VARLEN_V2);
+    cr_expect_eq(memcmp(a[0], f.c.dq.mem, f.c.dq.bytes), 0, "h=%lld: batched dq differs between runs", (long long)cfg.h);
+    cr_expect_eq(memcmp(a[1], f.c.dk.mem, f.c.dk.bytes), 0, "h=%lld: batched dk differs between runs", (long long)cfg.h);
+    cr_expect_eq(memcmp(a[2], f.c.dv.mem, f.c.dv.bytes), 0, "h=%lld: batched dv differs between runs", (long long)cfg.h);
+    for (int k = 0; k < 3; k++) free(a[k]);
+    unsetenv("NSA_BWD_DQ_BATCH_ROWS");
+    unsetenv("NSA_BWD_SEG");
+    bx_free(&f);
+  }
+  nsa_cuda_ctx_destroy(ctx);
+}
+
 static int g_ranges_edit;
 static void make_invalid(nsa_tu_case_t *c) {
   int32_t *s = c->sel_raw;
