@@ -47,6 +47,7 @@ struct KInv {
   const unsigned long long *masks;  // per sorted pair: the row's keys inside the tile
   int64_t NT, ntiles;
   int seg_rows;
+  int stage;  // 16-bit partials leave through shared memory in 16-byte stores
 };
 
 // N consecutive 16-bit partial values (N = 2 or 4, 4- or 8-byte aligned) as f32.
@@ -89,7 +90,7 @@ template <int DK, int DV> struct FkSmem {
 template <typename T, int DK, int DV, bool P16>
 __global__ void __launch_bounds__(kNW * 32, 2)
     fwd_key_kernel(nsa_cuda_attn_t a, KInv iv, void *__restrict__ po_, float *__restrict__ pl, int Pk,
-                   int HT, int njt) {
+                   int HT, int njt, bool stage) {
   using L = FkSmem<DK, DV>;
   using PT = typename std::conditional<P16, T, float>::type;
   PT *po = reinterpret_cast<PT *>(po_);
@@ -273,6 +274,31 @@ __global__ void __launch_bounds__(kNW * 32, 2)
           Mma<T>::run(o[2 * dp], pa[kk], b0, b1);
           Mma<T>::run(o[2 * dp + 1], pa[kk], b2, b3);
         }
+      if constexpr (P16) {
+        if (stage) {
+          // Through the chunk's Q stage (free since S = Q K^T): each row's 64
+          // columns leave as 8 contiguous 16-byte stores instead of 16 4-byte
+          // pieces from 4 lanes (quarter-warp per row: conflict-free).
+          T *so = myQ + stg * 16 * L::QS;  // [16][72] T
+#pragma unroll
+          for (int nt = 0; nt < 8; nt++) {
+            *reinterpret_cast<unsigned *>(so + r0 * 72 + nt * 8 + 2 * cq) = Mma<T>::pack(o[nt][0] * i0, o[nt][1] * i0);
+            *reinterpret_cast<unsigned *>(so + (r0 + 8) * 72 + nt * 8 + 2 * cq) =
+                Mma<T>::pack(o[nt][2] * i1, o[nt][3] * i1);
+          }
+          __syncwarp();
+#pragma unroll
+          for (int i = 0; i < 4; i++) {
+            const int c = lane + 32 * i, m = c >> 3, pt = c & 7;
+            int wi, j;
+            if (col_of(ch, m, &wi, &j))
+              *reinterpret_cast<uint4 *>(po + ((int64_t)sP[wi] * a.h + j) * DV + half * 64 + pt * 8) =
+                  *reinterpret_cast<const uint4 *>(so + m * 72 + pt * 8);
+          }
+          __syncwarp();  // the next half (or the next chunk's gather) reuses the stage
+          continue;
+        }
+      }
 #pragma unroll
       for (int nt = 0; nt < 8; nt++) {
         const int col = half * 64 + nt * 8 + 2 * cq;
@@ -371,7 +397,8 @@ cudaError_t launch_dk(const nsa_cuda_attn_t *a, const KInv &iv, void *po, float 
     if (e != cudaSuccess) return e;
     if (bit) __atomic_fetch_or(&set_on, bit, __ATOMIC_RELEASE);
   }
-  fwd_key_kernel<T, DK, DV, P16><<<(unsigned)items, kNW * 32, L::bytes, st>>>(*a, iv, po, pl, Pk, HT, njt);
+  fwd_key_kernel<T, DK, DV, P16><<<(unsigned)items, kNW * 32, L::bytes, st>>>(*a, iv, po, pl, Pk, HT, njt,
+                                                                                 iv.stage != 0);
   e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   const int64_t warps = rows * a->h;
@@ -422,6 +449,8 @@ extern "C" int nsa_cuda_fwd_key_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, i
   // o partials in the input dtype (half the bytes) unless NSA_CUDA_FWD_KEY_F32=1
   const char *fe = getenv("NSA_CUDA_FWD_KEY_F32");
   L->p16 = !(fe && fe[0] == '1');
+  const char *se = getenv("NSA_CUDA_FWD_KEY_STAGE");  // A/B: 0 = 4-byte stores straight from registers
+  L->stage = !(se && se[0] == '0');
   const double pbytes = L->p16 ? 2.0 : 4.0;
   const double per_row = (double)bound * (double)a->h * ((double)a->Dv * pbytes + 4.0);
   int64_t br = (int64_t)(kPartBudget / per_row);
@@ -472,6 +501,7 @@ extern "C" cudaError_t nsa_cuda_launch_fwd_key(const nsa_cuda_attn_t *a, nsa_dty
   iv.NT = L->NT;
   iv.ntiles = a->B * a->G * L->NT;
   iv.seg_rows = L->seg_rows;
+  iv.stage = L->stage;
   const int32_t *pair_off = (const int32_t *)(inv + L->il.pair_off);
   void *po = w + L->part_o;
   float *pl = (float *)(w + L->part_l);

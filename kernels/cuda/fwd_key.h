@@ -40,6 +40,7 @@ typedef struct {
   int64_t items_bound;      /* grid of fwd_key_kernel (CTAs past the real items exit) */
   int seg_rows;             /* rows per CTA item */
   int p16;                  /* o partials in the input dtype (default) instead of f32 */
+  int stage;                /* 16-bit partials stored through shared memory (NSA_CUDA_FWD_KEY_STAGE=0: off) */
   size_t inv, part_o, part_l, end; /* arena byte offsets; end = total bytes used */
 } nsa_cuda_fwd_key_layout_t;
 
