@@ -80,8 +80,7 @@ template <int DK, int DV> struct FkSmem {
   static constexpr size_t v_off = k_off + (size_t)kT * KS * 2;         // [64][VS]
   static constexpr size_t q_off = v_off + (size_t)kT * VS * 2;         // [kNW][ST][16][QS]
   static constexpr size_t mk_off = q_off + (size_t)kNW * ST * 16 * QS * 2;  // [kSegMax] u64
-  static constexpr size_t row_off = mk_off + (size_t)kSegMax * 8;     // [kSegMax] i32 row id
-  static constexpr size_t t_off = row_off + (size_t)kSegMax * 4;      // [kSegMax] i32 query position
+  static constexpr size_t t_off = mk_off + (size_t)kSegMax * 8;       // [kSegMax] i32 query position
   static constexpr size_t p_off = t_off + (size_t)kSegMax * 4;        // [kSegMax] i32 pair index
   static constexpr size_t bytes = p_off + (size_t)kSegMax * 4;
 };
@@ -100,7 +99,6 @@ __global__ void __launch_bounds__(kNW * 32, 2)
   T *sV = reinterpret_cast<T *>(smem + L::v_off);
   T *sQ = reinterpret_cast<T *>(smem + L::q_off);
   unsigned long long *sMk = reinterpret_cast<unsigned long long *>(smem + L::mk_off);
-  int *sRow = reinterpret_cast<int *>(smem + L::row_off);
   int *sT = reinterpret_cast<int *>(smem + L::t_off);
   int *sP = reinterpret_cast<int *>(smem + L::p_off);
 
@@ -134,7 +132,6 @@ __global__ void __launch_bounds__(kNW * 32, 2)
   cp_commit();
   for (int i = tid; i < nrows; i += kNW * 32) {
     const int r = iv.rows[lo + i];
-    sRow[i] = r;
     sT[i] = (int)(((int64_t)r / a.G) % a.S);
     sP[i] = iv.pidx[lo + i];
     sMk[i] = iv.masks[lo + i];
@@ -148,25 +145,36 @@ __global__ void __launch_bounds__(kNW * 32, 2)
   const float c2 = a.scale * kLog2e;
 
   // Column m of chunk ch → listed row wi, head j; false for padding columns.
+  // Integer division is ~20 instructions on the GPU and this runs ~20 times
+  // per chunk: HT (a power of two for h in {1, 2, 4, 8, 16+}) divides by a
+  // shift, and njt == 1 (h <= 16) skips the chunk division.
+  const bool ht_pow2 = (HT & (HT - 1)) == 0;
+  const int ht_lg = __ffs(HT) - 1;
   auto col_of = [&](int ch, int m, int *wi, int *j) -> bool {
-    const int jt = ch % njt;
-    *wi = (ch / njt) * Pk + m / HT;
-    *j = jt * 16 + m % HT;
+    const int jt = njt == 1 ? 0 : ch % njt, cb = njt == 1 ? ch : ch / njt;
+    const int mq = ht_pow2 ? m >> ht_lg : m / HT;
+    const int mr = m - mq * HT;
+    *wi = cb * Pk + mq;
+    *j = jt * 16 + mr;
     return m < Pk * HT && *wi < nrows && *j < a.h;
   };
   // Gathers chunk ch's 16 query rows into stage stg (padding rows zero-filled).
+  // Lane m < 16 computes row m's source address once per chunk; piece c =
+  // lane + 32i (row c / CK, 16-byte piece c % CK) takes it by shuffle, so
+  // consecutive lanes still copy consecutive pieces of one row (coalesced;
+  // giving each lane a whole row instead measured slower on an H200).
+  const int mrow = lane & 15;
   auto prep = [&](int ch, int stg) {
+    int wi, j;
+    const bool ok = col_of(ch, mrow, &wi, &j);
+    const T *src = ok ? qb + (int64_t)sT[wi] * a.qs[1] + (g * a.h + j) * a.qs[2] : qb;
+    const unsigned okm = __ballot_sync(0xffffffffu, ok);
     T *dst = myQ + stg * 16 * L::QS;
+#pragma unroll
     for (int c = lane; c < 16 * CK; c += 32) {
       const int m = c / CK, pt = c % CK;
-      int wi, j;
-      const T *src = qb;
-      int bytes = 0;
-      if (col_of(ch, m, &wi, &j)) {
-        src = qb + (int64_t)sT[wi] * a.qs[1] + (g * a.h + j) * a.qs[2] + pt * 8;
-        bytes = 16;
-      }
-      cp_async16(smem_u32(dst + m * L::QS + pt * 8), src, bytes);
+      const T *sm = reinterpret_cast<const T *>(__shfl_sync(0xffffffffu, reinterpret_cast<uintptr_t>(src), m));
+      cp_async16(smem_u32(dst + m * L::QS + pt * 8), sm + pt * 8, ((okm >> m) & 1u) ? 16 : 0);
     }
   };
 
@@ -211,13 +219,15 @@ __global__ void __launch_bounds__(kNW * 32, 2)
     // keys nt*8 + 2*cq + (e & 1).
     int wi0, j0, wi1, j1;
     const bool v0 = col_of(ch, r0, &wi0, &j0), v1 = col_of(ch, r0 + 8, &wi1, &j1);
-    const unsigned long long mk0 = v0 ? sMk[wi0] : 0ull, mk1 = v1 ? sMk[wi1] : 0ull;
+    // Masks shifted by this thread's key offset 2*cq once, so each element
+    // tests a compile-time bit (nt*8 + (e & 1)).
+    const unsigned long long mk0 = v0 ? sMk[wi0] >> (2 * cq) : 0ull, mk1 = v1 ? sMk[wi1] >> (2 * cq) : 0ull;
     float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
     for (int nt = 0; nt < 8; nt++)
 #pragma unroll
       for (int e = 0; e < 4; e++) {
-        const int key = nt * 8 + 2 * cq + (e & 1);
+        const int key = nt * 8 + (e & 1);
         const unsigned long long mk = e < 2 ? mk0 : mk1;
         const float v = ((mk >> key) & 1ull) ? s[nt][e] * c2 : -INFINITY;
         s[nt][e] = v;
@@ -257,6 +267,11 @@ __global__ void __launch_bounds__(kNW * 32, 2)
     const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
     PT *o0 = v0 ? po + ((int64_t)sP[wi0] * a.h + j0) * DV : nullptr;
     PT *o1 = v1 ? po + ((int64_t)sP[wi1] * a.h + j1) * DV : nullptr;
+    PT *om = nullptr;  // lanes 0..15: row mrow's partial (staged stores)
+    if (stage) {
+      int wim, jm;
+      if (col_of(ch, mrow, &wim, &jm)) om = po + ((int64_t)sP[wim] * a.h + jm) * DV;
+    }
     // O = P V in 64-column halves (32 accumulators live at a time).
 #pragma unroll
     for (int half = 0; half < DV / 64; half++) {
@@ -277,8 +292,9 @@ __global__ void __launch_bounds__(kNW * 32, 2)
       if constexpr (P16) {
         if (stage) {
           // Through the chunk's Q stage (free since S = Q K^T): each row's 64
-          // columns leave as 8 contiguous 16-byte stores instead of 16 4-byte
-          // pieces from 4 lanes (quarter-warp per row: conflict-free).
+          // columns leave as 8 contiguous 16-byte stores (row pointers from
+          // lanes 0..15 by shuffle) instead of 4-byte pieces from 4 lanes.
+          // Quarter-warp per row: conflict-free.
           T *so = myQ + stg * 16 * L::QS;  // [16][72] T
 #pragma unroll
           for (int nt = 0; nt < 8; nt++) {
@@ -288,12 +304,10 @@ __global__ void __launch_bounds__(kNW * 32, 2)
           }
           __syncwarp();
 #pragma unroll
-          for (int i = 0; i < 4; i++) {
-            const int c = lane + 32 * i, m = c >> 3, pt = c & 7;
-            int wi, j;
-            if (col_of(ch, m, &wi, &j))
-              *reinterpret_cast<uint4 *>(po + ((int64_t)sP[wi] * a.h + j) * DV + half * 64 + pt * 8) =
-                  *reinterpret_cast<const uint4 *>(so + m * 72 + pt * 8);
+          for (int i = 0; i < 4; i++) {  // piece lane + 32i: row (lane + 32i) / 8, 16 bytes (lane % 8)
+            const int m = (lane >> 3) + 4 * i, pt = lane & 7;
+            PT *d = reinterpret_cast<PT *>(__shfl_sync(0xffffffffu, reinterpret_cast<uintptr_t>(om), m));
+            if (d) *reinterpret_cast<uint4 *>(d + half * 64 + pt * 8) = *reinterpret_cast<const uint4 *>(so + m * 72 + pt * 8);
           }
           __syncwarp();  // the next half (or the next chunk's gather) reuses the stage
           continue;
