@@ -12,12 +12,13 @@
 // one key tile, so no online rescaling):
 //   Q (16 x Dk) ← cp.async gather of the 16 query rows (per-warp stages)
 //   S = Q K^T (16 x 64)              m16n8k16, A = Q (ldmatrix), B = K rows (ldmatrix)
-//   S ← S * scale * log2(e), -inf where the key is not in the row's key set
-//   m = rowmax S, P = 2^(S - m), l = rowsum P
+//   S ← -inf where the key is not in the row's key set; c = scale * log2(e)
+//   m = c * rowmax S, P = 2^(c S - m) / l, l = rowsum 2^(c S - m)
 //   O = P V (16 x Dv)                A = P from the S accumulators, B = V (ldmatrix.trans)
-//   po[(p*h + j)*Dv + d] = O / l (in the input dtype by default, f32 with
+//   po[(p*h + j)*Dv + d] = O (in the input dtype by default, f32 with
 //   NSA_CUDA_FWD_KEY_F32=1),  pl[p*h + j] = m + log2 l (f32)
-// fwd_key_merge_kernel: one warp per (row, head), partials in pair order:
+// fwd_key_merge_kernel: one warp per (row, head), partials in pair order
+// (lane i holds pair i's weight; the partial loads are unrolled):
 //   M = max pl, w_p = 2^(pl_p - M), o = sum w_p po_p / sum w_p,
 //   lse = (M + log2 sum w_p) * ln 2            (natural log of scaled scores)
 // Same outputs as the query-centric kernels: empty row → o = 0, lse = -inf;
@@ -50,24 +51,27 @@ struct KInv {
   int stage;  // 16-bit partials leave through shared memory in 16-byte stores
 };
 
-// N consecutive 16-bit partial values (N = 2 or 4, 4- or 8-byte aligned) as f32.
+// N consecutive 16-bit partial values (N = 2 or 4, 4- or 8-byte aligned) as
+// f32; streaming loads (each partial is read once).
 template <typename T, int N> __device__ __forceinline__ void load16(const T *p, float *v);
 template <> __device__ __forceinline__ void load16<__nv_bfloat16, 2>(const __nv_bfloat16 *p, float *v) {
-  const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(p));
+  const unsigned u = __ldcs(reinterpret_cast<const unsigned *>(p));
+  const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u));
   v[0] = f.x, v[1] = f.y;
 }
 template <> __device__ __forceinline__ void load16<__nv_bfloat16, 4>(const __nv_bfloat16 *p, float *v) {
-  const uint2 u = *reinterpret_cast<const uint2 *>(p);
+  const uint2 u = __ldcs(reinterpret_cast<const uint2 *>(p));
   const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
   const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
   v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
 }
 template <> __device__ __forceinline__ void load16<__half, 2>(const __half *p, float *v) {
-  const float2 f = __half22float2(*reinterpret_cast<const __half2 *>(p));
+  const unsigned u = __ldcs(reinterpret_cast<const unsigned *>(p));
+  const float2 f = __half22float2(*reinterpret_cast<const __half2 *>(&u));
   v[0] = f.x, v[1] = f.y;
 }
 template <> __device__ __forceinline__ void load16<__half, 4>(const __half *p, float *v) {
-  const uint2 u = *reinterpret_cast<const uint2 *>(p);
+  const uint2 u = __ldcs(reinterpret_cast<const uint2 *>(p));
   const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&u.x));
   const float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&u.y));
   v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
@@ -222,29 +226,33 @@ __global__ void __launch_bounds__(kNW * 32, 2)
     // Masks shifted by this thread's key offset 2*cq once, so each element
     // tests a compile-time bit (nt*8 + (e & 1)).
     const unsigned long long mk0 = v0 ? sMk[wi0] >> (2 * cq) : 0ull, mk1 = v1 ? sMk[wi1] >> (2 * cq) : 0ull;
-    float mx0 = -INFINITY, mx1 = -INFINITY;
+    // Softmax of the scaled scores c2 * s over the row's keys. c2 > 0 (the
+    // scale is resolved to a positive finite value, nsa_resolve_scale), so
+    // the max of the raw s gives the row's max m of c2 * s and each element
+    // costs one FFMA + EX2, no separate scaling pass; keys outside the row's
+    // set are -inf and give p = 0.
+    float x0 = -INFINITY, x1 = -INFINITY, l0 = 0.f, l1 = 0.f;
 #pragma unroll
     for (int nt = 0; nt < 8; nt++)
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         const int key = nt * 8 + (e & 1);
         const unsigned long long mk = e < 2 ? mk0 : mk1;
-        const float v = ((mk >> key) & 1ull) ? s[nt][e] * c2 : -INFINITY;
+        const float v = ((mk >> key) & 1ull) ? s[nt][e] : -INFINITY;
         s[nt][e] = v;
-        if (e < 2) mx0 = fmaxf(mx0, v);
-        else mx1 = fmaxf(mx1, v);
+        if (e < 2) x0 = fmaxf(x0, v);
+        else x1 = fmaxf(x1, v);
       }
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    const float m0 = mx0 == -INFINITY ? 0.f : mx0, m1 = mx1 == -INFINITY ? 0.f : mx1;  // padding rows
-    float l0 = 0.f, l1 = 0.f;
+    x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 1));
+    x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 2));
+    x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, 1));
+    x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, 2));
+    const float m0 = x0 == -INFINITY ? 0.f : x0 * c2, m1 = x1 == -INFINITY ? 0.f : x1 * c2;  // padding rows
 #pragma unroll
     for (int nt = 0; nt < 8; nt++)
 #pragma unroll
       for (int e = 0; e < 4; e++) {
-        const float p = ex2(s[nt][e] - (e < 2 ? m0 : m1));  // 2^-inf = 0
+        const float p = ex2(fmaf(s[nt][e], c2, -(e < 2 ? m0 : m1)));  // 2^-inf = 0
         s[nt][e] = p;
         if (e < 2) l0 += p;
         else l1 += p;
@@ -253,6 +261,14 @@ __global__ void __launch_bounds__(kNW * 32, 2)
     l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    // P / l rounded to T feeds the PV MMA, so O comes out normalized (32
+    // multiplies per thread here instead of 64 on O).
+    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++) {
+      s[nt][0] *= i0, s[nt][1] *= i0;
+      s[nt][2] *= i1, s[nt][3] *= i1;
+    }
 
     // P as A fragments: k-step kk = keys 16kk..16kk+15 = n-tiles 2kk, 2kk+1
     // (the m16n8 accumulator layout is the m16n8k16 A layout half by half).
@@ -264,7 +280,6 @@ __global__ void __launch_bounds__(kNW * 32, 2)
       pa[kk][2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
       pa[kk][3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
     }
-    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
     PT *o0 = v0 ? po + ((int64_t)sP[wi0] * a.h + j0) * DV : nullptr;
     PT *o1 = v1 ? po + ((int64_t)sP[wi1] * a.h + j1) * DV : nullptr;
     PT *om = nullptr;  // lanes 0..15: row mrow's partial (staged stores)
@@ -298,16 +313,17 @@ __global__ void __launch_bounds__(kNW * 32, 2)
           T *so = myQ + stg * 16 * L::QS;  // [16][72] T
 #pragma unroll
           for (int nt = 0; nt < 8; nt++) {
-            *reinterpret_cast<unsigned *>(so + r0 * 72 + nt * 8 + 2 * cq) = Mma<T>::pack(o[nt][0] * i0, o[nt][1] * i0);
+            *reinterpret_cast<unsigned *>(so + r0 * 72 + nt * 8 + 2 * cq) = Mma<T>::pack(o[nt][0], o[nt][1]);
             *reinterpret_cast<unsigned *>(so + (r0 + 8) * 72 + nt * 8 + 2 * cq) =
-                Mma<T>::pack(o[nt][2] * i1, o[nt][3] * i1);
+                Mma<T>::pack(o[nt][2], o[nt][3]);
           }
           __syncwarp();
 #pragma unroll
           for (int i = 0; i < 4; i++) {  // piece lane + 32i: row (lane + 32i) / 8, 16 bytes (lane % 8)
             const int m = (lane >> 3) + 4 * i, pt = lane & 7;
             PT *d = reinterpret_cast<PT *>(__shfl_sync(0xffffffffu, reinterpret_cast<uintptr_t>(om), m));
-            if (d) *reinterpret_cast<uint4 *>(d + half * 64 + pt * 8) = *reinterpret_cast<const uint4 *>(so + m * 72 + pt * 8);
+            if (d)  // streaming store: read once, by the merge
+              __stcs(reinterpret_cast<uint4 *>(d + half * 64 + pt * 8), *reinterpret_cast<const uint4 *>(so + m * 72 + pt * 8));
           }
           __syncwarp();  // the next half (or the next chunk's gather) reuses the stage
           continue;
@@ -317,11 +333,11 @@ __global__ void __launch_bounds__(kNW * 32, 2)
       for (int nt = 0; nt < 8; nt++) {
         const int col = half * 64 + nt * 8 + 2 * cq;
         if constexpr (P16) {
-          if (o0) *reinterpret_cast<unsigned *>(o0 + col) = Mma<T>::pack(o[nt][0] * i0, o[nt][1] * i0);
-          if (o1) *reinterpret_cast<unsigned *>(o1 + col) = Mma<T>::pack(o[nt][2] * i1, o[nt][3] * i1);
+          if (o0) *reinterpret_cast<unsigned *>(o0 + col) = Mma<T>::pack(o[nt][0], o[nt][1]);
+          if (o1) *reinterpret_cast<unsigned *>(o1 + col) = Mma<T>::pack(o[nt][2], o[nt][3]);
         } else {
-          if (o0) *reinterpret_cast<float2 *>(o0 + col) = make_float2(o[nt][0] * i0, o[nt][1] * i0);
-          if (o1) *reinterpret_cast<float2 *>(o1 + col) = make_float2(o[nt][2] * i1, o[nt][3] * i1);
+          if (o0) *reinterpret_cast<float2 *>(o0 + col) = make_float2(o[nt][0], o[nt][1]);
+          if (o1) *reinterpret_cast<float2 *>(o1 + col) = make_float2(o[nt][2], o[nt][3]);
         }
       }
     }
@@ -352,19 +368,13 @@ __global__ void __launch_bounds__(256) fwd_key_merge_kernel(nsa_cuda_attn_t a, i
   const int64_t g = r % a.G, t = (r / a.G) % a.S, b = r / (a.G * a.S);
   const bool bad = a.invalid != nullptr && *a.invalid > 0;
   const int p0 = bad ? 0 : pair_off[lr], p1 = bad ? 0 : pair_off[lr + 1];
-  float M = -INFINITY;
-  for (int p = p0 + lane; p < p1; p += 32) M = fmaxf(M, pl[(int64_t)p * a.h + j]);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-  float W = 0.f;
+  float W = 0.f, M = -INFINITY;
   float acc[PER];
 #pragma unroll
   for (int i = 0; i < PER; i++) acc[i] = 0.f;
-  for (int p = p0; p < p1; p++) {
-    const int64_t idx = (int64_t)p * a.h + j;
-    const float wgt = ex2(pl[idx] - M);
-    W += wgt;  // every lane adds the same values in the same order
-    const PT *src = po + idx * DV + lane * PER;
+  // Adds partial p (weight wgt) to this lane's columns.
+  auto add = [&](int p, float wgt) {
+    const PT *src = po + ((int64_t)p * a.h + j) * DV + lane * PER;
     if constexpr (P16) {
       float v[PER];
       load16<T, PER>(src, v);
@@ -380,6 +390,32 @@ __global__ void __launch_bounds__(256) fwd_key_merge_kernel(nsa_cuda_attn_t a, i
       const float2 v = *reinterpret_cast<const float2 *>(src);
       acc[0] = fmaf(wgt, v.x, acc[0]);
       acc[1] = fmaf(wgt, v.y, acc[1]);
+    }
+  };
+  if (p1 - p0 <= 32) {
+    // The usual case (a row touches <= 32 tiles): lane i holds pair p0 + i's
+    // lse and weight, and the partial loads (independent of the shuffled
+    // weights) are unrolled so several are in flight per warp.
+    const int np = p1 - p0;
+    const float lv = lane < np ? pl[(int64_t)(p0 + lane) * a.h + j] : -INFINITY;
+    M = lv;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    const float wl = (lane < np && M != -INFINITY) ? ex2(lv - M) : 0.f;
+    W = wl;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) W += __shfl_xor_sync(0xffffffffu, W, o);
+    W = __shfl_sync(0xffffffffu, W, 0);  // one value for every lane's columns
+#pragma unroll 8
+    for (int i = 0; i < np; i++) add(p0 + i, __shfl_sync(0xffffffffu, wl, i));
+  } else {
+    for (int p = p0 + lane; p < p1; p += 32) M = fmaxf(M, pl[(int64_t)p * a.h + j]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    for (int p = p0; p < p1; p++) {
+      const float wgt = ex2(pl[(int64_t)p * a.h + j] - M);
+      W += wgt;  // every lane adds the same values in the same order
+      add(p, wgt);
     }
   }
   const float inv = bad ? NAN : (W > 0.f ? 1.f / W : 0.f);
