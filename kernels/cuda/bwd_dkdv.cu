@@ -308,6 +308,8 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
     }
   }
 
+  const bool ht_pow2 = (HT & (HT - 1)) == 0;
+  const int ht_lg = __ffs(HT) - 1;
   float dk[DKW / 8][4], dv[DVW / 8][4];
 #pragma unroll
   for (int i = 0; i < DKW / 8; i++) dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
@@ -329,33 +331,42 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
     const int nch = ((w1 - w0 + Pk - 1) / Pk) * njt;
 
     // Column m of chunk ch -> window index wi and head j; false for padding.
+    // (Integer division costs ~20 instructions and this runs for every
+    // gathered piece: HT divides by a shift when it is a power of two, and
+    // h <= 16 (njt == 1) skips the chunk division; as in fwd_key.cu.)
     auto col_of = [&](int ch, int m, int *wi, int64_t *j) -> bool {
-      const int jt = ch % njt;
-      *wi = (ch / njt) * Pk + m / HT;
-      *j = (int64_t)jt * 16 + m % HT;
+      const int jt = njt == 1 ? 0 : ch % njt, cb = njt == 1 ? ch : ch / njt;
+      const int mq = ht_pow2 ? m >> ht_lg : m / HT;
+      *wi = cb * Pk + mq;
+      *j = (int64_t)jt * 16 + (m - mq * HT);
       return m < Pk * HT && w0 + *wi < w1 && *j < a.h;
     };
+    // Chunk ch's 16 Q and dO rows → stage stg: TPR threads per row, each
+    // resolving its row once (column → row, head, source addresses) and
+    // copying every TPR-th 16-byte piece of the row's Q | dO, so consecutive
+    // threads copy consecutive pieces (coalesced, conflict-free).
     auto prep = [&](int ch, int stg) {
-      constexpr int CQ = DK / 8, CO = DV / 8;
+      constexpr int CQ = DK / 8, CO = DV / 8, TPR = NT_ / 16;
       const T *q = reinterpret_cast<const T *>(a.q);
       const T *dout = reinterpret_cast<const T *>(a.dout);
-      for (int c = tid; c < 16 * (CQ + CO); c += NT_) {
-        const bool isq = c < 16 * CQ;
-        const int cc = isq ? c : c - 16 * CQ;
-        const int CH = isq ? CQ : CO;
-        const int m = cc / CH, pt = cc % CH;
-        int wi;
-        int64_t j;
-        const T *src = q;
-        int bytes = 0;
-        if (col_of(ch, m, &wi, &j)) {
-          const int64_t t = wT[wi], head = g * a.h + j;
-          src = isq ? q + b * a.qs[0] + t * a.qs[1] + head * a.qs[2] + pt * 8
-                    : dout + b * a.dos[0] + t * a.dos[1] + head * a.dos[2] + pt * 8;
-          bytes = 16;
-        }
-        T *dst = isq ? sQ + (stg * 16 + m) * L::QS + pt * 8 : sO + (stg * 16 + m) * L::OS + pt * 8;
-        cp_async16p(smem_u32(dst), src, bytes, pol_q);
+      const int m = tid / TPR;
+      int wi;
+      int64_t j;
+      const T *qsrc = q, *osrc = dout;
+      const bool ok = col_of(ch, m, &wi, &j);
+      if (ok) {
+        const int64_t t = wT[wi], head = g * a.h + j;
+        qsrc = q + b * a.qs[0] + t * a.qs[1] + head * a.qs[2];
+        osrc = dout + b * a.dos[0] + t * a.dos[1] + head * a.dos[2];
+      }
+      const int bytes = ok ? 16 : 0;
+      T *qdst = sQ + (stg * 16 + m) * L::QS, *odst = sO + (stg * 16 + m) * L::OS;
+#pragma unroll
+      for (int pt = tid % TPR; pt < CQ + CO; pt += TPR) {
+        const bool isq = pt < CQ;
+        const T *src = isq ? qsrc + pt * 8 : osrc + (pt - CQ) * 8;
+        T *dst = isq ? qdst + pt * 8 : odst + (pt - CQ) * 8;
+        cp_async16p(smem_u32(dst), ok ? src : q, bytes, pol_q);
       }
       if (tid < 16) {
         int wi;
@@ -641,10 +652,14 @@ extern "C" cudaError_t nsa_cuda_launch_bwd_acc_store(const nsa_cuda_bwd_t *a, ns
 // Rows [row0, row0 + rows) of one row batch: pair_off and the partials are
 // batch-local (pair_off[r - row0]).
 namespace {
-template <typename T>
+// One warp per (row, head); lane owns DK/32 consecutive columns (float2
+// loads), partials summed in pair order with the loads unrolled so several
+// are in flight per warp (the reduction streams cap*h*Dk*4 bytes).
+template <typename T, int DK>
 __global__ void __launch_bounds__(128) dq_reduce_kernel(nsa_cuda_bwd_t a, int64_t row0, int64_t rows,
                                                         const int32_t *__restrict__ pair_off,
                                                         const float *__restrict__ dqp) {
+  constexpr int PER = DK / 32;
   const int lane = threadIdx.x & 31;
   const int64_t pr = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   if (pr >= rows * a.h) return;
@@ -652,12 +667,35 @@ __global__ void __launch_bounds__(128) dq_reduce_kernel(nsa_cuda_bwd_t a, int64_
   const int64_t lr = pr / a.h, j = pr % a.h, r = row0 + lr;
   const int64_t g = r % a.G, t = (r / a.G) % a.S, b = r / (a.G * a.S);
   const int p0 = pair_off[lr], p1 = pair_off[lr + 1];
-  T *dq = reinterpret_cast<T *>(a.dq) + b * a.dqs[0] + t * a.dqs[1] + (g * a.h + j) * a.dqs[2];
-  for (int64_t d = lane; d < a.Dk; d += 32) {
-    float s = 0.f;
-    for (int p = p0; p < p1; p++) s += __ldcs(dqp + ((int64_t)p * a.h + j) * a.Dk + d);
-    st(dq + d * a.dqs[3], bad ? NAN : s * a.scale);
+  float acc[PER];
+#pragma unroll
+  for (int i = 0; i < PER; i++) acc[i] = 0.f;
+#pragma unroll 4
+  for (int p = p0; p < p1; p++) {
+    const float2 *src = reinterpret_cast<const float2 *>(dqp + ((int64_t)p * a.h + j) * DK + lane * PER);
+#pragma unroll
+    for (int i = 0; i < PER / 2; i++) {
+      const float2 v = __ldcs(src + i);
+      acc[2 * i] += v.x;
+      acc[2 * i + 1] += v.y;
+    }
   }
+  T *dq = reinterpret_cast<T *>(a.dq) + b * a.dqs[0] + t * a.dqs[1] + (g * a.h + j) * a.dqs[2];
+#pragma unroll
+  for (int i = 0; i < PER; i++) st(dq + (int64_t)(lane * PER + i) * a.dqs[3], bad ? NAN : acc[i] * a.scale);
+}
+
+template <typename T>
+cudaError_t launch_dq_reduce(const nsa_cuda_bwd_t *a, int64_t row0, int64_t rows, const int32_t *po,
+                             const float *dqp, unsigned blocks, cudaStream_t st) {
+  switch (a->Dk) {
+    case 64: dq_reduce_kernel<T, 64><<<blocks, 128, 0, st>>>(*a, row0, rows, po, dqp); break;
+    case 128: dq_reduce_kernel<T, 128><<<blocks, 128, 0, st>>>(*a, row0, rows, po, dqp); break;
+    case 192: dq_reduce_kernel<T, 192><<<blocks, 128, 0, st>>>(*a, row0, rows, po, dqp); break;
+    case 256: dq_reduce_kernel<T, 256><<<blocks, 128, 0, st>>>(*a, row0, rows, po, dqp); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
 }
 }  // namespace
 
@@ -676,9 +714,8 @@ extern "C" cudaError_t nsa_cuda_launch_bwd_dq_reduce(const nsa_cuda_bwd_t *a, ns
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const int32_t *po = (const int32_t *)((const char *)inv_ws + L->pair_off);
   switch (dt) {
-    case NSA_F16: dq_reduce_kernel<__half><<<(unsigned)blocks, 128, 0, st>>>(*a, row0, rows, po, dqp); break;
-    case NSA_BF16: dq_reduce_kernel<__nv_bfloat16><<<(unsigned)blocks, 128, 0, st>>>(*a, row0, rows, po, dqp); break;
+    case NSA_F16: return launch_dq_reduce<__half>(a, row0, rows, po, dqp, (unsigned)blocks, st);
+    case NSA_BF16: return launch_dq_reduce<__nv_bfloat16>(a, row0, rows, po, dqp, (unsigned)blocks, st);
     default: return cudaErrorInvalidValue;
   }
-  return cudaGetLastError();
 }
