@@ -243,8 +243,13 @@ template <int DK, int DV> struct KvSmem {
   static constexpr int DSS = 24;                             // dS^T row stride (conflict-free ldmatrix)
   static constexpr size_t ds_off = wp_off + kWin * 4;       // [64][DSS] T: dS^T of the chunk (dq)
   static constexpr size_t bytes = ds_off + kT * DSS * 2;
-  static constexpr int DKQ = DK / NW;                        // dq columns per warp (key-centric dq)
-  static constexpr bool kDqOk = DKQ % 16 == 0;
+  // Key-centric dq: DQW warps split the DK dq columns, DKQ each, a multiple
+  // of 16 (the MMA's n-pair): all NW warps where DK / NW allows it, else
+  // half of them (DK = 192 with Dk + Dv > 256: 8 warps x 24 columns do not
+  // tile, 4 x 48 do).
+  static constexpr int DQW = (DK / NW) % 16 == 0 ? NW : NW / 2;
+  static constexpr int DKQ = DK / DQW;
+  static constexpr bool kDqOk = DK % DQW == 0 && DKQ % 16 == 0;
 };
 
 // The segment's rows (and their masks) are staged in shared memory a window
@@ -445,7 +450,7 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
       acc_to_a<T>(s, da);
       if constexpr (DQ) {
         // Key-centric dq: this chunk's dQ (16 cols x DK) = dS (16 x 64 keys) . K,
-        // warp w computing columns [w*DKQ, (w+1)*DKQ); written unscaled as the
+        // warp w < DQW computing columns [w*DKQ, (w+1)*DKQ); written unscaled as the
         // f32 partial of pair p (reduced per row in pair order by dq_reduce).
 #pragma unroll
         for (int nt = 0; nt < 2; nt++)
@@ -457,32 +462,34 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
         __syncthreads();
         constexpr int DKQ = L::DKQ;
         const int d0 = warp * DKQ;
-        float qa[DKQ / 8][4];
+        if (warp < L::DQW) {
+          float qa[DKQ / 8][4];
 #pragma unroll
-        for (int i = 0; i < DKQ / 8; i++) qa[i][0] = qa[i][1] = qa[i][2] = qa[i][3] = 0.f;
+          for (int i = 0; i < DKQ / 8; i++) qa[i][0] = qa[i][1] = qa[i][2] = qa[i][3] = 0.f;
 #pragma unroll
-        for (int kb = 0; kb < kT / 16; kb++) {
-          unsigned af[4];
-          ldsm_x4_t(smem_u32(sDS + (kb * 16 + (lane & 7) + ((lane >> 4) & 1) * 8) * L::DSS + ((lane >> 3) & 1) * 8),
-                    af[0], af[1], af[2], af[3]);
+          for (int kb = 0; kb < kT / 16; kb++) {
+            unsigned af[4];
+            ldsm_x4_t(smem_u32(sDS + (kb * 16 + (lane & 7) + ((lane >> 4) & 1) * 8) * L::DSS + ((lane >> 3) & 1) * 8),
+                      af[0], af[1], af[2], af[3]);
 #pragma unroll
-          for (int nd = 0; nd < DKQ / 16; nd++) {
-            unsigned b0, b1, b2, b3;
-            ldsm_x4_t(smem_u32(sK + (kb * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * L::KS + d0 + nd * 16 +
-                               (lane >> 4) * 8),
-                      b0, b1, b2, b3);
-            Mma<T>::run(qa[2 * nd], af, b0, b1);
-            Mma<T>::run(qa[2 * nd + 1], af, b2, b3);
+            for (int nd = 0; nd < DKQ / 16; nd++) {
+              unsigned b0, b1, b2, b3;
+              ldsm_x4_t(smem_u32(sK + (kb * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * L::KS + d0 + nd * 16 +
+                                 (lane >> 4) * 8),
+                        b0, b1, b2, b3);
+              Mma<T>::run(qa[2 * nd], af, b0, b1);
+              Mma<T>::run(qa[2 * nd + 1], af, b2, b3);
+            }
           }
-        }
 #pragma unroll
-        for (int rh = 0; rh < 2; rh++) {
-          int wi;
-          int64_t j;
-          if (!col_of(ch, r0 + rh * 8, &wi, &j)) continue;
-          float *dst = dqp + ((int64_t)wP[wi] * a.h + j) * DK + d0 + (lane & 3) * 2;
+          for (int rh = 0; rh < 2; rh++) {
+            int wi;
+            int64_t j;
+            if (!col_of(ch, r0 + rh * 8, &wi, &j)) continue;
+            float *dst = dqp + ((int64_t)wP[wi] * a.h + j) * DK + d0 + (lane & 3) * 2;
 #pragma unroll
-          for (int i = 0; i < DKQ / 8; i++) __stcs(reinterpret_cast<float2 *>(dst + i * 8), make_float2(qa[i][rh * 2], qa[i][rh * 2 + 1]));
+            for (int i = 0; i < DKQ / 8; i++) __stcs(reinterpret_cast<float2 *>(dst + i * 8), make_float2(qa[i][rh * 2], qa[i][rh * 2 + 1]));
+          }
         }
       }
 #pragma unroll
@@ -701,8 +708,9 @@ cudaError_t launch_dq_reduce(const nsa_cuda_bwd_t *a, int64_t row0, int64_t rows
 
 extern "C" int nsa_cuda_bwd_dq_key_ok(nsa_dtype_t dt, int64_t Dk, int64_t Dv) {
   if (!nsa_cuda_mma_supported(dt, Dk, Dv)) return 0;
-  const int64_t nw = (Dk + Dv > 256) ? 8 : 4;
-  return (Dk / nw) % 16 == 0;
+  const int64_t nw = (Dk + Dv > 256) ? 8 : 4;  // KvSmem::NW, DQW, DKQ
+  const int64_t dqw = (Dk / nw) % 16 == 0 ? nw : nw / 2;
+  return Dk % dqw == 0 && (Dk / dqw) % 16 == 0;
 }
 
 extern "C" cudaError_t nsa_cuda_launch_bwd_dq_reduce(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, const void *inv_ws,
