@@ -4,12 +4,17 @@
  * Flow of nsa_cuda_sel_bwd (bwd_request.cu):
  *   plan (the forward's planners, v2 device / v1 host)
  *   → preprocess: delta[r*h + j] = rowsum(do ∘ o) and lse copied to lsec[r*h + j]
- *   → dq, query-centric: each (row, head) walks its own key set (bwd_dq.cu)
- *   → invert the plan: per 64-key tile of each (b, g), the CSR list of the rows
- *     whose key set touches the tile, rows ascending (bwd_invert_plan.cu)
+ *   → dq, query-centric (where the key-centric dq below does not run):
+ *     each (row, head) walks its own key set (bwd_dq.cu)
+ *   → per row batch: invert the plan: per 64-key tile of each (b, g), the CSR
+ *     list of the batch's rows whose key set touches the tile, rows ascending
+ *     (bwd_invert_plan.cu)
  *   → dk/dv, key-centric: one CTA per (tile, segment of its row list) sums over
  *     the listed rows in list order; tiles with several segments write f32
- *     partials that a second kernel adds up in segment order (bwd_dkdv.cu).
+ *     partials that a second kernel adds up in segment order (bwd_dkdv.cu);
+ *     with the key-centric dq the same kernel writes per-(pair, head) dq
+ *     partials that dq_reduce sums per row. Several batches (to bound the dq
+ *     partials) add dk/dv into an f32 accumulator written out at the end.
  * No float atomics anywhere: two runs give bitwise identical dq, dk, dv.
  *
  * Index maps:
