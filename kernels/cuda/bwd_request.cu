@@ -338,7 +338,7 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
     sv.block_size = a->sel.block_size;
     for (int i = 0; i < a->sel.t.ndim && i < 5; i++) sv.st[i] = a->sel.t.stride[i];
     BCK(nsa_cuda_launch_plan_v2(&sv, d.B, d.S, d.Skv, d.G, d.n, &plan, dsum, (int64_t *)(ws + L.len64),
-                                ws + L.ptemp, L.ptemp_bytes, stream),
+                                ws + L.ptemp, L.ptemp_bytes, maybe_packed, stream),
         "v2 planner launch");
     // packed sizes its padded K/V by the bucket counts (same summary copy)
     if (maybe_packed) BCK(nsa_cuda_launch_pack_hist(&plan, dsum, stream), "packed histogram launch");

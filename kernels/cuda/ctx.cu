@@ -412,7 +412,7 @@ extern "C" int nsa_cuda_plan_v2(nsa_cuda_ctx_t *ctx, const nsa_selection_t *sel,
   nsa_cuda_selview_t sv = selview(sel);
   nsa_cuda_summary_t *dsum = (nsa_cuda_summary_t *)(ws + L.sum);
   CK(nsa_cuda_launch_plan_v2(&sv, d->B, d->S, d->Skv, d->G, d->n, plan, dsum,
-                             (int64_t *)(ws + L.len64), ws + L.temp, L.temp_bytes, ctx->stream),
+                             (int64_t *)(ws + L.len64), ws + L.temp, L.temp_bytes, 1, ctx->stream),
      "v2 planner launch");
   if (sync_summary) {
     CK(cudaMemcpyAsync(ctx->h_sum, dsum, sizeof(*dsum), cudaMemcpyDeviceToHost, ctx->stream),
@@ -487,7 +487,7 @@ extern "C" int nsa_cuda_sel_fwd(nsa_cuda_ctx_t *ctx, const nsa_fwd_args_t *a,
   } else {
     nsa_cuda_selview_t sv = selview(&a->sel);
     CK(nsa_cuda_launch_plan_v2(&sv, d.B, d.S, d.Skv, d.G, d.n, &plan, dsum, (int64_t *)(ws + L.len64),
-                               ws + L.temp, L.temp_bytes, ctx->stream),
+                               ws + L.temp, L.temp_bytes, maybe_packed, ctx->stream),
        "v2 planner launch");
     // packed sizes its padded K/V by the bucket counts: count them into the
     // summary before its (one) copy to the host.

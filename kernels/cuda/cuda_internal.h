@@ -50,13 +50,16 @@ typedef struct {
 size_t nsa_cuda_plan_v2_temp_bytes(int64_t rows);
 
 /* Row planner: validates, clips, sorts and merges each row's spans into the
- * bound plan; row_off by an exclusive scan (CUB); summary accumulated on the
- * device. `summary` must not be NULL; len64 is scratch [rows+1] i64; temp is
- * the scan temp storage of nsa_cuda_plan_v2_temp_bytes bytes. */
+ * bound plan; summary accumulated on the device; with need_row_off, row_off
+ * by an exclusive scan (CUB). Only the packed path reads row_off (packed.cu):
+ * requests that cannot take it skip the scan (two launches, ~7 µs on an
+ * H200), and their plan's row_off is left unset. `summary` must not be NULL;
+ * len64 is scratch [rows+1] i64; temp is the scan temp storage of
+ * nsa_cuda_plan_v2_temp_bytes bytes. */
 cudaError_t nsa_cuda_launch_plan_v2(const nsa_cuda_selview_t *sel, int64_t B, int64_t S,
                                     int64_t Skv, int64_t G, int64_t n, nsa_plan_t *plan,
                                     nsa_cuda_summary_t *summary, int64_t *len64, void *temp,
-                                    size_t temp_bytes, cudaStream_t st);
+                                    size_t temp_bytes, int need_row_off, cudaStream_t st);
 
 /* ---- plan_group.cu ---- */
 

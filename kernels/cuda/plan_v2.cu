@@ -668,11 +668,12 @@ extern "C" size_t nsa_cuda_plan_v2_temp_bytes(int64_t rows) {
 extern "C" cudaError_t nsa_cuda_launch_plan_v2(const nsa_cuda_selview_t *sel, int64_t B, int64_t S,
                                                int64_t Skv, int64_t G, int64_t n, nsa_plan_t *plan,
                                                nsa_cuda_summary_t *summary, int64_t *len64,
-                                               void *temp, size_t temp_bytes, cudaStream_t st) {
+                                               void *temp, size_t temp_bytes, int need_row_off,
+                                               cudaStream_t st) {
   const int64_t rows = B * S * G;
   cudaError_t e = cudaMemsetAsync(summary, 0, sizeof(*summary), st);
   if (e != cudaSuccess) return e;
-  if (rows == 0) return cudaMemsetAsync(plan->row_off, 0, sizeof(int64_t), st);
+  if (rows == 0) return need_row_off ? cudaMemsetAsync(plan->row_off, 0, sizeof(int64_t), st) : cudaSuccess;
   HistBounds hb;
   for (int i = 0; i < NSA_LEN_HIST_BUCKETS - 1; i++) hb.le[i] = nsa_len_hist_le[i];
   const bool rg = sel->kind == NSA_SEL_RANGES;
@@ -695,7 +696,7 @@ extern "C" cudaError_t nsa_cuda_launch_plan_v2(const nsa_cuda_selview_t *sel, in
         hb);
     e = cudaGetLastError();
   }
-  if (e != cudaSuccess) return e;
+  if (e != cudaSuccess || !need_row_off) return e;
   size_t tb = temp_bytes;
   return cub::DeviceScan::ExclusiveSum(temp, tb, (const int64_t *)len64, plan->row_off,
                                        (int64_t)(rows + 1), st);
