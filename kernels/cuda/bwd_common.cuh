@@ -117,6 +117,24 @@ __device__ __forceinline__ bool inv_find_item(const int32_t *item_off, int64_t n
   return true;
 }
 
+// Chunk columns of the key-centric kernels (fwd_key.cu, bwd_dkdv.cu): a
+// chunk is 16 MMA columns over a tile's listed rows, column m of chunk ch =
+//   (listed row (ch / njt)*Pk + m / HT, head (ch % njt)*16 + m % HT),
+// HT = min(h, 16), Pk = 16 / HT, njt = ceil(h / 16), so h < 16 packs Pk rows
+// per chunk. Integer division costs ~20 instructions and this runs for every
+// gathered piece: with ht_pow2 (HT a power of two: h in {1, 2, 4, 8} or
+// >= 16) m / HT is m >> ht_lg, and njt == 1 (h <= 16) skips the chunk
+// division. Returns false for the padding columns m >= Pk*HT; the caller
+// checks wi and j against its row count and h.
+__device__ __forceinline__ bool chunk_col(int ch, int m, int HT, int Pk, int njt, bool ht_pow2, int ht_lg,
+                                          int *wi, int *j) {
+  const int jt = njt == 1 ? 0 : ch % njt, cb = njt == 1 ? ch : ch / njt;
+  const int mq = ht_pow2 ? m >> ht_lg : m / HT;
+  *wi = cb * Pk + mq;
+  *j = jt * 16 + (m - mq * HT);
+  return m < Pk * HT;
+}
+
 // A fragment (16 x 16, row-major) from two m16n8 accumulator tiles c[0], c[1]
 // (columns 0-7 and 8-15 of the same 16 rows): the accumulator layout of
 // m16n8 equals the A layout of m16n8k16 half by half.

@@ -336,15 +336,12 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
     const int nch = ((w1 - w0 + Pk - 1) / Pk) * njt;
 
     // Column m of chunk ch -> window index wi and head j; false for padding.
-    // (Integer division costs ~20 instructions and this runs for every
-    // gathered piece: HT divides by a shift when it is a power of two, and
-    // h <= 16 (njt == 1) skips the chunk division; as in fwd_key.cu.)
+    // (chunk_col, bwd_common.cuh: shift division for power-of-two HT.)
     auto col_of = [&](int ch, int m, int *wi, int64_t *j) -> bool {
-      const int jt = njt == 1 ? 0 : ch % njt, cb = njt == 1 ? ch : ch / njt;
-      const int mq = ht_pow2 ? m >> ht_lg : m / HT;
-      *wi = cb * Pk + mq;
-      *j = (int64_t)jt * 16 + (m - mq * HT);
-      return m < Pk * HT && w0 + *wi < w1 && *j < a.h;
+      int jj;
+      const bool ok = chunk_col(ch, m, HT, Pk, njt, ht_pow2, ht_lg, wi, &jj);
+      *j = jj;
+      return ok && w0 + *wi < w1 && jj < a.h;
     };
     // Chunk ch's 16 Q and dO rows → stage stg: TPR threads per row, each
     // resolving its row once (column → row, head, source addresses) and

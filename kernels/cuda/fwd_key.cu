@@ -148,19 +148,12 @@ __global__ void __launch_bounds__(kNW * 32, 2)
   const T *qb = reinterpret_cast<const T *>(a.q) + b * a.qs[0];
   const float c2 = a.scale * kLog2e;
 
-  // Column m of chunk ch → listed row wi, head j; false for padding columns.
-  // Integer division is ~20 instructions on the GPU and this runs ~20 times
-  // per chunk: HT (a power of two for h in {1, 2, 4, 8, 16+}) divides by a
-  // shift, and njt == 1 (h <= 16) skips the chunk division.
+  // Column m of chunk ch → listed row wi, head j; false for padding columns
+  // (chunk_col, bwd_common.cuh: shift division for power-of-two HT).
   const bool ht_pow2 = (HT & (HT - 1)) == 0;
   const int ht_lg = __ffs(HT) - 1;
   auto col_of = [&](int ch, int m, int *wi, int *j) -> bool {
-    const int jt = njt == 1 ? 0 : ch % njt, cb = njt == 1 ? ch : ch / njt;
-    const int mq = ht_pow2 ? m >> ht_lg : m / HT;
-    const int mr = m - mq * HT;
-    *wi = cb * Pk + mq;
-    *j = jt * 16 + mr;
-    return m < Pk * HT && *wi < nrows && *j < a.h;
+    return chunk_col(ch, m, HT, Pk, njt, ht_pow2, ht_lg, wi, j) && *wi < nrows && *j < a.h;
   };
   // Gathers chunk ch's 16 query rows into stage stg (padding rows zero-filled).
   // Lane m < 16 computes row m's source address once per chunk; piece c =
