@@ -117,6 +117,31 @@ __device__ __forceinline__ bool inv_find_item(const int32_t *item_off, int64_t n
   return true;
 }
 
+// The K/V tile of the 64 keys from k0 → shared memory sK [64][KS], sV
+// [64][VS] (the key-centric kernels, fwd_key.cu and bwd_dkdv.cu): 16-byte
+// cp.async pieces spread over nthreads threads, keys past Skv zero-filled
+// (their mask bits are 0). kb/vb point at key 0 of the tile's (b, g); ks1/vs1
+// are the token strides. With USE_POL the copies carry the L2 policy pol
+// (the backward streams K/V with evict_first). The caller commits the group.
+template <typename T, int DK, int DV, int KS, int VS, bool USE_POL>
+__device__ __forceinline__ void load_kv_tile(const T *kb, int64_t ks1, const T *vb, int64_t vs1, int k0,
+                                             int64_t Skv, T *sK, T *sV, int tid, int nthreads,
+                                             unsigned long long pol) {
+  constexpr int CK = DK / 8, CV = DV / 8;  // 16-byte pieces per K / V row
+  for (int c = tid; c < NSA_BWD_TILE * (CK + CV); c += nthreads) {
+    const bool isk = c < NSA_BWD_TILE * CK;
+    const int cc = isk ? c : c - NSA_BWD_TILE * CK;
+    const int CH = isk ? CK : CV;
+    const int kk = cc / CH, pt = cc % CH;
+    const int tok = k0 + kk;
+    const bool ok = tok < Skv;
+    const T *src = isk ? (ok ? kb + (int64_t)tok * ks1 + pt * 8 : kb) : (ok ? vb + (int64_t)tok * vs1 + pt * 8 : vb);
+    T *dst = isk ? sK + kk * KS + pt * 8 : sV + kk * VS + pt * 8;
+    if constexpr (USE_POL) cp_async16p(smem_u32(dst), src, ok ? 16 : 0, pol);
+    else cp_async16(smem_u32(dst), src, ok ? 16 : 0);
+  }
+}
+
 // Chunk columns of the key-centric kernels (fwd_key.cu, bwd_dkdv.cu): a
 // chunk is 16 MMA columns over a tile's listed rows, column m of chunk ch =
 //   (listed row (ch / njt)*Pk + m / HT, head (ch % njt)*16 + m % HT),

@@ -295,23 +295,10 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
   // every tile their row selected (keep them in L2).
   const unsigned long long pol_kv = policy_evict_first(), pol_q = policy_evict_last();
 
-  const T *kb = reinterpret_cast<const T *>(a.k) + b * a.ks[0] + g * a.ks[2];
-  const T *vb = reinterpret_cast<const T *>(a.v) + b * a.vs[0] + g * a.vs[2];
-  if (hi > lo) {
-    constexpr int CK = DK / 8, CV = DV / 8;
-    for (int c = tid; c < kT * (CK + CV); c += NT_) {
-      const bool isk = c < kT * CK;
-      const int cc = isk ? c : c - kT * CK;
-      const int CH = isk ? CK : CV;
-      const int kk = cc / CH, pt = cc % CH;
-      const int tok = k0 + kk;
-      const bool ok = tok < a.Skv;
-      const T *src = isk ? (ok ? kb + (int64_t)tok * a.ks[1] + pt * 8 : kb)
-                         : (ok ? vb + (int64_t)tok * a.vs[1] + pt * 8 : vb);
-      T *dst = isk ? sK + kk * L::KS + pt * 8 : sV + kk * L::VS + pt * 8;
-      cp_async16p(smem_u32(dst), src, ok ? 16 : 0, pol_kv);
-    }
-  }
+  if (hi > lo)
+    load_kv_tile<T, DK, DV, L::KS, L::VS, true>(reinterpret_cast<const T *>(a.k) + b * a.ks[0] + g * a.ks[2],
+                                                a.ks[1], reinterpret_cast<const T *>(a.v) + b * a.vs[0] + g * a.vs[2],
+                                                a.vs[1], k0, a.Skv, sK, sV, tid, NT_, pol_kv);
 
   const bool ht_pow2 = (HT & (HT - 1)) == 0;
   const int ht_lg = __ffs(HT) - 1;

@@ -53,28 +53,26 @@ struct KInv {
 
 // N consecutive 16-bit partial values (N = 2 or 4, 4- or 8-byte aligned) as
 // f32; streaming loads (each partial is read once).
-template <typename T, int N> __device__ __forceinline__ void load16(const T *p, float *v);
-template <> __device__ __forceinline__ void load16<__nv_bfloat16, 2>(const __nv_bfloat16 *p, float *v) {
-  const unsigned u = __ldcs(reinterpret_cast<const unsigned *>(p));
-  const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u));
-  v[0] = f.x, v[1] = f.y;
+__device__ __forceinline__ float2 pair_to_f2(unsigned u, __nv_bfloat16) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u));
 }
-template <> __device__ __forceinline__ void load16<__nv_bfloat16, 4>(const __nv_bfloat16 *p, float *v) {
-  const uint2 u = __ldcs(reinterpret_cast<const uint2 *>(p));
-  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
-  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
-  v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
+__device__ __forceinline__ float2 pair_to_f2(unsigned u, __half) {
+  return __half22float2(*reinterpret_cast<const __half2 *>(&u));
 }
-template <> __device__ __forceinline__ void load16<__half, 2>(const __half *p, float *v) {
-  const unsigned u = __ldcs(reinterpret_cast<const unsigned *>(p));
-  const float2 f = __half22float2(*reinterpret_cast<const __half2 *>(&u));
-  v[0] = f.x, v[1] = f.y;
-}
-template <> __device__ __forceinline__ void load16<__half, 4>(const __half *p, float *v) {
-  const uint2 u = __ldcs(reinterpret_cast<const uint2 *>(p));
-  const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&u.x));
-  const float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&u.y));
-  v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
+template <typename T, int N> __device__ __forceinline__ void load16(const T *p, float *v) {
+  static_assert(N == 2 || N == 4, "2 or 4 values");
+  unsigned u[N / 2];
+  if constexpr (N == 2) {
+    u[0] = __ldcs(reinterpret_cast<const unsigned *>(p));
+  } else {
+    const uint2 w = __ldcs(reinterpret_cast<const uint2 *>(p));
+    u[0] = w.x, u[1] = w.y;
+  }
+#pragma unroll
+  for (int i = 0; i < N / 2; i++) {
+    const float2 f = pair_to_f2(u[i], T());
+    v[2 * i] = f.x, v[2 * i + 1] = f.y;
+  }
 }
 
 template <int DK, int DV> struct FkSmem {
@@ -97,7 +95,7 @@ __global__ void __launch_bounds__(kNW * 32, 2)
   using L = FkSmem<DK, DV>;
   using PT = typename std::conditional<P16, T, float>::type;
   PT *po = reinterpret_cast<PT *>(po_);
-  constexpr int CK = DK / 8, CV = DV / 8;  // 16-byte pieces per K / V row
+  constexpr int CK = DK / 8;  // 16-byte pieces per Q (and K) row
   extern __shared__ __align__(16) unsigned char smem[];
   T *sK = reinterpret_cast<T *>(smem + L::k_off);
   T *sV = reinterpret_cast<T *>(smem + L::v_off);
@@ -119,20 +117,9 @@ __global__ void __launch_bounds__(kNW * 32, 2)
   const int nrows = hi - lo;
 
   // K/V tile → shared memory (keys past Skv zero-filled; their mask bits are 0).
-  const T *kb = reinterpret_cast<const T *>(a.k) + b * a.ks[0] + g * a.ks[2];
-  const T *vb = reinterpret_cast<const T *>(a.v) + b * a.vs[0] + g * a.vs[2];
-  for (int c = tid; c < kT * (CK + CV); c += kNW * 32) {
-    const bool isk = c < kT * CK;
-    const int cc = isk ? c : c - kT * CK;
-    const int CH = isk ? CK : CV;
-    const int kk = cc / CH, pt = cc % CH;
-    const int tok = k0 + kk;
-    const bool ok = tok < a.Skv;
-    const T *src = isk ? (ok ? kb + (int64_t)tok * a.ks[1] + pt * 8 : kb)
-                       : (ok ? vb + (int64_t)tok * a.vs[1] + pt * 8 : vb);
-    T *dst = isk ? sK + kk * L::KS + pt * 8 : sV + kk * L::VS + pt * 8;
-    cp_async16(smem_u32(dst), src, ok ? 16 : 0);
-  }
+  load_kv_tile<T, DK, DV, L::KS, L::VS, false>(reinterpret_cast<const T *>(a.k) + b * a.ks[0] + g * a.ks[2],
+                                               a.ks[1], reinterpret_cast<const T *>(a.v) + b * a.vs[0] + g * a.vs[2],
+                                               a.vs[1], k0, a.Skv, sK, sV, tid, kNW * 32, 0ull);
   cp_commit();
   for (int i = tid; i < nrows; i += kNW * 32) {
     const int r = iv.rows[lo + i];
