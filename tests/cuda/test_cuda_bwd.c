@@ -155,6 +155,20 @@ static void run_check(nsa_cuda_ctx_t *ctx, bx_t *f, nsa_path_t path) {
             nsa_path_name(path), eq, ek, ev, tol, cfg_str(&f->c.cfg, cs, sizeof cs));
 }
 
+/* Keeps the outputs of the run_check just made, runs the same path again on
+ * the same inputs and expects dq, dk, dv bitwise equal (no float atomics). */
+static void expect_repeatable(nsa_cuda_ctx_t *ctx, bx_t *f, nsa_path_t path, const char *what) {
+  void *a[3] = {malloc(f->c.dq.bytes), malloc(f->c.dk.bytes), malloc(f->c.dv.bytes)};
+  memcpy(a[0], f->c.dq.mem, f->c.dq.bytes);
+  memcpy(a[1], f->c.dk.mem, f->c.dk.bytes);
+  memcpy(a[2], f->c.dv.mem, f->c.dv.bytes);
+  run_check(ctx, f, path);
+  cr_expect_eq(memcmp(a[0], f->c.dq.mem, f->c.dq.bytes), 0, "%s: dq differs between runs", what);
+  cr_expect_eq(memcmp(a[1], f->c.dk.mem, f->c.dk.bytes), 0, "%s: dk differs between runs", what);
+  cr_expect_eq(memcmp(a[2], f->c.dv.mem, f->c.dv.bytes), 0, "%s: dv differs between runs", what);
+  for (int i = 0; i < 3; i++) free(a[i]);
+}
+
 static void check_paths(nsa_cuda_ctx_t *ctx, const nsa_tu_case_cfg_t *cfg) {
   bx_t f;
   bx_init(&f, cfg, NULL);
@@ -359,15 +373,7 @@ Test(cuda_bwd, determinism) {
     bx_init(&f, &cfg, force_block0);
     for (size_t p = 0; p < 3; p++) {
       run_check(ctx, &f, k_paths[p]);
-      void *a[3] = {malloc(f.c.dq.bytes), malloc(f.c.dk.bytes), malloc(f.c.dv.bytes)};
-      memcpy(a[0], f.c.dq.mem, f.c.dq.bytes);
-      memcpy(a[1], f.c.dk.mem, f.c.dk.bytes);
-      memcpy(a[2], f.c.dv.mem, f.c.dv.bytes);
-      run_check(ctx, &f, k_paths[p]);
-      cr_expect_eq(memcmp(a[0], f.c.dq.mem, f.c.dq.bytes), 0, "%s: dq differs between runs", nsa_path_name(k_paths[p]));
-      cr_expect_eq(memcmp(a[1], f.c.dk.mem, f.c.dk.bytes), 0, "%s: dk differs between runs", nsa_path_name(k_paths[p]));
-      cr_expect_eq(memcmp(a[2], f.c.dv.mem, f.c.dv.bytes), 0, "%s: dv differs between runs", nsa_path_name(k_paths[p]));
-      for (int i = 0; i < 3; i++) free(a[i]);
+      expect_repeatable(ctx, &f, k_paths[p], nsa_path_name(k_paths[p]));
     }
     bx_free(&f);
   }
@@ -405,15 +411,9 @@ Test(cuda_bwd, dq_key_row_batches) {
     setenv("NSA_BWD_TIMING", "1", 1); /* stderr says "batches 8" */
     run_check(ctx, &f, NSA_PATH_VARLEN_V2);
     unsetenv("NSA_BWD_TIMING");
-    void *a[3] = {malloc(f.c.dq.bytes), malloc(f.c.dk.bytes), malloc(f.c.dv.bytes)};
-    memcpy(a[0], f.c.dq.mem, f.c.dq.bytes);
-    memcpy(a[1], f.c.dk.mem, f.c.dk.bytes);
-    memcpy(a[2], f.c.dv.mem, f.c.dv.bytes);
-    run_check(ctx, &f, NSA_PATH_VARLEN_V2);
-    cr_expect_eq(memcmp(a[0], f.c.dq.mem, f.c.dq.bytes), 0, "h=%lld: batched dq differs between runs", (long long)cfg.h);
-    cr_expect_eq(memcmp(a[1], f.c.dk.mem, f.c.dk.bytes), 0, "h=%lld: batched dk differs between runs", (long long)cfg.h);
-    cr_expect_eq(memcmp(a[2], f.c.dv.mem, f.c.dv.bytes), 0, "h=%lld: batched dv differs between runs", (long long)cfg.h);
-    for (int k = 0; k < 3; k++) free(a[k]);
+    char what[32];
+    snprintf(what, sizeof what, "h=%lld batched", (long long)cfg.h);
+    expect_repeatable(ctx, &f, NSA_PATH_VARLEN_V2, what);
     unsetenv("NSA_BWD_DQ_BATCH_ROWS");
     unsetenv("NSA_BWD_SEG");
     bx_free(&f);
