@@ -73,13 +73,14 @@ int64_t nsa_cuda_inv_row_bound_blocks(int64_t n, int32_t bs, int64_t NT);
  *   masks    [cap]      u64: bit k = key tile*64 + k is in that row's key set
  *   item_off [ntiles+1] i32: CTA items (tile, segment) of tile x start at item_off[x]
  *   part_off [ntiles+1] i32: f32 partial slots of tile x (0 when it has one segment)
- * seg_rows: rows per segment. Used whole (row0 = 0, all rows) or per row batch
+ * seg_rows: rows per segment. skip (may be NULL): rows r with skip[r] != 0
+ * get no pairs (the forward's shared-tile groups, fwd_shared.h). Used whole (row0 = 0, all rows) or per row batch
  * (the key-centric forward, fwd_key.cu; the batched key-centric dq). No host
  * synchronization. */
 cudaError_t nsa_cuda_launch_invert_rows(const nsa_plan_t *plan, int64_t B, int64_t S, int64_t G,
                                         int64_t NT, int64_t row0, int64_t rows, int64_t cap,
-                                        int seg_rows, void *ws, const nsa_cuda_inv_layout_t *L,
-                                        cudaStream_t st);
+                                        int seg_rows, const unsigned char *skip, void *ws,
+                                        const nsa_cuda_inv_layout_t *L, cudaStream_t st);
 
 /* ---- bwd_dq.cu ---- */
 

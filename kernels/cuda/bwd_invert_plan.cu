@@ -33,14 +33,15 @@ namespace {
 constexpr int kT = NSA_BWD_TILE;
 
 __global__ void count_kernel(const int2 *__restrict__ spans, const int32_t *__restrict__ nspans,
-                             int64_t row0, int64_t rows, int64_t n, int32_t *__restrict__ cnt) {
+                             const unsigned char *__restrict__ skip, int64_t row0, int64_t rows, int64_t n,
+                             int32_t *__restrict__ cnt) {
   const int64_t r = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (r > rows) return;
   if (r == rows) {
     cnt[rows] = 0;
     return;
   }
-  const int nsp = nspans[row0 + r];
+  const int nsp = (skip != nullptr && skip[row0 + r]) ? 0 : nspans[row0 + r];  // skipped: no pairs
   int c = 0, prev = -1;
   for (int i = 0; i < nsp; i++) {
     const int2 sp = spans[(row0 + r) * n + i];
@@ -83,7 +84,7 @@ __device__ __forceinline__ unsigned long long span_bits(int x, int y, int kt) {
 // several spans of one tile, e.g. block size 16, commute; the result is the
 // same bits as a sequential OR).
 __global__ void write_kernel(const int2 *__restrict__ spans, const int32_t *__restrict__ nspans,
-                             int64_t row0, int64_t rows, int64_t n, int64_t S, int64_t G, int64_t NT,
+                             const unsigned char *__restrict__ skip, int64_t row0, int64_t rows, int64_t n, int64_t S, int64_t G, int64_t NT,
                              int64_t cap, const int32_t *__restrict__ pair_off, unsigned *__restrict__ keys,
                              int32_t *__restrict__ vals, unsigned long long *__restrict__ mask_of) {
   const int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;  // local row
@@ -92,7 +93,7 @@ __global__ void write_kernel(const int2 *__restrict__ spans, const int32_t *__re
   const int64_t gr = row0 + r;  // the plan's row
   const int64_t g = gr % G, b = gr / (G * S);
   const int64_t base = (b * G + g) * NT;
-  const int nsp = nspans[gr];
+  const int nsp = (skip != nullptr && skip[gr]) ? 0 : nspans[gr];  // as count_kernel
   int64_t pos = pair_off[r];  // next pair of this row
   int prev = -1;              // last tile written for this row so far
   for (int i0 = 0; i0 < nsp; i0 += 32) {
@@ -252,8 +253,8 @@ extern "C" size_t nsa_cuda_inv_layout(int64_t rows, int64_t cap, int64_t ntiles,
 
 extern "C" cudaError_t nsa_cuda_launch_invert_rows(const nsa_plan_t *plan, int64_t B, int64_t S, int64_t G,
                                                    int64_t NT, int64_t row0, int64_t rows, int64_t cap,
-                                                   int seg_rows, void *ws, const nsa_cuda_inv_layout_t *L,
-                                                   cudaStream_t st) {
+                                                   int seg_rows, const unsigned char *skip, void *ws,
+                                                   const nsa_cuda_inv_layout_t *L, cudaStream_t st) {
   const int64_t ntiles = B * G * NT;
   if (row0 < 0 || rows < 0 || row0 + rows > B * S * G) return cudaErrorInvalidValue;
   if (row0 + rows + 1 > 0x7fffffff || cap > 0x7fffffff || ntiles + 1 > 0x7fffffff)
@@ -270,7 +271,7 @@ extern "C" cudaError_t nsa_cuda_launch_invert_rows(const nsa_plan_t *plan, int64
   const int th = 256;
   const int2 *sp = (const int2 *)plan->spans;
 
-  count_kernel<<<(unsigned)((rows + 1 + th - 1) / th), th, 0, st>>>(sp, plan->nspans, row0, rows, plan->n, cnt);
+  count_kernel<<<(unsigned)((rows + 1 + th - 1) / th), th, 0, st>>>(sp, plan->nspans, skip, row0, rows, plan->n, cnt);
   NSA_CK(cudaGetLastError());
   size_t tb = L->temp_bytes;
   NSA_CK(cub::DeviceScan::ExclusiveSum(temp, tb, cnt, pair_off, (int)(rows + 1), st));
@@ -280,7 +281,7 @@ extern "C" cudaError_t nsa_cuda_launch_invert_rows(const nsa_plan_t *plan, int64
   }
   if (rows > 0) {
     write_kernel<<<(unsigned)((rows * 32 + th - 1) / th), th, 0, st>>>(
-        sp, plan->nspans, row0, rows, plan->n, S, G, NT, cap, pair_off, kin, vin,
+        sp, plan->nspans, skip, row0, rows, plan->n, S, G, NT, cap, pair_off, kin, vin,
         (unsigned long long *)(w + L->masks_in));
     NSA_CK(cudaGetLastError());
   }

@@ -463,7 +463,7 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   for (int64_t row0 = 0; row0 == 0 || row0 < d.rows; row0 += L.brows) {
     const int64_t nb = d.rows - row0 < L.brows ? d.rows - row0 : L.brows;
     const int64_t bcap = nb == L.brows ? L.bcap : nb * (L.cap / d.rows);
-    BCK(nsa_cuda_launch_invert_rows(&plan, d.B, d.S, d.G, L.NT, row0, nb, bcap, L.seg_rows, ws + L.inv, &L.il,
+    BCK(nsa_cuda_launch_invert_rows(&plan, d.B, d.S, d.G, L.NT, row0, nb, bcap, L.seg_rows, NULL, ws + L.inv, &L.il,
                                     stream),
         "plan inversion launch");
     if (timing && row0 == 0) cudaEventRecord(pev[3], stream);  // "invert" = the first batch's

@@ -336,17 +336,23 @@ template <typename T, int DV, bool P16>
 __global__ void __launch_bounds__(256) fwd_key_merge_kernel(nsa_cuda_attn_t a, int64_t row0, int64_t rows,
                                                             const int32_t *__restrict__ pair_off,
                                                             const void *__restrict__ po_,
-                                                            const float *__restrict__ pl) {
+                                                            const float *__restrict__ pl,
+                                                            const unsigned char *__restrict__ skip,
+                                                            bool hpow2, int hlg) {
   constexpr int PER = DV / 32;
   using PT = typename std::conditional<P16, T, float>::type;
   const PT *po = reinterpret_cast<const PT *>(po_);
-  const int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
-  if (w >= rows * a.h) return;  // warp-uniform
-  const int64_t lr = w / a.h, j = w % a.h;  // batch-local row (pair_off), head
-  const int64_t r = row0 + lr;
-  const int64_t g = r % a.G, t = (r / a.G) % a.S, b = r / (a.G * a.S);
   const bool bad = a.invalid != nullptr && *a.invalid > 0;
+  const int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  if (w >= rows * a.h) return;  // warp-uniform
+  // (row, head) of this warp, power-of-two h by shift; a row of a shared-tile
+  // group (fwd_shared.cu writes it) leaves before the other index math (at T
+  // = 16k, h = 16, correlated, every row of both row batches is such a row).
+  const int64_t lr = hpow2 ? w >> hlg : w / a.h, j = hpow2 ? w & (a.h - 1) : w % a.h;  // batch-local row, head
+  const int64_t r = row0 + lr;
+  if (skip != nullptr && skip[r] && !bad) return;
+  const int64_t g = r % a.G, t = (r / a.G) % a.S, b = r / (a.G * a.S);
   const int p0 = bad ? 0 : pair_off[lr], p1 = bad ? 0 : pair_off[lr + 1];
   float W = 0.f, M = -INFINITY;
   float acc[PER];
@@ -409,7 +415,8 @@ __global__ void __launch_bounds__(256) fwd_key_merge_kernel(nsa_cuda_attn_t a, i
 
 template <typename T, int DK, int DV, bool P16>
 cudaError_t launch_dk(const nsa_cuda_attn_t *a, const KInv &iv, void *po, float *pl, const int32_t *pair_off,
-                      int64_t row0, int64_t rows, int64_t items, int Pk, int HT, int njt, cudaStream_t st) {
+                      const unsigned char *skip, int64_t row0, int64_t rows, int64_t items, int Pk, int HT,
+                      int njt, cudaStream_t st) {
   using L = FkSmem<DK, DV>;
   // The attribute belongs to this function in the device's primary context
   // and stays set (nothing here resets a device): set it once per device
@@ -434,16 +441,19 @@ cudaError_t launch_dk(const nsa_cuda_attn_t *a, const KInv &iv, void *po, float 
   const int64_t warps = rows * a->h;
   const int64_t blocks = (warps + 7) / 8;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  if (blocks > 0) fwd_key_merge_kernel<T, DV, P16><<<(unsigned)blocks, 256, 0, st>>>(*a, row0, rows, pair_off, po, pl);
+  const bool hpow2 = (a->h & (a->h - 1)) == 0;
+  if (blocks > 0) fwd_key_merge_kernel<T, DV, P16><<<(unsigned)blocks, 256, 0, st>>>(*a, row0, rows, pair_off, po, pl, skip,
+                                                                                  hpow2, __builtin_ctzll((unsigned long long)a->h));
   return cudaGetLastError();
 }
 
 template <typename T, bool P16>
 cudaError_t launch_t(const nsa_cuda_attn_t *a, const KInv &iv, void *po, float *pl, const int32_t *pair_off,
-                     int64_t row0, int64_t rows, int64_t items, int Pk, int HT, int njt, cudaStream_t st) {
+                     const unsigned char *skip, int64_t row0, int64_t rows, int64_t items, int Pk, int HT,
+                     int njt, cudaStream_t st) {
 #define NSA_FK(DK, DV)                                                                                   \
   if (a->Dk == DK && a->Dv == DV)                                                                        \
-  return launch_dk<T, DK, DV, P16>(a, iv, po, pl, pair_off, row0, rows, items, Pk, HT, njt, st)
+  return launch_dk<T, DK, DV, P16>(a, iv, po, pl, pair_off, skip, row0, rows, items, Pk, HT, njt, st)
   NSA_FK(64, 64);
   NSA_FK(128, 64);
   NSA_FK(192, 64);
@@ -514,6 +524,7 @@ extern "C" int nsa_cuda_fwd_key_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, i
   o = align256(o + (size_t)L->cap * (size_t)a->h * (size_t)a->Dv * (L->p16 ? 2 : 4));
   L->part_l = o;
   o = align256(o + (size_t)L->cap * (size_t)a->h * 4);
+  if (nsa_cuda_fwd_shared_plan(a, dt, o, &L->sh)) o = L->sh.end;
   L->end = o;
   return 1;
 }
@@ -539,27 +550,34 @@ extern "C" cudaError_t nsa_cuda_launch_fwd_key(const nsa_cuda_attn_t *a, nsa_dty
   const int Pk = 16 / HT;
   const int njt = (int)((a->h + 15) / 16);
   const int64_t rows = a->B * a->S * a->G;
+  const unsigned char *skip = nullptr;
+  if (L->sh.on) {  // groups sharing their tiles leave the inversion and the merge
+    cudaError_t e = nsa_cuda_launch_fwd_shared_select(a, plan, ws, &L->sh, st);
+    if (e != cudaSuccess) return e;
+    skip = (const unsigned char *)(w + L->sh.skip);
+  }
   // Row batches run one after the other on the stream and reuse the same
   // inversion and partial buffers (stream order makes that safe).
   for (int64_t row0 = 0; row0 < rows; row0 += L->batch_rows) {
     const int64_t nb = rows - row0 < L->batch_rows ? rows - row0 : L->batch_rows;
     const int64_t cap = nb * (L->cap / L->batch_rows);
-    cudaError_t e = nsa_cuda_launch_invert_rows(plan, a->B, a->S, a->G, L->NT, row0, nb, cap, L->seg_rows, inv,
-                                                &L->il, st);
+    cudaError_t e = nsa_cuda_launch_invert_rows(plan, a->B, a->S, a->G, L->NT, row0, nb, cap, L->seg_rows, skip,
+                                                inv, &L->il, st);
     if (e != cudaSuccess) return e;
     const int64_t items = iv.ntiles + cap / L->seg_rows + 1;
     switch (dt) {
       case NSA_BF16:
-        e = L->p16 ? launch_t<__nv_bfloat16, true>(a, iv, po, pl, pair_off, row0, nb, items, Pk, HT, njt, st)
-                   : launch_t<__nv_bfloat16, false>(a, iv, po, pl, pair_off, row0, nb, items, Pk, HT, njt, st);
+        e = L->p16 ? launch_t<__nv_bfloat16, true>(a, iv, po, pl, pair_off, skip, row0, nb, items, Pk, HT, njt, st)
+                   : launch_t<__nv_bfloat16, false>(a, iv, po, pl, pair_off, skip, row0, nb, items, Pk, HT, njt, st);
         break;
       case NSA_F16:
-        e = L->p16 ? launch_t<__half, true>(a, iv, po, pl, pair_off, row0, nb, items, Pk, HT, njt, st)
-                   : launch_t<__half, false>(a, iv, po, pl, pair_off, row0, nb, items, Pk, HT, njt, st);
+        e = L->p16 ? launch_t<__half, true>(a, iv, po, pl, pair_off, skip, row0, nb, items, Pk, HT, njt, st)
+                   : launch_t<__half, false>(a, iv, po, pl, pair_off, skip, row0, nb, items, Pk, HT, njt, st);
         break;
       default: return cudaErrorInvalidValue;
     }
     if (e != cudaSuccess) return e;
   }
+  if (L->sh.on) return nsa_cuda_launch_fwd_shared(a, dt, plan, ws, &L->sh, st);
   return cudaSuccess;
 }

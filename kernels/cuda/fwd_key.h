@@ -16,6 +16,9 @@
  *      where p is the pair's index in row order (pair_off[r] <= p < pair_off[r+1]);
  *   2. fwd_key_merge_kernel: per (row, head) the log-sum-exp merge of its
  *      partials in pair order (deterministic, no atomics) → o, lse.
+ * Groups of consecutive queries that select (nearly) the same tiles skip
+ * both and run fwd_shared.h's on-chip kernel instead (chosen on the device
+ * before the inversion; the inversion and the merge leave their rows out).
  * Each K/V tile crosses L2 → shared memory once per CTA item instead of once
  * per query that selected it; the price is the partials, (tiles per row) *
  * h * (2 Dv + 4) bytes per row written and read back once. Rows are
@@ -27,6 +30,7 @@
 #define NSA_CUDA_FWD_KEY_H
 
 #include "bwd_internal.h"
+#include "fwd_shared.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -42,6 +46,7 @@ typedef struct {
   int p16;                  /* o partials in the input dtype (default) instead of f32 */
   int stage;                /* 16-bit partials stored through shared memory (NSA_CUDA_FWD_KEY_STAGE=0: off) */
   size_t inv, part_o, part_l, end; /* arena byte offsets; end = total bytes used */
+  nsa_cuda_fwd_shared_layout_t sh;  /* groups of queries sharing their tiles (fwd_shared.h); sh.on = 0: none */
 } nsa_cuda_fwd_key_layout_t;
 
 /* 1 when the key-centric kernel is built for (dt, Dk, Dv). */

@@ -212,6 +212,12 @@ void nsa_tu_sel_blocks(int32_t *ids, int64_t B, int64_t S, int64_t G, int64_t n,
       int64_t pos = t + Skv - S, own = pos / block_size; /* the query's own block */
       for (int64_t g = 0; g < G; g++) {
         int32_t *row = ids + ((b * S + t) * G + g) * n;
+        if ((flags & NSA_TU_SEL_BLOCKWISE) && t > 0 && (pos - 1) / block_size == own) {
+          memcpy(row, row - G * n, sizeof(int32_t) * (size_t)n); /* the previous query's */
+          if ((flags & NSA_TU_SEL_UNUSED) && nsa_tu_rng_int(r, 0, 7) == 0)
+            row[nsa_tu_rng_int(r, 0, n - 1)] = (int32_t)nsa_tu_rng_int(r, 0, own);
+          continue;
+        }
         int empty = (flags & NSA_TU_SEL_EMPTY_ROWS) && nsa_tu_rng_int(r, 0, 5) == 0;
         for (int64_t i = 0; i < n; i++) {
           int64_t id;

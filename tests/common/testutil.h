@@ -78,6 +78,10 @@ enum {
   NSA_TU_SEL_CORRELATED = 1 << 3, /* rows near each other share blocks, plus the local block */
   NSA_TU_SEL_FUTURE = 1 << 4,     /* entries past p(t) (clipped away) */
   NSA_TU_SEL_ALL = 0x1f,
+  /* (not in ALL) block indices: the queries of one query block (same own
+   * block) copy one selection, as trained models and issue 7's `corr`
+   * pattern do; with UNUSED some rows change one slot (mostly shared) */
+  NSA_TU_SEL_BLOCKWISE = 1 << 5,
 };
 /* ids [B][S][G][n]: valid ids in [0, ceil(Skv/bs)) or -1; unsorted. */
 void nsa_tu_sel_blocks(int32_t *ids, int64_t B, int64_t S, int64_t G, int64_t n, int64_t Skv,

@@ -273,6 +273,90 @@ Test(cuda_fwd, key_centric_falls_back_under_cap) {
   fx_free(&f);
 }
 
+/* Query groups sharing their tiles (fwd_shared.h): selections copied across
+ * each query block (mostly: with UNUSED some rows change a slot, so groups
+ * of both kinds occur), h in {2, 4, 8, 16}, S not a multiple of the group
+ * size, empty rows, block sizes 64 and 32, both dtypes, several (Dk, Dv).
+ * Each case runs with the shared groups and with NSA_CUDA_FWD_SHARED=0
+ * (every row key-centric): both must match the float64 reference, and they
+ * must differ somewhere bitwise (the shared kernel rounds P and O in its own
+ * order), which shows the shared kernel wrote rows. */
+Test(cuda_fwd, shared_tile_groups) {
+  NSA_REQUIRE_GPU();
+  nsa_cuda_ctx_t *kc = mkctx_env("1");
+  const int64_t hs[] = {16, 8, 4, 2, 16, 8};
+  const int64_t dks[] = {128, 192, 64, 64, 128, 128}; /* the shared kernel's (Dk, Dv) */
+  const int64_t dvs[] = {128, 64, 64, 128, 64, 128};
+  for (int k = 0; k < 12; k++) {
+    const int i = k % 6;
+    nsa_tu_case_cfg_t cfg = base();
+    cfg.dtype = k < 6 ? NSA_BF16 : NSA_F16;
+    cfg.h = hs[i];
+    cfg.Dk = dks[i];
+    cfg.Dv = dvs[i];
+    cfg.B = 2;
+    cfg.G = 2;
+    cfg.S = 150 + 7 * k; /* partial last group */
+    cfg.Skv = cfg.S + 64 * (k % 3);
+    cfg.block_size = (k % 4 == 3) ? 32 : 64;
+    cfg.n = 8;
+    cfg.sel_flags = NSA_TU_SEL_BLOCKWISE | ((k & 1) ? NSA_TU_SEL_UNUSED | NSA_TU_SEL_EMPTY_ROWS : 0);
+    cfg.seed = 1700 + k;
+    fx_t f;
+    fx_init(&f, &cfg);
+    run_check(kc, &f, NSA_PATH_VARLEN_V2);
+    double *so = malloc(sizeof(double) * (size_t)f.no), *sl = malloc(sizeof(double) * (size_t)f.nl);
+    cr_assert(so && sl);
+    memcpy(so, f.go, sizeof(double) * (size_t)f.no);
+    memcpy(sl, f.gl, sizeof(double) * (size_t)f.nl);
+    setenv("NSA_CUDA_FWD_SHARED", "0", 1);
+    run_check(kc, &f, NSA_PATH_VARLEN_V2);
+    unsetenv("NSA_CUDA_FWD_SHARED");
+    int64_t diff = 0;
+    for (int64_t e = 0; e < f.no; e++) diff += memcmp(&so[e], &f.go[e], sizeof(double)) != 0;
+    for (int64_t e = 0; e < f.nl; e++) diff += memcmp(&sl[e], &f.gl[e], sizeof(double)) != 0;
+    cr_expect_gt(diff, 0, "h=%lld case %d: shared and key-centric outputs identical: shared kernel not run",
+                 (long long)cfg.h, k);
+    free(so);
+    free(sl);
+    fx_free(&f);
+  }
+  /* Independent random selections: only groups of the first query blocks
+   * (all their few earlier blocks selected) qualify, < 1/8 of the rows, so
+   * the gate sends every row back to the key-centric path: bitwise the same
+   * outputs as with NSA_CUDA_FWD_SHARED=0. */
+  for (int k = 0; k < 2; k++) {
+    nsa_tu_case_cfg_t cfg = base();
+    cfg.B = 1;
+    cfg.G = 2;
+    cfg.h = k ? 16 : 4;
+    cfg.Dk = cfg.Dv = 128;
+    cfg.S = cfg.Skv = 2048;
+    cfg.block_size = 32;
+    cfg.n = 4;
+    cfg.sel_flags = 0;
+    cfg.seed = 1720 + k;
+    fx_t f;
+    fx_init(&f, &cfg);
+    run_check(kc, &f, NSA_PATH_VARLEN_V2);
+    double *so = malloc(sizeof(double) * (size_t)f.no), *sl = malloc(sizeof(double) * (size_t)f.nl);
+    cr_assert(so && sl);
+    memcpy(so, f.go, sizeof(double) * (size_t)f.no);
+    memcpy(sl, f.gl, sizeof(double) * (size_t)f.nl);
+    setenv("NSA_CUDA_FWD_SHARED", "0", 1);
+    run_check(kc, &f, NSA_PATH_VARLEN_V2);
+    unsetenv("NSA_CUDA_FWD_SHARED");
+    cr_expect_eq(memcmp(so, f.go, sizeof(double) * (size_t)f.no), 0, "h=%lld: o changed by ungated groups",
+                 (long long)cfg.h);
+    cr_expect_eq(memcmp(sl, f.gl, sizeof(double) * (size_t)f.nl), 0, "h=%lld: lse changed by ungated groups",
+                 (long long)cfg.h);
+    free(so);
+    free(sl);
+    fx_free(&f);
+  }
+  nsa_cuda_ctx_destroy(kc);
+}
+
 /* Layouts: K/V stored [B,G,Skv,D] (strided but aligned: tensor cores),
  * gapped + padded everything (generic kernel), head dims the tensor-core
  * kernel does not build (generic kernel). */
