@@ -171,4 +171,48 @@ __device__ __forceinline__ void acc_to_a(const float (&c)[2][4], unsigned *a) {
   a[3] = Mma<T>::pack(c[1][2], c[1][3]);
 }
 
+// S (16 x 64) = Q (16 rows x DK at q_s, row stride QS) . K^T (64 keys x DK
+// at k_s, row stride KS), m16n8k16 over DK/16 k-steps, for the forward's
+// key-tile kernels (fwd_key.cu, fwd_shared.cu). This thread gets rows
+// lane/4 (elements 0, 1) and lane/4 + 8 (elements 2, 3) of n-tile nt, keys
+// nt*8 + 2*(lane%4) + (e & 1).
+template <typename T, int DK, int QS, int KS>
+__device__ __forceinline__ void qk_tile(const T *q_s, const T *k_s, int lane, float (&s)[8][4]) {
+#pragma unroll
+  for (int i = 0; i < 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+  for (int ks = 0; ks < DK / 16; ks++) {
+    unsigned af[4];
+    ldsm_x4(smem_u32(q_s + (lane & 15) * QS + ks * 16 + (lane >> 4) * 8), af[0], af[1], af[2], af[3]);
+#pragma unroll
+    for (int np = 0; np < 4; np++) {
+      unsigned b0, b1, b2, b3;
+      ldsm_x4(smem_u32(k_s + (np * 16 + (lane & 7) + (lane >> 4) * 8) * KS + ks * 16 + ((lane >> 3) & 1) * 8), b0,
+              b1, b2, b3);
+      Mma<T>::run(s[2 * np], af, b0, b1);
+      Mma<T>::run(s[2 * np + 1], af, b2, b3);
+    }
+  }
+}
+
+// qk_tile's S with keys outside each row's set set to -inf, and this
+// thread's part of the two row maxima (x0: row lane/4, x1: row lane/4 + 8;
+// the caller reduces over the quad). mk0 / mk1 are the rows' 64-bit key
+// masks already shifted right by 2*(lane%4), so each element tests a
+// compile-time bit.
+__device__ __forceinline__ void mask_rowmax(float (&s)[8][4], unsigned long long mk0, unsigned long long mk1,
+                                            float &x0, float &x1) {
+#pragma unroll
+  for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int key = nt * 8 + (e & 1);
+      const unsigned long long mk = e < 2 ? mk0 : mk1;
+      const float v = ((mk >> key) & 1ull) ? s[nt][e] : -INFINITY;
+      s[nt][e] = v;
+      if (e < 2) x0 = fmaxf(x0, v);
+      else x1 = fmaxf(x1, v);
+    }
+}
+
 }  // namespace nsa_bwd

@@ -183,21 +183,7 @@ __global__ void __launch_bounds__(kNW * 32, 2)
     // S = Q K^T: rows = chunk columns, columns = the tile's 64 keys (8 n-tiles).
     const T *q_s = myQ + stg * 16 * L::QS;
     float s[8][4];
-#pragma unroll
-    for (int i = 0; i < 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < DK / 16; ks++) {
-      unsigned af[4];
-      ldsm_x4(smem_u32(q_s + (lane & 15) * L::QS + ks * 16 + (lane >> 4) * 8), af[0], af[1], af[2], af[3]);
-#pragma unroll
-      for (int np = 0; np < 4; np++) {
-        unsigned b0, b1, b2, b3;
-        ldsm_x4(smem_u32(sK + (np * 16 + (lane & 7) + (lane >> 4) * 8) * L::KS + ks * 16 + ((lane >> 3) & 1) * 8),
-                b0, b1, b2, b3);
-        Mma<T>::run(s[2 * np], af, b0, b1);
-        Mma<T>::run(s[2 * np + 1], af, b2, b3);
-      }
-    }
+    qk_tile<T, DK, L::QS, L::KS>(q_s, sK, lane, s);
 
     // This thread holds MMA rows r0 (elements 0, 1) and r0 + 8 (elements 2, 3),
     // keys nt*8 + 2*cq + (e & 1).
@@ -212,17 +198,7 @@ __global__ void __launch_bounds__(kNW * 32, 2)
     // costs one FFMA + EX2, no separate scaling pass; keys outside the row's
     // set are -inf and give p = 0.
     float x0 = -INFINITY, x1 = -INFINITY, l0 = 0.f, l1 = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < 8; nt++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int key = nt * 8 + (e & 1);
-        const unsigned long long mk = e < 2 ? mk0 : mk1;
-        const float v = ((mk >> key) & 1ull) ? s[nt][e] : -INFINITY;
-        s[nt][e] = v;
-        if (e < 2) x0 = fmaxf(x0, v);
-        else x1 = fmaxf(x1, v);
-      }
+    mask_rowmax(s, mk0, mk1, x0, x1);
     x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 1));
     x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 2));
     x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, 1));

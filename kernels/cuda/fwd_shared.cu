@@ -291,21 +291,7 @@ __global__ void __launch_bounds__(kNW * 32, ShSmem<DK, DV>::min_blocks)
       const T *v_s = sB + ((2 * u + 1) % 3) * kT * L::BS;
 
       float s[8][4];
-#pragma unroll
-      for (int i = 0; i < 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-#pragma unroll
-      for (int ks = 0; ks < DK / 16; ks++) {
-        unsigned af[4];
-        ldsm_x4(smem_u32(q_s + (lane & 15) * L::QS + ks * 16 + (lane >> 4) * 8), af[0], af[1], af[2], af[3]);
-#pragma unroll
-        for (int np = 0; np < 4; np++) {
-          unsigned b0, b1, b2, b3;
-          ldsm_x4(smem_u32(k_s + (np * 16 + (lane & 7) + (lane >> 4) * 8) * L::BS + ks * 16 + ((lane >> 3) & 1) * 8),
-                  b0, b1, b2, b3);
-          Mma<T>::run(s[2 * np], af, b0, b1);
-          Mma<T>::run(s[2 * np + 1], af, b2, b3);
-        }
-      }
+      qk_tile<T, DK, L::QS, L::BS>(q_s, k_s, lane, s);
       // Elements 0, 1: row r0, keys nt*8 + 2cq + e; elements 2, 3: row r0 + 8.
       const unsigned long long fm0 = sMk[u * Q + qa], fm1 = sMk[u * Q + qb8];
       float x0 = -INFINITY, x1 = -INFINITY;
@@ -316,18 +302,7 @@ __global__ void __launch_bounds__(kNW * 32, ShSmem<DK, DV>::min_blocks)
           x1 = fmaxf(x1, fmaxf(s[nt][2], s[nt][3]));
         }
       } else {
-        const unsigned long long mk0 = fm0 >> (2 * cq), mk1 = fm1 >> (2 * cq);
-#pragma unroll
-        for (int nt = 0; nt < 8; nt++)
-#pragma unroll
-          for (int e = 0; e < 4; e++) {
-            const int key = nt * 8 + (e & 1);
-            const unsigned long long mk = e < 2 ? mk0 : mk1;
-            const float v = ((mk >> key) & 1ull) ? s[nt][e] : -INFINITY;
-            s[nt][e] = v;
-            if (e < 2) x0 = fmaxf(x0, v);
-            else x1 = fmaxf(x1, v);
-          }
+        mask_rowmax(s, fm0 >> (2 * cq), fm1 >> (2 * cq), x0, x1);
       }
       x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 1));
       x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 2));

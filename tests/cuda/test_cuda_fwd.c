@@ -273,6 +273,26 @@ Test(cuda_fwd, key_centric_falls_back_under_cap) {
   fx_free(&f);
 }
 
+/* Runs v2 on ctx twice, with the shared-tile groups (default) and with
+ * NSA_CUDA_FWD_SHARED=0, each checked against the reference; returns how
+ * many o / lse elements differ bitwise between the two runs. */
+static int64_t shared_on_off_diff(nsa_cuda_ctx_t *ctx, fx_t *f) {
+  run_check(ctx, f, NSA_PATH_VARLEN_V2);
+  double *so = malloc(sizeof(double) * (size_t)f->no), *sl = malloc(sizeof(double) * (size_t)f->nl);
+  cr_assert(so && sl);
+  memcpy(so, f->go, sizeof(double) * (size_t)f->no);
+  memcpy(sl, f->gl, sizeof(double) * (size_t)f->nl);
+  setenv("NSA_CUDA_FWD_SHARED", "0", 1);
+  run_check(ctx, f, NSA_PATH_VARLEN_V2);
+  unsetenv("NSA_CUDA_FWD_SHARED");
+  int64_t diff = 0;
+  for (int64_t e = 0; e < f->no; e++) diff += memcmp(&so[e], &f->go[e], sizeof(double)) != 0;
+  for (int64_t e = 0; e < f->nl; e++) diff += memcmp(&sl[e], &f->gl[e], sizeof(double)) != 0;
+  free(so);
+  free(sl);
+  return diff;
+}
+
 /* Query groups sharing their tiles (fwd_shared.h): selections copied across
  * each query block (mostly: with UNUSED some rows change a slot, so groups
  * of both kinds occur), h in {2, 4, 8, 16}, S not a multiple of the group
@@ -304,21 +324,9 @@ Test(cuda_fwd, shared_tile_groups) {
     cfg.seed = 1700 + k;
     fx_t f;
     fx_init(&f, &cfg);
-    run_check(kc, &f, NSA_PATH_VARLEN_V2);
-    double *so = malloc(sizeof(double) * (size_t)f.no), *sl = malloc(sizeof(double) * (size_t)f.nl);
-    cr_assert(so && sl);
-    memcpy(so, f.go, sizeof(double) * (size_t)f.no);
-    memcpy(sl, f.gl, sizeof(double) * (size_t)f.nl);
-    setenv("NSA_CUDA_FWD_SHARED", "0", 1);
-    run_check(kc, &f, NSA_PATH_VARLEN_V2);
-    unsetenv("NSA_CUDA_FWD_SHARED");
-    int64_t diff = 0;
-    for (int64_t e = 0; e < f.no; e++) diff += memcmp(&so[e], &f.go[e], sizeof(double)) != 0;
-    for (int64_t e = 0; e < f.nl; e++) diff += memcmp(&sl[e], &f.gl[e], sizeof(double)) != 0;
-    cr_expect_gt(diff, 0, "h=%lld case %d: shared and key-centric outputs identical: shared kernel not run",
-                 (long long)cfg.h, k);
-    free(so);
-    free(sl);
+    cr_expect_gt(shared_on_off_diff(kc, &f), 0,
+                 "h=%lld case %d: shared and key-centric outputs identical: shared kernel not run", (long long)cfg.h,
+                 k);
     fx_free(&f);
   }
   /* Independent random selections: only groups of the first query blocks
@@ -338,20 +346,8 @@ Test(cuda_fwd, shared_tile_groups) {
     cfg.seed = 1720 + k;
     fx_t f;
     fx_init(&f, &cfg);
-    run_check(kc, &f, NSA_PATH_VARLEN_V2);
-    double *so = malloc(sizeof(double) * (size_t)f.no), *sl = malloc(sizeof(double) * (size_t)f.nl);
-    cr_assert(so && sl);
-    memcpy(so, f.go, sizeof(double) * (size_t)f.no);
-    memcpy(sl, f.gl, sizeof(double) * (size_t)f.nl);
-    setenv("NSA_CUDA_FWD_SHARED", "0", 1);
-    run_check(kc, &f, NSA_PATH_VARLEN_V2);
-    unsetenv("NSA_CUDA_FWD_SHARED");
-    cr_expect_eq(memcmp(so, f.go, sizeof(double) * (size_t)f.no), 0, "h=%lld: o changed by ungated groups",
+    cr_expect_eq(shared_on_off_diff(kc, &f), 0, "h=%lld: outputs changed by groups the gate should drop",
                  (long long)cfg.h);
-    cr_expect_eq(memcmp(sl, f.gl, sizeof(double) * (size_t)f.nl), 0, "h=%lld: lse changed by ungated groups",
-                 (long long)cfg.h);
-    free(so);
-    free(sl);
     fx_free(&f);
   }
   nsa_cuda_ctx_destroy(kc);
