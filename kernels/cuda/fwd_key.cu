@@ -17,8 +17,9 @@
 //   O = P V (16 x Dv)                A = P from the S accumulators, B = V (ldmatrix.trans)
 //   po[(p*h + j)*Dv + d] = O (in the input dtype by default, f32 with
 //   NSA_CUDA_FWD_KEY_F32=1),  pl[p*h + j] = m + log2 l (f32)
-// fwd_key_merge_kernel: one warp per (row, head), partials in pair order
-// (lane i holds pair i's weight; the partial loads are unrolled):
+// fwd_key_merge_kernel: one warp per (row, HPW heads) (HPW = 4 where h
+// allows), per head the partials in pair order (lane i holds pair i's
+// weight; the partial loads are unrolled):
 //   M = max pl, w_p = 2^(pl_p - M), o = sum w_p po_p / sum w_p,
 //   lse = (M + log2 sum w_p) * ln 2            (natural log of scaled scores)
 // Same outputs as the query-centric kernels: empty row → o = 0, lse = -inf;
@@ -308,7 +309,7 @@ __global__ void __launch_bounds__(kNW * 32, 2)
 
 // One warp per (row r, head j): log-sum-exp merge of the row's partials in
 // pair order. Lane handles Dv/32 consecutive output columns.
-template <typename T, int DV, bool P16>
+template <typename T, int DV, bool P16, int HPW>
 __global__ void __launch_bounds__(256) fwd_key_merge_kernel(nsa_cuda_attn_t a, int64_t row0, int64_t rows,
                                                             const int32_t *__restrict__ pair_off,
                                                             const void *__restrict__ po_,
@@ -320,16 +321,18 @@ __global__ void __launch_bounds__(256) fwd_key_merge_kernel(nsa_cuda_attn_t a, i
   const PT *po = reinterpret_cast<const PT *>(po_);
   const int lane = threadIdx.x & 31;
   const bool bad = a.invalid != nullptr && *a.invalid > 0;
-  const int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  // This warp's HPW heads j0 .. j0 + HPW - 1 of one row (HPW divides h),
+  // power-of-two h by shift; a row of a shared-tile group (fwd_shared.cu
+  // writes it) leaves before the other index math.
+  const int64_t w = (((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * HPW;
   if (w >= rows * a.h) return;  // warp-uniform
-  // (row, head) of this warp, power-of-two h by shift; a row of a shared-tile
-  // group (fwd_shared.cu writes it) leaves before the other index math (at T
-  // = 16k, h = 16, correlated, every row of both row batches is such a row).
-  const int64_t lr = hpow2 ? w >> hlg : w / a.h, j = hpow2 ? w & (a.h - 1) : w % a.h;  // batch-local row, head
+  const int64_t lr = hpow2 ? w >> hlg : w / a.h, j0 = hpow2 ? w & (a.h - 1) : w % a.h;  // batch-local row, head
   const int64_t r = row0 + lr;
   if (skip != nullptr && skip[r] && !bad) return;
   const int64_t g = r % a.G, t = (r / a.G) % a.S, b = r / (a.G * a.S);
   const int p0 = bad ? 0 : pair_off[lr], p1 = bad ? 0 : pair_off[lr + 1];
+  for (int jj = 0; jj < HPW; jj++) {
+  const int64_t j = j0 + jj;
   float W = 0.f, M = -INFINITY;
   float acc[PER];
 #pragma unroll
@@ -387,6 +390,7 @@ __global__ void __launch_bounds__(256) fwd_key_merge_kernel(nsa_cuda_attn_t a, i
   if (a.lse != nullptr && lane == 0)
     a.lse[b * a.ls[0] + t * a.ls[1] + (g * a.h + j) * a.ls[2]] =
         bad ? NAN : (W > 0.f ? (M + log2f(W)) * kLn2 : -INFINITY);
+  }
 }
 
 template <typename T, int DK, int DV, bool P16>
@@ -414,12 +418,27 @@ cudaError_t launch_dk(const nsa_cuda_attn_t *a, const KInv &iv, void *po, float 
                                                                                  iv.stage != 0);
   e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  const int64_t warps = rows * a->h;
+  // Heads per merge warp: 4 where h allows. A warp then checks a row's skip
+  // flag once for 4 heads and a shared-tile row costs a quarter of the CTA
+  // launches; H200, T = 16k (docs/PERF.md): correlated h = 16 2.405 -> 2.327
+  // ms, 64k 9.673 -> 9.401, random unchanged (4.288 / 4.275). A/B:
+  // NSA_CUDA_MERGE_HPW = 1, 2 or 4.
+  int hpw = a->h % 4 == 0 ? 4 : a->h % 2 == 0 ? 2 : 1;
+  const char *he = getenv("NSA_CUDA_MERGE_HPW");
+  if (he && (atoi(he) == 1 || atoi(he) == 2 || atoi(he) == 4) && a->h % atoi(he) == 0) hpw = atoi(he);
+  const int64_t warps = rows * a->h / hpw;
   const int64_t blocks = (warps + 7) / 8;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const bool hpow2 = (a->h & (a->h - 1)) == 0;
-  if (blocks > 0) fwd_key_merge_kernel<T, DV, P16><<<(unsigned)blocks, 256, 0, st>>>(*a, row0, rows, pair_off, po, pl, skip,
-                                                                                  hpow2, __builtin_ctzll((unsigned long long)a->h));
+  const int hlg = __builtin_ctzll((unsigned long long)a->h);
+  if (blocks > 0) {
+    if (hpw == 4)
+      fwd_key_merge_kernel<T, DV, P16, 4><<<(unsigned)blocks, 256, 0, st>>>(*a, row0, rows, pair_off, po, pl, skip, hpow2, hlg);
+    else if (hpw == 2)
+      fwd_key_merge_kernel<T, DV, P16, 2><<<(unsigned)blocks, 256, 0, st>>>(*a, row0, rows, pair_off, po, pl, skip, hpow2, hlg);
+    else
+      fwd_key_merge_kernel<T, DV, P16, 1><<<(unsigned)blocks, 256, 0, st>>>(*a, row0, rows, pair_off, po, pl, skip, hpow2, hlg);
+  }
   return cudaGetLastError();
 }
 
