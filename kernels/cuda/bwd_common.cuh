@@ -215,4 +215,11 @@ __device__ __forceinline__ void mask_rowmax(float (&s)[8][4], unsigned long long
     }
 }
 
+// P (16 x 64, qk_tile's accumulator layout, already in probabilities) as the
+// A fragments of P.V: k-step kk = keys 16kk..16kk+15 = n-tiles 2kk, 2kk+1.
+template <typename T> __device__ __forceinline__ void p_to_a(const float (&s)[8][4], unsigned (&pa)[4][4]) {
+#pragma unroll
+  for (int kk = 0; kk < 4; kk++) acc_to_a<T>(*reinterpret_cast<const float(*)[2][4]>(&s[2 * kk]), pa[kk]);
+}
+
 }  // namespace nsa_bwd

@@ -227,16 +227,8 @@ __global__ void __launch_bounds__(kNW * 32, 2)
       s[nt][2] *= i1, s[nt][3] *= i1;
     }
 
-    // P as A fragments: k-step kk = keys 16kk..16kk+15 = n-tiles 2kk, 2kk+1
-    // (the m16n8 accumulator layout is the m16n8k16 A layout half by half).
-    unsigned pa[4][4];
-#pragma unroll
-    for (int kk = 0; kk < 4; kk++) {
-      pa[kk][0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-      pa[kk][1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-      pa[kk][2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[kk][3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
+    unsigned pa[4][4];  // P as the A fragments of P V
+    p_to_a<T>(s, pa);
     PT *o0 = v0 ? po + ((int64_t)sP[wi0] * a.h + j0) * DV : nullptr;
     PT *o1 = v1 ? po + ((int64_t)sP[wi1] * a.h + j1) * DV : nullptr;
     PT *om = nullptr;  // lanes 0..15: row mrow's partial (staged stores)

@@ -333,13 +333,7 @@ __global__ void __launch_bounds__(kNW * 32, ShSmem<DK, DV>::min_blocks)
         }
       }
       unsigned pa[4][4];
-#pragma unroll
-      for (int kk = 0; kk < 4; kk++) {
-        pa[kk][0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-        pa[kk][1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-        pa[kk][2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        pa[kk][3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-      }
+      p_to_a<T>(s, pa);
       cp_wait<1>();  // groups <= 2u + 1 landed: V of tile u
       __syncthreads();  // every warp is past S of tile u: K's buffer (step 2u) is free
       if (2 * u + 3 < 2 * U) load(2 * u + 3);
