@@ -142,6 +142,36 @@ __device__ __forceinline__ void load_kv_tile(const T *kb, int64_t ks1, const T *
   }
 }
 
+// One 64-key tile of K or V (D columns) into dst [64][SS] by NTH threads
+// (the shared-tile kernels, fwd_shared.cu and bwd_shared_dq.cu), keys past
+// Skv zero-filled. Where NTH threads cover whole rows (D in {64, 128} at 128
+// threads) each thread keeps one 16-byte column and steps its source pointer
+// by a fixed number of rows (per-piece index math was a large part of the
+// forward kernel's instructions); else (D = 192) piece by piece. base points
+// at key 0 of the (b, g); s1 is the token stride. The caller commits.
+template <typename T, int D, int SS, int NTH>
+__device__ __forceinline__ void load_tile_rows(const T *base, int64_t s1, int k0, int64_t Skv, T *dst, int tid) {
+  constexpr int C = D / 8;  // 16-byte pieces per row
+  if constexpr (NTH % C == 0) {
+    constexpr int RP = NTH / C;  // rows per pass
+    const int pc = tid % C, rr = tid / C;
+    const T *src = base + (int64_t)(k0 + rr) * s1 + pc * 8;
+    const unsigned d0 = smem_u32(dst + rr * SS + pc * 8);
+#pragma unroll
+    for (int i = 0; i < NSA_BWD_TILE / RP; i++) {
+      const bool ok = k0 + rr + i * RP < Skv;
+      cp_async16(d0 + i * RP * SS * 2, ok ? src : base, ok ? 16 : 0);
+      src += RP * s1;
+    }
+  } else {
+    for (int c = tid; c < NSA_BWD_TILE * C; c += NTH) {
+      const int kk = c / C, pc = c % C;
+      const bool ok = k0 + kk < Skv;
+      cp_async16(smem_u32(dst + kk * SS + pc * 8), ok ? base + (int64_t)(k0 + kk) * s1 + pc * 8 : base, ok ? 16 : 0);
+    }
+  }
+}
+
 // Chunk columns of the key-centric kernels (fwd_key.cu, bwd_dkdv.cu): a
 // chunk is 16 MMA columns over a tile's listed rows, column m of chunk ch =
 //   (listed row (ch / njt)*Pk + m / HT, head (ch % njt)*16 + m % HT),
@@ -220,6 +250,52 @@ __device__ __forceinline__ void mask_rowmax(float (&s)[8][4], unsigned long long
 template <typename T> __device__ __forceinline__ void p_to_a(const float (&s)[8][4], unsigned (&pa)[4][4]) {
 #pragma unroll
   for (int kk = 0; kk < 4; kk++) acc_to_a<T>(*reinterpret_cast<const float(*)[2][4]>(&s[2 * kk]), pa[kk]);
+}
+
+// ---- host launch helpers ----
+// A kernel's dynamic shared memory limit belongs to the function in the
+// device's primary context and stays set (nothing here resets a device): set
+// it once per device (bit d of *set_on) instead of on every launch, which
+// took a runtime call per launch. Devices >= 64 set it every launch. Racing
+// first launches on one device both set it, which is harmless. *dev gets the
+// current device.
+template <typename K>
+inline cudaError_t set_smem_once(K kernel, int bytes, unsigned long long *set_on, int *dev) {
+  cudaError_t e = cudaGetDevice(dev);
+  if (e != cudaSuccess) return e;
+  const unsigned long long bit = *dev >= 0 && *dev < 64 ? 1ull << *dev : 0ull;
+  if (bit && (__atomic_load_n(set_on, __ATOMIC_ACQUIRE) & bit)) return cudaSuccess;
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e != cudaSuccess) return e;
+  if (bit) __atomic_fetch_or(set_on, bit, __ATOMIC_RELEASE);
+  return cudaSuccess;
+}
+
+// Grid of resident CTAs for a kernel that strides over its work: SMs x CTAs
+// per SM at (threads, bytes), both cached per device (*occ: the caller's
+// cache of CTAs per SM for this kernel and size, 0 = unknown), clamped to
+// [1, work].
+template <typename K>
+inline cudaError_t resident_grid(K kernel, int threads, size_t bytes, int dev, int *occ, int64_t work,
+                                 int64_t *grid) {
+  static int sms_of[64];
+  int per_sm = dev >= 0 && dev < 64 ? __atomic_load_n(occ, __ATOMIC_RELAXED) : 0;
+  if (per_sm <= 0) {
+    cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, bytes);
+    if (e != cudaSuccess) return e;
+    if (per_sm < 1) per_sm = 1;
+    if (dev >= 0 && dev < 64) __atomic_store_n(occ, per_sm, __ATOMIC_RELAXED);
+  }
+  int sms = dev >= 0 && dev < 64 ? __atomic_load_n(&sms_of[dev], __ATOMIC_RELAXED) : 0;
+  if (sms <= 0) {
+    cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (e != cudaSuccess) return e;
+    if (dev >= 0 && dev < 64) __atomic_store_n(&sms_of[dev], sms, __ATOMIC_RELAXED);
+  }
+  int64_t g = (int64_t)sms * per_sm;
+  if (g > work) g = work;
+  *grid = g < 1 ? 1 : g;
+  return cudaSuccess;
 }
 
 }  // namespace nsa_bwd

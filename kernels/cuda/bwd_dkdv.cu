@@ -37,6 +37,7 @@ struct Inv {
   const int32_t *tile_off, *vals, *item_off, *part_off;
   const unsigned long long *masks;  // per pair: the row's keys inside the tile
   const int32_t *pidx;              // per pair: its index in row order (dq partial slot)
+  const unsigned char *skip;        // per row (may be null): dq comes from the shared-tile kernel (bwd_shared.h)
   const int2 *spans;
   const int32_t *nspans;
   float *acc;  // row batches (bwd_request.cu): f32 dk/dv accumulators [ntiles][slot], else null
@@ -242,7 +243,8 @@ template <int DK, int DV> struct KvSmem {
   static constexpr size_t wp_off = wt_off + kWin * 4;       // [kWin] i32 window pair indices (dq)
   static constexpr int DSS = 24;                             // dS^T row stride (conflict-free ldmatrix)
   static constexpr size_t ds_off = wp_off + kWin * 4;       // [64][DSS] T: dS^T of the chunk (dq)
-  static constexpr size_t bytes = ds_off + kT * DSS * 2;
+  static constexpr size_t dm_off = ds_off + kT * DSS * 2;    // [kST] u32: chunk columns that need dq
+  static constexpr size_t bytes = dm_off + kST * 4;
   // Key-centric dq: DQW warps split the DK dq columns, DKQ each, a multiple
   // of 16 (the MMA's n-pair): all NW warps where DK / NW allows it, else
   // half of them (DK = 192 with Dk + Dv > 256: 8 warps x 24 columns do not
@@ -278,6 +280,7 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
   int *wP = reinterpret_cast<int *>(smem + L::wp_off);
   int *wT = reinterpret_cast<int *>(smem + L::wt_off);
   T *sDS = reinterpret_cast<T *>(smem + L::ds_off);
+  unsigned *sDqm = reinterpret_cast<unsigned *>(smem + L::dm_off);
 
   int64_t x;
   int seg, nseg;
@@ -315,7 +318,10 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
     for (int i = tid; i < w1 - w0; i += NT_) {
       const int r = iv.vals[w0 + i];
       wRow[i] = r;
-      wT[i] = (r / (int)a.G) % (int)a.S;  // once per row, not per gathered 16 bytes
+      // once per row, not per gathered 16 bytes; bit 31: a shared-tile row
+      // whose dq the shared kernel writes (t < S < 2^31)
+      const bool sk = DQ && iv.skip != nullptr && iv.skip[r];
+      wT[i] = (int)((unsigned)((r / (int)a.G) % (int)a.S) | (sk ? 0x80000000u : 0u));
       wMk[i] = iv.masks[w0 + i];
       if (DQ) wP[i] = iv.pidx[w0 + i];
     }
@@ -344,7 +350,7 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
       const T *qsrc = q, *osrc = dout;
       const bool ok = col_of(ch, m, &wi, &j);
       if (ok) {
-        const int64_t t = wT[wi], head = g * a.h + j;
+        const int64_t t = wT[wi] & 0x7fffffff, head = g * a.h + j;
         qsrc = q + b * a.qs[0] + t * a.qs[1] + head * a.qs[2];
         osrc = dout + b * a.dos[0] + t * a.dos[1] + head * a.dos[2];
       }
@@ -365,6 +371,10 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
         sMk[stg * 16 + tid] = ok ? wMk[wi] : 0ull;
         cp_async4(smem_u32(sL + stg * 16 + tid), a.lsec + idx, ok ? 4 : 0);
         cp_async4(smem_u32(sD + stg * 16 + tid), a.delta + idx, ok ? 4 : 0);
+        if (DQ) {  // bit m: column m needs its dq partial (lanes 0..15 of warp 0)
+          const unsigned need = __ballot_sync(0x0000ffffu, ok && wT[wi] >= 0);
+          if (tid == 0) sDqm[stg] = need;
+        }
       }
     };
 
@@ -432,47 +442,53 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
       unsigned pa[4], da[4];
       acc_to_a<T>(p, pa);
       acc_to_a<T>(s, da);
+      // CTA-uniform (shared memory written before the last barrier): 0 when
+      // every row of the chunk is a shared-tile row, whose dq is written by
+      // the shared kernel — no dS store, barrier, MMAs or partial stores.
       if constexpr (DQ) {
-        // Key-centric dq: this chunk's dQ (16 cols x DK) = dS (16 x 64 keys) . K,
-        // warp w < DQW computing columns [w*DKQ, (w+1)*DKQ); written unscaled as the
-        // f32 partial of pair p (reduced per row in pair order by dq_reduce).
+        const unsigned dqm = sDqm[stg];
+        if (dqm != 0u) {
+          // Key-centric dq: this chunk's dQ (16 cols x DK) = dS (16 x 64 keys) . K,
+          // warp w < DQW computing columns [w*DKQ, (w+1)*DKQ); written unscaled as the
+          // f32 partial of pair p (reduced per row in pair order by dq_reduce).
 #pragma unroll
-        for (int nt = 0; nt < 2; nt++)
+          for (int nt = 0; nt < 2; nt++)
 #pragma unroll
-          for (int rh = 0; rh < 2; rh++) {
-            const int key = kw + r0 + rh * 8, col = nt * 8 + (lane & 3) * 2;
-            *reinterpret_cast<unsigned *>(sDS + key * L::DSS + col) = Mma<T>::pack(s[nt][rh * 2], s[nt][rh * 2 + 1]);
-          }
-        __syncthreads();
-        constexpr int DKQ = L::DKQ;
-        const int d0 = warp * DKQ;
-        if (warp < L::DQW) {
-          float qa[DKQ / 8][4];
-#pragma unroll
-          for (int i = 0; i < DKQ / 8; i++) qa[i][0] = qa[i][1] = qa[i][2] = qa[i][3] = 0.f;
-#pragma unroll
-          for (int kb = 0; kb < kT / 16; kb++) {
-            unsigned af[4];
-            ldsm_x4_t(smem_u32(sDS + (kb * 16 + (lane & 7) + ((lane >> 4) & 1) * 8) * L::DSS + ((lane >> 3) & 1) * 8),
-                      af[0], af[1], af[2], af[3]);
-#pragma unroll
-            for (int nd = 0; nd < DKQ / 16; nd++) {
-              unsigned b0, b1, b2, b3;
-              ldsm_x4_t(smem_u32(sK + (kb * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * L::KS + d0 + nd * 16 +
-                                 (lane >> 4) * 8),
-                        b0, b1, b2, b3);
-              Mma<T>::run(qa[2 * nd], af, b0, b1);
-              Mma<T>::run(qa[2 * nd + 1], af, b2, b3);
+            for (int rh = 0; rh < 2; rh++) {
+              const int key = kw + r0 + rh * 8, col = nt * 8 + (lane & 3) * 2;
+              *reinterpret_cast<unsigned *>(sDS + key * L::DSS + col) = Mma<T>::pack(s[nt][rh * 2], s[nt][rh * 2 + 1]);
             }
-          }
+          __syncthreads();
+          constexpr int DKQ = L::DKQ;
+          const int d0 = warp * DKQ;
+          if (warp < L::DQW) {
+            float qa[DKQ / 8][4];
 #pragma unroll
-          for (int rh = 0; rh < 2; rh++) {
-            int wi;
-            int64_t j;
-            if (!col_of(ch, r0 + rh * 8, &wi, &j)) continue;
-            float *dst = dqp + ((int64_t)wP[wi] * a.h + j) * DK + d0 + (lane & 3) * 2;
+            for (int i = 0; i < DKQ / 8; i++) qa[i][0] = qa[i][1] = qa[i][2] = qa[i][3] = 0.f;
 #pragma unroll
-            for (int i = 0; i < DKQ / 8; i++) __stcs(reinterpret_cast<float2 *>(dst + i * 8), make_float2(qa[i][rh * 2], qa[i][rh * 2 + 1]));
+            for (int kb = 0; kb < kT / 16; kb++) {
+              unsigned af[4];
+              ldsm_x4_t(smem_u32(sDS + (kb * 16 + (lane & 7) + ((lane >> 4) & 1) * 8) * L::DSS + ((lane >> 3) & 1) * 8),
+                        af[0], af[1], af[2], af[3]);
+#pragma unroll
+              for (int nd = 0; nd < DKQ / 16; nd++) {
+                unsigned b0, b1, b2, b3;
+                ldsm_x4_t(smem_u32(sK + (kb * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * L::KS + d0 + nd * 16 +
+                                   (lane >> 4) * 8),
+                          b0, b1, b2, b3);
+                Mma<T>::run(qa[2 * nd], af, b0, b1);
+                Mma<T>::run(qa[2 * nd + 1], af, b2, b3);
+              }
+            }
+#pragma unroll
+            for (int rh = 0; rh < 2; rh++) {
+              int wi;
+              int64_t j;
+              if (!((dqm >> (r0 + rh * 8)) & 1u) || !col_of(ch, r0 + rh * 8, &wi, &j)) continue;
+              float *dst = dqp + ((int64_t)wP[wi] * a.h + j) * DK + d0 + (lane & 3) * 2;
+#pragma unroll
+              for (int i = 0; i < DKQ / 8; i++) __stcs(reinterpret_cast<float2 *>(dst + i * 8), make_float2(qa[i][rh * 2], qa[i][rh * 2 + 1]));
+            }
           }
         }
       }
@@ -599,12 +615,13 @@ extern "C" cudaError_t nsa_cuda_launch_bwd_dkdv(const nsa_cuda_bwd_t *a, nsa_dty
                                                 const nsa_plan_t *plan, const void *inv_ws,
                                                 const nsa_cuda_inv_layout_t *L, int64_t NT, int seg_rows,
                                                 int64_t items_bound, float *part, float *dqp, float *acc,
-                                                cudaStream_t st) {
+                                                const unsigned char *skip, cudaStream_t st) {
   Inv iv;
   const char *w = (const char *)inv_ws;
   iv.tile_off = (const int32_t *)(w + L->tile_off);
   iv.vals = (const int32_t *)(w + L->rows_out);
   iv.pidx = (const int32_t *)(w + L->vals_out);
+  iv.skip = dqp != nullptr ? skip : nullptr;
   iv.masks = (const unsigned long long *)(w + L->masks);
   iv.item_off = (const int32_t *)(w + L->item_off);
   iv.part_off = (const int32_t *)(w + L->part_off);
@@ -649,13 +666,15 @@ namespace {
 template <typename T, int DK>
 __global__ void __launch_bounds__(128) dq_reduce_kernel(nsa_cuda_bwd_t a, int64_t row0, int64_t rows,
                                                         const int32_t *__restrict__ pair_off,
-                                                        const float *__restrict__ dqp) {
+                                                        const float *__restrict__ dqp,
+                                                        const unsigned char *__restrict__ skip) {
   constexpr int PER = DK / 32;
   const int lane = threadIdx.x & 31;
   const int64_t pr = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   if (pr >= rows * a.h) return;
   const bool bad = a.invalid != nullptr && *a.invalid > 0;
   const int64_t lr = pr / a.h, j = pr % a.h, r = row0 + lr;
+  if (skip != nullptr && skip[r]) return;  // written by the shared-tile dq (bwd_shared.h); warp-uniform
   const int64_t g = r % a.G, t = (r / a.G) % a.S, b = r / (a.G * a.S);
   const int p0 = pair_off[lr], p1 = pair_off[lr + 1];
   float acc[PER];
@@ -678,12 +697,12 @@ __global__ void __launch_bounds__(128) dq_reduce_kernel(nsa_cuda_bwd_t a, int64_
 
 template <typename T>
 cudaError_t launch_dq_reduce(const nsa_cuda_bwd_t *a, int64_t row0, int64_t rows, const int32_t *po,
-                             const float *dqp, unsigned blocks, cudaStream_t st) {
+                             const float *dqp, const unsigned char *skip, unsigned blocks, cudaStream_t st) {
   switch (a->Dk) {
-    case 64: dq_reduce_kernel<T, 64><<<blocks, 128, 0, st>>>(*a, row0, rows, po, dqp); break;
-    case 128: dq_reduce_kernel<T, 128><<<blocks, 128, 0, st>>>(*a, row0, rows, po, dqp); break;
-    case 192: dq_reduce_kernel<T, 192><<<blocks, 128, 0, st>>>(*a, row0, rows, po, dqp); break;
-    case 256: dq_reduce_kernel<T, 256><<<blocks, 128, 0, st>>>(*a, row0, rows, po, dqp); break;
+    case 64: dq_reduce_kernel<T, 64><<<blocks, 128, 0, st>>>(*a, row0, rows, po, dqp, skip); break;
+    case 128: dq_reduce_kernel<T, 128><<<blocks, 128, 0, st>>>(*a, row0, rows, po, dqp, skip); break;
+    case 192: dq_reduce_kernel<T, 192><<<blocks, 128, 0, st>>>(*a, row0, rows, po, dqp, skip); break;
+    case 256: dq_reduce_kernel<T, 256><<<blocks, 128, 0, st>>>(*a, row0, rows, po, dqp, skip); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
@@ -699,15 +718,16 @@ extern "C" int nsa_cuda_bwd_dq_key_ok(nsa_dtype_t dt, int64_t Dk, int64_t Dv) {
 
 extern "C" cudaError_t nsa_cuda_launch_bwd_dq_reduce(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, const void *inv_ws,
                                                      const nsa_cuda_inv_layout_t *L, const float *dqp,
-                                                     int64_t row0, int64_t rows, cudaStream_t st) {
+                                                     int64_t row0, int64_t rows, const unsigned char *skip,
+                                                     cudaStream_t st) {
   const int64_t pairs = rows * a->h;
   if (pairs <= 0) return cudaSuccess;
   const int64_t blocks = (pairs * 32 + 127) / 128;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const int32_t *po = (const int32_t *)((const char *)inv_ws + L->pair_off);
   switch (dt) {
-    case NSA_F16: return launch_dq_reduce<__half>(a, row0, rows, po, dqp, (unsigned)blocks, st);
-    case NSA_BF16: return launch_dq_reduce<__nv_bfloat16>(a, row0, rows, po, dqp, (unsigned)blocks, st);
+    case NSA_F16: return launch_dq_reduce<__half>(a, row0, rows, po, dqp, skip, (unsigned)blocks, st);
+    case NSA_BF16: return launch_dq_reduce<__nv_bfloat16>(a, row0, rows, po, dqp, skip, (unsigned)blocks, st);
     default: return cudaErrorInvalidValue;
   }
 }

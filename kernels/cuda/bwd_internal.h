@@ -104,12 +104,14 @@ cudaError_t nsa_cuda_launch_bwd_dq_mma(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, 
  * dv at 64*Dk + kk*Dv + d, zeroed before the first batch) that each batch
  * adds its per-tile sums to, in stream order; nsa_cuda_launch_bwd_acc_store
  * then writes dk (scaled) and dv from it. acc == NULL writes dk/dv directly
- * (one inversion of all rows). */
+ * (one inversion of all rows). skip (may be NULL; used only with dqp): rows
+ * r with skip[r] != 0 get no dq partials (their dq comes from the shared-tile
+ * kernel, bwd_shared.h); their dk/dv terms are summed as every row's. */
 cudaError_t nsa_cuda_launch_bwd_dkdv(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, int use_mma,
                                      const nsa_plan_t *plan, const void *inv_ws,
                                      const nsa_cuda_inv_layout_t *L, int64_t NT, int seg_rows,
                                      int64_t items_bound, float *part, float *dqp, float *acc,
-                                     cudaStream_t st);
+                                     const unsigned char *skip, cudaStream_t st);
 cudaError_t nsa_cuda_launch_bwd_acc_store(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, int64_t NT,
                                           const float *acc, cudaStream_t st);
 
@@ -117,13 +119,14 @@ cudaError_t nsa_cuda_launch_bwd_acc_store(const nsa_cuda_bwd_t *a, nsa_dtype_t d
  * writes, per (pair p, head j), the f32 partial dqp[(p*h + j)*Dk + d] of dq
  * over the pair's 64-key tile (p local to the row batch the inversion was
  * built for); nsa_cuda_launch_bwd_dq_reduce then sums each row of the batch
- * [row0, row0 + rows) over its partials in pair order (deterministic).
+ * [row0, row0 + rows) over its partials in pair order (deterministic),
+ * except rows with skip[r] != 0 (skip may be NULL).
  * nsa_cuda_bwd_dq_key_ok says whether the tensor-core kernel of (dt, Dk, Dv)
  * supports it. */
 int nsa_cuda_bwd_dq_key_ok(nsa_dtype_t dt, int64_t Dk, int64_t Dv);
 cudaError_t nsa_cuda_launch_bwd_dq_reduce(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, const void *inv_ws,
                                           const nsa_cuda_inv_layout_t *L, const float *dqp, int64_t row0,
-                                          int64_t rows, cudaStream_t st);
+                                          int64_t rows, const unsigned char *skip, cudaStream_t st);
 
 /* ---- ctx.cu accessors for bwd_request.cu (added by helper cuda-bwd) ---- */
 typedef struct {

@@ -31,6 +31,7 @@
 #include <time.h>
 
 #include "bwd_internal.h"
+#include "bwd_shared.h"
 
 namespace {
 
@@ -71,7 +72,23 @@ struct Layout {
   int64_t brows, bcap;       // rows per batch (all rows unless the key-centric dq is batched), its pair bound
   int64_t items_bound, NT;   // items_bound: for a batch of brows rows
   int seg_rows;
+  nsa_cuda_fwd_shared_layout_t sh;  // shared-tile groups (bwd_shared.h); sh.on = 0 when not used
 };
+
+// The forward's view of the dims, for the shared-tile group selection
+// (fwd_shared.h reads B, S, Skv, G, h, Dk, Dv, n and invalid).
+void shared_view(const nsa_dims_t *d, const long long *invalid, nsa_cuda_attn_t *sa) {
+  memset(sa, 0, sizeof(*sa));
+  sa->B = d->B;
+  sa->S = d->S;
+  sa->Skv = d->Skv;
+  sa->G = d->G;
+  sa->h = d->h;
+  sa->Dk = d->Dk;
+  sa->Dv = d->Dv;
+  sa->n = d->n;
+  sa->invalid = invalid;
+}
 
 void layout1(const nsa_dims_t *d, int P, Layout *L) {
   nsa_plan_layout_t pl;
@@ -151,6 +168,14 @@ void layout2(const nsa_dims_t *d, int64_t cap, int packed, int64_t slots, int64_
     o = align256(o + (size_t)ng * nsa_cuda_max_pieces(1, 1) * sizeof(nsa_cuda_piece_t));
     L->pgcount = o;
     o = align256(o + (size_t)ng * sizeof(int2));
+  }
+  // Shared-tile groups: only with the key-centric dq, whose partials they
+  // replace (rows * ~256 bytes of tile lists and masks).
+  memset(&L->sh, 0, sizeof(L->sh));
+  if (dq_rows > 0 && !packed && nsa_cuda_bwd_shared_ok(d->dtype, d->h, d->Dk, d->Dv)) {
+    nsa_cuda_attn_t sa;
+    shared_view(d, NULL, &sa);
+    if (nsa_cuda_fwd_shared_plan(&sa, d->dtype, o, &L->sh)) o = L->sh.end;
   }
   L->end = o;
 }
@@ -439,7 +464,14 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
       BCK(nsa_cuda_launch_bwd_dq_simple(&pa, d.dtype, &pplan, stream), "dq launch");
     }
   } else if (dq_key) {
-    // computed with dk/dv below
+    // computed with dk/dv below, except the rows of shared-tile groups: the
+    // forward's group selection, then their dq on chip (bwd_shared.h)
+    if (L.sh.on) {
+      nsa_cuda_attn_t sa;
+      shared_view(&d, &dsum->invalid, &sa);
+      BCK(nsa_cuda_launch_fwd_shared_select(&sa, &plan, ws, &L.sh, stream), "shared-tile select launch");
+      BCK(nsa_cuda_launch_bwd_shared_dq(&at, d.dtype, ws, &L.sh, stream), "shared-tile dq launch");
+    }
   } else if (mma_dims && qo_ok && kv_ok) {
     nsa_cuda_piece_t *pc = (nsa_cuda_piece_t *)(ws + L.pieces);
     int2 *gc = (int2 *)(ws + L.gcount);
@@ -457,6 +489,7 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   if (timing) cudaEventRecord(pev[2], stream);
   float *acc = L.brows < d.rows ? (float *)(ws + L.acc) : NULL;
   const int64_t ntiles = d.B * d.G * L.NT;
+  const unsigned char *skip = dq_key && L.sh.on ? (const unsigned char *)(ws + L.sh.skip) : NULL;
   if (acc)
     BCK(cudaMemsetAsync(acc, 0, (size_t)ntiles * NSA_BWD_TILE * (size_t)(d.Dk + d.Dv) * 4, stream),
         "accumulator clear");
@@ -469,11 +502,11 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
     if (timing && row0 == 0) cudaEventRecord(pev[3], stream);  // "invert" = the first batch's
     BCK(nsa_cuda_launch_bwd_dkdv(&at, d.dtype, mma_dims && qo_ok && kv_ok, &plan, ws + L.inv, &L.il, L.NT,
                                  L.seg_rows, ntiles + bcap / L.seg_rows + 1, (float *)(ws + L.part),
-                                 dq_key ? (float *)(ws + L.dqp) : NULL, acc, stream),
+                                 dq_key ? (float *)(ws + L.dqp) : NULL, acc, skip, stream),
         "dk/dv launch");
     if (dq_key)
       BCK(nsa_cuda_launch_bwd_dq_reduce(&at, d.dtype, ws + L.inv, &L.il, (const float *)(ws + L.dqp), row0, nb,
-                                        stream),
+                                        skip, stream),
           "dq reduction launch");
     if (nb <= 0) break;
   }

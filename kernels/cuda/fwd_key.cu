@@ -390,22 +390,10 @@ cudaError_t launch_dk(const nsa_cuda_attn_t *a, const KInv &iv, void *po, float 
                       const unsigned char *skip, int64_t row0, int64_t rows, int64_t items, int Pk, int HT,
                       int njt, cudaStream_t st) {
   using L = FkSmem<DK, DV>;
-  // The attribute belongs to this function in the device's primary context
-  // and stays set (nothing here resets a device): set it once per device
-  // (bit d of set_on) instead of on every launch, which took a runtime call
-  // per batch. Devices >= 64 set it every launch. Racing first launches on
-  // one device both set it, which is harmless.
-  static unsigned long long set_on = 0;
+  static unsigned long long set_on = 0;  // bwd_common.cuh: set once per device
   int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
+  cudaError_t e = set_smem_once(fwd_key_kernel<T, DK, DV, P16>, (int)L::bytes, &set_on, &dev);
   if (e != cudaSuccess) return e;
-  const unsigned long long bit = dev >= 0 && dev < 64 ? 1ull << dev : 0ull;
-  if (!bit || !(__atomic_load_n(&set_on, __ATOMIC_ACQUIRE) & bit)) {
-    e = cudaFuncSetAttribute(fwd_key_kernel<T, DK, DV, P16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             (int)L::bytes);
-    if (e != cudaSuccess) return e;
-    if (bit) __atomic_fetch_or(&set_on, bit, __ATOMIC_RELEASE);
-  }
   fwd_key_kernel<T, DK, DV, P16><<<(unsigned)items, kNW * 32, L::bytes, st>>>(*a, iv, po, pl, Pk, HT, njt,
                                                                                  iv.stage != 0);
   e = cudaGetLastError();

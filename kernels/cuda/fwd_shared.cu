@@ -164,34 +164,6 @@ __global__ void fwd_shared_gate_kernel(const unsigned long long *__restrict__ ta
   if (i < ngroups) gcnt[i] = 0;
 }
 
-// One 64-key tile of K or V (D columns) into dst [64][SS] by the CTA's 128
-// threads, keys past Skv zero-filled. Where 128 threads cover whole rows (D
-// in {64, 128}) each thread keeps one 16-byte column and steps its source
-// pointer by a fixed number of rows (per-piece index math was a large part of
-// this kernel's instructions); else (D = 192) piece by piece.
-template <typename T, int D, int SS>
-__device__ __forceinline__ void load_rows(const T *base, int64_t s1, int k0, int64_t Skv, T *dst, int tid) {
-  constexpr int C = D / 8;  // 16-byte pieces per row
-  if constexpr ((kNW * 32) % C == 0) {
-    constexpr int RP = kNW * 32 / C;  // rows per pass
-    const int pc = tid % C, rr = tid / C;
-    const T *src = base + (int64_t)(k0 + rr) * s1 + pc * 8;
-    const unsigned d0 = smem_u32(dst + rr * SS + pc * 8);
-#pragma unroll
-    for (int i = 0; i < kT / RP; i++) {
-      const bool ok = k0 + rr + i * RP < Skv;
-      cp_async16(d0 + i * RP * SS * 2, ok ? src : base, ok ? 16 : 0);
-      src += RP * s1;
-    }
-  } else {
-    for (int c = tid; c < kT * C; c += kNW * 32) {
-      const int kk = c / C, pc = c % C;
-      const bool ok = k0 + kk < Skv;
-      cp_async16(smem_u32(dst + kk * SS + pc * 8), ok ? base + (int64_t)(k0 + kk) * s1 + pc * 8 : base, ok ? 16 : 0);
-    }
-  }
-}
-
 // Shared memory: Q rows, a ring of three K-or-V buffers (below), the union
 // tiles and the masks ([U][Q] u64, sized for the launch's Q).
 template <int DK, int DV> struct ShSmem {
@@ -265,8 +237,8 @@ __global__ void __launch_bounds__(kNW * 32, ShSmem<DK, DV>::min_blocks)
     auto load = [&](int i) {
       const int k0 = sTl[i >> 1] * kT;
       T *dst = sB + (i % 3) * kT * L::BS;
-      if (i & 1) load_rows<T, DV, L::BS>(vb, a.vs[1], k0, a.Skv, dst, tid);
-      else load_rows<T, DK, L::BS>(kb, a.ks[1], k0, a.Skv, dst, tid);
+      if (i & 1) load_tile_rows<T, DV, L::BS, kNW * 32>(vb, a.vs[1], k0, a.Skv, dst, tid);
+      else load_tile_rows<T, DK, L::BS, kNW * 32>(kb, a.ks[1], k0, a.Skv, dst, tid);
     };
     load(0);
     cp_commit();  // group 0: masks, Q, K of tile 0
@@ -390,36 +362,18 @@ template <typename T, int DK, int DV>
 cudaError_t launch_dk(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa_cuda_fwd_shared_layout_t *L,
                       const char *w, cudaStream_t st) {
   using SL = ShSmem<DK, DV>;
-  // Set once per device (as fwd_key.cu's launcher: the attribute stays set).
-  static unsigned long long set_on = 0;
+  static unsigned long long set_on = 0;  // bwd_common.cuh: set once per device
   int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
+  cudaError_t e = set_smem_once(fwd_shared_kernel<T, DK, DV>, (int)SL::bytes(32), &set_on, &dev);  // largest Q
   if (e != cudaSuccess) return e;
-  const unsigned long long bit = dev >= 0 && dev < 64 ? 1ull << dev : 0ull;
-  if (!bit || !(__atomic_load_n(&set_on, __ATOMIC_ACQUIRE) & bit)) {
-    e = cudaFuncSetAttribute(fwd_shared_kernel<T, DK, DV>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             (int)SL::bytes(32));  // the largest Q
-    if (e != cudaSuccess) return e;
-    if (bit) __atomic_fetch_or(&set_on, bit, __ATOMIC_RELEASE);
-  }
   const int hlg = __builtin_ctzll((unsigned long long)a->h);
   // Resident CTAs per SM for this Q's shared memory, cached per (device, Q).
   static int occ[64][4];
   const int qi = __builtin_ctz((unsigned)L->Q) - 2;  // Q in {4, 8, 16, 32}
-  int per_sm = dev >= 0 && dev < 64 ? __atomic_load_n(&occ[dev][qi], __ATOMIC_RELAXED) : 0;
-  if (per_sm <= 0) {
-    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fwd_shared_kernel<T, DK, DV>, kNW * 32,
-                                                      SL::bytes(L->Q));
-    if (e != cudaSuccess) return e;
-    if (per_sm < 1) per_sm = 1;
-    if (dev >= 0 && dev < 64) __atomic_store_n(&occ[dev][qi], per_sm, __ATOMIC_RELAXED);
-  }
-  int sms = 0;
-  e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  int64_t grid = 1;
+  int *oc = &occ[dev >= 0 && dev < 64 ? dev : 0][qi];  // read only for dev < 64
+  e = resident_grid(fwd_shared_kernel<T, DK, DV>, kNW * 32, SL::bytes(L->Q), dev, oc, L->ngroups, &grid);
   if (e != cudaSuccess) return e;
-  int64_t grid = (int64_t)sms * per_sm;
-  if (grid > L->ngroups) grid = L->ngroups;
-  if (grid < 1) grid = 1;
   fwd_shared_kernel<T, DK, DV><<<(unsigned)grid, kNW * 32, SL::bytes(L->Q), st>>>(
       *a, (const int2 *)plan->spans, plan->nspans, L->Q, hlg, L->NQ, L->ngroups, (const int32_t *)(w + L->gcnt),
       (const int32_t *)(w + L->gtiles), (const unsigned long long *)(w + L->gmask),

@@ -421,6 +421,126 @@ Test(cuda_bwd, dq_key_row_batches) {
   nsa_cuda_ctx_destroy(ctx);
 }
 
+/* Runs v2 (sync) with the shared-tile dq (default) and with
+ * NSA_CUDA_BWD_SHARED=0 (every row's dq key-centric), each checked against
+ * the float64 reference; *dq_diff counts dq elements that differ bitwise
+ * between the two runs, *kv_diff dk / dv elements. */
+static void shared_on_off(nsa_cuda_ctx_t *ctx, bx_t *f, int64_t *dq_diff, int64_t *kv_diff) {
+  run_check(ctx, f, NSA_PATH_VARLEN_V2);
+  double *sq = malloc(sizeof(double) * (size_t)f->nq), *sk = malloc(sizeof(double) * (size_t)f->nk),
+         *sv = malloc(sizeof(double) * (size_t)f->nv);
+  cr_assert(sq && sk && sv);
+  memcpy(sq, f->gq, sizeof(double) * (size_t)f->nq);
+  memcpy(sk, f->gk, sizeof(double) * (size_t)f->nk);
+  memcpy(sv, f->gv, sizeof(double) * (size_t)f->nv);
+  setenv("NSA_CUDA_BWD_SHARED", "0", 1);
+  run_check(ctx, f, NSA_PATH_VARLEN_V2);
+  unsetenv("NSA_CUDA_BWD_SHARED");
+  *dq_diff = *kv_diff = 0;
+  for (int64_t e = 0; e < f->nq; e++) *dq_diff += memcmp(&sq[e], &f->gq[e], sizeof(double)) != 0;
+  for (int64_t e = 0; e < f->nk; e++) *kv_diff += memcmp(&sk[e], &f->gk[e], sizeof(double)) != 0;
+  for (int64_t e = 0; e < f->nv; e++) *kv_diff += memcmp(&sv[e], &f->gv[e], sizeof(double)) != 0;
+  free(sq);
+  free(sk);
+  free(sv);
+}
+
+/* dq of query groups sharing their tiles (bwd_shared.h): selections copied
+ * across each query block (with UNUSED some rows change a slot, so groups of
+ * both kinds occur), h in {2, 4, 8, 16}, S not a multiple of the group size,
+ * empty rows, block sizes 64 and 32, both dtypes, the four (Dk, Dv) of the
+ * kernel, one and several row batches (NSA_BWD_DQ_BATCH_ROWS). Each case runs
+ * with the shared dq and with NSA_CUDA_BWD_SHARED=0: both must match the
+ * float64 reference; dq must differ somewhere bitwise (the shared kernel sums
+ * over tiles in registers, the key-centric dq through per-tile partials),
+ * which shows the shared kernel wrote rows, and dk / dv must be bitwise the
+ * same (the skipped rows still feed dk / dv through the same kernel). Then a
+ * graph-captured run with the shared dq must equal the direct run bitwise;
+ * independent random selections: the gate drops every group, so dq too is
+ * bitwise the same with the path on and off. */
+Test(cuda_bwd, shared_tile_groups) {
+  NSA_REQUIRE_GPU();
+  nsa_cuda_ctx_t *ctx = mkctx(0);
+  const int64_t hs[] = {16, 8, 4, 2, 16, 8};
+  const int64_t dks[] = {128, 64, 64, 128, 128, 64};
+  const int64_t dvs[] = {128, 64, 128, 64, 64, 128};
+  for (int k = 0; k < 12; k++) {
+    const int i = k % 6;
+    nsa_tu_case_cfg_t cfg = base();
+    cfg.dtype = k < 6 ? NSA_BF16 : NSA_F16;
+    cfg.h = hs[i];
+    cfg.Dk = dks[i];
+    cfg.Dv = dvs[i];
+    cfg.B = 2;
+    cfg.G = 2;
+    cfg.S = 150 + 7 * k; /* partial last group */
+    cfg.Skv = cfg.S + 64 * (k % 3);
+    cfg.block_size = (k % 4 == 3) ? 32 : 64;
+    cfg.n = 8;
+    cfg.sel_flags = NSA_TU_SEL_BLOCKWISE | ((k & 1) ? NSA_TU_SEL_UNUSED | NSA_TU_SEL_EMPTY_ROWS : 0);
+    cfg.seed = 3600 + k;
+    bx_t f;
+    bx_init(&f, &cfg, NULL);
+    if (k % 3 == 2) setenv("NSA_BWD_DQ_BATCH_ROWS", "97", 1); /* several row batches */
+    int64_t dq_diff = 0, kv_diff = 0;
+    shared_on_off(ctx, &f, &dq_diff, &kv_diff);
+    unsetenv("NSA_BWD_DQ_BATCH_ROWS");
+    cr_expect_gt(dq_diff, 0, "h=%lld case %d: dq identical with the shared dq on and off: shared kernel not run",
+                 (long long)cfg.h, k);
+    cr_expect_eq(kv_diff, 0, "h=%lld case %d: dk/dv changed by the shared dq (%lld elements)", (long long)cfg.h, k,
+                 (long long)kv_diff);
+    if (k == 0 || k == 7) {
+      run_check(ctx, &f, NSA_PATH_VARLEN_V2);
+      void *d0[3] = {malloc(f.c.dq.bytes), malloc(f.c.dk.bytes), malloc(f.c.dv.bytes)};
+      memcpy(d0[0], f.c.dq.mem, f.c.dq.bytes);
+      memcpy(d0[1], f.c.dk.mem, f.c.dk.bytes);
+      memcpy(d0[2], f.c.dv.mem, f.c.dv.bytes);
+      cudaStream_t st = (cudaStream_t)nsa_cuda_ctx_stream(ctx);
+      bx_poison(&f);
+      cudaGraph_t graph = NULL;
+      cr_assert_eq(cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed), cudaSuccess);
+      nsa_cuda_exec_t ex0 = {.sync = 0};
+      nsa_run_info_t info;
+      char msg[256];
+      int rc = nsa_cuda_sel_bwd(ctx, &f.bwd, NULL, NSA_PATH_VARLEN_V2, &ex0, &info, msg, sizeof msg);
+      cudaError_t ce = cudaStreamEndCapture(st, &graph);
+      cr_assert_eq(rc, NSA_OK, "captured request: %s", msg);
+      cr_assert_eq(ce, cudaSuccess, "end capture: %s", cudaGetErrorString(ce));
+      cudaGraphExec_t exec;
+      cr_assert_eq(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+      cr_assert_eq(cudaGraphLaunch(exec, st), cudaSuccess);
+      cr_assert_eq(cudaStreamSynchronize(st), cudaSuccess);
+      bx_fetch(&f);
+      cr_expect_eq(memcmp(d0[0], f.c.dq.mem, f.c.dq.bytes), 0, "case %d: graph replay dq differs", k);
+      cr_expect_eq(memcmp(d0[1], f.c.dk.mem, f.c.dk.bytes), 0, "case %d: graph replay dk differs", k);
+      cr_expect_eq(memcmp(d0[2], f.c.dv.mem, f.c.dv.bytes), 0, "case %d: graph replay dv differs", k);
+      cudaGraphExecDestroy(exec);
+      cudaGraphDestroy(graph);
+      for (int x = 0; x < 3; x++) free(d0[x]);
+    }
+    bx_free(&f);
+  }
+  for (int k = 0; k < 2; k++) {
+    nsa_tu_case_cfg_t cfg = base();
+    cfg.B = 1;
+    cfg.G = 2;
+    cfg.h = k ? 16 : 4;
+    cfg.Dk = cfg.Dv = 128;
+    cfg.S = cfg.Skv = 2048;
+    cfg.block_size = 32;
+    cfg.n = 4;
+    cfg.sel_flags = 0;
+    cfg.seed = 3620 + k;
+    bx_t f;
+    bx_init(&f, &cfg, NULL);
+    int64_t dq_diff = 0, kv_diff = 0;
+    shared_on_off(ctx, &f, &dq_diff, &kv_diff);
+    cr_expect_eq(dq_diff + kv_diff, 0, "h=%lld: outputs changed by groups the gate should drop", (long long)cfg.h);
+    bx_free(&f);
+  }
+  nsa_cuda_ctx_destroy(ctx);
+}
+
 static int g_ranges_edit;
 static void make_invalid(nsa_tu_case_t *c) {
   int32_t *s = c->sel_raw;
