@@ -22,8 +22,11 @@
 //   P^T = exp2(S^T*scale*log2e − lse*log2e) where key ∈ row's key set, else 0
 //   dS^T = P^T ∘ (dP^T − delta)
 //   dV_w += P^T . dO    dK_w += dS^T . Q        (B = dO / Q rows: ldmatrix.trans)
-// Chunks run through a 4-stage cp.async pipeline; per column the row's membership
+// Chunks run through a 5-stage cp.async pipeline (3 in flight, one barrier per
+// chunk); per column the row's membership
 // of the 64 keys is the pair's 64-bit mask from the inversion.
+#include <stdlib.h>
+
 #include "bwd_common.cuh"
 
 using namespace nsa_bwd;
@@ -224,7 +227,13 @@ __global__ void acc_store_kernel(nsa_cuda_bwd_t a, int64_t NT, const float *__re
 // ------------------------------------------------------------- tensor cores --
 
 constexpr int kWin = 1024;  // rows of a segment staged in shared memory at a time
-constexpr int kST = 4;      // chunk pipeline depth: chunks ch+1..ch+3 in flight while ch computes
+// Chunk pipeline: kST stages, chunks ch+1 .. ch+kPF in flight while ch
+// computes. kPF = kST - 2 lets one barrier per chunk do: the prep of
+// iteration ch refills the stage chunk ch - 2 read, and every warp finished
+// chunk ch - 2 before it passed iteration ch - 1's barrier. (kST = 4 with
+// kPF = 3 needed a second barrier at the end of each chunk.)
+constexpr int kST = 5;
+constexpr int kPF = kST - 2;
 
 template <int DK, int DV> struct KvSmem {
   static constexpr int DSPLIT = (DK + DV > 256) ? 2 : 1;
@@ -378,20 +387,22 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
       }
     };
 
-    // kST-deep pipeline: one cp.async group per chunk (empty past the end, so
-    // wait_group<kST-1> always means "chunk ch has landed"); the K/V tile
-    // rides in chunk 0's group of the first window.
+    // Pipeline (kST, kPF above): one cp.async group per chunk (empty past
+    // the end, so wait_group<kPF> always means "chunk ch has landed"); the
+    // K/V tile rides in chunk 0's group of the first window. Stages 0 ..
+    // kPF-1 are free here: every warp finished the previous window's chunks
+    // before the window barrier above.
 #pragma unroll
-    for (int c = 0; c < kST - 1; c++) {
+    for (int c = 0; c < kPF; c++) {
       if (c < nch) prep(c, c);
       cp_commit();
     }
     for (int ch = 0; ch < nch; ch++) {
       const int stg = ch % kST;
-      if (ch + kST - 1 < nch) prep(ch + kST - 1, (ch + kST - 1) % kST);
+      if (ch + kPF < nch) prep(ch + kPF, (ch + kPF) % kST);
       cp_commit();
-      cp_wait<kST - 1>();
-      __syncthreads();
+      cp_wait<kPF>();
+      __syncthreads();  // chunk ch visible to all; every warp is past chunk ch - 1
 
       const T *q_s = sQ + stg * 16 * L::QS;
       const T *o_s = sO + stg * 16 * L::OS;
@@ -510,7 +521,6 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
         Mma<T>::run(dk[2 * nd], da, b0, b1);
         Mma<T>::run(dk[2 * nd + 1], da, b2, b3);
       }
-      __syncthreads();  // stage stg is refilled by a later iteration's prep
     }
     cp_wait<0>();
   }
@@ -660,49 +670,55 @@ extern "C" cudaError_t nsa_cuda_launch_bwd_acc_store(const nsa_cuda_bwd_t *a, ns
 // Rows [row0, row0 + rows) of one row batch: pair_off and the partials are
 // batch-local (pair_off[r - row0]).
 namespace {
-// One warp per (row, head); lane owns DK/32 consecutive columns (float2
-// loads), partials summed in pair order with the loads unrolled so several
-// are in flight per warp (the reduction streams cap*h*Dk*4 bytes).
+// One warp per (row, hpw of its heads); lane owns DK/32 consecutive columns
+// (float2 loads), partials summed in pair order with the loads unrolled so
+// several are in flight per warp (the reduction streams cap*h*Dk*4 bytes).
+// A shared-tile row (skip) leaves at once: with several heads per warp the
+// launch has hpw times fewer warps to retire when most rows are shared.
 template <typename T, int DK>
 __global__ void __launch_bounds__(128) dq_reduce_kernel(nsa_cuda_bwd_t a, int64_t row0, int64_t rows,
                                                         const int32_t *__restrict__ pair_off,
                                                         const float *__restrict__ dqp,
-                                                        const unsigned char *__restrict__ skip) {
+                                                        const unsigned char *__restrict__ skip, int hpw) {
   constexpr int PER = DK / 32;
   const int lane = threadIdx.x & 31;
-  const int64_t pr = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  if (pr >= rows * a.h) return;
+  const int64_t pr = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;  // (row, head group)
+  const int64_t hg = a.h / hpw;
+  if (pr >= rows * hg) return;
   const bool bad = a.invalid != nullptr && *a.invalid > 0;
-  const int64_t lr = pr / a.h, j = pr % a.h, r = row0 + lr;
+  const int64_t lr = pr / hg, r = row0 + lr;
   if (skip != nullptr && skip[r]) return;  // written by the shared-tile dq (bwd_shared.h); warp-uniform
   const int64_t g = r % a.G, t = (r / a.G) % a.S, b = r / (a.G * a.S);
   const int p0 = pair_off[lr], p1 = pair_off[lr + 1];
-  float acc[PER];
+  for (int64_t j = (pr % hg) * hpw, je = j + hpw; j < je; j++) {
+    float acc[PER];
 #pragma unroll
-  for (int i = 0; i < PER; i++) acc[i] = 0.f;
+    for (int i = 0; i < PER; i++) acc[i] = 0.f;
 #pragma unroll 4
-  for (int p = p0; p < p1; p++) {
-    const float2 *src = reinterpret_cast<const float2 *>(dqp + ((int64_t)p * a.h + j) * DK + lane * PER);
+    for (int p = p0; p < p1; p++) {
+      const float2 *src = reinterpret_cast<const float2 *>(dqp + ((int64_t)p * a.h + j) * DK + lane * PER);
 #pragma unroll
-    for (int i = 0; i < PER / 2; i++) {
-      const float2 v = __ldcs(src + i);
-      acc[2 * i] += v.x;
-      acc[2 * i + 1] += v.y;
+      for (int i = 0; i < PER / 2; i++) {
+        const float2 v = __ldcs(src + i);
+        acc[2 * i] += v.x;
+        acc[2 * i + 1] += v.y;
+      }
     }
-  }
-  T *dq = reinterpret_cast<T *>(a.dq) + b * a.dqs[0] + t * a.dqs[1] + (g * a.h + j) * a.dqs[2];
+    T *dq = reinterpret_cast<T *>(a.dq) + b * a.dqs[0] + t * a.dqs[1] + (g * a.h + j) * a.dqs[2];
 #pragma unroll
-  for (int i = 0; i < PER; i++) st(dq + (int64_t)(lane * PER + i) * a.dqs[3], bad ? NAN : acc[i] * a.scale);
+    for (int i = 0; i < PER; i++) st(dq + (int64_t)(lane * PER + i) * a.dqs[3], bad ? NAN : acc[i] * a.scale);
+  }
 }
 
 template <typename T>
 cudaError_t launch_dq_reduce(const nsa_cuda_bwd_t *a, int64_t row0, int64_t rows, const int32_t *po,
-                             const float *dqp, const unsigned char *skip, unsigned blocks, cudaStream_t st) {
+                             const float *dqp, const unsigned char *skip, int hpw, unsigned blocks,
+                             cudaStream_t st) {
   switch (a->Dk) {
-    case 64: dq_reduce_kernel<T, 64><<<blocks, 128, 0, st>>>(*a, row0, rows, po, dqp, skip); break;
-    case 128: dq_reduce_kernel<T, 128><<<blocks, 128, 0, st>>>(*a, row0, rows, po, dqp, skip); break;
-    case 192: dq_reduce_kernel<T, 192><<<blocks, 128, 0, st>>>(*a, row0, rows, po, dqp, skip); break;
-    case 256: dq_reduce_kernel<T, 256><<<blocks, 128, 0, st>>>(*a, row0, rows, po, dqp, skip); break;
+    case 64: dq_reduce_kernel<T, 64><<<blocks, 128, 0, st>>>(*a, row0, rows, po, dqp, skip, hpw); break;
+    case 128: dq_reduce_kernel<T, 128><<<blocks, 128, 0, st>>>(*a, row0, rows, po, dqp, skip, hpw); break;
+    case 192: dq_reduce_kernel<T, 192><<<blocks, 128, 0, st>>>(*a, row0, rows, po, dqp, skip, hpw); break;
+    case 256: dq_reduce_kernel<T, 256><<<blocks, 128, 0, st>>>(*a, row0, rows, po, dqp, skip, hpw); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
@@ -720,14 +736,19 @@ extern "C" cudaError_t nsa_cuda_launch_bwd_dq_reduce(const nsa_cuda_bwd_t *a, ns
                                                      const nsa_cuda_inv_layout_t *L, const float *dqp,
                                                      int64_t row0, int64_t rows, const unsigned char *skip,
                                                      cudaStream_t st) {
-  const int64_t pairs = rows * a->h;
+  // Heads per warp: 4 where shared-tile rows may be skipped and h allows
+  // (NSA_BWD_DQR_HPW = 1, 2, 4, 8 or 16 dividing h for A/B runs), else 1.
+  int hpw = skip != nullptr && a->h % 4 == 0 ? 4 : 1;
+  const char *he = getenv("NSA_BWD_DQR_HPW");
+  if (he && atoi(he) >= 1 && atoi(he) <= 16 && a->h % atoi(he) == 0) hpw = atoi(he);
+  const int64_t pairs = rows * (a->h / hpw);
   if (pairs <= 0) return cudaSuccess;
   const int64_t blocks = (pairs * 32 + 127) / 128;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const int32_t *po = (const int32_t *)((const char *)inv_ws + L->pair_off);
   switch (dt) {
-    case NSA_F16: return launch_dq_reduce<__half>(a, row0, rows, po, dqp, skip, (unsigned)blocks, st);
-    case NSA_BF16: return launch_dq_reduce<__nv_bfloat16>(a, row0, rows, po, dqp, skip, (unsigned)blocks, st);
+    case NSA_F16: return launch_dq_reduce<__half>(a, row0, rows, po, dqp, skip, hpw, (unsigned)blocks, st);
+    case NSA_BF16: return launch_dq_reduce<__nv_bfloat16>(a, row0, rows, po, dqp, skip, hpw, (unsigned)blocks, st);
     default: return cudaErrorInvalidValue;
   }
 }
