@@ -15,6 +15,9 @@
  *     with the key-centric dq the same kernel writes per-(pair, head) dq
  *     partials that dq_reduce sums per row. Several batches (to bound the dq
  *     partials) add dk/dv into an f32 accumulator written out at the end.
+ *     Rows of query groups that share their key tiles (the forward's select,
+ *     fwd_shared.h) get their dq on chip instead (bwd_shared.h): the dk/dv
+ *     kernel and dq_reduce skip them.
  * No float atomics anywhere: two runs give bitwise identical dq, dk, dv.
  *
  * Index maps:
