@@ -41,8 +41,14 @@ constexpr int kNW = 8;            // warps per CTA
 constexpr int kSegMax = 256;      // rows per item (all staged in shared memory)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-// Partials of one row batch (f32 o + lse per (pair, head)): 2 GiB.
-constexpr double kPartBudget = 2.0 * 1024 * 1024 * 1024;
+// Partials of one row batch (o in the input dtype or f32, + f32 lse per
+// (pair, head)): 4 GiB, the backward's dq partial budget (bwd_request.cu),
+// so a training step's workspace high-water mark does not grow, while every
+// batch's fixed costs (inversion and its sort over the batch's pair bound,
+// key-kernel and merge launches; ~90 us even when the shared-tile groups
+// took every row) run half as often: T = 64k, h = 16 has 5 batches instead
+// of 9 (docs/PERF.md has the A/B).
+constexpr double kPartBudget = 4.0 * 1024 * 1024 * 1024;
 
 struct KInv {
   const int32_t *tile_off, *rows, *pidx, *item_off;
