@@ -252,6 +252,24 @@ template <typename T> __device__ __forceinline__ void p_to_a(const float (&s)[8]
   for (int kk = 0; kk < 4; kk++) acc_to_a<T>(*reinterpret_cast<const float(*)[2][4]>(&s[2 * kk]), pa[kk]);
 }
 
+// O (16 x D) += P (16 x 64: p_to_a's A fragments, keys 16kk .. 16kk + 15)
+// . V (64 keys x D at v_s, row stride VS; v_s may point at a column offset),
+// m16n8k16 with V through ldmatrix.trans: the forward's O += P V (fwd_key.cu,
+// fwd_shared.cu) and the shared-tile dq's dQ += dS K (bwd_shared_dq.cu).
+template <typename T, int D, int VS>
+__device__ __forceinline__ void pv_tile(const unsigned (&pa)[4][4], const T *v_s, int lane, float (&o)[D / 8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+    for (int dp = 0; dp < D / 16; dp++) {
+      unsigned b0, b1, b2, b3;
+      ldsm_x4_t(smem_u32(v_s + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * VS + dp * 16 + (lane >> 4) * 8), b0,
+                b1, b2, b3);
+      Mma<T>::run(o[2 * dp], pa[kk], b0, b1);
+      Mma<T>::run(o[2 * dp + 1], pa[kk], b2, b3);
+    }
+}
+
 // ---- host launch helpers ----
 // A kernel's dynamic shared memory limit belongs to the function in the
 // device's primary context and stays set (nothing here resets a device): set

@@ -19,6 +19,8 @@
 //   dq = scale * dQ, written once per row: no partials, no reduction.
 #include <stdlib.h>
 
+#include <type_traits>
+
 #include "bwd_common.cuh"
 #include "bwd_shared.h"
 
@@ -82,22 +84,22 @@ __global__ void __launch_bounds__(kNW * 32, 2)
       for (int i = tid; i < U * Q / 2; i += kNW * 32) cp_async16(smem_u32(sMk + 2 * i), gm + 2 * i, 16);
     }
     {  // q and do rows; row m = (query m >> hlg, head m & (h - 1)); rows past S zero
-      const T *qb = reinterpret_cast<const T *>(a.q) + b * a.qs[0];
-      const T *ob = reinterpret_cast<const T *>(a.dout) + b * a.dos[0];
-      for (int c = tid; c < 64 * CK; c += kNW * 32) {
-        const int m = c / CK, pt = c % CK;
-        const int64_t t = t0 + (m >> hlg);
-        const bool ok = t < a.S;
-        const T *src = ok ? qb + t * a.qs[1] + (g * a.h + (m & (h - 1))) * a.qs[2] + pt * 8 : qb;
-        cp_async16(smem_u32(sQ + m * L::QS + pt * 8), src, ok ? 16 : 0);
-      }
-      for (int c = tid; c < 64 * CO; c += kNW * 32) {
-        const int m = c / CO, pt = c % CO;
-        const int64_t t = t0 + (m >> hlg);
-        const bool ok = t < a.S;
-        const T *src = ok ? ob + t * a.dos[1] + (g * a.h + (m & (h - 1))) * a.dos[2] + pt * 8 : ob;
-        cp_async16(smem_u32(sO + m * L::OS + pt * 8), src, ok ? 16 : 0);
-      }
+      // C 16-byte pieces per row from base (b's rows; strides s1 per token,
+      // s2 per head) into dst [64][RS]
+      auto rows = [&](const T *base, int64_t s1, int64_t s2, auto cc, T *dst, int RS) {
+        constexpr int C = decltype(cc)::value;  // compile-time: the divisions below are shifts
+        for (int c = tid; c < 64 * C; c += kNW * 32) {
+          const int m = c / C, pt = c % C;
+          const int64_t t = t0 + (m >> hlg);
+          const bool ok = t < a.S;
+          const T *src = ok ? base + t * s1 + (g * a.h + (m & (h - 1))) * s2 + pt * 8 : base;
+          cp_async16(smem_u32(dst + m * RS + pt * 8), src, ok ? 16 : 0);
+        }
+      };
+      rows(reinterpret_cast<const T *>(a.q) + b * a.qs[0], a.qs[1], a.qs[2], std::integral_constant<int, CK>(), sQ,
+           L::QS);
+      rows(reinterpret_cast<const T *>(a.dout) + b * a.dos[0], a.dos[1], a.dos[2], std::integral_constant<int, CO>(),
+           sO, L::OS);
       if (tid < 64) {  // lse / delta of row m at [r * h + j], r = (b*S + t)*G + g
         const int64_t t = t0 + (tid >> hlg);
         const bool ok = t < a.S;
@@ -174,17 +176,8 @@ __global__ void __launch_bounds__(kNW * 32, 2)
           }
       }
       unsigned da[4][4];
-      p_to_a<T>(s, da);  // dS as the A fragments of dS . K (keys 16kk .. 16kk + 15)
-#pragma unroll
-      for (int kk = 0; kk < 4; kk++)
-#pragma unroll
-        for (int nd = 0; nd < DK / 16; nd++) {
-          unsigned b0, b1, b2, b3;
-          ldsm_x4_t(smem_u32(k_s + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * L::BS + nd * 16 + (lane >> 4) * 8),
-                    b0, b1, b2, b3);
-          Mma<T>::run(dq[2 * nd], da[kk], b0, b1);
-          Mma<T>::run(dq[2 * nd + 1], da[kk], b2, b3);
-        }
+      p_to_a<T>(s, da);                          // dS as the A fragments of dS . K
+      pv_tile<T, DK, L::BS>(da, k_s, lane, dq);  // dQ += dS K_u
     }
     cp_wait<0>();
 

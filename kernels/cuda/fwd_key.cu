@@ -248,17 +248,7 @@ __global__ void __launch_bounds__(kNW * 32, 2)
       float o[8][4];
 #pragma unroll
       for (int i = 0; i < 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < 4; kk++)
-#pragma unroll
-        for (int dp = 0; dp < 4; dp++) {
-          unsigned b0, b1, b2, b3;
-          ldsm_x4_t(smem_u32(sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * L::VS + half * 64 + dp * 16 +
-                             (lane >> 4) * 8),
-                    b0, b1, b2, b3);
-          Mma<T>::run(o[2 * dp], pa[kk], b0, b1);
-          Mma<T>::run(o[2 * dp + 1], pa[kk], b2, b3);
-        }
+      pv_tile<T, 64, L::VS>(pa, sV + half * 64, lane, o);
       if constexpr (P16) {
         if (stage) {
           // Through the chunk's Q stage (free since S = Q K^T): each row's 64

@@ -310,16 +310,7 @@ __global__ void __launch_bounds__(kNW * 32, ShSmem<DK, DV>::min_blocks)
       __syncthreads();  // every warp is past S of tile u: K's buffer (step 2u) is free
       if (2 * u + 3 < 2 * U) load(2 * u + 3);
       cp_commit();
-#pragma unroll
-      for (int kk = 0; kk < 4; kk++)
-#pragma unroll
-        for (int dp = 0; dp < DV / 16; dp++) {
-          unsigned b0, b1, b2, b3;
-          ldsm_x4_t(smem_u32(v_s + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * L::BS + dp * 16 + (lane >> 4) * 8),
-                    b0, b1, b2, b3);
-          Mma<T>::run(o[2 * dp], pa[kk], b0, b1);
-          Mma<T>::run(o[2 * dp + 1], pa[kk], b2, b3);
-        }
+      pv_tile<T, DV, L::BS>(pa, v_s, lane, o);
     }
     cp_wait<0>();
 

@@ -81,4 +81,26 @@ static inline void nsa_tc_dev_free(nsa_tc_dev_t *dv) {
       cr_skip_test("no CUDA device visible: gpu suite skipped (run it on a GPU machine)"); \
   } while (0)
 
+/* Case k (0..11) of the shared-tile group tests (cuda_fwd/ and
+ * cuda_bwd/shared_tile_groups): on top of the caller's base cfg, bf16 for k
+ * < 6 else f16, h / Dk / Dv from the caller, B = G = 2, S not a multiple of
+ * the group size, Skv = S + 0 / 64 / 128, block size 64 (32 every fourth),
+ * n = 8, selections copied across each query block (odd k: with UNUSED, so
+ * some rows change a slot and groups of both kinds occur, and empty rows). */
+static inline void nsa_tc_blockwise_cfg(nsa_tu_case_cfg_t *cfg, int k, int64_t h, int64_t Dk, int64_t Dv,
+                                        uint64_t seed) {
+  cfg->dtype = k < 6 ? NSA_BF16 : NSA_F16;
+  cfg->h = h;
+  cfg->Dk = Dk;
+  cfg->Dv = Dv;
+  cfg->B = 2;
+  cfg->G = 2;
+  cfg->S = 150 + 7 * k;
+  cfg->Skv = cfg->S + 64 * (k % 3);
+  cfg->block_size = (k % 4 == 3) ? 32 : 64;
+  cfg->n = 8;
+  cfg->sel_flags = NSA_TU_SEL_BLOCKWISE | ((k & 1) ? NSA_TU_SEL_UNUSED | NSA_TU_SEL_EMPTY_ROWS : 0);
+  cfg->seed = seed;
+}
+
 #endif

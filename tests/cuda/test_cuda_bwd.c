@@ -421,6 +421,29 @@ Test(cuda_bwd, dq_key_row_batches) {
   nsa_cuda_ctx_destroy(ctx);
 }
 
+/* Poisons the outputs, captures one sync=0 v2 request on the context's
+ * stream into a CUDA graph, replays it and fetches dq/dk/dv. */
+static void graph_replay(nsa_cuda_ctx_t *ctx, bx_t *f) {
+  cudaStream_t st = (cudaStream_t)nsa_cuda_ctx_stream(ctx);
+  bx_poison(f);
+  cudaGraph_t graph = NULL;
+  cr_assert_eq(cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed), cudaSuccess);
+  nsa_cuda_exec_t ex0 = {.sync = 0};
+  nsa_run_info_t info;
+  char msg[256];
+  int rc = nsa_cuda_sel_bwd(ctx, &f->bwd, NULL, NSA_PATH_VARLEN_V2, &ex0, &info, msg, sizeof msg);
+  cudaError_t ce = cudaStreamEndCapture(st, &graph);
+  cr_assert_eq(rc, NSA_OK, "captured request: %s", msg);
+  cr_assert_eq(ce, cudaSuccess, "end capture: %s", cudaGetErrorString(ce));
+  cudaGraphExec_t exec;
+  cr_assert_eq(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  cr_assert_eq(cudaGraphLaunch(exec, st), cudaSuccess);
+  cr_assert_eq(cudaStreamSynchronize(st), cudaSuccess);
+  bx_fetch(f);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+}
+
 /* Runs v2 (sync) with the shared-tile dq (default) and with
  * NSA_CUDA_BWD_SHARED=0 (every row's dq key-centric), each checked against
  * the float64 reference; *dq_diff counts dq elements that differ bitwise
@@ -467,18 +490,7 @@ Test(cuda_bwd, shared_tile_groups) {
   for (int k = 0; k < 12; k++) {
     const int i = k % 6;
     nsa_tu_case_cfg_t cfg = base();
-    cfg.dtype = k < 6 ? NSA_BF16 : NSA_F16;
-    cfg.h = hs[i];
-    cfg.Dk = dks[i];
-    cfg.Dv = dvs[i];
-    cfg.B = 2;
-    cfg.G = 2;
-    cfg.S = 150 + 7 * k; /* partial last group */
-    cfg.Skv = cfg.S + 64 * (k % 3);
-    cfg.block_size = (k % 4 == 3) ? 32 : 64;
-    cfg.n = 8;
-    cfg.sel_flags = NSA_TU_SEL_BLOCKWISE | ((k & 1) ? NSA_TU_SEL_UNUSED | NSA_TU_SEL_EMPTY_ROWS : 0);
-    cfg.seed = 3600 + k;
+    nsa_tc_blockwise_cfg(&cfg, k, hs[i], dks[i], dvs[i], 3600 + k);
     bx_t f;
     bx_init(&f, &cfg, NULL);
     if (k % 3 == 2) setenv("NSA_BWD_DQ_BATCH_ROWS", "97", 1); /* several row batches */
@@ -495,27 +507,10 @@ Test(cuda_bwd, shared_tile_groups) {
       memcpy(d0[0], f.c.dq.mem, f.c.dq.bytes);
       memcpy(d0[1], f.c.dk.mem, f.c.dk.bytes);
       memcpy(d0[2], f.c.dv.mem, f.c.dv.bytes);
-      cudaStream_t st = (cudaStream_t)nsa_cuda_ctx_stream(ctx);
-      bx_poison(&f);
-      cudaGraph_t graph = NULL;
-      cr_assert_eq(cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed), cudaSuccess);
-      nsa_cuda_exec_t ex0 = {.sync = 0};
-      nsa_run_info_t info;
-      char msg[256];
-      int rc = nsa_cuda_sel_bwd(ctx, &f.bwd, NULL, NSA_PATH_VARLEN_V2, &ex0, &info, msg, sizeof msg);
-      cudaError_t ce = cudaStreamEndCapture(st, &graph);
-      cr_assert_eq(rc, NSA_OK, "captured request: %s", msg);
-      cr_assert_eq(ce, cudaSuccess, "end capture: %s", cudaGetErrorString(ce));
-      cudaGraphExec_t exec;
-      cr_assert_eq(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
-      cr_assert_eq(cudaGraphLaunch(exec, st), cudaSuccess);
-      cr_assert_eq(cudaStreamSynchronize(st), cudaSuccess);
-      bx_fetch(&f);
+      graph_replay(ctx, &f);
       cr_expect_eq(memcmp(d0[0], f.c.dq.mem, f.c.dq.bytes), 0, "case %d: graph replay dq differs", k);
       cr_expect_eq(memcmp(d0[1], f.c.dk.mem, f.c.dk.bytes), 0, "case %d: graph replay dk differs", k);
       cr_expect_eq(memcmp(d0[2], f.c.dv.mem, f.c.dv.bytes), 0, "case %d: graph replay dv differs", k);
-      cudaGraphExecDestroy(exec);
-      cudaGraphDestroy(graph);
       for (int x = 0; x < 3; x++) free(d0[x]);
     }
     bx_free(&f);
@@ -643,25 +638,10 @@ Test(cuda_bwd, async_and_graph) {
   bx_fetch(&f);
   cr_expect_eq(memcmp(first, f.c.dk.mem, f.c.dk.bytes), 0, "async dk differs from sync dk");
 
-  cudaStream_t st = (cudaStream_t)nsa_cuda_ctx_stream(ctx);
-  bx_poison(&f);
-  cudaGraph_t graph = NULL;
-  cr_assert_eq(cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed), cudaSuccess);
-  nsa_cuda_exec_t ex0 = {.sync = 0};
-  rc = nsa_cuda_sel_bwd(ctx, &f.bwd, NULL, NSA_PATH_VARLEN_V2, &ex0, &info, msg, sizeof msg);
-  cudaError_t ce = cudaStreamEndCapture(st, &graph);
-  cr_assert_eq(rc, NSA_OK, "captured request: %s", msg);
-  cr_assert_eq(ce, cudaSuccess, "end capture: %s", cudaGetErrorString(ce));
-  cudaGraphExec_t exec;
-  cr_assert_eq(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
-  cr_assert_eq(cudaGraphLaunch(exec, st), cudaSuccess);
-  cr_assert_eq(cudaStreamSynchronize(st), cudaSuccess);
-  bx_fetch(&f);
+  graph_replay(ctx, &f);
   cr_expect_eq(memcmp(first, f.c.dk.mem, f.c.dk.bytes), 0, "graph replay dk differs from direct run");
   const double eq = nsa_tu_rel_err(f.gq, f.rq, f.nq);
   cr_expect(eq <= tol_g(cfg.dtype), "graph replay dq rel err %.3g", eq);
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
   cudaEventDestroy(wait_ev);
   cudaEventDestroy(done_ev);
   cudaStreamDestroy(user);

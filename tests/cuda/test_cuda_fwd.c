@@ -310,18 +310,7 @@ Test(cuda_fwd, shared_tile_groups) {
   for (int k = 0; k < 12; k++) {
     const int i = k % 6;
     nsa_tu_case_cfg_t cfg = base();
-    cfg.dtype = k < 6 ? NSA_BF16 : NSA_F16;
-    cfg.h = hs[i];
-    cfg.Dk = dks[i];
-    cfg.Dv = dvs[i];
-    cfg.B = 2;
-    cfg.G = 2;
-    cfg.S = 150 + 7 * k; /* partial last group */
-    cfg.Skv = cfg.S + 64 * (k % 3);
-    cfg.block_size = (k % 4 == 3) ? 32 : 64;
-    cfg.n = 8;
-    cfg.sel_flags = NSA_TU_SEL_BLOCKWISE | ((k & 1) ? NSA_TU_SEL_UNUSED | NSA_TU_SEL_EMPTY_ROWS : 0);
-    cfg.seed = 1700 + k;
+    nsa_tc_blockwise_cfg(&cfg, k, hs[i], dks[i], dvs[i], 1700 + k);
     fx_t f;
     fx_init(&f, &cfg);
     cr_expect_gt(shared_on_off_diff(kc, &f), 0,
