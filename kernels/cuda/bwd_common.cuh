@@ -172,6 +172,32 @@ __device__ __forceinline__ void load_tile_rows(const T *base, int64_t s1, int k0
   }
 }
 
+// The shared-tile kernels' K/V ring (fwd_shared.cu, bwd_shared_dq.cu): load
+// i is tile sTl[i / 2]'s K or V half (V at odd i when KFIRST, at even i
+// otherwise) into ring buffer i % 3 of sB [3][64][BS]. kb / vb point at key
+// 0 of the group's (b, g); ks1 / vs1 are the token strides.
+template <typename T, int DK, int DV, int BS, int NTH, bool KFIRST>
+__device__ __forceinline__ void ring_load(int i, const int *sTl, T *sB, const T *kb, int64_t ks1, const T *vb,
+                                          int64_t vs1, int64_t Skv, int tid) {
+  const int k0 = sTl[i >> 1] * NSA_BWD_TILE;
+  T *dst = sB + (i % 3) * NSA_BWD_TILE * BS;
+  if (((i & 1) != 0) == KFIRST) load_tile_rows<T, DV, BS, NTH>(vb, vs1, k0, Skv, dst, tid);
+  else load_tile_rows<T, DK, BS, NTH>(kb, ks1, k0, Skv, dst, tid);
+}
+
+// A shared-tile group's prologue: its U union tiles into sTl (then a
+// barrier: the first ring loads read them) and its [U][Q] key masks into
+// sMk by cp.async (16-byte pieces: Q is even; the caller commits them with
+// the first loads). gtiles / gmask rows have UMAX tiles.
+template <int NTH, int UMAX>
+__device__ __forceinline__ void group_prologue(const int32_t *gtiles, const unsigned long long *gmask, int64_t grp,
+                                               int U, int Q, int *sTl, unsigned long long *sMk, int tid) {
+  for (int i = tid; i < U; i += NTH) sTl[i] = gtiles[grp * UMAX + i];
+  __syncthreads();
+  const unsigned long long *gm = gmask + grp * UMAX * Q;
+  for (int i = tid; i < U * Q / 2; i += NTH) cp_async16(smem_u32(sMk + 2 * i), gm + 2 * i, 16);
+}
+
 // Chunk columns of the key-centric kernels (fwd_key.cu, bwd_dkdv.cu): a
 // chunk is 16 MMA columns over a tile's listed rows, column m of chunk ch =
 //   (listed row (ch / njt)*Pk + m / HT, head (ch % njt)*16 + m % HT),

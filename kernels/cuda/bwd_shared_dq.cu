@@ -77,12 +77,7 @@ __global__ void __launch_bounds__(kNW * 32, 2)
     const int64_t tq = grp % NQ, bg = grp / NQ, g = bg % a.G, b = bg / a.G;
     const int64_t t0 = tq * Q;
 
-    for (int i = tid; i < U; i += kNW * 32) sTl[i] = gtiles[grp * kUmax + i];
-    __syncthreads();
-    {  // masks [U][Q] (16-byte aligned: Q even)
-      const unsigned long long *gm = gmask + grp * kUmax * Q;
-      for (int i = tid; i < U * Q / 2; i += kNW * 32) cp_async16(smem_u32(sMk + 2 * i), gm + 2 * i, 16);
-    }
+    group_prologue<kNW * 32, kUmax>(gtiles, gmask, grp, U, Q, sTl, sMk, tid);
     {  // q and do rows; row m = (query m >> hlg, head m & (h - 1)); rows past S zero
       // C 16-byte pieces per row from base (b's rows; strides s1 per token,
       // s2 per head) into dst [64][RS]
@@ -110,11 +105,8 @@ __global__ void __launch_bounds__(kNW * 32, 2)
     }
     const T *kb = reinterpret_cast<const T *>(a.k) + b * a.ks[0] + g * a.ks[2];
     const T *vb = reinterpret_cast<const T *>(a.v) + b * a.vs[0] + g * a.vs[2];
-    auto load = [&](int i) {
-      const int k0 = sTl[i >> 1] * kT;
-      T *dst = sB + (i % 3) * kT * L::BS;
-      if (i & 1) load_tile_rows<T, DK, L::BS, kNW * 32>(kb, a.ks[1], k0, a.Skv, dst, tid);
-      else load_tile_rows<T, DV, L::BS, kNW * 32>(vb, a.vs[1], k0, a.Skv, dst, tid);
+    auto load = [&](int i) {  // V of tile i / 2 at even i, K at odd i
+      ring_load<T, DK, DV, L::BS, kNW * 32, false>(i, sTl, sB, kb, a.ks[1], vb, a.vs[1], a.Skv, tid);
     };
     load(0);
     cp_commit();  // group 0: masks, q, do, lse, delta, V of tile 0

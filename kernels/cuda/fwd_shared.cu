@@ -207,12 +207,7 @@ __global__ void __launch_bounds__(kNW * 32, ShSmem<DK, DV>::min_blocks)
 
     // Union tiles, then (one cp.async group with the Q rows and tile 0) each
     // query's key mask inside them, sMk[u*Q + q] (the select kernel's).
-    for (int i = tid; i < U; i += kNW * 32) sTl[i] = gtiles[grp * kUmax + i];
-    __syncthreads();
-    {
-      const unsigned long long *gm = gmask + grp * kUmax * Q;  // [U][Q], 16-byte aligned (Q even)
-      for (int i = tid; i < U * Q / 2; i += kNW * 32) cp_async16(smem_u32(sMk + 2 * i), gm + 2 * i, 16);
-    }
+    group_prologue<kNW * 32, kUmax>(gtiles, gmask, grp, U, Q, sTl, sMk, tid);
     // Q rows: row m = (query m >> hlg, head m & (h - 1)); rows past S zero.
     {
       const T *qb = reinterpret_cast<const T *>(a.q) + b * a.qs[0];
@@ -235,10 +230,7 @@ __global__ void __launch_bounds__(kNW * 32, ShSmem<DK, DV>::min_blocks)
     // instead of two K + V stages (~70 KB instead of ~87 at Dk = Dv = 128: 3
     // CTAs per SM instead of 2).
     auto load = [&](int i) {
-      const int k0 = sTl[i >> 1] * kT;
-      T *dst = sB + (i % 3) * kT * L::BS;
-      if (i & 1) load_tile_rows<T, DV, L::BS, kNW * 32>(vb, a.vs[1], k0, a.Skv, dst, tid);
-      else load_tile_rows<T, DK, L::BS, kNW * 32>(kb, a.ks[1], k0, a.Skv, dst, tid);
+      ring_load<T, DK, DV, L::BS, kNW * 32, true>(i, sTl, sB, kb, a.ks[1], vb, a.vs[1], a.Skv, tid);
     };
     load(0);
     cp_commit();  // group 0: masks, Q, K of tile 0

@@ -103,4 +103,20 @@ static inline void nsa_tc_blockwise_cfg(nsa_tu_case_cfg_t *cfg, int k, int64_t h
   cfg->seed = seed;
 }
 
+/* Case k (0, 1) of the gate checks in the same tests: independent random
+ * selections (h = 4, then 16; T = 2048, block 32, n = 4), where only groups
+ * of the first query blocks qualify, < 1/8 of the rows, so the gate drops
+ * every group. */
+static inline void nsa_tc_random_gate_cfg(nsa_tu_case_cfg_t *cfg, int k, uint64_t seed) {
+  cfg->B = 1;
+  cfg->G = 2;
+  cfg->h = k ? 16 : 4;
+  cfg->Dk = cfg->Dv = 128;
+  cfg->S = cfg->Skv = 2048;
+  cfg->block_size = 32;
+  cfg->n = 4;
+  cfg->sel_flags = 0;
+  cfg->seed = seed;
+}
+
 #endif

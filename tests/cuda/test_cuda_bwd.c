@@ -517,15 +517,7 @@ Test(cuda_bwd, shared_tile_groups) {
   }
   for (int k = 0; k < 2; k++) {
     nsa_tu_case_cfg_t cfg = base();
-    cfg.B = 1;
-    cfg.G = 2;
-    cfg.h = k ? 16 : 4;
-    cfg.Dk = cfg.Dv = 128;
-    cfg.S = cfg.Skv = 2048;
-    cfg.block_size = 32;
-    cfg.n = 4;
-    cfg.sel_flags = 0;
-    cfg.seed = 3620 + k;
+    nsa_tc_random_gate_cfg(&cfg, k, 3620 + k);
     bx_t f;
     bx_init(&f, &cfg, NULL);
     int64_t dq_diff = 0, kv_diff = 0;

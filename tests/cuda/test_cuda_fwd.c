@@ -324,15 +324,7 @@ Test(cuda_fwd, shared_tile_groups) {
    * outputs as with NSA_CUDA_FWD_SHARED=0. */
   for (int k = 0; k < 2; k++) {
     nsa_tu_case_cfg_t cfg = base();
-    cfg.B = 1;
-    cfg.G = 2;
-    cfg.h = k ? 16 : 4;
-    cfg.Dk = cfg.Dv = 128;
-    cfg.S = cfg.Skv = 2048;
-    cfg.block_size = 32;
-    cfg.n = 4;
-    cfg.sel_flags = 0;
-    cfg.seed = 1720 + k;
+    nsa_tc_random_gate_cfg(&cfg, k, 1720 + k);
     fx_t f;
     fx_init(&f, &cfg);
     cr_expect_eq(shared_on_off_diff(kc, &f), 0, "h=%lld: outputs changed by groups the gate should drop",
