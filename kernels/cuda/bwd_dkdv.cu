@@ -27,7 +27,7 @@
 // of the 64 keys is the pair's 64-bit mask from the inversion.
 #include <stdlib.h>
 
-#include "bwd_common.cuh"
+#include "bwd_dkdv.cuh"
 
 using namespace nsa_bwd;
 
@@ -35,53 +35,6 @@ namespace {
 
 constexpr int kT = NSA_BWD_TILE;
 constexpr int kMaxD = NSA_CUDA_SIMPLE_MAX_D;
-
-struct Inv {
-  const int32_t *tile_off, *vals, *item_off, *part_off;
-  const unsigned long long *masks;  // per pair: the row's keys inside the tile
-  const int32_t *pidx;              // per pair: its index in row order (dq partial slot)
-  const unsigned char *skip;        // per row (may be null): dq comes from the shared-tile kernel (bwd_shared.h)
-  const int2 *spans;
-  const int32_t *nspans;
-  float *acc;  // row batches (bwd_request.cu): f32 dk/dv accumulators [ntiles][slot], else null
-  int64_t NT, ntiles;
-  int seg_rows;
-};
-
-// CTA item -> tile x, segment and the tile's segment count.
-__device__ __forceinline__ bool find_item(const Inv &iv, int64_t it, int64_t *x, int *seg, int *nseg) {
-  if (!inv_find_item(iv.item_off, iv.ntiles, it, x, seg)) return false;
-  *nseg = iv.item_off[*x + 1] - iv.item_off[*x];
-  return true;
-}
-
-// Writes one key's results: final or f32 segment partial. Final values go to
-// dk/dv (T, dk scaled) or, when the request runs in row batches, are added
-// to the tile's f32 accumulator accx (unscaled; acc_store_kernel writes dk/dv
-// after the last batch). Only one CTA (or the reduction) finalizes a tile per
-// batch and batches run in stream order, so the += is race-free and ordered.
-template <typename T>
-__device__ __forceinline__ void put(const nsa_cuda_bwd_t &a, bool final_, float *part, float *accx, int64_t b,
-                                    int64_t g, int tok, int kk, bool isk, int col, float val) {
-  if (final_ && accx == nullptr) {
-    if (tok >= a.Skv) return;
-    if (isk)
-      st(reinterpret_cast<T *>(a.dk) + b * a.dks[0] + (int64_t)tok * a.dks[1] + g * a.dks[2] + col * a.dks[3],
-         val * a.scale);
-    else
-      st(reinterpret_cast<T *>(a.dv) + b * a.dvs[0] + (int64_t)tok * a.dvs[1] + g * a.dvs[2] + col * a.dvs[3],
-         val);
-  } else {
-    float *dst = final_ ? accx : part;
-    const int64_t e = isk ? (int64_t)kk * a.Dk + col : (int64_t)kT * a.Dk + kk * a.Dv + col;
-    if (final_) dst[e] += val;
-    else dst[e] = val;
-  }
-}
-
-__device__ __forceinline__ float *acc_of(const nsa_cuda_bwd_t &a, const Inv &iv, int64_t x) {
-  return iv.acc == nullptr ? nullptr : iv.acc + x * kT * (a.Dk + a.Dv);
-}
 
 // ------------------------------------------------------------------ generic --
 // 256 threads: thread = (key kk = tid/4, quarter c = tid%4); the quarter
@@ -603,19 +556,23 @@ cudaError_t launch_simple(const nsa_cuda_bwd_t *a, const Inv &iv, float *part, i
   return cudaGetLastError();
 }
 
+// Tensor-core requests go to the wgmma kernel (bwd_dkdv_wgmma.cu) where it
+// takes them (sm_90, Dk = Dv = 128, 4 <= h <= 32), else to dkdv_mma_kernel.
 template <typename T>
-cudaError_t launch_all(const nsa_cuda_bwd_t *a, int use_mma, const Inv &iv, float *part, float *dqp, int64_t grid,
-                       cudaStream_t st) {
+cudaError_t launch_all(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, int use_mma, const Inv &iv, float *part, float *dqp,
+                       int64_t grid, cudaStream_t st) {
   if (dqp && !use_mma) return cudaErrorInvalidValue;
-  cudaError_t e = use_mma ? dispatch_mma<T>(a, iv, part, dqp, grid, st) : launch_simple<T>(a, iv, part, grid, st);
+  cudaError_t e = !use_mma                           ? launch_simple<T>(a, iv, part, grid, st)
+                  : nsa_cuda_dkdv_wgmma_ok(a, dt) ? nsa_cuda_launch_dkdv_wgmma(a, dt, &iv, part, dqp, grid, st)
+                                                    : dispatch_mma<T>(a, iv, part, dqp, grid, st);
   if (e != cudaSuccess) return e;
   reduce_kernel<T><<<dim3((unsigned)iv.ntiles, kRedY), 256, 0, st>>>(*a, iv, part);
   return cudaGetLastError();
 }
 
 template <>
-cudaError_t launch_all<float>(const nsa_cuda_bwd_t *a, int, const Inv &iv, float *part, float *dqp, int64_t grid,
-                              cudaStream_t st) {
+cudaError_t launch_all<float>(const nsa_cuda_bwd_t *a, nsa_dtype_t, int, const Inv &iv, float *part, float *dqp,
+                              int64_t grid, cudaStream_t st) {
   if (dqp) return cudaErrorInvalidValue;
   cudaError_t e = launch_simple<float>(a, iv, part, grid, st);
   if (e != cudaSuccess) return e;
@@ -649,9 +606,9 @@ extern "C" cudaError_t nsa_cuda_launch_bwd_dkdv(const nsa_cuda_bwd_t *a, nsa_dty
   if (items_bound > 0x7fffffff || iv.ntiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
   if (a->Dk > kMaxD || a->Dv > kMaxD) return cudaErrorInvalidValue;
   switch (dt) {
-    case NSA_F32: return launch_all<float>(a, 0, iv, part, dqp, items_bound, st);
-    case NSA_F16: return launch_all<__half>(a, use_mma, iv, part, dqp, items_bound, st);
-    case NSA_BF16: return launch_all<__nv_bfloat16>(a, use_mma, iv, part, dqp, items_bound, st);
+    case NSA_F32: return launch_all<float>(a, dt, 0, iv, part, dqp, items_bound, st);
+    case NSA_F16: return launch_all<__half>(a, dt, use_mma, iv, part, dqp, items_bound, st);
+    case NSA_BF16: return launch_all<__nv_bfloat16>(a, dt, use_mma, iv, part, dqp, items_bound, st);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -528,6 +528,61 @@ Test(cuda_bwd, shared_tile_groups) {
   nsa_cuda_ctx_destroy(ctx);
 }
 
+/* The sm_90a wgmma dk/dv kernel (bwd_dkdv_wgmma.cu: Dk = Dv = 128, 4 <= h
+ * <= 32, bf16 / f16) against the float64 reference over h with whole and
+ * partial chunks (h = 5, 6, 12, 20: 32 % h != 0), long lists cut into
+ * segments, row batches (key-centric dq partials and the f32 accumulators),
+ * shared-tile rows, bf16 and f16; then the same case with
+ * NSA_CUDA_BWD_WGMMA=0 (the mma.sync kernel), also checked: on an sm_90 GPU
+ * dk must differ bitwise between the two (else the wgmma kernel did not
+ * run), and must not for h = 40 (outside its range: both runs use mma.sync). */
+Test(cuda_bwd, wgmma_dkdv) {
+  NSA_REQUIRE_GPU();
+  nsa_cuda_ctx_t *ctx = mkctx(0);
+  int dev = 0, major = 0, minor = 0;
+  cr_assert_eq(cudaGetDevice(&dev), cudaSuccess);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  const int hopper = major == 9 && minor == 0;
+  const int64_t hs[] = {4, 5, 6, 8, 12, 16, 20, 32, 40};
+  for (size_t i = 0; i < sizeof hs / sizeof hs[0]; i++) {
+    nsa_tu_case_cfg_t cfg = base();
+    cfg.dtype = i % 2 ? NSA_F16 : NSA_BF16;
+    cfg.B = 1 + (int64_t)(i % 2);
+    cfg.G = 2;
+    cfg.S = cfg.Skv = 520 + 17 * (int64_t)i;
+    cfg.h = hs[i];
+    cfg.Dk = cfg.Dv = 128;
+    cfg.block_size = 64;
+    cfg.n = 4;
+    cfg.sel_flags = i % 3 == 1 ? NSA_TU_SEL_CORRELATED : NSA_TU_SEL_ALL;
+    cfg.seed = 3700 + i;
+    bx_t f;
+    bx_init(&f, &cfg, force_block0);
+    if (i % 3 == 2) setenv("NSA_BWD_SEG", "64", 1);          /* many segments: partials + reduction */
+    if (i % 4 == 3) setenv("NSA_BWD_DQ_BATCH_ROWS", "150", 1); /* row batches: accumulators */
+    run_check(ctx, &f, NSA_PATH_VARLEN_V2);
+    void *k0 = malloc(f.c.dk.bytes);
+    cr_assert(k0 != NULL);
+    memcpy(k0, f.c.dk.mem, f.c.dk.bytes);
+    char what[48];
+    snprintf(what, sizeof what, "wgmma h=%lld", (long long)cfg.h);
+    expect_repeatable(ctx, &f, NSA_PATH_VARLEN_V2, what);
+    setenv("NSA_CUDA_BWD_WGMMA", "0", 1);
+    run_check(ctx, &f, NSA_PATH_VARLEN_V2);
+    unsetenv("NSA_CUDA_BWD_WGMMA");
+    unsetenv("NSA_BWD_SEG");
+    unsetenv("NSA_BWD_DQ_BATCH_ROWS");
+    const int differ = memcmp(k0, f.c.dk.mem, f.c.dk.bytes) != 0;
+    if (hopper && cfg.h <= 32)
+      cr_expect(differ, "h=%lld: dk bitwise equal with the wgmma kernel on and off: it did not run", (long long)cfg.h);
+    if (cfg.h > 32) cr_expect(!differ, "h=%lld: dk changed by NSA_CUDA_BWD_WGMMA outside its range", (long long)cfg.h);
+    free(k0);
+    bx_free(&f);
+  }
+  nsa_cuda_ctx_destroy(ctx);
+}
+
 static int g_ranges_edit;
 static void make_invalid(nsa_tu_case_t *c) {
   int32_t *s = c->sel_raw;
@@ -544,15 +599,21 @@ static void make_invalid(nsa_tu_case_t *c) {
 
 /* Bad selection data: every path reports invalid_selection with the count and
  * writes nothing (sync); with sync = 0 on v2 (block ids: no host wait) the
- * call is queued and the kernels write NaN instead of reading anything. Run
+ * call is queued and the kernels write NaN instead of reading anything (also
+ * at h = 8, Dk = Dv = 128: the wgmma dk/dv kernel). Run
  * under compute-sanitizer memcheck for the "never out of bounds" half. */
 Test(cuda_bwd, invalid_selection) {
   NSA_REQUIRE_GPU();
   nsa_cuda_ctx_t *ctx = mkctx(0);
-  for (int ranges = 0; ranges < 2; ranges++) {
+  for (int k = 0; k < 3; k++) {
+    const int ranges = k == 1;
     nsa_tu_case_cfg_t cfg = base();
+    if (k == 2) { /* the wgmma dk/dv kernel's NaN path (bwd_dkdv_wgmma.cu) */
+      cfg.h = 8;
+      cfg.Dv = 128;
+    }
     cfg.ranges = ranges;
-    cfg.seed = 3200 + ranges;
+    cfg.seed = 3200 + k;
     g_ranges_edit = ranges;
     bx_t f;
     bx_init2(&f, &cfg, NULL, make_invalid);

@@ -1,0 +1,63 @@
+// bwd_dkdv.cuh — what the two dk/dv kernels share: the inverted plan as
+// the kernels see it (Inv), CTA item lookup, and the per-key result store
+// (final dk/dv, f32 segment partial, or row-batch accumulator). Used by
+// bwd_dkdv.cu (mma.sync, generic) and bwd_dkdv_wgmma.cu (sm_90a wgmma).
+#pragma once
+#include "bwd_common.cuh"
+
+namespace nsa_bwd {
+
+struct Inv {
+  const int32_t *tile_off, *vals, *item_off, *part_off;
+  const unsigned long long *masks;  // per pair: the row's keys inside the tile
+  const int32_t *pidx;              // per pair: its index in row order (dq partial slot)
+  const unsigned char *skip;        // per row (may be null): dq comes from the shared-tile kernel (bwd_shared.h)
+  const int2 *spans;
+  const int32_t *nspans;
+  float *acc;  // row batches (bwd_request.cu): f32 dk/dv accumulators [ntiles][slot], else null
+  int64_t NT, ntiles;
+  int seg_rows;
+};
+
+// CTA item -> tile x, segment and the tile's segment count.
+__device__ __forceinline__ bool find_item(const Inv &iv, int64_t it, int64_t *x, int *seg, int *nseg) {
+  if (!inv_find_item(iv.item_off, iv.ntiles, it, x, seg)) return false;
+  *nseg = iv.item_off[*x + 1] - iv.item_off[*x];
+  return true;
+}
+
+// Writes one key's results: final or f32 segment partial. Final values go to
+// dk/dv (T, dk scaled) or, when the request runs in row batches, are added
+// to the tile's f32 accumulator accx (unscaled; acc_store_kernel writes dk/dv
+// after the last batch). Only one CTA (or the reduction) finalizes a tile per
+// batch and batches run in stream order, so the += is race-free and ordered.
+template <typename T>
+__device__ __forceinline__ void put(const nsa_cuda_bwd_t &a, bool final_, float *part, float *accx, int64_t b,
+                                    int64_t g, int tok, int kk, bool isk, int col, float val) {
+  if (final_ && accx == nullptr) {
+    if (tok >= a.Skv) return;
+    if (isk)
+      st(reinterpret_cast<T *>(a.dk) + b * a.dks[0] + (int64_t)tok * a.dks[1] + g * a.dks[2] + col * a.dks[3],
+         val * a.scale);
+    else
+      st(reinterpret_cast<T *>(a.dv) + b * a.dvs[0] + (int64_t)tok * a.dvs[1] + g * a.dvs[2] + col * a.dvs[3],
+         val);
+  } else {
+    float *dst = final_ ? accx : part;
+    const int64_t e = isk ? (int64_t)kk * a.Dk + col : (int64_t)NSA_BWD_TILE * a.Dk + kk * a.Dv + col;
+    if (final_) dst[e] += val;
+    else dst[e] = val;
+  }
+}
+
+__device__ __forceinline__ float *acc_of(const nsa_cuda_bwd_t &a, const Inv &iv, int64_t x) {
+  return iv.acc == nullptr ? nullptr : iv.acc + x * NSA_BWD_TILE * (a.Dk + a.Dv);
+}
+
+}  // namespace nsa_bwd
+
+// bwd_dkdv_wgmma.cu (sm_90a): whether its kernel takes the request, and the
+// launch (same items, partials and dq partials as the mma.sync kernel).
+extern "C" int nsa_cuda_dkdv_wgmma_ok(const nsa_cuda_bwd_t *a, nsa_dtype_t dt);
+extern "C" cudaError_t nsa_cuda_launch_dkdv_wgmma(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, const nsa_bwd::Inv *iv,
+                                                  float *part, float *dqp, int64_t grid, cudaStream_t st);

@@ -1,0 +1,393 @@
+// bwd_dkdv_wgmma.cu — dk/dv (and the key-centric dq partials) on Hopper's
+// warpgroup MMA (wgmma, sm_90a): the same items, inputs and outputs as
+// dkdv_mma_kernel in bwd_dkdv.cu, for bf16/f16 with Dk = Dv = 128, 4 <= h <= 32.
+//
+// Why a second kernel: the mma.sync kernel gives each warp 16 of the tile's
+// 64 keys, so every warp re-reads the chunk's Q and dO fragments from shared
+// memory for each of its four products (~165 TFLOP/s at h = 16 on an H200,
+// shared-memory bound). A warpgroup's wgmma computes all 64 keys at once and
+// reads each B operand once for the four warps.
+//
+// One CTA = one warpgroup (128 threads) per item (64-key tile x, segment of
+// x's row list; bwd_invert_plan.cu), two CTAs per SM (~108 KB of shared
+// memory each), so one CTA's exp / gather instructions overlap the other's
+// MMAs (one CTA per SM with 64-column chunks issued 0.8 instructions per
+// cycle and left the tensor cores idle). A chunk is 32 columns: Pk = 32 / h
+// listed rows x h heads, column m = (listed row cb*Pk + m / h, head m % h).
+// Per chunk (keys = the tile's 64 keys; all tiles in the CM layout of
+// wgmma.cuh, so one stored tile serves as K-major and MN-major operand):
+//   S^T  [64 keys x 32 cols] = K . Q_c^T      A = sK, B = sQ   (K-major)
+//   dP^T [64 keys x 32 cols] = V . dO_c^T     A = sV, B = sO   (K-major)
+//   P^T  = key in the row's set ? exp2(S^T*scale*log2e - lse*log2e) : 0
+//   dS^T = P^T o (dP^T - delta)
+//   dV [64 x 128] += P^T . dO_c               A = P^T (registers), B = sO (MN-major)
+//   dK [64 x 128] += dS^T . Q_c               A = dS^T (registers), B = sQ (MN-major)
+//   DQ: dQ_c^T [128 d x 32 cols] = K^T . dS^T A = sK (MN-major), B = dS^T staged
+//       in sDS (MN-major); two 64-row halves of d; stored as the pairs' f32
+//       partials (dq_reduce sums them per row in pair order).
+// The accumulator of a 64 x N wgmma puts, in warp w, lane l, element 4i + e at
+// row 16w + l/4 + 8*(e >= 2), column 8i + 2*(l%4) + (e & 1) (the m16n8 layout
+// per warp), which is also the register A layout of the next product: P^T and
+// dS^T go from S^T / dP^T registers to A fragments without shared memory.
+// Chunks arrive through a kST-stage cp.async pipeline (kPF in flight, one
+// barrier per chunk). Fixed summation order: bitwise deterministic.
+#include <stdlib.h>
+
+#include "bwd_dkdv.cuh"
+#include "wgmma.cuh"
+
+using namespace nsa_bwd;
+
+namespace {
+
+constexpr int kT = NSA_BWD_TILE;  // 64 keys
+constexpr int kD = 128;           // Dk = Dv
+constexpr int kNC = 32;           // columns per chunk
+constexpr int kST = 4;            // stages
+constexpr int kPF = kST - 2;      // chunks in flight (see bwd_dkdv.cu: one barrier per chunk)
+constexpr int kWin = 192;         // rows of a segment staged at a time
+constexpr int kThreads = 128;     // one warpgroup
+
+struct Smem {
+  static constexpr int tile = kT * kD * 2;        // K or V: 64 x 128 bf16, CM layout
+  static constexpr int ctile = kNC * kD * 2;      // a chunk's Q or dO: 32 x 128
+  static constexpr size_t k_off = 0;
+  static constexpr size_t v_off = k_off + tile;
+  static constexpr size_t q_off = v_off + tile;   // [kST] chunk Q
+  static constexpr size_t o_off = q_off + (size_t)kST * ctile;    // [kST] chunk dO
+  static constexpr size_t ds_off = o_off + (size_t)kST * ctile;   // dS^T [64 keys][32 cols] CM
+  static constexpr size_t mk_off = ds_off + kT * kNC * 2;         // [kST][32] u64 key masks
+  static constexpr size_t l_off = mk_off + kST * kNC * 8;         // [kST][32] f32 lse
+  static constexpr size_t d_off = l_off + kST * kNC * 4;          // [kST][32] f32 delta
+  static constexpr size_t dm_off = d_off + kST * kNC * 4;         // [kST] u32: columns needing dq
+  static constexpr size_t dq_off = dm_off + kST * 8;              // [kST][32] i64 column's dq partial offset
+  static constexpr size_t wm_off = dq_off + kST * kNC * 8;        // [kWin] u64 window masks
+  static constexpr size_t wv_off = wm_off + kWin * 8;             // [kWin] i32 rows
+  static constexpr size_t wt_off = wv_off + kWin * 4;             // [kWin] i32 t (bit 31: shared-tile row)
+  static constexpr size_t wp_off = wt_off + kWin * 4;             // [kWin] i32 pair index (dq slot)
+  static constexpr size_t wq_off = wp_off + kWin * 4;             // [kWin] i64 row's Q element offset (head g*h)
+  static constexpr size_t wo_off = wq_off + kWin * 8;             // [kWin] i64 row's dO element offset
+  static constexpr size_t bytes = wo_off + kWin * 8;
+};
+// Two CTAs per SM: 2 x (bytes + 1 KB reserved per CTA) within the SM's 228 KB.
+static_assert(2 * (Smem::bytes + 1024) <= 228 * 1024, "dkdv_wg_kernel: two CTAs per SM no longer fit");
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+template <typename T> __device__ __forceinline__ unsigned pk2(float x, float y) { return Mma<T>::pack(x, y); }
+
+// Descriptors of a tile with 128 columns (K / V, a chunk's Q / dO): K-major
+// LBO 128 / SBO 2048, one k16 step = +256 bytes; MN-major LBO 2048 / SBO
+// 128, one k16 step (16 rows) = +4096.
+__device__ __forceinline__ unsigned long long dk_major(unsigned a, int ks) { return nsa_wg::desc(a + ks * 256, 128, 2048); }
+__device__ __forceinline__ unsigned long long dmn_major(unsigned a, int ks) {
+  return nsa_wg::desc(a + ks * 4096, 2048, 128);
+}
+#endif
+
+template <typename T, bool DQ>
+__global__ void __launch_bounds__(kThreads, 2)
+    dkdv_wg_kernel(nsa_cuda_bwd_t a, Inv iv, float *__restrict__ part, float *__restrict__ dqp, int Pk) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using L = Smem;
+  extern __shared__ __align__(1024) unsigned char smem[];
+  unsigned char *sQb = smem + L::q_off, *sOb = smem + L::o_off;
+  unsigned long long *sMk = reinterpret_cast<unsigned long long *>(smem + L::mk_off);
+  float *sL = reinterpret_cast<float *>(smem + L::l_off);
+  float *sD = reinterpret_cast<float *>(smem + L::d_off);
+  unsigned *sDqm = reinterpret_cast<unsigned *>(smem + L::dm_off);
+  long long *sDqo = reinterpret_cast<long long *>(smem + L::dq_off);
+  unsigned long long *wMk = reinterpret_cast<unsigned long long *>(smem + L::wm_off);
+  int *wRow = reinterpret_cast<int *>(smem + L::wv_off);
+  int *wT = reinterpret_cast<int *>(smem + L::wt_off);
+  int *wP = reinterpret_cast<int *>(smem + L::wp_off);
+  long long *wQo = reinterpret_cast<long long *>(smem + L::wq_off);
+  long long *wOo = reinterpret_cast<long long *>(smem + L::wo_off);
+  const unsigned kA = smem_u32(smem + L::k_off), vA = smem_u32(smem + L::v_off);
+  const unsigned qA0 = smem_u32(sQb), oA0 = smem_u32(sOb), dsA = smem_u32(smem + L::ds_off);
+
+  int64_t x;
+  int seg, nseg;
+  if (!find_item(iv, blockIdx.x, &x, &seg, &nseg)) return;
+  const bool bad = a.invalid != nullptr && *a.invalid > 0;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t kt = x % iv.NT, bg = x / iv.NT, g = bg % a.G, b = bg / a.G;
+  const int k0 = (int)(kt * kT);
+  const int t1 = iv.tile_off[x + 1];
+  const int lo = iv.tile_off[x] + seg * iv.seg_rows, hi = bad ? lo : min(t1, lo + iv.seg_rows);
+  const float LOG2E = 1.4426950408889634f;
+  const float c2 = a.scale * LOG2E;
+  const int h = (int)a.h;
+  const bool h_pow2 = (h & (h - 1)) == 0;
+  const int h_lg = __ffs(h) - 1;
+
+  // Plain cp.async here: with the L2 cache-hint form (cp_async16p) ptxas 13.0
+  // emitted, for sm_90a, an LDGSTS whose policy operand sat in an odd uniform
+  // register, which the H200 rejected as an illegal instruction.
+  // K / V tile -> CM layout: thread = (row r8 of an 8-row group, 16-byte
+  // piece pc); 8 consecutive threads fill one 128-byte core matrix.
+  const int r8 = tid & 7, pc = tid >> 3;  // pc: 0..15 (128 columns / 8)
+  if (hi > lo) {
+    const T *kb = reinterpret_cast<const T *>(a.k) + b * a.ks[0] + g * a.ks[2];
+    const T *vb = reinterpret_cast<const T *>(a.v) + b * a.vs[0] + g * a.vs[2];
+#pragma unroll
+    for (int rg = 0; rg < kT / 8; rg++) {
+      const int kk = rg * 8 + r8, tok = k0 + kk;
+      const bool ok = tok < a.Skv;
+      const int off = nsa_wg::cm_off(kk, pc * 8, kD);
+      cp_async16(kA + off, ok ? kb + (int64_t)tok * a.ks[1] + pc * 8 : kb, ok ? 16 : 0);
+      cp_async16(vA + off, ok ? vb + (int64_t)tok * a.vs[1] + pc * 8 : vb, ok ? 16 : 0);
+    }
+  }
+
+  float dk[64], dv[64];
+#pragma unroll
+  for (int i = 0; i < 64; i++) dk[i] = dv[i] = 0.f;
+  const int kr0 = warp * 16 + (lane >> 2), cq = (lane & 3) * 2;  // accumulator row / column base
+
+  for (int w0 = lo; w0 < hi; w0 += kWin) {
+    const int w1 = min(hi, w0 + kWin);
+    nsa_wg::wait<0>();  // the previous window's last products no longer read their stages
+    __syncthreads();    // the previous window's rows are no longer read
+    for (int i = tid; i < w1 - w0; i += kThreads) {
+      const int r = iv.vals[w0 + i];
+      wRow[i] = r;
+      const bool sk = DQ && iv.skip != nullptr && iv.skip[r];
+      const int64_t t = (r / (int)a.G) % (int)a.S;
+      wT[i] = (int)((unsigned)t | (sk ? 0x80000000u : 0u));
+      wMk[i] = iv.masks[w0 + i];
+      if (DQ) wP[i] = iv.pidx[w0 + i];
+      // once per row, not per gathered 16 bytes: the prep adds head * stride
+      wQo[i] = b * a.qs[0] + t * a.qs[1] + g * a.h * a.qs[2];
+      wOo[i] = b * a.dos[0] + t * a.dos[1] + g * a.h * a.dos[2];
+    }
+    __syncthreads();
+    const int nch = (w1 - w0 + Pk - 1) / Pk;
+
+    // Column m of chunk ch -> window index wi and head j; false for padding.
+    auto col_of = [&](int ch, int m, int *wi, int *j) -> bool {
+      const int mq = h_pow2 ? m >> h_lg : m / h;
+      *wi = ch * Pk + mq;
+      *j = m - mq * h;
+      return mq < Pk && w0 + *wi < w1;
+    };
+    auto prep = [&](int ch, int stg) {
+      const T *q = reinterpret_cast<const T *>(a.q);
+      const T *dout = reinterpret_cast<const T *>(a.dout);
+      const unsigned qd = qA0 + stg * L::ctile, od = oA0 + stg * L::ctile;
+#pragma unroll
+      for (int rg = 0; rg < kNC / 8; rg++) {
+        const int m = rg * 8 + r8;
+        int wi, j;
+        const bool ok = col_of(ch, m, &wi, &j);
+        const T *qs = q, *os = dout;
+        if (ok) {
+          qs = q + wQo[wi] + (int64_t)j * a.qs[2] + pc * 8;
+          os = dout + wOo[wi] + (int64_t)j * a.dos[2] + pc * 8;
+        }
+        const int off = nsa_wg::cm_off(m, pc * 8, kD);
+        cp_async16(qd + off, qs, ok ? 16 : 0);
+        cp_async16(od + off, os, ok ? 16 : 0);
+      }
+      if (tid < kNC) {
+        int wi, j;
+        const bool ok = col_of(ch, tid, &wi, &j);
+        const int64_t idx = ok ? (int64_t)wRow[wi] * a.h + j : 0;
+        sMk[stg * kNC + tid] = ok ? wMk[wi] : 0ull;
+        cp_async4(smem_u32(sL + stg * kNC + tid), a.lsec + idx, ok ? 4 : 0);
+        cp_async4(smem_u32(sD + stg * kNC + tid), a.delta + idx, ok ? 4 : 0);
+        if (DQ) {  // bit m: column m needs its dq partial (warp 0), at element sDqo[m] of dqp
+          const bool nd = ok && wT[wi] >= 0;
+          const unsigned need = __ballot_sync(0xffffffffu, nd);
+          if (lane == 0) sDqm[stg] = need;
+          sDqo[stg * kNC + tid] = nd ? ((long long)wP[wi] * a.h + j) * kD : 0;
+        }
+      }
+    };
+
+#pragma unroll
+    for (int c = 0; c < kPF; c++) {
+      if (c < nch) prep(c, c);
+      cp_commit();
+    }
+    for (int ch = 0; ch < nch; ch++) {
+      const int stg = ch % kST;
+      if (ch + kPF < nch) prep(ch + kPF, (ch + kPF) % kST);
+      cp_commit();
+      cp_wait<kPF>();
+      nsa_wg::fence_proxy();  // this thread's cp.async data -> the tensor cores
+      __syncthreads();        // chunk ch visible to all; every thread is past chunk ch - 1
+
+      const unsigned qA = qA0 + stg * L::ctile, oA = oA0 + stg * L::ctile;
+      float s[16], dp[16];
+      nsa_wg::fence();
+#pragma unroll
+      for (int ks = 0; ks < kD / 16; ks++)
+        nsa_wg::ss_m64n32k16<0, 0>((T *)nullptr, s, dk_major(kA, ks), dk_major(qA, ks), ks > 0);
+#pragma unroll
+      for (int ks = 0; ks < kD / 16; ks++)
+        nsa_wg::ss_m64n32k16<0, 0>((T *)nullptr, dp, dk_major(vA, ks), dk_major(oA, ks), ks > 0);
+      nsa_wg::commit();
+      nsa_wg::wait<0>();
+      nsa_wg::reg_fence(s);
+      nsa_wg::reg_fence(dp);
+
+      // P^T, dS^T (rows = keys kr0, kr0 + 8; columns of the chunk)
+      const unsigned long long *mk = sMk + stg * kNC;
+      const float *ls = sL + stg * kNC, *dl = sD + stg * kNC;
+      unsigned pa[kNC / 16][4], da[kNC / 16][4];
+#pragma unroll
+      for (int i = 0; i < kNC / 8; i++) {
+        float pv[4], dsv[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int key = kr0 + (e >> 1) * 8, col = i * 8 + cq + (e & 1);
+          const bool in = (mk[col] >> key) & 1ull;
+          pv[e] = in ? ex2(fmaf(s[i * 4 + e], c2, -ls[col] * LOG2E)) : 0.f;
+          dsv[e] = pv[e] * (dp[i * 4 + e] - dl[col]);
+        }
+        // n8 block i is half (i & 1) of k-step i / 2 of the next products' A
+        pa[i >> 1][(i & 1) * 2 + 0] = pk2<T>(pv[0], pv[1]);
+        pa[i >> 1][(i & 1) * 2 + 1] = pk2<T>(pv[2], pv[3]);
+        da[i >> 1][(i & 1) * 2 + 0] = pk2<T>(dsv[0], dsv[1]);
+        da[i >> 1][(i & 1) * 2 + 1] = pk2<T>(dsv[2], dsv[3]);
+      }
+      nsa_wg::fence();
+#pragma unroll
+      for (int kk = 0; kk < kNC / 16; kk++) nsa_wg::rs_m64n128k16<1>((T *)nullptr, dv, pa[kk], dmn_major(oA, kk), 1);
+#pragma unroll
+      for (int kk = 0; kk < kNC / 16; kk++) nsa_wg::rs_m64n128k16<1>((T *)nullptr, dk, da[kk], dmn_major(qA, kk), 1);
+      nsa_wg::commit();
+
+      // CTA-uniform: 0 when every column is padding or a shared-tile row.
+      const unsigned dqm = DQ ? sDqm[stg] : 0u;
+      if (DQ && dqm != 0u) {
+        // dS^T -> sDS [64 keys][32 cols] (rows = K of K^T . dS^T, columns =
+        // its N) while dV / dK run; sDS was last read by chunk ch - 1's dQ,
+        // retired before this chunk's barrier.
+#pragma unroll
+        for (int i = 0; i < kNC / 8; i++)
+#pragma unroll
+          for (int rh = 0; rh < 2; rh++)
+            *reinterpret_cast<unsigned *>(smem + L::ds_off + nsa_wg::cm_off(kr0 + rh * 8, i * 8 + cq, kNC)) =
+                da[i >> 1][(i & 1) * 2 + rh];
+        nsa_wg::fence_proxy();
+        __syncthreads();
+      }
+      // dV / dK retire here: their A registers (pa, da) are free again and
+      // the dQ accumulators below fit beside dk / dv without spilling.
+      nsa_wg::wait<0>();
+      if constexpr (DQ) {
+        if (dqm != 0u) {
+          // This thread's columns: 8i + cq + e (i < 4, e < 2) -> partial rows
+          // (offsets resolved once per column by the prep).
+          float *dst[kNC / 8][2];
+#pragma unroll
+          for (int i = 0; i < kNC / 8; i++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+              const int m = i * 8 + cq + e;
+              dst[i][e] = ((dqm >> m) & 1u) ? dqp + sDqo[stg * kNC + m] : nullptr;
+            }
+#pragma unroll
+          for (int hb = 0; hb < 2; hb++) {
+            float q[16];
+            nsa_wg::fence();
+#pragma unroll
+            for (int kk = 0; kk < kT / 16; kk++)
+              nsa_wg::ss_m64n32k16<1, 1>((T *)nullptr, q, nsa_wg::desc(kA + kk * 4096 + hb * 1024, 2048, 128),
+                                         nsa_wg::desc(dsA + kk * 1024, 512, 128), kk > 0);
+            nsa_wg::commit();
+            nsa_wg::wait<0>();
+            nsa_wg::reg_fence(q);
+            // rows = d hb*64 + kr0 (+8); columns = chunk columns 8i + cq + e
+#pragma unroll
+            for (int i = 0; i < kNC / 8; i++)
+#pragma unroll
+              for (int e = 0; e < 4; e++) {
+                float *p = dst[i][e & 1];
+                if (p != nullptr) __stcs(p + hb * 64 + kr0 + (e >> 1) * 8, q[i * 4 + e]);
+              }
+          }
+        }
+      }
+    }
+    cp_wait<0>();
+  }
+  nsa_wg::wait<0>();
+  nsa_wg::reg_fence(dk);
+  nsa_wg::reg_fence(dv);
+  cp_wait<0>();
+
+  const bool final_ = nseg == 1;
+  float *pp = final_ ? nullptr : part + (int64_t)(iv.part_off[x] + seg) * kT * (a.Dk + a.Dv);
+  float *accx = acc_of(a, iv, x);
+#pragma unroll
+  for (int rh = 0; rh < 2; rh++) {
+    const int kk = kr0 + rh * 8, tok = k0 + kk;
+#pragma unroll
+    for (int i = 0; i < 16; i++)
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        const int col = i * 8 + cq + e;
+        put<T>(a, final_, pp, accx, b, g, tok, kk, true, col, bad ? NAN : dk[i * 4 + rh * 2 + e]);
+        put<T>(a, final_, pp, accx, b, g, tok, kk, false, col, bad ? NAN : dv[i * 4 + rh * 2 + e]);
+      }
+  }
+#else
+  __trap();  // built only for sm_90a (see kernels/cuda/CMakeLists.txt); the host checks the image
+#endif
+}
+
+template <typename T, bool DQ>
+cudaError_t launch(const nsa_cuda_bwd_t *a, const Inv &iv, float *part, float *dqp, int64_t grid, cudaStream_t st) {
+  const int Pk = (int)(kNC / a->h);
+  static unsigned long long set_on;
+  int dev;
+  cudaError_t e = set_smem_once(dkdv_wg_kernel<T, DQ>, (int)Smem::bytes, &set_on, &dev);
+  if (e != cudaSuccess) return e;
+  dkdv_wg_kernel<T, DQ><<<(unsigned)grid, kThreads, Smem::bytes, st>>>(*a, iv, part, dqp, Pk);
+  return cudaGetLastError();
+}
+
+// The kernels exist for sm_90a only: on any other device (or a build without
+// them) cudaFuncGetAttributes fails and the caller keeps the mma.sync kernel.
+bool image_ok() {
+  static int dev_ok[64];  // 0 unknown, 1 yes, 2 no (per device)
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (dev_ok[dev] == 0) {
+    cudaFuncAttributes fa;
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    const bool ok = major == 9 && minor == 0 &&
+                    cudaFuncGetAttributes(&fa, dkdv_wg_kernel<__nv_bfloat16, false>) == cudaSuccess;
+    cudaGetLastError();
+    dev_ok[dev] = ok ? 1 : 2;
+  }
+  return dev_ok[dev] == 1;
+}
+
+}  // namespace
+
+// bwd_dkdv.cuh: whether the wgmma kernel takes this request (Dk = Dv = 128,
+// bf16 / f16, 4 <= h <= 32, an sm_90 device; NSA_CUDA_BWD_WGMMA=0 turns it off).
+extern "C" int nsa_cuda_dkdv_wgmma_ok(const nsa_cuda_bwd_t *a, nsa_dtype_t dt) {
+  const char *e = getenv("NSA_CUDA_BWD_WGMMA");  // per request, like the other NSA_CUDA_BWD_* knobs
+  const int env = (e != nullptr && e[0] == '0') ? 0 : 1;
+  // h < 4: a 32-column chunk holds 8+ rows whose padding at segment ends the
+  // 16-column mma.sync chunks avoid; that kernel was faster there (H200,
+  // T = 16k, h = 1: 0.97 vs 1.06 ms backward).
+  if (!env || (dt != NSA_BF16 && dt != NSA_F16) || a->Dk != kD || a->Dv != kD || a->h < 4 || a->h > kNC) return 0;
+  return image_ok() ? 1 : 0;
+}
+
+extern "C" cudaError_t nsa_cuda_launch_dkdv_wgmma(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, const Inv *iv,
+                                                  float *part, float *dqp, int64_t grid, cudaStream_t st) {
+  if (dt == NSA_BF16)
+    return dqp ? launch<__nv_bfloat16, true>(a, *iv, part, dqp, grid, st)
+               : launch<__nv_bfloat16, false>(a, *iv, part, dqp, grid, st);
+  if (dt == NSA_F16)
+    return dqp ? launch<__half, true>(a, *iv, part, dqp, grid, st) : launch<__half, false>(a, *iv, part, dqp, grid, st);
+  return cudaErrorInvalidValue;
+}
