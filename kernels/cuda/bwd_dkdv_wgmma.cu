@@ -9,7 +9,7 @@
 // reads each B operand once for the four warps.
 //
 // One CTA = one warpgroup (128 threads) per item (64-key tile x, segment of
-// x's row list; bwd_invert_plan.cu), two CTAs per SM (~108 KB of shared
+// x's row list; bwd_invert_plan.cu), two CTAs per SM (~110 KB of shared
 // memory each), so one CTA's exp / gather instructions overlap the other's
 // MMAs (one CTA per SM with 64-column chunks issued 0.8 instructions per
 // cycle and left the tensor cores idle). A chunk is 32 columns: Pk = 32 / h
