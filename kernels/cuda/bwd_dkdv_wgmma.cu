@@ -273,9 +273,6 @@ __global__ void __launch_bounds__(kThreads, 2)
         nsa_wg::fence_proxy();
         __syncthreads();
       }
-      // dV / dK retire here: their A registers (pa, da) are free again and
-      // the dQ accumulators below fit beside dk / dv without spilling.
-      nsa_wg::wait<0>();
       if constexpr (DQ) {
         if (dqm != 0u) {
           // This thread's columns: 8i + cq + e (i < 4, e < 2) -> partial rows
@@ -288,18 +285,22 @@ __global__ void __launch_bounds__(kThreads, 2)
               const int m = i * 8 + cq + e;
               dst[i][e] = ((dqm >> m) & 1u) ? dqp + sDqo[stg * kNC + m] : nullptr;
             }
+          // Both 64-row halves of d are issued behind dV / dK (three groups
+          // in flight); wait<1> retires dV / dK and half 0, wait<0> half 1.
+          float q0[16], q1[16];
+          nsa_wg::fence();
 #pragma unroll
-          for (int hb = 0; hb < 2; hb++) {
-            float q[16];
-            nsa_wg::fence();
+          for (int kk = 0; kk < kT / 16; kk++)
+            nsa_wg::ss_m64n32k16<1, 1>((T *)nullptr, q0, nsa_wg::desc(kA + kk * 4096, 2048, 128),
+                                       nsa_wg::desc(dsA + kk * 1024, 512, 128), kk > 0);
+          nsa_wg::commit();
 #pragma unroll
-            for (int kk = 0; kk < kT / 16; kk++)
-              nsa_wg::ss_m64n32k16<1, 1>((T *)nullptr, q, nsa_wg::desc(kA + kk * 4096 + hb * 1024, 2048, 128),
-                                         nsa_wg::desc(dsA + kk * 1024, 512, 128), kk > 0);
-            nsa_wg::commit();
-            nsa_wg::wait<0>();
-            nsa_wg::reg_fence(q);
-            // rows = d hb*64 + kr0 (+8); columns = chunk columns 8i + cq + e
+          for (int kk = 0; kk < kT / 16; kk++)
+            nsa_wg::ss_m64n32k16<1, 1>((T *)nullptr, q1, nsa_wg::desc(kA + kk * 4096 + 1024, 2048, 128),
+                                       nsa_wg::desc(dsA + kk * 1024, 512, 128), kk > 0);
+          nsa_wg::commit();
+          // rows = d hb*64 + kr0 (+8); columns = chunk columns 8i + cq + e
+          auto store = [&](const float(&q)[16], int hb) {
 #pragma unroll
             for (int i = 0; i < kNC / 8; i++)
 #pragma unroll
@@ -307,9 +308,18 @@ __global__ void __launch_bounds__(kThreads, 2)
                 float *p = dst[i][e & 1];
                 if (p != nullptr) __stcs(p + hb * 64 + kr0 + (e >> 1) * 8, q[i * 4 + e]);
               }
-          }
+          };
+          nsa_wg::wait<1>();
+          nsa_wg::reg_fence(q0);
+          store(q0, 0);
+          nsa_wg::wait<0>();
+          nsa_wg::reg_fence(q1);
+          store(q1, 1);
         }
       }
+      // dV / dK (and dQ) retire before the next chunk's barrier: the stage
+      // they read is refilled two chunks on, and sDS is rewritten next chunk.
+      nsa_wg::wait<0>();
     }
     cp_wait<0>();
   }
