@@ -4,16 +4,17 @@
 //
 // Why a second kernel: the mma.sync kernel gives each warp 16 of the tile's
 // 64 keys, so every warp re-reads the chunk's Q and dO fragments from shared
-// memory for each of its four products (~165 TFLOP/s at h = 16 on an H200,
-// shared-memory bound). A warpgroup's wgmma computes all 64 keys at once and
+// memory for each of its four products (~165 TFLOP/s counting selected keys
+// at h = 16 on an H200). A warpgroup's wgmma computes all 64 keys at once and
 // reads each B operand once for the four warps.
 //
 // One CTA = one warpgroup (128 threads) per item (64-key tile x, segment of
 // x's row list; bwd_invert_plan.cu), two CTAs per SM (~110 KB of shared
 // memory each), so one CTA's exp / gather instructions overlap the other's
 // MMAs (one CTA per SM with 64-column chunks issued 0.8 instructions per
-// cycle and left the tensor cores idle). A chunk is 32 columns: Pk = 32 / h
-// listed rows x h heads, column m = (listed row cb*Pk + m / h, head m % h).
+// cycle, one warp per scheduler, and lost to mma.sync except at h = 16
+// random). A chunk is 32 columns: Pk = 32 / h listed rows x h heads,
+// column m = (listed row cb*Pk + m / h, head m % h).
 // Per chunk (keys = the tile's 64 keys; all tiles in the CM layout of
 // wgmma.cuh, so one stored tile serves as K-major and MN-major operand):
 //   S^T  [64 keys x 32 cols] = K . Q_c^T      A = sK, B = sQ   (K-major)
