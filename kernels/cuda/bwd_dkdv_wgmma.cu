@@ -74,8 +74,6 @@ struct Smem {
 static_assert(2 * (Smem::bytes + 1024) <= 228 * 1024, "dkdv_wg_kernel: two CTAs per SM no longer fit");
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-template <typename T> __device__ __forceinline__ unsigned pk2(float x, float y) { return Mma<T>::pack(x, y); }
-
 // Descriptors of a tile with 128 columns (K / V, a chunk's Q / dO): K-major
 // LBO 128 / SBO 2048, one k16 step = +256 bytes; MN-major LBO 2048 / SBO
 // 128, one k16 step (16 rows) = +4096.
@@ -247,10 +245,10 @@ __global__ void __launch_bounds__(kThreads, 2)
           dsv[e] = pv[e] * (dp[i * 4 + e] - dl[col]);
         }
         // n8 block i is half (i & 1) of k-step i / 2 of the next products' A
-        pa[i >> 1][(i & 1) * 2 + 0] = pk2<T>(pv[0], pv[1]);
-        pa[i >> 1][(i & 1) * 2 + 1] = pk2<T>(pv[2], pv[3]);
-        da[i >> 1][(i & 1) * 2 + 0] = pk2<T>(dsv[0], dsv[1]);
-        da[i >> 1][(i & 1) * 2 + 1] = pk2<T>(dsv[2], dsv[3]);
+        pa[i >> 1][(i & 1) * 2 + 0] = Mma<T>::pack(pv[0], pv[1]);
+        pa[i >> 1][(i & 1) * 2 + 1] = Mma<T>::pack(pv[2], pv[3]);
+        da[i >> 1][(i & 1) * 2 + 0] = Mma<T>::pack(dsv[0], dsv[1]);
+        da[i >> 1][(i & 1) * 2 + 1] = Mma<T>::pack(dsv[2], dsv[3]);
       }
       nsa_wg::fence();
 #pragma unroll
@@ -292,12 +290,13 @@ __global__ void __launch_bounds__(kThreads, 2)
           nsa_wg::fence();
 #pragma unroll
           for (int kk = 0; kk < kT / 16; kk++)
-            nsa_wg::ss_m64n32k16<1, 1>((T *)nullptr, q0, nsa_wg::desc(kA + kk * 4096, 2048, 128),
+            nsa_wg::ss_m64n32k16<1, 1>((T *)nullptr, q0, dmn_major(kA, kk),
                                        nsa_wg::desc(dsA + kk * 1024, 512, 128), kk > 0);
           nsa_wg::commit();
 #pragma unroll
           for (int kk = 0; kk < kT / 16; kk++)
-            nsa_wg::ss_m64n32k16<1, 1>((T *)nullptr, q1, nsa_wg::desc(kA + kk * 4096 + 1024, 2048, 128),
+            // + 1024 bytes: d = 64..127, 8 core matrices (SBO 128) along M
+            nsa_wg::ss_m64n32k16<1, 1>((T *)nullptr, q1, dmn_major(kA + 1024, kk),
                                        nsa_wg::desc(dsA + kk * 1024, 512, 128), kk > 0);
           nsa_wg::commit();
           // rows = d hb*64 + kr0 (+8); columns = chunk columns 8i + cq + e
