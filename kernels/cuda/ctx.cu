@@ -26,6 +26,7 @@
 
 #include "cuda_internal.h"
 #include "fwd_key.h"
+#include "fwd_rows.h"
 
 struct nsa_cuda_ctx {
   int device;
@@ -575,8 +576,17 @@ extern "C" int nsa_cuda_sel_fwd(nsa_cuda_ctx_t *ctx, const nsa_fwd_args_t *a,
     // docs/PERF.md); it needs its inversion and one row batch of partials in
     // the arena. If they do not fit (cap, or out of device memory) the
     // query-centric kernel runs instead.
+    // Row-block forward (fwd_rows.h) at h = 16 (Dk = Dv = 128): no partials
+    // and no workspace beyond the plan. Auto only while the forward kernel
+    // is not forced (NSA_CUDA_FWD_KEY=0|1 keep the kernel they name: tests,
+    // A/B); NSA_CUDA_FWD_ROWS=0|1 overrides per request.
+    nsa_cuda_fwd_rows_t RM;
+    const int rows_fwd = nsa_cuda_fwd_rows_plan(&at, d.dtype, a->sel.kind, a->sel.block_size, aligned,
+                                                ctx->fwd_key == -1 ? -1 : 0, &RM);
+    if (rows_fwd) CK(nsa_cuda_launch_fwd_rows(&at, d.dtype, &plan, &RM, ctx->stream), "row-block forward launch");
     nsa_cuda_fwd_key_layout_t KL;
-    int key = nsa_cuda_fwd_key_plan(&at, d.dtype, a->sel.kind, a->sel.block_size, aligned, ctx->fwd_key, used, &KL);
+    int key = !rows_fwd && nsa_cuda_fwd_key_plan(&at, d.dtype, a->sel.kind, a->sel.block_size, aligned,
+                                                 ctx->fwd_key, used, &KL);
     if (key) {
       st = arena_reserve(ctx, KL.end, L.end_plan, msg, msglen);
       if (st != NSA_OK) {
@@ -593,7 +603,7 @@ extern "C" int nsa_cuda_sel_fwd(nsa_cuda_ctx_t *ctx, const nsa_fwd_args_t *a,
         used = KL.end;
       }
     }
-    if (!key) {
+    if (!key && !rows_fwd) {
       st = run_attention(ctx, &at, d.dtype, P, mma, &plan, (nsa_cuda_piece_t *)(ws + L.pieces),
                          (int2 *)(ws + L.gcount), msg, msglen);
       if (st) return st;

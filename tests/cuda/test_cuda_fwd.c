@@ -334,6 +334,103 @@ Test(cuda_fwd, shared_tile_groups) {
   nsa_cuda_ctx_destroy(kc);
 }
 
+/* Runs `path` on ctx (checked against the reference) with the environment
+ * variable `var` set to `val` for that request only; out/outl receive the
+ * outputs (f64 copies, f->no / f->nl elements). */
+static void run_env(nsa_cuda_ctx_t *ctx, fx_t *f, nsa_path_t path, const char *var, const char *val, double *out,
+                    double *outl) {
+  if (var) setenv(var, val, 1);
+  run_check(ctx, f, path);
+  if (var) unsetenv(var);
+  memcpy(out, f->go, sizeof(double) * (size_t)f->no);
+  memcpy(outl, f->gl, sizeof(double) * (size_t)f->nl);
+}
+
+static int64_t bit_diff(const double *a, const double *b, int64_t n) {
+  int64_t d = 0;
+  for (int64_t e = 0; e < n; e++) d += memcmp(&a[e], &b[e], sizeof(double)) != 0;
+  return d;
+}
+
+/* Row-block forward (fwd_rows.h: h = 16, Dk = Dv = 128, block ids): random
+ * and blockwise selections, S not a multiple of either row-block size,
+ * Skv not a multiple of the 64-key tile (last tile zero-filled), block
+ * sizes 64 and 32 (a block over two tiles), unused slots and empty rows,
+ * G = 1 and 2, B = 2, K/V as [B, S, G, D] and [B, G, S, D], both dtypes,
+ * v2 and v1 planners; each run against the
+ * float64 reference. The default (11 rows per CTA) and NSA_CUDA_FWD_ROWS_R=15
+ * must agree bitwise (a row's tiles are visited in the same order whatever
+ * the blocking), and both must differ bitwise from NSA_CUDA_FWD_ROWS=0 (the
+ * key-centric kernel rounds in another order), which shows the row-block
+ * kernel ran. Then an invalid selection with sync = 0: every output NaN. */
+Test(cuda_fwd, row_block_kernel) {
+  NSA_REQUIRE_GPU();
+  nsa_cuda_ctx_t *ctx = mkctx(0);
+  for (int k = 0; k < 8; k++) {
+    nsa_tu_case_cfg_t cfg = base();
+    cfg.h = 16;
+    cfg.Dk = cfg.Dv = 128;
+    cfg.dtype = k < 4 ? NSA_BF16 : NSA_F16;
+    cfg.B = 2;
+    cfg.G = (k & 2) ? 1 : 2;
+    cfg.S = 150 + 13 * k;
+    cfg.Skv = cfg.S + 37 * (k % 3);
+    cfg.block_size = (k % 4 == 3) ? 32 : 64;
+    cfg.n = cfg.block_size == 32 ? 16 : (k & 4) ? 16 : 8;
+    cfg.sel_flags = (k & 1)  ? NSA_TU_SEL_BLOCKWISE | NSA_TU_SEL_UNUSED | NSA_TU_SEL_EMPTY_ROWS
+                    : k == 6 ? 0 /* independent random ids */
+                             : NSA_TU_SEL_DUP | NSA_TU_SEL_UNUSED | NSA_TU_SEL_FUTURE;
+    cfg.seed = 2100 + k;
+    if (k == 5) cfg.kv_bgsd = 1; /* K/V [B, G, Skv, D]: strides out of order for the TMA map */
+    if (k == 6) { /* long rows: many tiles per block union, several ring laps */
+      cfg.B = 1;
+      cfg.S = 2000;
+      cfg.Skv = 4100;
+    }
+    fx_t f;
+    fx_init(&f, &cfg);
+    double *o1 = malloc(sizeof(double) * (size_t)f.no), *l1 = malloc(sizeof(double) * (size_t)f.nl);
+    double *o2 = malloc(sizeof(double) * (size_t)f.no), *l2 = malloc(sizeof(double) * (size_t)f.nl);
+    double *o3 = malloc(sizeof(double) * (size_t)f.no), *l3 = malloc(sizeof(double) * (size_t)f.nl);
+    cr_assert(o1 && l1 && o2 && l2 && o3 && l3);
+    run_env(ctx, &f, NSA_PATH_VARLEN_V2, NULL, NULL, o1, l1);
+    run_env(ctx, &f, NSA_PATH_VARLEN_V2, "NSA_CUDA_FWD_ROWS_R", "15", o2, l2);
+    cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0, "case %d: 11 and 15 rows per CTA differ", k);
+    run_env(ctx, &f, NSA_PATH_VARLEN_V1, NULL, NULL, o2, l2);
+    cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0, "case %d: v1 and v2 planners differ", k);
+    run_env(ctx, &f, NSA_PATH_VARLEN_V2, "NSA_CUDA_FWD_ROWS", "0", o3, l3);
+    cr_expect_gt(bit_diff(o1, o3, f.no), 0, "case %d: row-block and key-centric outputs identical: not run", k);
+    free(o1), free(l1), free(o2), free(l2), free(o3), free(l3);
+    fx_free(&f);
+  }
+  /* invalid selection, sync = 0: queued, nothing read, NaN out */
+  nsa_tu_case_cfg_t cfg = base();
+  cfg.h = 16;
+  cfg.Dk = cfg.Dv = 128;
+  cfg.seed = 2120;
+  fx_t f;
+  fx_init(&f, &cfg);
+  f.c.sel_raw[3] = 1 << 30;
+  nsa_tc_sync_sel(&f.dv, &f.c);
+  nsa_tc_poison(&f.dv, &f.c);
+  nsa_run_info_t info;
+  char msg[256];
+  nsa_cuda_exec_t ex = {.sync = 0};
+  cr_expect_eq(nsa_cuda_sel_fwd(ctx, &f.dv.fwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg), NSA_OK,
+               "%s", msg);
+  cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+  nsa_tc_fetch(&f.dv, &f.c);
+  nsa_tu_to_f64(&f.c.o.t, f.go);
+  nsa_tu_to_f64(&f.c.lse.t, f.gl);
+  int64_t nan = 0;
+  for (int64_t i = 0; i < f.no; i++) nan += isnan(f.go[i]) != 0;
+  for (int64_t i = 0; i < f.nl; i++) nan += isnan(f.gl[i]) != 0;
+  cr_expect_eq(nan, f.no + f.nl, "async invalid: %lld of %lld outputs NaN", (long long)nan,
+               (long long)(f.no + f.nl));
+  fx_free(&f);
+  nsa_cuda_ctx_destroy(ctx);
+}
+
 /* Layouts: K/V stored [B,G,Skv,D] (strided but aligned: tensor cores),
  * gapped + padded everything (generic kernel), head dims the tensor-core
  * kernel does not build (generic kernel). */

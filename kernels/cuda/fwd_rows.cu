@@ -1,0 +1,489 @@
+// fwd_rows.cu — row-block forward (fwd_rows.h).
+//
+// fwd_rows_kernel: one CTA per (b, g, block of kRows consecutive rows);
+// kRows consumer warps (warp w = row t0 + w, its 16 heads = the 16 rows of
+// an m16n8k16 A tile) and one producer warp (warp kRows).
+//   1. each consumer warp lists its row's distinct 64-key tiles and its
+//      64-bit key mask in each (lane i takes span i; spans are sorted and
+//      disjoint, so a tile is shared only by consecutive spans and its mask
+//      is ORed), marks the tiles in a bitmap of the (b, g)'s tiles and loads
+//      its Q rows (16 heads x Dk) into shared memory;
+//   2. the producer turns the bitmap into the ascending union ut[0..U) of
+//      the block's tiles (popcount prefix per 32-tile word, pre[]); each
+//      consumer lane j then maps its row's tile j to its union step and sets
+//      the warp's bit in um[step] (the rows that use the step);
+//   3. the producer (one lane) streams union tile u into ring slot u % kNS
+//      by TMA: K and V of the tile's 64 keys, each as two boxes of 64 keys x
+//      64 dims (128 bytes per key row, 128-byte swizzle: 16-byte chunk c of
+//      key row kr sits at chunk c ^ (kr & 7), so ldmatrix reads are
+//      conflict-free), keys past Skv zero-filled by the TMA unit, all
+//      completing on full[slot] (mbar.cuh). Before refilling a slot it
+//      waits for empty[slot] (count kRows), writes the slot's tag (= u),
+//      and arrives on empty[slot] for every row that does not use step u,
+//      so only the step's own users hold the slot. A consumer visits only
+//      its own steps: it spins until the slot's tag is u (then the slot's
+//      previous fill has landed, so the parity wait on full[slot] names the
+//      right phase), waits, computes, and arrives on empty[slot].
+//      Measured on the way (H200, T = 16k h = 16 random, forward ms, every
+//      warp then waiting for and releasing every step): one bulk copy per
+//      256-byte K / V row 15.7 (the copy engine's per-request cost), 16-byte
+//      cp.async from the producer warp 4.0 (~500 producer instructions per
+//      tile), these TMA boxes 2.80; own steps only: 2.70 (docs/PERF.md);
+//   4. per own tile (FlashAttention-2 fragments, as fwd_shared.cu):
+//      S = Q K^T (16 heads x 64 keys), -inf outside the row's keys, running
+//      max m (log2 units of scale * S), l, O rescaled when m moves,
+//      O += P V with P rounded to the input dtype;
+//   5. o = O / l, lse = (m + log2 l) ln 2 (empty row: o = 0, lse = -inf;
+//      *invalid > 0, a device-counted invalid selection with sync = 0: NaN).
+// Shared memory (Dk = Dv = 128, kRows = 11): ring 5 x 32 KB, Q 48 KB, lists
+// ~8 KB: ~217 KB, one CTA of 12 warps per SM.
+#include <stdlib.h>
+#include <string.h>
+
+#include <cuda.h>
+
+#include "bwd_common.cuh"
+#include "fwd_rows.h"
+#include "mbar.cuh"
+
+using namespace nsa_bwd;
+
+namespace {
+
+constexpr int kT = NSA_BWD_TILE;      // keys per tile (64)
+// Rows (consumer warps) per CTA: 11 (+ the producer: 12 warps, 3 per SM
+// sub-partition, so 168 registers and no spills) or 15 (16 warps at 128
+// registers, more rows sharing each loaded tile); NSA_CUDA_FWD_ROWS_R for A/B.
+constexpr int kRowsDefault = 11;
+constexpr int kMaxT = 32;             // tiles per row (host-checked bound)
+constexpr int kNTmax = 8192;          // tiles per (b, g): bitmap of kNTmax / 32 words
+constexpr int kW = kNTmax / 32;       // bitmap words
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// The bits of tile kt that span [x, y) covers (keys kt*64 + bit).
+__device__ __forceinline__ unsigned long long span_bits(int x, int y, int kt) {
+  const int k0 = kt * kT;
+  const int lo = max(x, k0) - k0, hi = min(y, k0 + kT) - k0;
+  if (hi <= lo) return 0ull;
+  return (hi - lo == 64 ? ~0ull : ((1ull << (hi - lo)) - 1ull)) << lo;
+}
+
+// Ring slot: K then V, each two swizzled boxes [64 keys][64 dims] of 8 KB
+// (d 0..63, then 64..127); 1024-byte aligned (the swizzle's period).
+constexpr int kBox = kT * 64 * 2;    // bytes per box
+constexpr int kSlot = 4 * kBox;      // K + V of one tile (Dk = Dv = 128)
+
+template <int kRows, int DK, int DV> struct RowsSmem {
+  static_assert(DK == 128 && DV == 128, "two 64-dim boxes per K and V tile");
+  static constexpr int kThreads = (kRows + 1) * 32;
+  static constexpr int kNS = kRows <= 11 ? 5 : 4;                          // ring slots that fit
+  static constexpr int QS = DK + 8;                                       // +16 bytes: conflict-free ldmatrix
+  static constexpr size_t ring_off = 0;                                   // [kNS][kSlot] (1024-aligned base)
+  static constexpr size_t q_off = ring_off + (size_t)kNS * kSlot;         // [kRows][16][QS]
+  static constexpr size_t mk_off = q_off + (size_t)kRows * 16 * QS * 2;   // [kRows][kMaxT] u64 key masks
+  static constexpr size_t rt_off = mk_off + (size_t)kRows * kMaxT * 8;    // [kRows][kMaxT] i32 own tiles
+  static constexpr size_t ut_off = rt_off + (size_t)kRows * kMaxT * 4;    // [kRows * kMaxT] i32 union
+  static constexpr size_t bm_off = ut_off + (size_t)kRows * kMaxT * 4;    // [kW] u32 tile bitmap
+  static constexpr size_t pre_off = bm_off + (size_t)kW * 4;              // [kW] i32 union steps before word
+  static constexpr size_t um_off = pre_off + (size_t)kW * 4;              // [kRows * kMaxT] u32 rows per step
+  static constexpr size_t tag_off = um_off + (size_t)kRows * kMaxT * 4;   // [kNS] i32 step last put in a slot
+  static constexpr size_t u_off = tag_off + (size_t)kNS * 4;              // i32 U
+  static constexpr size_t bar_off = (u_off + 4 + 7) & ~(size_t)7;         // full[kNS], empty[kNS] u64
+  static constexpr size_t bytes = bar_off + 2 * kNS * 8 + 1024;           // + alignment slack
+};
+
+// S (16 heads x 64 keys) = Q (16 x 128 at q_s, row stride QS) . K^T with K
+// in a ring slot at shared address ks (two swizzled boxes): qk_tile of
+// bwd_common.cuh with the swizzled B addresses. Key row kr = np*16 +
+// (lane & 7) + (lane >> 4)*8 (so kr & 7 = lane & 7), 16-byte chunk
+// c = 2*kstep + ((lane >> 3) & 1) of d: box c >> 3, chunk (c & 7) ^ (kr & 7).
+template <typename T, int QS>
+__device__ __forceinline__ void qk_sw(const T *q_s, unsigned ks, int lane, float (&s)[8][4]) {
+#pragma unroll
+  for (int i = 0; i < 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+  const unsigned rowb = ks + ((lane & 7) + (lane >> 4) * 8) * 128;
+#pragma unroll
+  for (int kk = 0; kk < 8; kk++) {
+    unsigned af[4];
+    ldsm_x4(smem_u32(q_s + (lane & 15) * QS + kk * 16 + (lane >> 4) * 8), af[0], af[1], af[2], af[3]);
+    const int c = kk * 2 + ((lane >> 3) & 1);
+    const unsigned cb = rowb + (c >> 3) * kBox + (((c & 7) ^ (lane & 7)) << 4);
+#pragma unroll
+    for (int np = 0; np < 4; np++) {
+      unsigned b0, b1, b2, b3;
+      ldsm_x4(cb + np * 16 * 128, b0, b1, b2, b3);
+      Mma<T>::run(s[2 * np], af, b0, b1);
+      Mma<T>::run(s[2 * np + 1], af, b2, b3);
+    }
+  }
+}
+
+// O (16 x 128) += P (16 x 64, p_to_a's fragments) . V with V in a ring slot
+// at shared address vs (swizzled as K): pv_tile of bwd_common.cuh with the
+// swizzled ldmatrix.trans addresses. Key row kr = kk*16 + (lane & 7) +
+// ((lane >> 3) & 1)*8, chunk c = 2*dp + (lane >> 4) of d.
+template <typename T>
+__device__ __forceinline__ void pv_sw(const unsigned (&pa)[4][4], unsigned vs, int lane, float (&o)[16][4]) {
+  const unsigned rowb = vs + ((lane & 7) + ((lane >> 3) & 1) * 8) * 128;
+#pragma unroll
+  for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+    for (int dp = 0; dp < 8; dp++) {
+      const int c = dp * 2 + (lane >> 4);
+      unsigned b0, b1, b2, b3;
+      ldsm_x4_t(rowb + kk * 16 * 128 + (c >> 3) * kBox + (((c & 7) ^ (lane & 7)) << 4), b0, b1, b2, b3);
+      Mma<T>::run(o[2 * dp], pa[kk], b0, b1);
+      Mma<T>::run(o[2 * dp + 1], pa[kk], b2, b3);
+    }
+}
+
+template <typename T, int kRows, int DK, int DV>
+__global__ void __launch_bounds__((kRows + 1) * 32, 1)
+    fwd_rows_kernel(nsa_cuda_attn_t a, const __grid_constant__ CUtensorMap tmk, const __grid_constant__ CUtensorMap tmv,
+                    const int2 *__restrict__ spans, const int32_t *__restrict__ nspans, int n, int64_t NB, int nw) {
+  using L = RowsSmem<kRows, DK, DV>;
+  constexpr int kThreads = L::kThreads, kNS = L::kNS;
+  constexpr int CK = DK / 8;  // 16-byte pieces per Q row
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char *smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);  // the swizzle's alignment
+  const unsigned ring = smem_u32(smem + L::ring_off);
+  T *sQ = reinterpret_cast<T *>(smem + L::q_off);
+  unsigned long long *sMk = reinterpret_cast<unsigned long long *>(smem + L::mk_off);
+  int *sRt = reinterpret_cast<int *>(smem + L::rt_off);
+  int *sUt = reinterpret_cast<int *>(smem + L::ut_off);
+  unsigned *sBm = reinterpret_cast<unsigned *>(smem + L::bm_off);
+  int *sPre = reinterpret_cast<int *>(smem + L::pre_off);
+  unsigned *sUm = reinterpret_cast<unsigned *>(smem + L::um_off);
+  int *sTag = reinterpret_cast<int *>(smem + L::tag_off);
+  int *sU = reinterpret_cast<int *>(smem + L::u_off);
+  const unsigned full0 = smem_u32(smem + L::bar_off), empty0 = full0 + kNS * 8;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t g = blockIdx.x % a.G, rest = blockIdx.x / a.G;
+  const int64_t tb = NB - 1 - rest % NB, b = rest / NB;
+  const int64_t t0 = tb * kRows;
+  const int64_t t = t0 + warp;  // this consumer warp's row (warp < kRows)
+  const bool row_ok = warp < kRows && t < a.S;
+  const int r0 = lane >> 2, cq = lane & 3;  // fragment row (head r0, r0 + 8) and column quad
+
+  // Output of this warp's row: heads r0 and r0 + 8.
+  auto store_row = [&](const float (&o)[DV / 8][4], float i0, float i1, float lse0, float lse1) {
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+      const int64_t j = r0 + half * 8;
+      const float inv = half ? i1 : i0;
+      T *orow = reinterpret_cast<T *>(a.o) + b * a.os[0] + t * a.os[1] + (g * 16 + j) * a.os[2];
+      if (a.os[3] == 1 && (reinterpret_cast<uintptr_t>(orow) & 3) == 0) {  // column pairs as 4-byte stores
+#pragma unroll
+        for (int nt = 0; nt < DV / 8; nt++)
+          *reinterpret_cast<unsigned *>(orow + nt * 8 + 2 * cq) =
+              Mma<T>::pack(o[nt][2 * half] * inv, o[nt][2 * half + 1] * inv);
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < DV / 8; nt++) {
+          const int col = nt * 8 + 2 * cq;
+          st(orow + (int64_t)col * a.os[3], o[nt][2 * half] * inv);
+          st(orow + (int64_t)(col + 1) * a.os[3], o[nt][2 * half + 1] * inv);
+        }
+      }
+      if (a.lse != nullptr && cq == 0) a.lse[b * a.ls[0] + t * a.ls[1] + (g * 16 + j) * a.ls[2]] = half ? lse1 : lse0;
+    }
+  };
+
+  if (a.invalid != nullptr && *a.invalid > 0) {  // block-uniform: NaN outputs, as the other kernels
+    if (row_ok) {
+      float o[DV / 8][4];
+#pragma unroll
+      for (int i = 0; i < DV / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+      store_row(o, NAN, NAN, NAN, NAN);
+    }
+    return;
+  }
+
+  // ---- 1. lists, bitmap, Q ----
+  for (int i = tid; i < nw; i += kThreads) sBm[i] = 0u;
+  for (int i = tid; i < kRows * kMaxT; i += kThreads) sUm[i] = 0u;
+  if (tid < kNS) sTag[tid] = -1;
+  if (tid == 0) {
+    for (int s = 0; s < kNS; s++) {
+      nsa_mbar::init(full0 + 8 * s, 1);  // the producer's arrive_expect_tx
+      nsa_mbar::init(empty0 + 8 * s, kRows);
+    }
+    nsa_mbar::init_fence();
+  }
+  __syncthreads();
+  int cnt = 0;  // this row's tiles (warp-uniform)
+  if (warp < kRows) {
+    unsigned long long *mk = sMk + warp * kMaxT;
+    int *rt = sRt + warp * kMaxT;
+    mk[lane] = 0ull;  // kMaxT == 32: one entry per lane
+    if (row_ok) {
+      const int64_t r = (b * a.S + t) * a.G + g;
+      T *q_s = sQ + warp * 16 * L::QS;
+      const T *qrow = reinterpret_cast<const T *>(a.q) + b * a.qs[0] + t * a.qs[1] + g * 16 * a.qs[2];
+      for (int c = lane; c < 16 * CK; c += 32) {
+        const int j = c / CK, pt = c % CK;
+        cp_async16(smem_u32(q_s + j * L::QS + pt * 8), qrow + j * a.qs[2] + pt * 8, 16);
+      }
+      cp_commit();
+      const int nsp = min(nspans[r], n);
+      const int2 x = lane < nsp ? spans[r * n + lane] : make_int2(0, 0);
+      // Spans outside [0, Skv) are skipped (the plan never has them; a bad one must not index past the tiles).
+      const bool ok = lane < nsp && x.y > x.x && x.x >= 0 && x.y <= a.Skv;
+      const int first = ok ? x.x / kT : -2, last = ok ? (x.y - 1) / kT : -2;
+      int plast = __shfl_up_sync(0xffffffffu, last, 1);
+      if (lane == 0) plast = -3;
+      const bool shr = ok && first == plast;  // first tile already listed by the previous span
+      const int nnew = ok ? last - first + 1 - (shr ? 1 : 0) : 0;
+      int inc = nnew;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += v;
+      }
+      cnt = min(__shfl_sync(0xffffffffu, inc, 31), kMaxT);
+      __syncwarp();  // mk zeroed before the ORs
+      if (ok) {
+        int p = inc - nnew - (shr ? 1 : 0);
+        for (int kt = first; kt <= last; kt++, p++)
+          if (p < kMaxT) {
+            atomicOr(&mk[p], span_bits(x.x, x.y, kt));
+            rt[p] = kt;  // a shared tile is written twice with the same id
+            atomicOr(&sBm[kt >> 5], 1u << (kt & 31));
+          }
+      }
+    }
+  }
+  __syncthreads();
+
+  // ---- 2. union: ascending tiles of the bitmap ----
+  if (warp == kRows) {
+    constexpr int WPL = kW / 32;  // words per lane
+    unsigned wd[WPL];
+    int c = 0;
+#pragma unroll
+    for (int i = 0; i < WPL; i++) {
+      const int wi = lane * WPL + i;
+      wd[i] = wi < nw ? sBm[wi] : 0u;
+      c += __popc(wd[i]);
+    }
+    int inc = c;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, inc, o);
+      if (lane >= o) inc += v;
+    }
+    int u = inc - c;
+#pragma unroll
+    for (int i = 0; i < WPL; i++) {
+      const int wi = lane * WPL + i;
+      if (wi < nw) sPre[wi] = u;
+      unsigned m = wd[i];
+      while (m) {
+        const int bit = __ffs(m) - 1;
+        m &= m - 1;
+        if (u < kRows * kMaxT) sUt[u] = wi * 32 + bit;
+        u++;
+      }
+    }
+    if (lane == 31) *sU = min(inc, kRows * kMaxT);
+  }
+  __syncthreads();
+  const int U = *sU;
+  // Each own tile's union step (lane j < cnt: tile j), and the rows of each step.
+  int mystep = 0x7fffffff;
+  if (warp < kRows && lane < cnt) {
+    const int kt = sRt[warp * kMaxT + lane];
+    mystep = sPre[kt >> 5] + __popc(sBm[kt >> 5] & ((1u << (kt & 31)) - 1u));
+    atomicOr(&sUm[mystep], 1u << warp);
+  }
+  __syncthreads();
+
+  // ---- 3. producer ----
+  if (warp == kRows) {
+    if (lane == 0) {
+      for (int u = 0; u < U; u++) {
+        const int s = u % kNS, k = u / kNS;
+        if (k > 0) nsa_mbar::wait(empty0 + 8 * s, (k - 1) & 1);
+        const int k0 = sUt[u] * kT;
+        const unsigned dst = ring + s * kSlot, bar = full0 + 8 * s;
+        *reinterpret_cast<volatile int *>(&sTag[s]) = u;
+        nsa_mbar::arrive_expect_tx(bar, kSlot);
+        nsa_mbar::tma_load_4d(dst, &tmk, 0, (int)g, k0, (int)b, bar);
+        nsa_mbar::tma_load_4d(dst + kBox, &tmk, 64, (int)g, k0, (int)b, bar);
+        nsa_mbar::tma_load_4d(dst + 2 * kBox, &tmv, 0, (int)g, k0, (int)b, bar);
+        nsa_mbar::tma_load_4d(dst + 3 * kBox, &tmv, 64, (int)g, k0, (int)b, bar);
+        // The rows that do not use this step release the slot now (their
+        // warps never touch it), so a busy warp holds only its own steps.
+        const int idle = kRows - __popc(sUm[u]);
+        if (idle > 0) nsa_mbar::arrive_n(empty0 + 8 * s, (unsigned)idle);
+      }
+    }
+    return;
+  }
+
+  // ---- 4. consumers ----
+  const unsigned long long *mk = sMk + warp * kMaxT;
+  const float c2 = a.scale * kLog2e;
+  float mr0 = -INFINITY, mr1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // running max (log2 units), thread-partial l
+  float o[DV / 8][4];
+#pragma unroll
+  for (int i = 0; i < DV / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  const T *q_s = sQ + warp * 16 * L::QS;
+  cp_wait<0>();
+  __syncwarp();  // every lane's Q pieces landed
+  int j = 0;
+  int next = cnt > 0 ? __shfl_sync(0xffffffffu, mystep, 0) : 0x7fffffff;
+  // A warp visits only its own steps: it first spins on the slot's tag until
+  // the producer has started filling the slot for step u (the fill of step
+  // u - kNS then has landed, so the parity wait below names the right phase).
+  for (int u = next; j < cnt; u = next) {
+    const int s = u % kNS;
+    while (*reinterpret_cast<volatile int *>(&sTag[s]) != u) __nanosleep(20);
+    nsa_mbar::wait(full0 + 8 * s, (u / kNS) & 1);
+    if (u == next) {  // warp-uniform
+      const unsigned slot = ring + s * kSlot;
+      float sc[8][4];
+      qk_sw<T, L::QS>(q_s, slot, lane, sc);
+      const unsigned long long fm = mk[j];
+      float x0 = -INFINITY, x1 = -INFINITY;
+      if (fm == ~0ull) {  // the row holds the whole tile (the usual case): no masking
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+          x0 = fmaxf(x0, fmaxf(sc[nt][0], sc[nt][1]));
+          x1 = fmaxf(x1, fmaxf(sc[nt][2], sc[nt][3]));
+        }
+      } else {
+        mask_rowmax(sc, fm >> (2 * cq), fm >> (2 * cq), x0, x1);
+      }
+      x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 1));
+      x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 2));
+      x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, 1));
+      x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, 2));
+      // c2 > 0 (nsa_resolve_scale), so max(c2 * s) = c2 * max(s); -inf stays -inf.
+      const float mn0 = fmaxf(mr0, x0 * c2), mn1 = fmaxf(mr1, x1 * c2);
+      const float ms0 = mn0 == -INFINITY ? 0.f : mn0, ms1 = mn1 == -INFINITY ? 0.f : mn1;
+      const float al0 = ex2(mr0 - ms0), al1 = ex2(mr1 - ms1);  // 2^-inf = 0 before the first key
+      mr0 = mn0, mr1 = mn1;
+      float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const float p = ex2(fmaf(sc[nt][e], c2, -(e < 2 ? ms0 : ms1)));
+          sc[nt][e] = p;
+          if (e < 2) ps0 += p;
+          else ps1 += p;
+        }
+      l0 = fmaf(l0, al0, ps0);
+      l1 = fmaf(l1, al1, ps1);
+      if (al0 != 1.f || al1 != 1.f) {  // the running max moved
+#pragma unroll
+        for (int i = 0; i < DV / 8; i++) {
+          o[i][0] *= al0, o[i][1] *= al0;
+          o[i][2] *= al1, o[i][3] *= al1;
+        }
+      }
+      unsigned pa[4][4];
+      p_to_a<T>(sc, pa);
+      pv_sw<T>(pa, slot + 2 * kBox, lane, o);
+      j++;
+      next = __shfl_sync(0xffffffffu, mystep, j & 31);
+      if (j >= cnt) next = 0x7fffffff;
+    }
+    __syncwarp();  // every lane is done with the slot
+    if (lane == 0) nsa_mbar::arrive(empty0 + 8 * s);
+  }
+  if (!row_ok) return;
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  store_row(o, l0 > 0.f ? 1.f / l0 : 0.f, l1 > 0.f ? 1.f / l1 : 0.f,
+            l0 > 0.f ? (mr0 + log2f(l0)) * kLn2 : -INFINITY, l1 > 0.f ? (mr1 + log2f(l1)) * kLn2 : -INFINITY);
+}
+
+template <typename T, int R>
+cudaError_t launch_r(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa_cuda_fwd_rows_t *M, cudaStream_t st) {
+  using L = RowsSmem<R, 128, 128>;
+  static unsigned long long set_on = 0;  // bwd_common.cuh: set once per device
+  int dev = 0;
+  cudaError_t e = set_smem_once(fwd_rows_kernel<T, R, 128, 128>, (int)L::bytes, &set_on, &dev);
+  if (e != cudaSuccess) return e;
+  const int64_t NB = (a->S + R - 1) / R;
+  const int64_t NT = (a->Skv + kT - 1) / kT;
+  const int64_t grid = a->B * a->G * NB;
+  fwd_rows_kernel<T, R, 128, 128><<<(unsigned)grid, L::kThreads, L::bytes, st>>>(
+      *a, M->k, M->v, (const int2 *)plan->spans, plan->nspans, (int)plan->n, NB, (int)((NT + 31) / 32));
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_t(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa_cuda_fwd_rows_t *M, cudaStream_t st) {
+  return M->rows == 15 ? launch_r<T, 15>(a, plan, M, st) : launch_r<T, 11>(a, plan, M, st);
+}
+
+// The 4-D tensor map of K or V, dims (innermost first) {D, G, Skv, B} with
+// the tensor's strides, box {64 dims, 1, 64 keys, 1}, 128-byte swizzle.
+// A dimension of size 1 gets the contiguous stride (its stride is never
+// used; the encoder wants every stride a positive multiple of 16 bytes).
+int encode_kv(CUtensorMap *m, CUtensorMapDataType dt, const void *base, const int64_t *st, int64_t B, int64_t Skv,
+              int64_t G, int64_t D) {
+  const int64_t sg = G == 1 ? D * 2 : st[2] * 2;
+  const int64_t ss = Skv == 1 ? G * sg : st[1] * 2;
+  const int64_t sb = B == 1 ? Skv * ss : st[0] * 2;
+  const int64_t strides[3] = {sg, ss, sb};
+  for (int i = 0; i < 3; i++)
+    if (strides[i] <= 0 || strides[i] % 16 != 0 || strides[i] >= (1ll << 40)) return 0;
+  if (((uintptr_t)base & 15) != 0 || B > 0xffffffffll || Skv > 0xffffffffll || G > 0xffffffffll) return 0;
+  cuuint64_t dims[4] = {(cuuint64_t)D, (cuuint64_t)G, (cuuint64_t)Skv, (cuuint64_t)B};
+  cuuint64_t gs[3] = {(cuuint64_t)sg, (cuuint64_t)ss, (cuuint64_t)sb};
+  cuuint32_t box[4] = {64, 1, (cuuint32_t)kT, 1};
+  cuuint32_t es[4] = {1, 1, 1, 1};
+  return cuTensorMapEncodeTiled(m, dt, 4, const_cast<void *>(base), dims, gs, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+}  // namespace
+
+extern "C" int nsa_cuda_fwd_rows_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, int sel_kind, int32_t block_size,
+                                      int aligned, int mode, nsa_cuda_fwd_rows_t *M) {
+  memset(M, 0, sizeof(*M));
+  const char *e = getenv("NSA_CUDA_FWD_ROWS");  // A/B and tests: 0 never, 1 wherever it can run
+  if (e && e[0] == '0') mode = 0;
+  if (e && e[0] == '1') mode = 1;
+  if (mode == 0 || !aligned || sel_kind != NSA_SEL_BLOCK_INDICES) return 0;
+  if (dt != NSA_BF16 && dt != NSA_F16) return 0;
+  if (a->h != 16 || a->Dk != 128 || a->Dv != 128) return 0;
+  if (a->n < 1 || a->n > 32 || a->B <= 0 || a->S <= 0 || a->G <= 0 || a->Skv <= 0) return 0;
+  const int64_t NT = (a->Skv + kT - 1) / kT;
+  if (NT > kNTmax || a->Skv > 0x7fffffff - kT) return 0;
+  if (nsa_cuda_inv_row_bound_blocks(a->n, block_size, NT) > kMaxT) return 0;
+  const int64_t NB = a->S;  // row blocks of at least one row
+  if (a->B * a->G * NB > 0x7fffffffll || a->B * a->S * a->G * a->n > 0x7fffffffll) return 0;
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  if (major < 9) return 0;
+  const CUtensorMapDataType tdt = dt == NSA_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  if (!encode_kv(&M->k, tdt, a->k, a->ks, a->B, a->Skv, a->G, a->Dk) ||
+      !encode_kv(&M->v, tdt, a->v, a->vs, a->B, a->Skv, a->G, a->Dv))
+    return 0;
+  const char *re = getenv("NSA_CUDA_FWD_ROWS_R");  // A/B: rows per CTA
+  M->rows = (re && atoi(re) == 15) ? 15 : kRowsDefault;
+  return 1;
+}
+
+extern "C" cudaError_t nsa_cuda_launch_fwd_rows(const nsa_cuda_attn_t *a, nsa_dtype_t dt, const nsa_plan_t *plan,
+                                                const nsa_cuda_fwd_rows_t *M, cudaStream_t st) {
+  switch (dt) {
+    case NSA_BF16: return launch_t<__nv_bfloat16>(a, plan, M, st);
+    case NSA_F16: return launch_t<__half>(a, plan, M, st);
+    default: return cudaErrorInvalidValue;
+  }
+}

@@ -1,0 +1,58 @@
+/*
+ * fwd_rows.h — row-block forward (fwd_rows.cu): the v2 forward for h = 16
+ * query heads per KV head without per-tile partials.
+ *
+ * The key-centric forward (fwd_key.h) pays a partial per (row, tile),
+ * h * (2 Dv + 4) bytes written and read back: at h = 16 that traffic alone is
+ * about half of the public kernel's time on random selections
+ * (docs/PERF.md). The query-centric kernels pull every selected tile from L2
+ * once per row. This kernel sits between: one CTA per block of kRows
+ * consecutive rows of one (b, g) streams the *union* of the block's selected
+ * 64-key tiles through shared memory once (a producer warp, bulk copies,
+ * mbarriers), and each of the kRows consumer warps owns one row (its 16
+ * heads are one m16 MMA tile) and computes only the tiles its row selected,
+ * with the online softmax in registers: no partials, no merge, no inversion,
+ * no workspace beyond the plan.
+ *
+ * Index maps: row r = ((b*S) + t)*G + g; CTA c -> g = c % G, row block
+ * tb = NB - 1 - (c / G) % NB (the last, widest blocks first), b = c / (G*NB),
+ * rows t = tb*kRows + w for consumer warp w.
+ * Deterministic: each row's tiles are visited in ascending order by one warp.
+ */
+#ifndef NSA_CUDA_FWD_ROWS_H
+#define NSA_CUDA_FWD_ROWS_H
+
+#include <cuda.h>
+
+#include "bwd_internal.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* What the launch needs: the TMA tensor maps of K and V (encoded on the
+ * host for this request's pointers and strides) and the rows per CTA. */
+typedef struct {
+  CUtensorMap k, v;
+  int rows; /* 11 (default) or 15 (NSA_CUDA_FWD_ROWS_R=15, A/B) */
+} nsa_cuda_fwd_rows_t;
+
+/* 1 when this request can run on the row-block kernel: bf16/f16, h = 16,
+ * Dk = Dv = 128, q/k/v rows 16-byte aligned (`aligned`), block-index
+ * selections with at most 32 tiles per row (n * tiles per block) and n <= 32,
+ * at most 8192 tiles per (b, g), a compute-capability >= 9.0 device, and K /
+ * V strides a TMA tensor map accepts; fills *M. mode: 0 never, 1 wherever
+ * it can run, -1 auto (the same, docs/PERF.md has the A/B);
+ * NSA_CUDA_FWD_ROWS=0|1 overrides mode per request. */
+int nsa_cuda_fwd_rows_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, int sel_kind, int32_t block_size,
+                           int aligned, int mode, nsa_cuda_fwd_rows_t *M);
+
+/* Enqueues the kernel on `st` (o and lse from the plan; no workspace, no
+ * host synchronization). */
+cudaError_t nsa_cuda_launch_fwd_rows(const nsa_cuda_attn_t *a, nsa_dtype_t dt, const nsa_plan_t *plan,
+                                     const nsa_cuda_fwd_rows_t *M, cudaStream_t st);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* NSA_CUDA_FWD_ROWS_H */
