@@ -21,7 +21,8 @@
 //      waits for empty[slot] (count kRows), writes the slot's tag (= u),
 //      and arrives on empty[slot] for every row that does not use step u,
 //      so only the step's own users hold the slot. A consumer visits only
-//      its own steps: it spins until the slot's tag is u (then the slot's
+//      its own steps: it spins until the slot's tag is u (a release store
+//      after the producer's empty wait, read with acquire: then the slot's
 //      previous fill has landed, so the parity wait on full[slot] names the
 //      right phase), waits, computes, and arrives on empty[slot].
 //      Measured on the way (H200, T = 16k h = 16 random, forward ms, every
@@ -308,7 +309,7 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
         if (k > 0) nsa_mbar::wait(empty0 + 8 * s, (k - 1) & 1);
         const int k0 = sUt[u] * kT;
         const unsigned dst = ring + s * kSlot, bar = full0 + 8 * s;
-        *reinterpret_cast<volatile int *>(&sTag[s]) = u;
+        nsa_mbar::flag_store(smem_u32(&sTag[s]), u);  // after the empty wait: releases what it acquired
         nsa_mbar::arrive_expect_tx(bar, kSlot);
         nsa_mbar::tma_load_4d(dst, &tmk, 0, (int)g, k0, (int)b, bar);
         nsa_mbar::tma_load_4d(dst + kBox, &tmk, 64, (int)g, k0, (int)b, bar);
@@ -340,7 +341,7 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
   // u - kNS then has landed, so the parity wait below names the right phase).
   for (int u = next; j < cnt; u = next) {
     const int s = u % kNS;
-    while (*reinterpret_cast<volatile int *>(&sTag[s]) != u) __nanosleep(20);
+    while (nsa_mbar::flag_load(smem_u32(&sTag[s])) != u) __nanosleep(20);
     nsa_mbar::wait(full0 + 8 * s, (u / kNS) & 1);
     if (u == next) {  // warp-uniform
       const unsigned slot = ring + s * kSlot;

@@ -77,4 +77,20 @@ __device__ __forceinline__ void tma_load_4d(unsigned dst, const void *map, int c
       : "memory");
 #endif
 }
+// A shared-memory flag: the store releases this thread's earlier memory
+// operations (and those it acquired, e.g. by waiting on a barrier); a load
+// that reads the value acquires them.
+__device__ __forceinline__ void flag_store(unsigned addr, int v) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("st.release.cta.shared::cta.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+#endif
+}
+__device__ __forceinline__ int flag_load(unsigned addr) {
+  int v = 0;
+#if __CUDA_ARCH__ >= 900
+  asm volatile("ld.acquire.cta.shared::cta.b32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
+#endif
+  return v;
+}
+
 }  // namespace nsa_mbar
