@@ -271,6 +271,56 @@ __device__ __forceinline__ void mask_rowmax(float (&s)[8][4], unsigned long long
     }
 }
 
+// One key tile of the forward's online softmax (fwd_shared.cu, fwd_rows.cu):
+// qk_tile's S, masked by the rows' 64-bit key masks fm0 (row lane/4) and fm1
+// (row lane/4 + 8) unless both hold the whole tile; the running maxima
+// mr0 / mr1 (log2 units of c2 * S, c2 = scale * log2 e > 0), the
+// thread-partial row sums l0 / l1, and O rescaled by 2^(m_old - m) when a
+// maximum moved. S becomes P = 2^(c2 S - m) (0 for masked keys).
+template <int DV>
+__device__ __forceinline__ void softmax_tile(float (&s)[8][4], unsigned long long fm0, unsigned long long fm1,
+                                             int cq, float c2, float &mr0, float &mr1, float &l0, float &l1,
+                                             float (&o)[DV / 8][4]) {
+  float x0 = -INFINITY, x1 = -INFINITY;
+  if ((fm0 & fm1) == ~0ull) {  // both rows hold the whole tile (the usual case): no masking
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++) {
+      x0 = fmaxf(x0, fmaxf(s[nt][0], s[nt][1]));
+      x1 = fmaxf(x1, fmaxf(s[nt][2], s[nt][3]));
+    }
+  } else {
+    mask_rowmax(s, fm0 >> (2 * cq), fm1 >> (2 * cq), x0, x1);
+  }
+  x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 1));
+  x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 2));
+  x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, 1));
+  x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, 2));
+  // c2 > 0 (nsa_resolve_scale), so max(c2 * s) = c2 * max(s); -inf stays -inf.
+  const float mn0 = fmaxf(mr0, x0 * c2), mn1 = fmaxf(mr1, x1 * c2);
+  const float ms0 = mn0 == -INFINITY ? 0.f : mn0, ms1 = mn1 == -INFINITY ? 0.f : mn1;
+  const float al0 = ex2(mr0 - ms0), al1 = ex2(mr1 - ms1);  // 2^-inf = 0 before the first key
+  mr0 = mn0, mr1 = mn1;
+  float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const float p = ex2(fmaf(s[nt][e], c2, -(e < 2 ? ms0 : ms1)));
+      s[nt][e] = p;
+      if (e < 2) ps0 += p;
+      else ps1 += p;
+    }
+  l0 = fmaf(l0, al0, ps0);
+  l1 = fmaf(l1, al1, ps1);
+  if (al0 != 1.f || al1 != 1.f) {  // the running max moved (mostly in the first tiles)
+#pragma unroll
+    for (int i = 0; i < DV / 8; i++) {
+      o[i][0] *= al0, o[i][1] *= al0;
+      o[i][2] *= al1, o[i][3] *= al1;
+    }
+  }
+}
+
 // P (16 x 64, qk_tile's accumulator layout, already in probabilities) as the
 // A fragments of P.V: k-step kk = keys 16kk..16kk+15 = n-tiles 2kk, 2kk+1.
 template <typename T> __device__ __forceinline__ void p_to_a(const float (&s)[8][4], unsigned (&pa)[4][4]) {

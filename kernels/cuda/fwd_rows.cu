@@ -335,7 +335,7 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
   cp_wait<0>();
   __syncwarp();  // every lane's Q pieces landed
   int j = 0;
-  int next = cnt > 0 ? __shfl_sync(0xffffffffu, mystep, 0) : 0x7fffffff;
+  int next = __shfl_sync(0xffffffffu, mystep, 0);
   // A warp visits only its own steps: it first spins on the slot's tag until
   // the producer has started filling the slot for step u (the fill of step
   // u - kNS then has landed, so the parity wait below names the right phase).
@@ -343,56 +343,15 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     const int s = u % kNS;
     while (nsa_mbar::flag_load(smem_u32(&sTag[s])) != u) __nanosleep(20);
     nsa_mbar::wait(full0 + 8 * s, (u / kNS) & 1);
-    if (u == next) {  // warp-uniform
-      const unsigned slot = ring + s * kSlot;
-      float sc[8][4];
-      qk_sw<T, L::QS>(q_s, slot, lane, sc);
-      const unsigned long long fm = mk[j];
-      float x0 = -INFINITY, x1 = -INFINITY;
-      if (fm == ~0ull) {  // the row holds the whole tile (the usual case): no masking
-#pragma unroll
-        for (int nt = 0; nt < 8; nt++) {
-          x0 = fmaxf(x0, fmaxf(sc[nt][0], sc[nt][1]));
-          x1 = fmaxf(x1, fmaxf(sc[nt][2], sc[nt][3]));
-        }
-      } else {
-        mask_rowmax(sc, fm >> (2 * cq), fm >> (2 * cq), x0, x1);
-      }
-      x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 1));
-      x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 2));
-      x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, 1));
-      x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, 2));
-      // c2 > 0 (nsa_resolve_scale), so max(c2 * s) = c2 * max(s); -inf stays -inf.
-      const float mn0 = fmaxf(mr0, x0 * c2), mn1 = fmaxf(mr1, x1 * c2);
-      const float ms0 = mn0 == -INFINITY ? 0.f : mn0, ms1 = mn1 == -INFINITY ? 0.f : mn1;
-      const float al0 = ex2(mr0 - ms0), al1 = ex2(mr1 - ms1);  // 2^-inf = 0 before the first key
-      mr0 = mn0, mr1 = mn1;
-      float ps0 = 0.f, ps1 = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < 8; nt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const float p = ex2(fmaf(sc[nt][e], c2, -(e < 2 ? ms0 : ms1)));
-          sc[nt][e] = p;
-          if (e < 2) ps0 += p;
-          else ps1 += p;
-        }
-      l0 = fmaf(l0, al0, ps0);
-      l1 = fmaf(l1, al1, ps1);
-      if (al0 != 1.f || al1 != 1.f) {  // the running max moved
-#pragma unroll
-        for (int i = 0; i < DV / 8; i++) {
-          o[i][0] *= al0, o[i][1] *= al0;
-          o[i][2] *= al1, o[i][3] *= al1;
-        }
-      }
-      unsigned pa[4][4];
-      p_to_a<T>(sc, pa);
-      pv_sw<T>(pa, slot + 2 * kBox, lane, o);
-      j++;
-      next = __shfl_sync(0xffffffffu, mystep, j & 31);
-      if (j >= cnt) next = 0x7fffffff;
-    }
+    const unsigned slot = ring + s * kSlot;
+    float sc[8][4];
+    qk_sw<T, L::QS>(q_s, slot, lane, sc);
+    softmax_tile<DV>(sc, mk[j], mk[j], cq, c2, mr0, mr1, l0, l1, o);  // one row: the same mask for both halves
+    unsigned pa[4][4];
+    p_to_a<T>(sc, pa);
+    pv_sw<T>(pa, slot + 2 * kBox, lane, o);
+    j++;
+    next = __shfl_sync(0xffffffffu, mystep, j & 31);  // (unused once j == cnt)
     __syncwarp();  // every lane is done with the slot
     if (lane == 0) nsa_mbar::arrive(empty0 + 8 * s);
   }

@@ -257,45 +257,7 @@ __global__ void __launch_bounds__(kNW * 32, ShSmem<DK, DV>::min_blocks)
       float s[8][4];
       qk_tile<T, DK, L::QS, L::BS>(q_s, k_s, lane, s);
       // Elements 0, 1: row r0, keys nt*8 + 2cq + e; elements 2, 3: row r0 + 8.
-      const unsigned long long fm0 = sMk[u * Q + qa], fm1 = sMk[u * Q + qb8];
-      float x0 = -INFINITY, x1 = -INFINITY;
-      if ((fm0 & fm1) == ~0ull) {  // both queries hold the whole tile (the usual case): no masking
-#pragma unroll
-        for (int nt = 0; nt < 8; nt++) {
-          x0 = fmaxf(x0, fmaxf(s[nt][0], s[nt][1]));
-          x1 = fmaxf(x1, fmaxf(s[nt][2], s[nt][3]));
-        }
-      } else {
-        mask_rowmax(s, fm0 >> (2 * cq), fm1 >> (2 * cq), x0, x1);
-      }
-      x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 1));
-      x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 2));
-      x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, 1));
-      x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, 2));
-      // c2 > 0 (nsa_resolve_scale), so max(c2 * s) = c2 * max(s); -inf stays -inf.
-      const float mn0 = fmaxf(mr0, x0 * c2), mn1 = fmaxf(mr1, x1 * c2);
-      const float ms0 = mn0 == -INFINITY ? 0.f : mn0, ms1 = mn1 == -INFINITY ? 0.f : mn1;
-      const float al0 = ex2(mr0 - ms0), al1 = ex2(mr1 - ms1);  // 2^-inf = 0 before the first key
-      mr0 = mn0, mr1 = mn1;
-      float ps0 = 0.f, ps1 = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < 8; nt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const float p = ex2(fmaf(s[nt][e], c2, -(e < 2 ? ms0 : ms1)));
-          s[nt][e] = p;
-          if (e < 2) ps0 += p;
-          else ps1 += p;
-        }
-      l0 = fmaf(l0, al0, ps0);
-      l1 = fmaf(l1, al1, ps1);
-      if (al0 != 1.f || al1 != 1.f) {  // the running max moved (mostly in the first tiles)
-#pragma unroll
-        for (int i = 0; i < DV / 8; i++) {
-          o[i][0] *= al0, o[i][1] *= al0;
-          o[i][2] *= al1, o[i][3] *= al1;
-        }
-      }
+      softmax_tile<DV>(s, sMk[u * Q + qa], sMk[u * Q + qb8], cq, c2, mr0, mr1, l0, l1, o);
       unsigned pa[4][4];
       p_to_a<T>(s, pa);
       cp_wait<1>();  // groups <= 2u + 1 landed: V of tile u
