@@ -42,6 +42,7 @@
 #include <string.h>
 
 #include <cuda.h>
+#include <cudaTypedefs.h>
 
 #include "bwd_common.cuh"
 #include "fwd_rows.h"
@@ -388,8 +389,29 @@ cudaError_t launch_t(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa
 // the tensor's strides, box {64 dims, 1, 64 keys, 1}, 128-byte swizzle.
 // A dimension of size 1 gets the contiguous stride (its stride is never
 // used; the encoder wants every stride a positive multiple of 16 bytes).
+// cuTensorMapEncodeTiled through the runtime's driver entry point, so no
+// binary links libcuda itself (nsad and the tests start on machines without
+// a GPU driver); NULL when the driver does not have it.
+PFN_cuTensorMapEncodeTiled_v12000 encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+  PFN_cuTensorMapEncodeTiled_v12000 f = __atomic_load_n(&fn, __ATOMIC_ACQUIRE);
+  if (f != nullptr) return f;
+  void *p = nullptr;
+  cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+  if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+      q != cudaDriverEntryPointSuccess || p == nullptr) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  f = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  __atomic_store_n(&fn, f, __ATOMIC_RELEASE);
+  return f;
+}
+
 int encode_kv(CUtensorMap *m, CUtensorMapDataType dt, const void *base, const int64_t *st, int64_t B, int64_t Skv,
               int64_t G, int64_t D) {
+  PFN_cuTensorMapEncodeTiled_v12000 enc = encoder();
+  if (enc == nullptr) return 0;
   const int64_t sg = G == 1 ? D * 2 : st[2] * 2;
   const int64_t ss = Skv == 1 ? G * sg : st[1] * 2;
   const int64_t sb = B == 1 ? Skv * ss : st[0] * 2;
@@ -401,9 +423,9 @@ int encode_kv(CUtensorMap *m, CUtensorMapDataType dt, const void *base, const in
   cuuint64_t gs[3] = {(cuuint64_t)sg, (cuuint64_t)ss, (cuuint64_t)sb};
   cuuint32_t box[4] = {64, 1, (cuuint32_t)kT, 1};
   cuuint32_t es[4] = {1, 1, 1, 1};
-  return cuTensorMapEncodeTiled(m, dt, 4, const_cast<void *>(base), dims, gs, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  return enc(m, dt, 4, const_cast<void *>(base), dims, gs, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
+             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 }  // namespace
