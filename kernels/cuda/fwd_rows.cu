@@ -385,10 +385,6 @@ cudaError_t launch_t(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa
   return M->rows == 15 ? launch_r<T, 15>(a, plan, M, st) : launch_r<T, 11>(a, plan, M, st);
 }
 
-// The 4-D tensor map of K or V, dims (innermost first) {D, G, Skv, B} with
-// the tensor's strides, box {64 dims, 1, 64 keys, 1}, 128-byte swizzle.
-// A dimension of size 1 gets the contiguous stride (its stride is never
-// used; the encoder wants every stride a positive multiple of 16 bytes).
 // cuTensorMapEncodeTiled through the runtime's driver entry point, so no
 // binary links libcuda itself (nsad and the tests start on machines without
 // a GPU driver); NULL when the driver does not have it.
@@ -408,6 +404,10 @@ PFN_cuTensorMapEncodeTiled_v12000 encoder() {
   return f;
 }
 
+// The 4-D tensor map of K or V, dims (innermost first) {D, G, Skv, B} with
+// the tensor's strides, box {64 dims, 1, 64 keys, 1}, 128-byte swizzle.
+// A dimension of size 1 gets the contiguous stride (its stride is never
+// used; the encoder wants every stride a positive multiple of 16 bytes).
 int encode_kv(CUtensorMap *m, CUtensorMapDataType dt, const void *base, const int64_t *st, int64_t B, int64_t Skv,
               int64_t G, int64_t D) {
   PFN_cuTensorMapEncodeTiled_v12000 enc = encoder();
