@@ -582,8 +582,7 @@ cudaError_t launch_all<float>(const nsa_cuda_bwd_t *a, nsa_dtype_t, int, const I
 
 }  // namespace
 
-extern "C" cudaError_t nsa_cuda_launch_bwd_dkdv(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, int use_mma,
-                                                const nsa_plan_t *plan, const void *inv_ws,
+extern "C" cudaError_t nsa_cuda_launch_bwd_dkdv(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, int use_mma, const void *inv_ws,
                                                 const nsa_cuda_inv_layout_t *L, int64_t NT, int seg_rows,
                                                 int64_t items_bound, float *part, float *dqp, float *acc,
                                                 const unsigned char *skip, cudaStream_t st) {
@@ -596,8 +595,6 @@ extern "C" cudaError_t nsa_cuda_launch_bwd_dkdv(const nsa_cuda_bwd_t *a, nsa_dty
   iv.masks = (const unsigned long long *)(w + L->masks);
   iv.item_off = (const int32_t *)(w + L->item_off);
   iv.part_off = (const int32_t *)(w + L->part_off);
-  iv.spans = (const int2 *)plan->spans;
-  iv.nspans = plan->nspans;
   iv.acc = acc;
   iv.NT = NT;
   iv.ntiles = a->B * a->G * NT;

@@ -12,8 +12,6 @@ struct Inv {
   const unsigned long long *masks;  // per pair: the row's keys inside the tile
   const int32_t *pidx;              // per pair: its index in row order (dq partial slot)
   const unsigned char *skip;        // per row (may be null): dq comes from the shared-tile kernel (bwd_shared.h)
-  const int2 *spans;
-  const int32_t *nspans;
   float *acc;  // row batches (bwd_request.cu): f32 dk/dv accumulators [ntiles][slot], else null
   int64_t NT, ntiles;
   int seg_rows;

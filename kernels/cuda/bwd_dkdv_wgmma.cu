@@ -362,10 +362,11 @@ cudaError_t launch(const nsa_cuda_bwd_t *a, const Inv &iv, float *part, float *d
 // The kernels exist for sm_90a only: on any other device (or a build without
 // them) cudaFuncGetAttributes fails and the caller keeps the mma.sync kernel.
 bool image_ok() {
-  static int dev_ok[64];  // 0 unknown, 1 yes, 2 no (per device)
+  static int dev_ok[64];  // 0 unknown, 1 yes, 2 no (per device); atomics: requests may come from several threads
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
-  if (dev_ok[dev] == 0) {
+  int known = __atomic_load_n(&dev_ok[dev], __ATOMIC_ACQUIRE);
+  if (known == 0) {
     cudaFuncAttributes fa;
     int major = 0, minor = 0;
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
@@ -373,9 +374,10 @@ bool image_ok() {
     const bool ok = major == 9 && minor == 0 &&
                     cudaFuncGetAttributes(&fa, dkdv_wg_kernel<__nv_bfloat16, false>) == cudaSuccess;
     cudaGetLastError();
-    dev_ok[dev] = ok ? 1 : 2;
+    known = ok ? 1 : 2;  // two threads asking at once compute the same answer
+    __atomic_store_n(&dev_ok[dev], known, __ATOMIC_RELEASE);
   }
-  return dev_ok[dev] == 1;
+  return known == 1;
 }
 
 }  // namespace

@@ -110,8 +110,7 @@ cudaError_t nsa_cuda_launch_bwd_dq_mma(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, 
  * (one inversion of all rows). skip (may be NULL; used only with dqp): rows
  * r with skip[r] != 0 get no dq partials (their dq comes from the shared-tile
  * kernel, bwd_shared.h); their dk/dv terms are summed as every row's. */
-cudaError_t nsa_cuda_launch_bwd_dkdv(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, int use_mma,
-                                     const nsa_plan_t *plan, const void *inv_ws,
+cudaError_t nsa_cuda_launch_bwd_dkdv(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, int use_mma, const void *inv_ws,
                                      const nsa_cuda_inv_layout_t *L, int64_t NT, int seg_rows,
                                      int64_t items_bound, float *part, float *dqp, float *acc,
                                      const unsigned char *skip, cudaStream_t st);

@@ -502,7 +502,7 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
                                     stream),
         "plan inversion launch");
     if (timing && row0 == 0) cudaEventRecord(pev[3], stream);  // "invert" = the first batch's
-    BCK(nsa_cuda_launch_bwd_dkdv(&at, d.dtype, mma_dims && qo_ok && kv_ok, &plan, ws + L.inv, &L.il, L.NT,
+    BCK(nsa_cuda_launch_bwd_dkdv(&at, d.dtype, mma_dims && qo_ok && kv_ok, ws + L.inv, &L.il, L.NT,
                                  L.seg_rows, ntiles + bcap / L.seg_rows + 1, (float *)(ws + L.part),
                                  dq_key ? (float *)(ws + L.dqp) : NULL, acc, skip, stream),
         "dk/dv launch");
