@@ -321,6 +321,28 @@ __device__ __forceinline__ void softmax_tile(float (&s)[8][4], unsigned long lon
   }
 }
 
+// One output row of the forward's accumulators (fwd_shared.cu, fwd_rows.cu):
+// MMA row r0 + 8*half of O (Dv columns; this thread holds columns
+// nt*8 + 2*cq, +1) times inv into orow (column stride os3): column pairs as
+// 4-byte stores where the row is contiguous and 4-byte aligned.
+template <typename T, int DV>
+__device__ __forceinline__ void store_o_row(T *orow, int64_t os3, const float (&o)[DV / 8][4], int half, float inv,
+                                            int cq) {
+  if (os3 == 1 && (reinterpret_cast<uintptr_t>(orow) & 3) == 0) {
+#pragma unroll
+    for (int nt = 0; nt < DV / 8; nt++)
+      *reinterpret_cast<unsigned *>(orow + nt * 8 + 2 * cq) =
+          Mma<T>::pack(o[nt][2 * half] * inv, o[nt][2 * half + 1] * inv);
+  } else {
+#pragma unroll
+    for (int nt = 0; nt < DV / 8; nt++) {
+      const int col = nt * 8 + 2 * cq;
+      st(orow + (int64_t)col * os3, o[nt][2 * half] * inv);
+      st(orow + (int64_t)(col + 1) * os3, o[nt][2 * half + 1] * inv);
+    }
+  }
+}
+
 // P (16 x 64, qk_tile's accumulator layout, already in probabilities) as the
 // A fragments of P.V: k-step kk = keys 16kk..16kk+15 = n-tiles 2kk, 2kk+1.
 template <typename T> __device__ __forceinline__ void p_to_a(const float (&s)[8][4], unsigned (&pa)[4][4]) {

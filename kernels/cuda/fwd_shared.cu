@@ -281,19 +281,7 @@ __global__ void __launch_bounds__(kNW * 32, ShSmem<DK, DV>::min_blocks)
       const int j = m & (h - 1);
       const float inv = half ? i1 : i0;
       T *orow = reinterpret_cast<T *>(a.o) + b * a.os[0] + t * a.os[1] + (g * a.h + j) * a.os[2];
-      if (a.os[3] == 1 && (reinterpret_cast<uintptr_t>(orow) & 3) == 0) {  // column pairs as 4-byte stores
-#pragma unroll
-        for (int nt = 0; nt < DV / 8; nt++)
-          *reinterpret_cast<unsigned *>(orow + nt * 8 + 2 * cq) =
-              Mma<T>::pack(o[nt][2 * half] * inv, o[nt][2 * half + 1] * inv);
-      } else {
-#pragma unroll
-        for (int nt = 0; nt < DV / 8; nt++) {
-          const int col = nt * 8 + 2 * cq;
-          st(orow + (int64_t)col * a.os[3], o[nt][2 * half] * inv);
-          st(orow + (int64_t)(col + 1) * a.os[3], o[nt][2 * half + 1] * inv);
-        }
-      }
+      store_o_row<T, DV>(orow, a.os[3], o, half, inv, cq);
       if (a.lse != nullptr && cq == 0) {
         const float l = half ? l1 : l0, mr = half ? mr1 : mr0;
         a.lse[b * a.ls[0] + t * a.ls[1] + (g * a.h + j) * a.ls[2]] = l > 0.f ? (mr + log2f(l)) * kLn2 : -INFINITY;
