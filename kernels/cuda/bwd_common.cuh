@@ -100,6 +100,15 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
+// The bits of 64-key tile kt that span [x, y) covers (bit i = key kt*64 + i);
+// 0 when they do not meet (fwd_shared.cu, fwd_rows.cu).
+__device__ __forceinline__ unsigned long long tile_span_bits(int x, int y, int kt) {
+  const int k0 = kt * NSA_BWD_TILE;
+  const int lo = max(x, k0) - k0, hi = min(y, k0 + NSA_BWD_TILE) - k0;
+  if (hi <= lo) return 0ull;
+  return (hi - lo == 64 ? ~0ull : ((1ull << (hi - lo)) - 1ull)) << lo;
+}
+
 // CTA item `it` of the inverted plan (bwd_invert_plan.cu: item_off
 // [ntiles+1] = first item of each tile) -> tile x and segment index within
 // it; false past the real item count (the grid is an upper bound).

@@ -63,14 +63,6 @@ constexpr int kW = kNTmax / 32;       // bitmap words
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// The bits of tile kt that span [x, y) covers (keys kt*64 + bit).
-__device__ __forceinline__ unsigned long long span_bits(int x, int y, int kt) {
-  const int k0 = kt * kT;
-  const int lo = max(x, k0) - k0, hi = min(y, k0 + kT) - k0;
-  if (hi <= lo) return 0ull;
-  return (hi - lo == 64 ? ~0ull : ((1ull << (hi - lo)) - 1ull)) << lo;
-}
-
 // Ring slot: K then V, each two swizzled boxes [64 keys][64 dims] of 8 KB
 // (d 0..63, then 64..127); 1024-byte aligned (the swizzle's period).
 constexpr int kBox = kT * 64 * 2;    // bytes per box
@@ -238,7 +230,7 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
         int p = inc - nnew - (shr ? 1 : 0);
         for (int kt = first; kt <= last; kt++, p++)
           if (p < kMaxT) {
-            atomicOr(&mk[p], span_bits(x.x, x.y, kt));
+            atomicOr(&mk[p], tile_span_bits(x.x, x.y, kt));
             rt[p] = kt;  // a shared tile is written twice with the same id
             atomicOr(&sBm[kt >> 5], 1u << (kt & 31));
           }

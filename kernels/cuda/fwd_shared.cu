@@ -27,15 +27,6 @@ constexpr int kUmax = NSA_FWD_SHARED_UMAX;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// The bits of tile kt that span [x, y) covers (keys kt*64 + bit); 0 when
-// they do not meet.
-__device__ __forceinline__ unsigned long long span_bits_or0(int x, int y, int kt) {
-  const int k0 = kt * kT;
-  const int lo = max(x, k0) - k0, hi = min(y, k0 + kT) - k0;
-  if (hi <= lo) return 0ull;
-  return (hi - lo == 64 ? ~0ull : ((1ull << (hi - lo)) - 1ull)) << lo;
-}
-
 constexpr int kSelThreads = 128;  // select kernel block: its lists fit 48 KB of static shared memory
 constexpr int kSpanRegs = 16;     // spans per row prefetched into registers (one load latency)
 
@@ -86,11 +77,11 @@ __global__ void __launch_bounds__(kSelThreads)
   auto add_span = [&](int2 x) {
     if (!(x.y > x.x && x.x >= 0 && x.y <= skv)) return;
     const int first = x.x / kT, last = (x.y - 1) / kT;
-    if (first == prev && ownr >= 1 && ownr <= kUmax) lmk[(ownr - 1) * kSelThreads + tid] |= span_bits_or0(x.x, x.y, first);
+    if (first == prev && ownr >= 1 && ownr <= kUmax) lmk[(ownr - 1) * kSelThreads + tid] |= tile_span_bits(x.x, x.y, first);
     for (int kt = max(first, prev + 1); kt <= last; kt++, ownr++)
       if (ownr < kUmax) {
         lst[ownr * kSelThreads + tid] = kt;
-        lmk[ownr * kSelThreads + tid] = span_bits_or0(x.x, x.y, kt);
+        lmk[ownr * kSelThreads + tid] = tile_span_bits(x.x, x.y, kt);
       }
     prev = max(prev, last);
   };
