@@ -135,7 +135,7 @@ __device__ __forceinline__ void pv_sw(const unsigned (&pa)[4][4], unsigned vs, i
 template <typename T, int kRows, int DK, int DV>
 __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     fwd_rows_kernel(nsa_cuda_attn_t a, const __grid_constant__ CUtensorMap tmk, const __grid_constant__ CUtensorMap tmv,
-                    const int2 *__restrict__ spans, const int32_t *__restrict__ nspans, int n, int64_t NB, int nw) {
+                    const int2 *__restrict__ spans, const int32_t *__restrict__ nspans, int n, int64_t NB, int nw, int gmaj) {
   using L = RowsSmem<kRows, DK, DV>;
   constexpr int kThreads = L::kThreads, kNS = L::kNS;
   constexpr int CK = DK / 8;  // 16-byte pieces per Q row
@@ -154,8 +154,16 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
   const unsigned full0 = smem_u32(smem + L::bar_off), empty0 = full0 + kNS * 8;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t g = blockIdx.x % a.G, rest = blockIdx.x / a.G;
-  const int64_t tb = NB - 1 - rest % NB, b = rest / NB;
+  int64_t g, tb, b;  // fwd_rows.h's index maps
+  if (gmaj) {
+    tb = NB - 1 - blockIdx.x % NB;
+    const int64_t rest = blockIdx.x / NB;
+    g = rest % a.G, b = rest / a.G;
+  } else {
+    g = blockIdx.x % a.G;
+    const int64_t rest = blockIdx.x / a.G;
+    tb = NB - 1 - rest % NB, b = rest / NB;
+  }
   const int64_t t0 = tb * kRows;
   const int64_t t = t0 + warp;  // this consumer warp's row (warp < kRows)
   const bool row_ok = warp < kRows && t < a.S;
@@ -356,7 +364,7 @@ cudaError_t launch_r(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa
   const int64_t NT = (a->Skv + kT - 1) / kT;
   const int64_t grid = a->B * a->G * NB;
   fwd_rows_kernel<T, R, 128, 128><<<(unsigned)grid, L::kThreads, L::bytes, st>>>(
-      *a, M->k, M->v, (const int2 *)plan->spans, plan->nspans, (int)plan->n, NB, (int)((NT + 31) / 32));
+      *a, M->k, M->v, (const int2 *)plan->spans, plan->nspans, (int)plan->n, NB, (int)((NT + 31) / 32), M->gmaj);
   return cudaGetLastError();
 }
 
@@ -438,6 +446,21 @@ extern "C" int nsa_cuda_fwd_rows_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, 
     return 0;
   const char *re = getenv("NSA_CUDA_FWD_ROWS_R");  // A/B: rows per CTA
   M->rows = (re && atoi(re) == 15) ? 15 : kRowsDefault;
+  // Row-block order: while all (b, g)'s K and V fit in L2 (T = 16k, G = 4:
+  // 34 MB), the widest row blocks of every (b, g) first (g fastest); past
+  // L2, one (b, g) at a time (its K / V, 34 MB at T = 64k, stay in L2 while
+  // its blocks run): H200, T = 64k h = 16 random 13.39 -> 13.10 ms, 16k
+  // and 8k +0.2-0.6 % that way (docs/PERF.md). NSA_CUDA_FWD_ROWS_GMAJ=0|1
+  // forces it (A/B).
+  int l2 = 0;
+  if (cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev) != cudaSuccess) {
+    cudaGetLastError();
+    l2 = 0;
+  }
+  const double kv_bytes = (double)a->B * (double)a->G * (double)a->Skv * (double)(a->Dk + a->Dv) * 2.0;
+  M->gmaj = l2 > 0 && kv_bytes > (double)l2;
+  const char *ge = getenv("NSA_CUDA_FWD_ROWS_GMAJ");
+  if (ge && (ge[0] == '0' || ge[0] == '1')) M->gmaj = ge[0] == '1';
   return 1;
 }
 

@@ -16,7 +16,8 @@
  *
  * Index maps: row r = ((b*S) + t)*G + g; CTA c -> g = c % G, row block
  * tb = NB - 1 - (c / G) % NB (the last, widest blocks first), b = c / (G*NB),
- * rows t = tb*kRows + w for consumer warp w.
+ * rows t = tb*kRows + w for consumer warp w. When the K/V of all (b, g)
+ * exceed L2 (gmaj): tb = NB - 1 - c % NB, g = (c / NB) % G, b = c / (NB*G).
  * Deterministic: each row's tiles are visited in ascending order by one warp.
  */
 #ifndef NSA_CUDA_FWD_ROWS_H
@@ -35,6 +36,7 @@ extern "C" {
 typedef struct {
   CUtensorMap k, v;
   int rows; /* 11 (default) or 15 (NSA_CUDA_FWD_ROWS_R=15, A/B) */
+  int gmaj; /* 1: row blocks of one (b, g) after another (K/V past L2), 0: g fastest */
 } nsa_cuda_fwd_rows_t;
 
 /* 1 when this request can run on the row-block kernel: bf16/f16, h = 16,
