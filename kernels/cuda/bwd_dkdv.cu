@@ -486,6 +486,17 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
   const bool final_ = nseg == 1;
   float *pp = final_ ? nullptr : part + (int64_t)(iv.part_off[x] + seg) * kT * (a.Dk + a.Dv);
   float *accx = acc_of(a, iv, x);
+  if (final_ && accx != nullptr) {  // row batches: add into the tile's accumulator
+#pragma unroll
+    for (int rh = 0; rh < 2; rh++) {
+      const int kk = kw + r0 + rh * 8;
+      acc_add_pairs<DKW / 8>(accx + kk * a.Dk + hs * DKW + (lane & 3) * 2,
+                             [&](int i, int e) { return bad ? NAN : dk[i][rh * 2 + e]; });
+      acc_add_pairs<DVW / 8>(accx + kT * a.Dk + kk * a.Dv + hs * DVW + (lane & 3) * 2,
+                             [&](int i, int e) { return bad ? NAN : dv[i][rh * 2 + e]; });
+    }
+    return;
+  }
 #pragma unroll
   for (int rh = 0; rh < 2; rh++) {
     const int kk = kw + r0 + rh * 8;

@@ -48,6 +48,25 @@ __device__ __forceinline__ void put(const nsa_cuda_bwd_t &a, bool final_, float 
   }
 }
 
+// Row-batch mode, a tile's final values: adds N column pairs (c, c + 1) at
+// row + 8i, i < N (a thread's mma / wgmma fragment columns of one key row)
+// to the f32 accumulator. All N loads are issued before the first store:
+// put()'s element-wise += paid a full memory round trip per element (each
+// store may alias the next load), ~0.9 ms per extra row batch at T = 64k,
+// h = 8 on an H200 (docs/PERF.md). val(i, e) is column 8i + e's value.
+template <int N, typename F>
+__device__ __forceinline__ void acc_add_pairs(float *row, F val) {
+  float2 o[N];
+#pragma unroll
+  for (int i = 0; i < N; i++) o[i] = *reinterpret_cast<const float2 *>(row + 8 * i);
+#pragma unroll
+  for (int i = 0; i < N; i++) {
+    o[i].x += val(i, 0);
+    o[i].y += val(i, 1);
+    *reinterpret_cast<float2 *>(row + 8 * i) = o[i];
+  }
+}
+
 __device__ __forceinline__ float *acc_of(const nsa_cuda_bwd_t &a, const Inv &iv, int64_t x) {
   return iv.acc == nullptr ? nullptr : iv.acc + x * NSA_BWD_TILE * (a.Dk + a.Dv);
 }

@@ -331,6 +331,16 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bool final_ = nseg == 1;
   float *pp = final_ ? nullptr : part + (int64_t)(iv.part_off[x] + seg) * kT * (a.Dk + a.Dv);
   float *accx = acc_of(a, iv, x);
+  if (final_ && accx != nullptr) {  // row batches: add into the tile's accumulator (Dk = Dv = 128)
+#pragma unroll
+    for (int rh = 0; rh < 2; rh++) {
+      const int kk = kr0 + rh * 8;
+      acc_add_pairs<16>(accx + kk * a.Dk + cq, [&](int i, int e) { return bad ? NAN : dk[i * 4 + rh * 2 + e]; });
+      acc_add_pairs<16>(accx + kT * a.Dk + kk * a.Dv + cq,
+                        [&](int i, int e) { return bad ? NAN : dv[i * 4 + rh * 2 + e]; });
+    }
+    return;
+  }
 #pragma unroll
   for (int rh = 0; rh < 2; rh++) {
     const int kk = kr0 + rh * 8, tok = k0 + kk;

@@ -191,15 +191,20 @@ void layout2(const nsa_dims_t *d, int64_t cap, int packed, int64_t slots, int64_
 // pair bound, so it takes the key-centric dq only when all rows fit one
 // batch). Returns the rows per batch, 0 for the query-centric dq.
 // NSA_BWD_DQ=query|key forces a mode (key: still batched);
-// NSA_BWD_DQ_BATCH_ROWS caps the rows per batch (tests: several batches).
+// NSA_BWD_DQ_BATCH_ROWS caps the rows per batch (tests: several batches);
+// NSA_BWD_DQ_BUDGET_MB sets the budget (docs/OPERATIONS.md: fewer batches
+// are faster, for as much more workspace).
 constexpr double kDqPartBudget = 4.0 * 1024 * 1024 * 1024;
 int64_t choose_dq_rows(const nsa_dims_t *d, int64_t cap, int ranges, int tc_ok) {
   if (!tc_ok || !nsa_cuda_bwd_dq_key_ok(d->dtype, d->Dk, d->Dv) || d->rows <= 0) return 0;
   const char *e = getenv("NSA_BWD_DQ");
   if (e && strcmp(e, "query") == 0) return 0;
   const double per_row = (double)cap / (double)d->rows * (double)d->h * (double)d->Dk * 4.0;
-  if (ranges) return per_row * (double)d->rows <= kDqPartBudget ? d->rows : 0;
-  int64_t br = per_row > 0 ? (int64_t)(kDqPartBudget / per_row) : d->rows;
+  double budget = kDqPartBudget;
+  const char *me = getenv("NSA_BWD_DQ_BUDGET_MB");
+  if (me && atof(me) > 0) budget = atof(me) * 1024.0 * 1024.0;
+  if (ranges) return per_row * (double)d->rows <= budget ? d->rows : 0;
+  int64_t br = per_row > 0 ? (int64_t)(budget / per_row) : d->rows;
   const char *be = getenv("NSA_BWD_DQ_BATCH_ROWS");
   if (be && atoll(be) > 0 && atoll(be) < br) br = atoll(be);
   if (br > d->rows) br = d->rows;
@@ -321,9 +326,11 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   int64_t cap = 0;
   const int tc_ok = nsa_cuda_mma_supported(d.dtype, d.Dk, d.Dv) && aligned16(&a->q) && aligned16(&a->dout) &&
                     aligned16(&a->k) && aligned16(&a->v);
+  int64_t dq_rows0 = 0;  // block ids: the key-centric dq's rows per batch
   if (!ranges) {
     cap = d.rows * nsa_cuda_inv_row_bound_blocks(d.n, a->sel.block_size, NT);
-    layout2(&d, cap, 0, 0, choose_dq_rows(&d, cap, 0, tc_ok), &L);
+    dq_rows0 = choose_dq_rows(&d, cap, 0, tc_ok);
+    layout2(&d, cap, 0, 0, dq_rows0, &L);
   } else {
     L.end = L.end1;
   }
@@ -333,9 +340,20 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   }
   void *arena = NULL;
   st = nsa_cuda_ctx_arena(ctx, L.end, 0, &arena, msg, msglen);
-  if (st == NSA_ERR_BUSY && !ranges && choose_dq_rows(&d, cap, 0, tc_ok)) {
+  // Over the workspace cap (or the device's memory) with the key-centric
+  // dq: halve its rows per batch, up to 5 times (each batch costs a pass of
+  // dk/dv over every tile, yet 16 batches still beat the query-centric dq:
+  // H200, T = 64k h = 8 random, 31.6 vs 46.5 ms), then size for the
+  // query-centric dq, which needs no partials.
+  for (int i = 0; i < 5 && st == NSA_ERR_BUSY && dq_rows0 > 1; i++) {
+    dq_rows0 /= 2;
+    layout2(&d, cap, 0, 0, dq_rows0, &L);
+    st = nsa_cuda_ctx_arena(ctx, L.end, 0, &arena, msg, msglen);
+  }
+  if (st == NSA_ERR_BUSY && !ranges && dq_rows0 > 0) {
     // The key-centric dq's partials do not fit the workspace cap (or the
     // device): size for the query-centric dq, which needs none.
+    dq_rows0 = 0;
     layout2(&d, cap, 0, 0, 0, &L);
     st = nsa_cuda_ctx_arena(ctx, L.end, 0, &arena, msg, msglen);
   }
@@ -411,7 +429,7 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
       return NSA_ERR_UNSUPPORTED;
     }
   }
-  int64_t dq_rows = packed ? 0 : choose_dq_rows(&d, cap, ranges, tc_ok);
+  int64_t dq_rows = packed ? 0 : ranges ? choose_dq_rows(&d, cap, 1, tc_ok) : dq_rows0;  // block ids: part 1's
   int dq_key = dq_rows > 0;
   layout2(&d, cap, packed, slots, dq_rows, &L);
   st = nsa_cuda_ctx_arena(ctx, L.end, L.end1, &arena, msg, msglen);

@@ -421,6 +421,74 @@ Test(cuda_bwd, dq_key_row_batches) {
   nsa_cuda_ctx_destroy(ctx);
 }
 
+/* A workspace cap that holds the key-centric dq's partials of half the rows
+ * but not of all: the backward halves its rows per batch until they fit
+ * instead of falling back to the query-centric dq. The capped run must use
+ * the workspace of NSA_BWD_DQ_BATCH_ROWS = rows / 2 (the same two batches),
+ * equal that run bitwise and match float64. */
+Test(cuda_bwd, cap_halves_row_batches) {
+  NSA_REQUIRE_GPU();
+  nsa_cuda_ctx_t *ctx = mkctx(0);
+  nsa_tu_case_cfg_t cfg = base();
+  cfg.B = 1;
+  cfg.G = 2;
+  cfg.S = cfg.Skv = 512;
+  cfg.h = 16;
+  cfg.Dk = cfg.Dv = 128;
+  cfg.block_size = 64;
+  cfg.n = 8;
+  cfg.sel_flags = NSA_TU_SEL_UNUSED;
+  cfg.seed = 3500;
+  bx_t f;
+  bx_init(&f, &cfg, force_block0);
+  nsa_cuda_exec_t ex = {.sync = 1};
+  nsa_run_info_t info;
+  char msg[256];
+  int rc = nsa_cuda_sel_bwd(ctx, &f.bwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg);
+  cr_assert_eq(rc, NSA_OK, "%s", msg);
+  const size_t w1 = info.workspace_bytes;
+  char half[32];
+  snprintf(half, sizeof half, "%lld", (long long)(cfg.B * cfg.S * cfg.G / 2));
+  setenv("NSA_BWD_DQ_BATCH_ROWS", half, 1);
+  run_check(ctx, &f, NSA_PATH_VARLEN_V2);
+  rc = nsa_cuda_sel_bwd(ctx, &f.bwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg);
+  unsetenv("NSA_BWD_DQ_BATCH_ROWS");
+  cr_assert_eq(rc, NSA_OK, "%s", msg);
+  const size_t w2 = info.workspace_bytes;
+  bx_fetch(&f);
+  void *a[3] = {malloc(f.c.dq.bytes), malloc(f.c.dk.bytes), malloc(f.c.dv.bytes)};
+  memcpy(a[0], f.c.dq.mem, f.c.dq.bytes);
+  memcpy(a[1], f.c.dk.mem, f.c.dk.bytes);
+  memcpy(a[2], f.c.dv.mem, f.c.dv.bytes);
+  setenv("NSA_BWD_DQ", "query", 1);
+  rc = nsa_cuda_sel_bwd(ctx, &f.bwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg);
+  unsetenv("NSA_BWD_DQ");
+  cr_assert_eq(rc, NSA_OK, "%s", msg);
+  const size_t wq = info.workspace_bytes;
+  cr_log_info("workspace: one batch %zu B, two batches %zu B, query-centric dq %zu B", w1, w2, wq);
+  cr_assert_lt(w2, w1, "two batches should need less workspace than one");
+  cr_assert_gt(w2, wq, "the key-centric dq should need more workspace than the query-centric one");
+
+  nsa_cuda_ctx_t *capped = mkctx(w2);
+  bx_poison(&f);
+  rc = nsa_cuda_sel_bwd(capped, &f.bwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg);
+  cr_assert_eq(rc, NSA_OK, "capped at two batches' workspace: rc %d (%s)", rc, msg);
+  cr_expect_eq(info.workspace_bytes, w2, "capped run: workspace %zu B, two batches need %zu B",
+               info.workspace_bytes, w2);
+  bx_fetch(&f);
+  cr_expect_eq(memcmp(a[0], f.c.dq.mem, f.c.dq.bytes), 0, "capped dq differs from the two-batch run");
+  cr_expect_eq(memcmp(a[1], f.c.dk.mem, f.c.dk.bytes), 0, "capped dk differs from the two-batch run");
+  cr_expect_eq(memcmp(a[2], f.c.dv.mem, f.c.dv.bytes), 0, "capped dv differs from the two-batch run");
+  const double eq = nsa_tu_rel_err(f.gq, f.rq, f.nq), ek = nsa_tu_rel_err(f.gk, f.rk, f.nk),
+               ev = nsa_tu_rel_err(f.gv, f.rv, f.nv);
+  cr_expect(eq <= tol_g(cfg.dtype) && ek <= tol_g(cfg.dtype) && ev <= tol_g(cfg.dtype),
+            "capped: rel err dq %.3g dk %.3g dv %.3g", eq, ek, ev);
+  for (int i = 0; i < 3; i++) free(a[i]);
+  nsa_cuda_ctx_destroy(capped);
+  bx_free(&f);
+  nsa_cuda_ctx_destroy(ctx);
+}
+
 /* Poisons the outputs, captures one sync=0 v2 request on the context's
  * stream into a CUDA graph, replays it and fetches dq/dk/dv. */
 static void graph_replay(nsa_cuda_ctx_t *ctx, bx_t *f) {
