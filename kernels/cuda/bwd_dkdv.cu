@@ -67,6 +67,7 @@ __global__ void __launch_bounds__(kGenThreads)
   const int tok = k0 + kk;
   const int t0 = iv.tile_off[x], t1 = iv.tile_off[x + 1];
   const int lo = t0 + seg * iv.seg_rows, hi = bad ? lo : min(t1, lo + iv.seg_rows);
+  if (hi <= lo && !bad && iv.acc != nullptr) return;  // row batches: no rows here, nothing to add
 
   const T *kb = reinterpret_cast<const T *>(a.k) + b * a.ks[0] + g * a.ks[2];
   const T *vb = reinterpret_cast<const T *>(a.v) + b * a.vs[0] + g * a.vs[2];
@@ -258,6 +259,7 @@ __global__ void __launch_bounds__(KvSmem<DK, DV>::NW * 32)
   const int k0 = (int)(kt * kT);
   const int t1 = iv.tile_off[x + 1];
   const int lo = iv.tile_off[x] + seg * iv.seg_rows, hi = bad ? lo : min(t1, lo + iv.seg_rows);
+  if (hi <= lo && !bad && iv.acc != nullptr) return;  // row batches: no rows here, nothing to add
   const float LOG2E = 1.4426950408889634f;
   const float c2 = a.scale * LOG2E;
   // K/V are read once per segment (stream them); Q/dO rows are re-read by

@@ -113,6 +113,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int k0 = (int)(kt * kT);
   const int t1 = iv.tile_off[x + 1];
   const int lo = iv.tile_off[x] + seg * iv.seg_rows, hi = bad ? lo : min(t1, lo + iv.seg_rows);
+  if (hi <= lo && !bad && iv.acc != nullptr) return;  // row batches: no rows here, nothing to add
   const float LOG2E = 1.4426950408889634f;
   const float c2 = a.scale * LOG2E;
   const int h = (int)a.h;
