@@ -16,8 +16,9 @@
 //      by TMA: K and V of the tile's 64 keys, each as two boxes of 64 keys x
 //      64 dims (128 bytes per key row, 128-byte swizzle: 16-byte chunk c of
 //      key row kr sits at chunk c ^ (kr & 7), so ldmatrix reads are
-//      conflict-free), keys past Skv zero-filled by the TMA unit, all
-//      completing on full[slot] (mbar.cuh). Before refilling a slot it
+//      conflict-free), keys past Skv zero-filled by the TMA unit, K's
+//      boxes completing on full[slot] and V's on fullv[slot] (mbar.cuh), so
+//      S = Q K^T starts before V has landed (H200: -1 % at 8k-64k h = 16). Before refilling a slot it
 //      waits for empty[slot] (count kRows), writes the slot's tag (= u),
 //      and arrives on empty[slot] for every row that does not use step u,
 //      so only the step's own users hold the slot. A consumer visits only
@@ -83,8 +84,8 @@ template <int kRows, int DK, int DV> struct RowsSmem {
   static constexpr size_t um_off = pre_off + (size_t)kW * 4;              // [kRows * kMaxT] u32 rows per step
   static constexpr size_t tag_off = um_off + (size_t)kRows * kMaxT * 4;   // [kNS] i32 step last put in a slot
   static constexpr size_t u_off = tag_off + (size_t)kNS * 4;              // i32 U
-  static constexpr size_t bar_off = (u_off + 4 + 7) & ~(size_t)7;         // full[kNS], empty[kNS] u64
-  static constexpr size_t bytes = bar_off + 2 * kNS * 8 + 1024;           // + alignment slack
+  static constexpr size_t bar_off = (u_off + 4 + 7) & ~(size_t)7;         // full[kNS] (K), empty[kNS], fullv[kNS] (V) u64
+  static constexpr size_t bytes = bar_off + 3 * kNS * 8 + 1024;           // + alignment slack
 };
 
 // S (16 heads x 64 keys) = Q (16 x 128 at q_s, row stride QS) . K^T with K
@@ -151,7 +152,7 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
   unsigned *sUm = reinterpret_cast<unsigned *>(smem + L::um_off);
   int *sTag = reinterpret_cast<int *>(smem + L::tag_off);
   int *sU = reinterpret_cast<int *>(smem + L::u_off);
-  const unsigned full0 = smem_u32(smem + L::bar_off), empty0 = full0 + kNS * 8;
+  const unsigned full0 = smem_u32(smem + L::bar_off), empty0 = full0 + kNS * 8, fullv0 = empty0 + kNS * 8;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   int64_t g, tb, b;  // fwd_rows.h's index maps
@@ -197,7 +198,8 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
   if (tid < kNS) sTag[tid] = -1;
   if (tid == 0) {
     for (int s = 0; s < kNS; s++) {
-      nsa_mbar::init(full0 + 8 * s, 1);  // the producer's arrive_expect_tx
+      nsa_mbar::init(full0 + 8 * s, 1);  // the producer's arrive_expect_tx (K)
+      nsa_mbar::init(fullv0 + 8 * s, 1);  // (V)
       nsa_mbar::init(empty0 + 8 * s, kRows);
     }
     nsa_mbar::init_fence();
@@ -299,11 +301,13 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
         const int k0 = sUt[u] * kT;
         const unsigned dst = ring + s * kSlot, bar = full0 + 8 * s;
         nsa_mbar::flag_store(smem_u32(&sTag[s]), u);  // after the empty wait: releases what it acquired
-        nsa_mbar::arrive_expect_tx(bar, kSlot);
+        const unsigned barv = fullv0 + 8 * s;
+        nsa_mbar::arrive_expect_tx(bar, 2 * kBox);
         nsa_mbar::tma_load_4d(dst, &tmk, 0, (int)g, k0, (int)b, bar);
         nsa_mbar::tma_load_4d(dst + kBox, &tmk, 64, (int)g, k0, (int)b, bar);
-        nsa_mbar::tma_load_4d(dst + 2 * kBox, &tmv, 0, (int)g, k0, (int)b, bar);
-        nsa_mbar::tma_load_4d(dst + 3 * kBox, &tmv, 64, (int)g, k0, (int)b, bar);
+        nsa_mbar::arrive_expect_tx(barv, 2 * kBox);
+        nsa_mbar::tma_load_4d(dst + 2 * kBox, &tmv, 0, (int)g, k0, (int)b, barv);
+        nsa_mbar::tma_load_4d(dst + 3 * kBox, &tmv, 64, (int)g, k0, (int)b, barv);
         // The rows that do not use this step release the slot now (their
         // warps never touch it), so a busy warp holds only its own steps.
         const int idle = kRows - __popc(sUm[u]);
@@ -338,6 +342,7 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     softmax_tile<DV>(sc, mk[j], mk[j], cq, c2, mr0, mr1, l0, l1, o);  // one row: the same mask for both halves
     unsigned pa[4][4];
     p_to_a<T>(sc, pa);
+    nsa_mbar::wait(fullv0 + 8 * s, (u / kNS) & 1);  // V may land after K
     pv_sw<T>(pa, slot + 2 * kBox, lane, o);
     j++;
     next = __shfl_sync(0xffffffffu, mystep, j & 31);  // (unused once j == cnt)
