@@ -11,6 +11,7 @@
 #define NSA_TEST_CUDA_CASE_H
 
 #include <cuda_runtime.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "nsa/sel_attn_cuda.h"
@@ -73,6 +74,41 @@ static inline void nsa_tc_dev_free(nsa_tc_dev_t *dv) {
   cudaFree(dv->lse);
   cudaFree(dv->sel);
   memset(dv, 0, sizeof(*dv));
+}
+
+/* Issues one request on the context's stream with `ex` (sync = 0); returns
+ * its NSA status, message in msg. */
+typedef int (*nsa_tc_issue_fn)(nsa_cuda_ctx_t *ctx, void *arg, nsa_cuda_exec_t *ex, char *msg, size_t msglen);
+
+/* Captures the request `issue` queues on the context's stream into a CUDA
+ * graph, replays the graph once and waits for it (graph capture is part of
+ * the v2 contract: no host synchronization inside a sync = 0 request).
+ * Returns 0, or -1 with the failed step in msg. */
+static inline int nsa_tc_graph_replay(nsa_cuda_ctx_t *ctx, nsa_tc_issue_fn issue, void *arg, char *msg,
+                                      size_t msglen) {
+  cudaStream_t st = (cudaStream_t)nsa_cuda_ctx_stream(ctx);
+  cudaGraph_t graph = NULL;
+  cudaGraphExec_t exec = NULL;
+  cudaError_t ce = cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed);
+  if (ce != cudaSuccess) {
+    snprintf(msg, msglen, "begin capture: %s", cudaGetErrorString(ce));
+    return -1;
+  }
+  nsa_cuda_exec_t ex0 = {.sync = 0};
+  char rmsg[256] = "";
+  const int rc = issue(ctx, arg, &ex0, rmsg, sizeof rmsg);
+  ce = cudaStreamEndCapture(st, &graph);
+  int out = -1;
+  if (rc != NSA_OK) snprintf(msg, msglen, "captured request: rc %d: %s", rc, rmsg);
+  else if (ce != cudaSuccess) snprintf(msg, msglen, "end capture: %s", cudaGetErrorString(ce));
+  else if ((ce = cudaGraphInstantiate(&exec, graph, 0)) != cudaSuccess)
+    snprintf(msg, msglen, "instantiate: %s", cudaGetErrorString(ce));
+  else if ((ce = cudaGraphLaunch(exec, st)) != cudaSuccess || (ce = cudaStreamSynchronize(st)) != cudaSuccess)
+    snprintf(msg, msglen, "replay: %s", cudaGetErrorString(ce));
+  else out = 0;
+  if (exec) cudaGraphExecDestroy(exec);
+  if (graph) cudaGraphDestroy(graph);
+  return out;
 }
 
 #define NSA_REQUIRE_GPU()                                                                  \

@@ -489,27 +489,18 @@ Test(cuda_bwd, cap_halves_row_batches) {
   nsa_cuda_ctx_destroy(ctx);
 }
 
+static int issue_bwd(nsa_cuda_ctx_t *ctx, void *arg, nsa_cuda_exec_t *ex, char *msg, size_t msglen) {
+  nsa_run_info_t info;
+  return nsa_cuda_sel_bwd(ctx, &((bx_t *)arg)->bwd, NULL, NSA_PATH_VARLEN_V2, ex, &info, msg, msglen);
+}
+
 /* Poisons the outputs, captures one sync=0 v2 request on the context's
  * stream into a CUDA graph, replays it and fetches dq/dk/dv. */
 static void graph_replay(nsa_cuda_ctx_t *ctx, bx_t *f) {
-  cudaStream_t st = (cudaStream_t)nsa_cuda_ctx_stream(ctx);
   bx_poison(f);
-  cudaGraph_t graph = NULL;
-  cr_assert_eq(cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed), cudaSuccess);
-  nsa_cuda_exec_t ex0 = {.sync = 0};
-  nsa_run_info_t info;
-  char msg[256];
-  int rc = nsa_cuda_sel_bwd(ctx, &f->bwd, NULL, NSA_PATH_VARLEN_V2, &ex0, &info, msg, sizeof msg);
-  cudaError_t ce = cudaStreamEndCapture(st, &graph);
-  cr_assert_eq(rc, NSA_OK, "captured request: %s", msg);
-  cr_assert_eq(ce, cudaSuccess, "end capture: %s", cudaGetErrorString(ce));
-  cudaGraphExec_t exec;
-  cr_assert_eq(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
-  cr_assert_eq(cudaGraphLaunch(exec, st), cudaSuccess);
-  cr_assert_eq(cudaStreamSynchronize(st), cudaSuccess);
+  char msg[320];
+  cr_assert_eq(nsa_tc_graph_replay(ctx, issue_bwd, f, msg, sizeof msg), 0, "%s", msg);
   bx_fetch(f);
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
 }
 
 /* Runs v2 (sync) with the shared-tile dq (default) and with

@@ -560,6 +560,11 @@ Test(cuda_fwd, invalid_selection) {
   nsa_cuda_ctx_destroy(ctx);
 }
 
+static int issue_fwd_v2(nsa_cuda_ctx_t *ctx, void *arg, nsa_cuda_exec_t *ex, char *msg, size_t msglen) {
+  nsa_run_info_t info;
+  return nsa_cuda_sel_fwd(ctx, (const nsa_fwd_args_t *)arg, NULL, NSA_PATH_VARLEN_V2, ex, &info, msg, msglen);
+}
+
 /* sync = 0 with wait/done events; CUDA graph capture of the v2 path;
  * determinism (bitwise equal reruns). */
 Test(cuda_fwd, async_graph_determinism) {
@@ -593,23 +598,11 @@ Test(cuda_fwd, async_graph_determinism) {
   cr_expect_eq(memcmp(first, f.c.o.mem, f.c.o.bytes), 0, "async result differs from sync result");
 
   /* graph capture of the whole v2 request (planner + kernels) */
-  cudaStream_t st = (cudaStream_t)nsa_cuda_ctx_stream(ctx);
   nsa_tc_poison(&f.dv, &f.c);
-  cudaGraph_t graph = NULL;
-  cr_assert_eq(cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed), cudaSuccess);
-  nsa_cuda_exec_t ex0 = {.sync = 0};
-  rc = nsa_cuda_sel_fwd(ctx, &f.dv.fwd, NULL, NSA_PATH_VARLEN_V2, &ex0, &info, msg, sizeof msg);
-  cudaError_t ce = cudaStreamEndCapture(st, &graph);
-  cr_assert_eq(rc, NSA_OK, "captured request: %s", msg);
-  cr_assert_eq(ce, cudaSuccess, "end capture: %s", cudaGetErrorString(ce));
-  cudaGraphExec_t exec;
-  cr_assert_eq(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
-  cr_assert_eq(cudaGraphLaunch(exec, st), cudaSuccess);
-  cr_assert_eq(cudaStreamSynchronize(st), cudaSuccess);
+  char gmsg[320];
+  cr_assert_eq(nsa_tc_graph_replay(ctx, issue_fwd_v2, &f.dv.fwd, gmsg, sizeof gmsg), 0, "%s", gmsg);
   nsa_tc_fetch(&f.dv, &f.c);
   cr_expect_eq(memcmp(first, f.c.o.mem, f.c.o.bytes), 0, "graph replay differs from direct run");
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
 
   cudaEventDestroy(wait_ev);
   cudaEventDestroy(done_ev);
