@@ -280,6 +280,38 @@ __device__ __forceinline__ void mask_rowmax(float (&s)[8][4], unsigned long long
     }
 }
 
+// dS of one key tile in the backward's dq kernels (bwd_shared_dq.cu and the
+// row-block dq of fwd_rows.cu): S (qk_tile's layout: elements 0, 1 of row
+// lane/4, keys nt*8 + 2cq + e; 2, 3 of row lane/4 + 8) becomes dS = P (dP -
+// delta) with P = 2^(c2 S - l) on the rows' keys (masks fm0 / fm1, skipped
+// when both hold the whole tile) and 0 elsewhere; l0 / l1 are the rows' lse
+// in log2 units, d0 / d1 their delta.
+__device__ __forceinline__ void ds_tile(float (&s)[8][4], const float (&dp)[8][4], unsigned long long fm0,
+                                        unsigned long long fm1, int cq, float c2, float l0, float l1, float d0,
+                                        float d1) {
+  if ((fm0 & fm1) == ~0ull) {  // both rows hold the whole tile (the usual case): no masking
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const float p = ex2(fmaf(s[nt][e], c2, -(e < 2 ? l0 : l1)));
+        s[nt][e] = p * (dp[nt][e] - (e < 2 ? d0 : d1));
+      }
+  } else {
+    const unsigned long long m0 = fm0 >> (2 * cq), m1 = fm1 >> (2 * cq);
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int key = nt * 8 + (e & 1);
+        const bool in = (((e < 2 ? m0 : m1) >> key) & 1ull) != 0;
+        // an empty row (lse = -inf) has no key bits: P = 0, never inf * 0
+        const float p = in ? ex2(fmaf(s[nt][e], c2, -(e < 2 ? l0 : l1))) : 0.f;
+        s[nt][e] = p * (dp[nt][e] - (e < 2 ? d0 : d1));
+      }
+  }
+}
+
 // One key tile of the forward's online softmax (fwd_shared.cu, fwd_rows.cu):
 // qk_tile's S, masked by the rows' 64-bit key masks fm0 (row lane/4) and fm1
 // (row lane/4 + 8) unless both hold the whole tile; the running maxima

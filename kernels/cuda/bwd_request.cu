@@ -3,7 +3,7 @@
 // Flow (bwd_internal.h has the index maps):
 //   check → wait_event → plan (v2 on the device / v1 on the host, the forward's
 //   planners) → [summary on the host where needed] → path →
-//   preprocess (delta, lse copy) → dq (query-centric; `packed` gathers K/V
+//   preprocess (delta, lse copy) → dq (row-block or query-centric; `packed` gathers K/V
 //   first and runs dq over the packed rows; with the key-centric dq: the
 //   shared-tile groups' select + gate and their dq on chip, bwd_shared.h) →
 //   per row batch: invert the plan → dk/dv (key-centric, segments + ordered
@@ -21,7 +21,9 @@
 // NSA_BWD_TIMING=1 (development): with sync = 1, prints the time of each
 // phase (preprocess, dq, inversion, dk/dv) to stderr, measured with events;
 // NSA_BWD_SEG=<rows> overrides the rows per dk/dv segment (benchmarks).
-// dq is query-centric (bwd_dq.cu) or, wherever the tensor-core dk/dv kernel
+// dq is row-block (fwd_rows.h: h = 16, Dk = Dv = 128, block ids, sm_90;
+// each row's tiles summed on chip, so dk/dv run without dq in one batch),
+// else query-centric (bwd_dq.cu) or, wherever the tensor-core dk/dv kernel
 // supports it, key-centric: the dk/dv kernel writes per-(pair, head) partials that a
 // reduction sums per row in pair order (choose_dq_rows: row batches bound the
 // partials, bwd_internal.h has the accumulator); with key-centric dq
@@ -34,6 +36,7 @@
 
 #include "bwd_internal.h"
 #include "bwd_shared.h"
+#include "fwd_rows.h"
 
 namespace {
 
@@ -326,10 +329,19 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   int64_t cap = 0;
   const int tc_ok = nsa_cuda_mma_supported(d.dtype, d.Dk, d.Dv) && aligned16(&a->q) && aligned16(&a->dout) &&
                     aligned16(&a->k) && aligned16(&a->v);
+  // The row-block dq (fwd_rows.h: h = 16, Dk = Dv = 128, block ids, sm_90)
+  // sums each row's tiles on chip: no dq partials, so one batch.
+  nsa_cuda_fwd_rows_t rows_m;
+  int rows_dq = 0;
+  if (!ranges && !maybe_packed) {
+    nsa_cuda_bwd_t view;
+    fill_bwd(&view, a, &d, NULL, NULL, NULL);
+    rows_dq = nsa_cuda_bwd_rows_plan(&view, d.dtype, a->sel.kind, a->sel.block_size, tc_ok, &rows_m);
+  }
   int64_t dq_rows0 = 0;  // block ids: the key-centric dq's rows per batch
   if (!ranges) {
     cap = d.rows * nsa_cuda_inv_row_bound_blocks(d.n, a->sel.block_size, NT);
-    dq_rows0 = choose_dq_rows(&d, cap, 0, tc_ok);
+    dq_rows0 = rows_dq ? 0 : choose_dq_rows(&d, cap, 0, tc_ok);
     layout2(&d, cap, 0, 0, dq_rows0, &L);
   } else {
     L.end = L.end1;
@@ -492,6 +504,8 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
       BCK(nsa_cuda_launch_fwd_shared_select(&sa, &plan, ws, &L.sh, stream), "shared-tile select launch");
       BCK(nsa_cuda_launch_bwd_shared_dq(&at, d.dtype, ws, &L.sh, stream), "shared-tile dq launch");
     }
+  } else if (rows_dq && !packed) {
+    BCK(nsa_cuda_launch_bwd_dq_rows(&at, d.dtype, &plan, &rows_m, stream), "row-block dq launch");
   } else if (mma_dims && qo_ok && kv_ok) {
     nsa_cuda_piece_t *pc = (nsa_cuda_piece_t *)(ws + L.pieces);
     int2 *gc = (int2 *)(ws + L.gcount);
@@ -548,7 +562,8 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
       for (int i = 0; i < 4; i++) cudaEventElapsedTime(&t[i], pev[i], pev[i + 1]);
       fprintf(stderr, "nsa bwd phases (ms): preprocess %.3f dq %.3f invert %.3f dkdv %.3f | cap %lld seg_rows %d "
               "items_bound %lld path %s dq %s batches %lld\n", t[0], t[1], t[2], t[3], (long long)L.cap,
-              L.seg_rows, (long long)L.items_bound, nsa_path_name(path), dq_key ? "key-centric" : "query-centric",
+              L.seg_rows, (long long)L.items_bound, nsa_path_name(path),
+              dq_key ? "key-centric" : rows_dq && !packed ? "row-block" : "query-centric",
               (long long)((d.rows + L.brows - 1) / (L.brows > 0 ? L.brows : 1)));
     }
     cudaGetLastError();

@@ -146,27 +146,7 @@ __global__ void __launch_bounds__(kNW * 32, 2)
       qk_tile<T, DK, L::QS, L::BS>(q_s, k_s, lane, s);
       // Elements 0, 1: row ma, keys nt*8 + 2cq + e; elements 2, 3: row mb.
       const unsigned long long fm0 = sMk[u * Q + qa], fm1 = sMk[u * Q + qb8];
-      if ((fm0 & fm1) == ~0ull) {  // both queries hold the whole tile (the usual case): no masking
-#pragma unroll
-        for (int nt = 0; nt < 8; nt++)
-#pragma unroll
-          for (int e = 0; e < 4; e++) {
-            const float p = ex2(fmaf(s[nt][e], c2, -(e < 2 ? l0 : l1)));
-            s[nt][e] = p * (dp[nt][e] - (e < 2 ? d0 : d1));
-          }
-      } else {
-        const unsigned long long m0 = fm0 >> (2 * cq), m1 = fm1 >> (2 * cq);
-#pragma unroll
-        for (int nt = 0; nt < 8; nt++)
-#pragma unroll
-          for (int e = 0; e < 4; e++) {
-            const int key = nt * 8 + (e & 1);
-            const bool in = (((e < 2 ? m0 : m1) >> key) & 1ull) != 0;
-            // an empty query (lse = -inf) has no key bits: P = 0, never inf * 0
-            const float p = in ? ex2(fmaf(s[nt][e], c2, -(e < 2 ? l0 : l1))) : 0.f;
-            s[nt][e] = p * (dp[nt][e] - (e < 2 ? d0 : d1));
-          }
-      }
+      ds_tile(s, dp, fm0, fm1, cq, c2, l0, l1, d0, d1);
       unsigned da[4][4];
       p_to_a<T>(s, da);                          // dS as the A fragments of dS . K
       pv_tile<T, DK, L::BS>(da, k_s, lane, dq);  // dQ += dS K_u

@@ -1,4 +1,10 @@
-// fwd_rows.cu — row-block forward (fwd_rows.h).
+// fwd_rows.cu — row-block forward and the backward's row-block dq (fwd_rows.h).
+//
+// The backward instance (kBwd, 10 rows, 4 ring slots) runs the same steps
+// 1-3 (plus each row's dO next to its Q) and, per own tile, S = Q K^T,
+// P = 2^(c2 S - lse log2 e) on the row's keys, dP = dO V^T, dS = P (dP -
+// delta) rounded to the dtype, dQ += dS K (K's slot as the B operand that V
+// is in the forward); dq = scale * dQ. No partials, no row batches.
 //
 // fwd_rows_kernel: one CTA per (b, g, block of kRows consecutive rows);
 // kRows consumer warps (warp w = row t0 + w, its 16 heads = the 16 rows of
@@ -58,6 +64,8 @@ constexpr int kT = NSA_BWD_TILE;      // keys per tile (64)
 // sub-partition, so 168 registers and no spills) or 15 (16 warps at 128
 // registers, more rows sharing each loaded tile); NSA_CUDA_FWD_ROWS_R for A/B.
 constexpr int kRowsDefault = 11;
+// Backward dq (Q and dO in shared memory, 4 ring slots): 10 rows, 11 warps.
+constexpr int kRowsBwd = 10;
 constexpr int kMaxT = 32;             // tiles per row (host-checked bound)
 constexpr int kNTmax = 8192;          // tiles per (b, g): bitmap of kNTmax / 32 words
 constexpr int kW = kNTmax / 32;       // bitmap words
@@ -69,14 +77,15 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kBox = kT * 64 * 2;    // bytes per box
 constexpr int kSlot = 4 * kBox;      // K + V of one tile (Dk = Dv = 128)
 
-template <int kRows, int DK, int DV> struct RowsSmem {
+template <int kRows, int DK, int DV, bool kBwd = false> struct RowsSmem {
   static_assert(DK == 128 && DV == 128, "two 64-dim boxes per K and V tile");
   static constexpr int kThreads = (kRows + 1) * 32;
-  static constexpr int kNS = kRows <= 11 ? 5 : 4;                          // ring slots that fit
+  static constexpr int kNS = kBwd ? 4 : kRows <= 11 ? 5 : 4;              // ring slots that fit
   static constexpr int QS = DK + 8;                                       // +16 bytes: conflict-free ldmatrix
   static constexpr size_t ring_off = 0;                                   // [kNS][kSlot] (1024-aligned base)
   static constexpr size_t q_off = ring_off + (size_t)kNS * kSlot;         // [kRows][16][QS]
-  static constexpr size_t mk_off = q_off + (size_t)kRows * 16 * QS * 2;   // [kRows][kMaxT] u64 key masks
+  static constexpr size_t do_off = q_off + (size_t)kRows * 16 * QS * 2;   // backward: [kRows][16][QS] dO
+  static constexpr size_t mk_off = do_off + (kBwd ? (size_t)kRows * 16 * QS * 2 : 0);  // [kRows][kMaxT] u64 key masks
   static constexpr size_t rt_off = mk_off + (size_t)kRows * kMaxT * 8;    // [kRows][kMaxT] i32 own tiles
   static constexpr size_t ut_off = rt_off + (size_t)kRows * kMaxT * 4;    // [kRows * kMaxT] i32 union
   static constexpr size_t bm_off = ut_off + (size_t)kRows * kMaxT * 4;    // [kW] u32 tile bitmap
@@ -133,11 +142,11 @@ __device__ __forceinline__ void pv_sw(const unsigned (&pa)[4][4], unsigned vs, i
     }
 }
 
-template <typename T, int kRows, int DK, int DV>
+template <typename T, int kRows, int DK, int DV, bool kBwd, typename A>
 __global__ void __launch_bounds__((kRows + 1) * 32, 1)
-    fwd_rows_kernel(nsa_cuda_attn_t a, const __grid_constant__ CUtensorMap tmk, const __grid_constant__ CUtensorMap tmv,
+    fwd_rows_kernel(A a, const __grid_constant__ CUtensorMap tmk, const __grid_constant__ CUtensorMap tmv,
                     const int2 *__restrict__ spans, const int32_t *__restrict__ nspans, int n, int64_t NB, int nw, int gmaj) {
-  using L = RowsSmem<kRows, DK, DV>;
+  using L = RowsSmem<kRows, DK, DV, kBwd>;
   constexpr int kThreads = L::kThreads, kNS = L::kNS;
   constexpr int CK = DK / 8;  // 16-byte pieces per Q row
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -172,13 +181,26 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
 
   // Output of this warp's row: heads r0 and r0 + 8.
   auto store_row = [&](const float (&o)[DV / 8][4], float i0, float i1, float lse0, float lse1) {
+    if constexpr (!kBwd) {
 #pragma unroll
-    for (int half = 0; half < 2; half++) {
-      const int64_t j = r0 + half * 8;
-      const float inv = half ? i1 : i0;
-      T *orow = reinterpret_cast<T *>(a.o) + b * a.os[0] + t * a.os[1] + (g * 16 + j) * a.os[2];
-      store_o_row<T, DV>(orow, a.os[3], o, half, inv, cq);
-      if (a.lse != nullptr && cq == 0) a.lse[b * a.ls[0] + t * a.ls[1] + (g * 16 + j) * a.ls[2]] = half ? lse1 : lse0;
+      for (int half = 0; half < 2; half++) {
+        const int64_t j = r0 + half * 8;
+        const float inv = half ? i1 : i0;
+        T *orow = reinterpret_cast<T *>(a.o) + b * a.os[0] + t * a.os[1] + (g * 16 + j) * a.os[2];
+        store_o_row<T, DV>(orow, a.os[3], o, half, inv, cq);
+        if (a.lse != nullptr && cq == 0) a.lse[b * a.ls[0] + t * a.ls[1] + (g * 16 + j) * a.ls[2]] = half ? lse1 : lse0;
+      }
+    }
+  };
+
+  // Backward: dq of this warp's row (heads r0 and r0 + 8), scale * dQ.
+  auto store_dq = [&](const float (&dq)[DK / 8][4], float mul) {
+    if constexpr (kBwd) {
+#pragma unroll
+      for (int half = 0; half < 2; half++) {
+        T *row = reinterpret_cast<T *>(a.dq) + b * a.dqs[0] + t * a.dqs[1] + (g * 16 + r0 + half * 8) * a.dqs[2];
+        store_o_row<T, DK>(row, a.dqs[3], dq, half, mul, cq);
+      }
     }
   };
 
@@ -187,7 +209,8 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
       float o[DV / 8][4];
 #pragma unroll
       for (int i = 0; i < DV / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-      store_row(o, NAN, NAN, NAN, NAN);
+      if constexpr (kBwd) store_dq(o, NAN);
+      else store_row(o, NAN, NAN, NAN, NAN);
     }
     return;
   }
@@ -217,6 +240,14 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
       for (int c = lane; c < 16 * CK; c += 32) {
         const int j = c / CK, pt = c % CK;
         cp_async16(smem_u32(q_s + j * L::QS + pt * 8), qrow + j * a.qs[2] + pt * 8, 16);
+      }
+      if constexpr (kBwd) {  // dO rows (Dv = Dk = 128: the same pieces)
+        T *do_s = reinterpret_cast<T *>(smem + L::do_off) + warp * 16 * L::QS;
+        const T *drow = reinterpret_cast<const T *>(a.dout) + b * a.dos[0] + t * a.dos[1] + g * 16 * a.dos[2];
+        for (int c = lane; c < 16 * CK; c += 32) {
+          const int j = c / CK, pt = c % CK;
+          cp_async16(smem_u32(do_s + j * L::QS + pt * 8), drow + j * a.dos[2] + pt * 8, 16);
+        }
       }
       cp_commit();
       const int nsp = min(nspans[r], n);
@@ -319,6 +350,47 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
 
   // ---- 4. consumers ----
   const unsigned long long *mk = sMk + warp * kMaxT;
+  if constexpr (kBwd) {
+    // Per own tile: S = Q K^T, P = 2^(c2 S - lse log2 e) on the row's keys,
+    // dP = dO V^T, dS = P (dP - delta) rounded to the dtype, dQ += dS K.
+    const float c2 = a.scale * kLog2e;
+    float l0 = 0.f, l1 = 0.f, d0 = 0.f, d1 = 0.f;  // heads r0, r0 + 8: lse (log2 units), delta
+    if (row_ok) {
+      const int64_t ri = ((b * a.S + t) * a.G + g) * 16;
+      l0 = a.lsec[ri + r0] * kLog2e, l1 = a.lsec[ri + r0 + 8] * kLog2e;
+      d0 = a.delta[ri + r0], d1 = a.delta[ri + r0 + 8];
+    }
+    float dq[DK / 8][4];
+#pragma unroll
+    for (int i = 0; i < DK / 8; i++) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+    const T *q_s = sQ + warp * 16 * L::QS;
+    const T *do_s = reinterpret_cast<const T *>(smem + L::do_off) + warp * 16 * L::QS;
+    cp_wait<0>();
+    __syncwarp();
+    int j = 0;
+    int next = __shfl_sync(0xffffffffu, mystep, 0);
+    for (int u = next; j < cnt; u = next) {
+      const int s = u % kNS;
+      while (nsa_mbar::flag_load(smem_u32(&sTag[s])) != u) __nanosleep(20);
+      nsa_mbar::wait(full0 + 8 * s, (u / kNS) & 1);
+      const unsigned slot = ring + s * kSlot;
+      float sc[8][4];
+      qk_sw<T, L::QS>(q_s, slot, lane, sc);
+      nsa_mbar::wait(fullv0 + 8 * s, (u / kNS) & 1);
+      float dp[8][4];
+      qk_sw<T, L::QS>(do_s, slot + 2 * kBox, lane, dp);
+      ds_tile(sc, dp, mk[j], mk[j], cq, c2, l0, l1, d0, d1);
+      unsigned da[4][4];
+      p_to_a<T>(sc, da);
+      pv_sw<T>(da, slot, lane, dq);  // K rows as the B operand, as V in the forward
+      j++;
+      next = __shfl_sync(0xffffffffu, mystep, j & 31);
+      __syncwarp();
+      if (lane == 0) nsa_mbar::arrive(empty0 + 8 * s);
+    }
+    if (row_ok) store_dq(dq, a.scale);
+    return;
+  } else {
   const float c2 = a.scale * kLog2e;
   float mr0 = -INFINITY, mr1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // running max (log2 units), thread-partial l
   float o[DV / 8][4];
@@ -356,6 +428,7 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
   l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
   store_row(o, l0 > 0.f ? 1.f / l0 : 0.f, l1 > 0.f ? 1.f / l1 : 0.f,
             l0 > 0.f ? (mr0 + log2f(l0)) * kLn2 : -INFINITY, l1 > 0.f ? (mr1 + log2f(l1)) * kLn2 : -INFINITY);
+  }
 }
 
 template <typename T, int R>
@@ -363,12 +436,28 @@ cudaError_t launch_r(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa
   using L = RowsSmem<R, 128, 128>;
   static unsigned long long set_on = 0;  // bwd_common.cuh: set once per device
   int dev = 0;
-  cudaError_t e = set_smem_once(fwd_rows_kernel<T, R, 128, 128>, (int)L::bytes, &set_on, &dev);
+  cudaError_t e = set_smem_once(fwd_rows_kernel<T, R, 128, 128, false, nsa_cuda_attn_t>, (int)L::bytes, &set_on, &dev);
   if (e != cudaSuccess) return e;
   const int64_t NB = (a->S + R - 1) / R;
   const int64_t NT = (a->Skv + kT - 1) / kT;
   const int64_t grid = a->B * a->G * NB;
-  fwd_rows_kernel<T, R, 128, 128><<<(unsigned)grid, L::kThreads, L::bytes, st>>>(
+  fwd_rows_kernel<T, R, 128, 128, false, nsa_cuda_attn_t><<<(unsigned)grid, L::kThreads, L::bytes, st>>>(
+      *a, M->k, M->v, (const int2 *)plan->spans, plan->nspans, (int)plan->n, NB, (int)((NT + 31) / 32), M->gmaj);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_bwd_t(const nsa_cuda_bwd_t *a, const nsa_plan_t *plan, const nsa_cuda_fwd_rows_t *M, cudaStream_t st) {
+  constexpr int R = kRowsBwd;
+  using L = RowsSmem<R, 128, 128, true>;
+  static unsigned long long set_on = 0;
+  int dev = 0;
+  cudaError_t e = set_smem_once(fwd_rows_kernel<T, R, 128, 128, true, nsa_cuda_bwd_t>, (int)L::bytes, &set_on, &dev);
+  if (e != cudaSuccess) return e;
+  const int64_t NB = (a->S + R - 1) / R;
+  const int64_t NT = (a->Skv + kT - 1) / kT;
+  const int64_t grid = a->B * a->G * NB;
+  fwd_rows_kernel<T, R, 128, 128, true, nsa_cuda_bwd_t><<<(unsigned)grid, L::kThreads, L::bytes, st>>>(
       *a, M->k, M->v, (const int2 *)plan->spans, plan->nspans, (int)plan->n, NB, (int)((NT + 31) / 32), M->gmaj);
   return cudaGetLastError();
 }
@@ -423,21 +512,27 @@ int encode_kv(CUtensorMap *m, CUtensorMapDataType dt, const void *base, const in
 
 }  // namespace
 
-extern "C" int nsa_cuda_fwd_rows_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, int sel_kind, int32_t block_size,
-                                      int aligned, int mode, nsa_cuda_fwd_rows_t *M) {
+namespace {
+
+// What nsa_cuda_fwd_rows_plan and nsa_cuda_bwd_rows_plan share: the
+// conditions, the tensor maps and the row-block order. env: the A/B knob
+// (0 never, 1 wherever it can run).
+int rows_plan(int64_t h, int64_t Dk, int64_t Dv, int64_t n, int64_t B, int64_t S, int64_t G, int64_t Skv,
+              const void *k, const int64_t *ks, const void *v, const int64_t *vs, nsa_dtype_t dt, int sel_kind,
+              int32_t block_size, int aligned, int mode, const char *env, nsa_cuda_fwd_rows_t *M) {
   memset(M, 0, sizeof(*M));
-  const char *e = getenv("NSA_CUDA_FWD_ROWS");  // A/B and tests: 0 never, 1 wherever it can run
+  const char *e = getenv(env);
   if (e && e[0] == '0') mode = 0;
   if (e && e[0] == '1') mode = 1;
   if (mode == 0 || !aligned || sel_kind != NSA_SEL_BLOCK_INDICES) return 0;
   if (dt != NSA_BF16 && dt != NSA_F16) return 0;
-  if (a->h != 16 || a->Dk != 128 || a->Dv != 128) return 0;
-  if (a->n < 1 || a->n > 32 || a->B <= 0 || a->S <= 0 || a->G <= 0 || a->Skv <= 0) return 0;
-  const int64_t NT = (a->Skv + kT - 1) / kT;
-  if (NT > kNTmax || a->Skv > 0x7fffffff - kT) return 0;
-  if (nsa_cuda_inv_row_bound_blocks(a->n, block_size, NT) > kMaxT) return 0;
-  const int64_t NB = a->S;  // row blocks of at least one row
-  if (a->B * a->G * NB > 0x7fffffffll || a->B * a->S * a->G * a->n > 0x7fffffffll) return 0;
+  if (h != 16 || Dk != 128 || Dv != 128) return 0;
+  if (n < 1 || n > 32 || B <= 0 || S <= 0 || G <= 0 || Skv <= 0) return 0;
+  const int64_t NT = (Skv + kT - 1) / kT;
+  if (NT > kNTmax || Skv > 0x7fffffff - kT) return 0;
+  if (nsa_cuda_inv_row_bound_blocks(n, block_size, NT) > kMaxT) return 0;
+  const int64_t NB = S;  // row blocks of at least one row
+  if (B * G * NB > 0x7fffffffll || B * S * G * n > 0x7fffffffll) return 0;
   int dev = 0, major = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
@@ -446,11 +541,7 @@ extern "C" int nsa_cuda_fwd_rows_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, 
   }
   if (major < 9) return 0;
   const CUtensorMapDataType tdt = dt == NSA_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  if (!encode_kv(&M->k, tdt, a->k, a->ks, a->B, a->Skv, a->G, a->Dk) ||
-      !encode_kv(&M->v, tdt, a->v, a->vs, a->B, a->Skv, a->G, a->Dv))
-    return 0;
-  const char *re = getenv("NSA_CUDA_FWD_ROWS_R");  // A/B: rows per CTA
-  M->rows = (re && atoi(re) == 15) ? 15 : kRowsDefault;
+  if (!encode_kv(&M->k, tdt, k, ks, B, Skv, G, Dk) || !encode_kv(&M->v, tdt, v, vs, B, Skv, G, Dv)) return 0;
   // Row-block order: while all (b, g)'s K and V fit in L2 (T = 16k, G = 4:
   // 34 MB), the widest row blocks of every (b, g) first (g fastest); past
   // L2, one (b, g) at a time (its K / V, 34 MB at T = 64k, stay in L2 while
@@ -462,10 +553,31 @@ extern "C" int nsa_cuda_fwd_rows_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, 
     cudaGetLastError();
     l2 = 0;
   }
-  const double kv_bytes = (double)a->B * (double)a->G * (double)a->Skv * (double)(a->Dk + a->Dv) * 2.0;
+  const double kv_bytes = (double)B * (double)G * (double)Skv * (double)(Dk + Dv) * 2.0;
   M->gmaj = l2 > 0 && kv_bytes > (double)l2;
   const char *ge = getenv("NSA_CUDA_FWD_ROWS_GMAJ");
   if (ge && (ge[0] == '0' || ge[0] == '1')) M->gmaj = ge[0] == '1';
+  return 1;
+}
+
+}  // namespace
+
+extern "C" int nsa_cuda_fwd_rows_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, int sel_kind, int32_t block_size,
+                                      int aligned, int mode, nsa_cuda_fwd_rows_t *M) {
+  if (!rows_plan(a->h, a->Dk, a->Dv, a->n, a->B, a->S, a->G, a->Skv, a->k, a->ks, a->v, a->vs, dt, sel_kind,
+                 block_size, aligned, mode, "NSA_CUDA_FWD_ROWS", M))
+    return 0;
+  const char *re = getenv("NSA_CUDA_FWD_ROWS_R");  // A/B: rows per CTA
+  M->rows = (re && atoi(re) == 15) ? 15 : kRowsDefault;
+  return 1;
+}
+
+extern "C" int nsa_cuda_bwd_rows_plan(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, int sel_kind, int32_t block_size,
+                                      int aligned, nsa_cuda_fwd_rows_t *M) {
+  if (!rows_plan(a->h, a->Dk, a->Dv, a->n, a->B, a->S, a->G, a->Skv, a->k, a->ks, a->v, a->vs, dt, sel_kind,
+                 block_size, aligned, -1, "NSA_CUDA_BWD_ROWS", M))
+    return 0;
+  M->rows = kRowsBwd;
   return 1;
 }
 
@@ -474,6 +586,15 @@ extern "C" cudaError_t nsa_cuda_launch_fwd_rows(const nsa_cuda_attn_t *a, nsa_dt
   switch (dt) {
     case NSA_BF16: return launch_t<__nv_bfloat16>(a, plan, M, st);
     case NSA_F16: return launch_t<__half>(a, plan, M, st);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+extern "C" cudaError_t nsa_cuda_launch_bwd_dq_rows(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, const nsa_plan_t *plan,
+                                                   const nsa_cuda_fwd_rows_t *M, cudaStream_t st) {
+  switch (dt) {
+    case NSA_BF16: return launch_bwd_t<__nv_bfloat16>(a, plan, M, st);
+    case NSA_F16: return launch_bwd_t<__half>(a, plan, M, st);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -54,6 +54,17 @@ int nsa_cuda_fwd_rows_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, int sel_kin
 cudaError_t nsa_cuda_launch_fwd_rows(const nsa_cuda_attn_t *a, nsa_dtype_t dt, const nsa_plan_t *plan,
                                      const nsa_cuda_fwd_rows_t *M, cudaStream_t st);
 
+/* The backward's dq on the same kernel (fwd_rows.cu, kBwd): a CTA streams
+ * the union of 10 rows' tiles; warp w computes row t0 + w's dq = scale *
+ * sum over its tiles of dS K (S = Q K^T, P = exp(scale S - lse) on the row's
+ * keys, dP = dO V^T, dS = P (dP - delta)): no partials, no row batches.
+ * Same conditions as the forward's (a: the backward's view, with the
+ * preprocess's delta and lse copy); NSA_CUDA_BWD_ROWS=0|1 overrides. */
+int nsa_cuda_bwd_rows_plan(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, int sel_kind, int32_t block_size, int aligned,
+                           nsa_cuda_fwd_rows_t *M);
+cudaError_t nsa_cuda_launch_bwd_dq_rows(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, const nsa_plan_t *plan,
+                                        const nsa_cuda_fwd_rows_t *M, cudaStream_t st);
+
 #ifdef __cplusplus
 }
 #endif

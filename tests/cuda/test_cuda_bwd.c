@@ -389,6 +389,7 @@ Test(cuda_bwd, determinism) {
  * batched runs are bitwise equal. */
 Test(cuda_bwd, dq_key_row_batches) {
   NSA_REQUIRE_GPU();
+  setenv("NSA_CUDA_BWD_ROWS", "0", 1); /* h = 16 would take the row-block dq (no partials) */
   nsa_cuda_ctx_t *ctx = mkctx(0);
   const int64_t hs[] = {1, 4, 16};
   for (size_t i = 0; i < 3; i++) {
@@ -418,6 +419,77 @@ Test(cuda_bwd, dq_key_row_batches) {
     unsetenv("NSA_BWD_SEG");
     bx_free(&f);
   }
+  unsetenv("NSA_CUDA_BWD_ROWS");
+  nsa_cuda_ctx_destroy(ctx);
+}
+
+/* The row-block dq (fwd_rows.h; h = 16, Dk = Dv = 128, block ids): random
+ * and blockwise selections, S not a multiple of the 10-row block, Skv not a
+ * multiple of the tile, block sizes 64 and 32, duplicates, unused slots,
+ * empty rows and future entries, G = 1 and 2, B = 2, K/V [B,G,S,D], both
+ * dtypes, a 2000-row case over many ring laps; dq / dk / dv against the
+ * float64 backward. v1 and v2 planners must agree bitwise, and the
+ * workspace must be far under NSA_CUDA_BWD_ROWS=0's (the key-centric dq's
+ * per-tile partials), which shows the row-block dq ran (its dq may equal
+ * the key-centric one bitwise on short rows: both add a row's tiles in
+ * ascending order). */
+Test(cuda_bwd, row_block_dq) {
+  NSA_REQUIRE_GPU();
+  nsa_cuda_ctx_t *ctx = mkctx(0);
+  for (int k = 0; k < 8; k++) {
+    nsa_tu_case_cfg_t cfg = base();
+    cfg.h = 16;
+    cfg.Dk = cfg.Dv = 128;
+    cfg.dtype = k < 4 ? NSA_BF16 : NSA_F16;
+    cfg.B = 2;
+    cfg.G = (k & 2) ? 1 : 2;
+    cfg.S = 150 + 13 * k;
+    cfg.Skv = cfg.S + 37 * (k % 3);
+    cfg.block_size = (k % 4 == 3) ? 32 : 64;
+    cfg.n = cfg.block_size == 32 ? 16 : (k & 4) ? 16 : 8;
+    cfg.sel_flags = (k & 1)  ? NSA_TU_SEL_CORRELATED | NSA_TU_SEL_UNUSED | NSA_TU_SEL_EMPTY_ROWS
+                    : k == 6 ? 0 /* independent random ids */
+                             : NSA_TU_SEL_DUP | NSA_TU_SEL_UNUSED | NSA_TU_SEL_FUTURE;
+    cfg.seed = 3600 + k;
+    if (k == 5) cfg.kv_bgsd = 1;
+    if (k == 6) {
+      cfg.B = 1;
+      cfg.S = 2000;
+      cfg.Skv = 4100;
+    }
+    bx_t f;
+    bx_init(&f, &cfg, NULL);
+    size_t ws[2];
+    for (int off = 0; off < 2; off++) {
+      if (off) setenv("NSA_CUDA_BWD_ROWS", "0", 1);
+      nsa_cuda_exec_t ex = {.sync = 1};
+      nsa_run_info_t info;
+      char msg[256];
+      cr_assert_eq(nsa_cuda_sel_bwd(ctx, &f.bwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg), NSA_OK,
+                   "%s", msg);
+      ws[off] = info.workspace_bytes;
+      unsetenv("NSA_CUDA_BWD_ROWS");
+    }
+    cr_expect_lt(ws[0] * 2, ws[1], "case %d: workspace %zu B, key-centric dq %zu B: row-block dq not run", k, ws[0],
+                 ws[1]);
+    run_check(ctx, &f, NSA_PATH_VARLEN_V2);
+    double *q1 = malloc(sizeof(double) * (size_t)f.nq);
+    cr_assert(q1);
+    memcpy(q1, f.gq, sizeof(double) * (size_t)f.nq);
+    run_check(ctx, &f, NSA_PATH_VARLEN_V1);
+    int64_t d = 0;
+    for (int64_t e = 0; e < f.nq; e++) d += memcmp(&q1[e], &f.gq[e], sizeof(double)) != 0;
+    cr_expect_eq(d, 0, "case %d: v1 and v2 planners' dq differ in %lld elements", k, (long long)d);
+    setenv("NSA_CUDA_BWD_ROWS", "0", 1);
+    run_check(ctx, &f, NSA_PATH_VARLEN_V2);
+    unsetenv("NSA_CUDA_BWD_ROWS");
+    d = 0;
+    for (int64_t e = 0; e < f.nq; e++) d += memcmp(&q1[e], &f.gq[e], sizeof(double)) != 0;
+    cr_log_info("case %d: workspace %zu B (key-centric dq %zu B), dq differs from the key-centric in %lld of %lld",
+                k, ws[0], ws[1], (long long)d, (long long)f.nq);
+    free(q1);
+    bx_free(&f);
+  }
   nsa_cuda_ctx_destroy(ctx);
 }
 
@@ -428,6 +500,7 @@ Test(cuda_bwd, dq_key_row_batches) {
  * equal that run bitwise and match float64. */
 Test(cuda_bwd, cap_halves_row_batches) {
   NSA_REQUIRE_GPU();
+  setenv("NSA_CUDA_BWD_ROWS", "0", 1); /* the key-centric dq: h = 16 would take the row-block dq */
   nsa_cuda_ctx_t *ctx = mkctx(0);
   nsa_tu_case_cfg_t cfg = base();
   cfg.B = 1;
@@ -486,6 +559,7 @@ Test(cuda_bwd, cap_halves_row_batches) {
   for (int i = 0; i < 3; i++) free(a[i]);
   nsa_cuda_ctx_destroy(capped);
   bx_free(&f);
+  unsetenv("NSA_CUDA_BWD_ROWS");
   nsa_cuda_ctx_destroy(ctx);
 }
 
@@ -542,6 +616,7 @@ static void shared_on_off(nsa_cuda_ctx_t *ctx, bx_t *f, int64_t *dq_diff, int64_
  * bitwise the same with the path on and off. */
 Test(cuda_bwd, shared_tile_groups) {
   NSA_REQUIRE_GPU();
+  setenv("NSA_CUDA_BWD_ROWS", "0", 1); /* h = 16 would take the row-block dq, which needs no shared-tile dq */
   nsa_cuda_ctx_t *ctx = mkctx(0);
   const int64_t hs[] = {16, 8, 4, 2, 16, 8};
   const int64_t dks[] = {128, 64, 64, 128, 128, 64};
@@ -584,6 +659,7 @@ Test(cuda_bwd, shared_tile_groups) {
     cr_expect_eq(dq_diff + kv_diff, 0, "h=%lld: outputs changed by groups the gate should drop", (long long)cfg.h);
     bx_free(&f);
   }
+  unsetenv("NSA_CUDA_BWD_ROWS");
   nsa_cuda_ctx_destroy(ctx);
 }
 
@@ -664,11 +740,11 @@ static void make_invalid(nsa_tu_case_t *c) {
 Test(cuda_bwd, invalid_selection) {
   NSA_REQUIRE_GPU();
   nsa_cuda_ctx_t *ctx = mkctx(0);
-  for (int k = 0; k < 3; k++) {
+  for (int k = 0; k < 4; k++) {
     const int ranges = k == 1;
     nsa_tu_case_cfg_t cfg = base();
-    if (k == 2) { /* the wgmma dk/dv kernel's NaN path (bwd_dkdv_wgmma.cu) */
-      cfg.h = 8;
+    if (k >= 2) { /* the wgmma dk/dv kernel's NaN path (bwd_dkdv_wgmma.cu); h = 16: the row-block dq's */
+      cfg.h = k == 2 ? 8 : 16;
       cfg.Dv = 128;
     }
     cfg.ranges = ranges;
