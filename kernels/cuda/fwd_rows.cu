@@ -431,40 +431,26 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
   }
 }
 
-template <typename T, int R>
-cudaError_t launch_r(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa_cuda_fwd_rows_t *M, cudaStream_t st) {
-  using L = RowsSmem<R, 128, 128>;
+// One launch of the kernel: A = nsa_cuda_attn_t (forward, R rows per CTA)
+// or nsa_cuda_bwd_t (kBwd: the backward's dq, R = kRowsBwd).
+template <typename T, int R, bool kBwd, typename A>
+cudaError_t launch_rows(const A *a, const nsa_plan_t *plan, const nsa_cuda_fwd_rows_t *M, cudaStream_t st) {
+  using L = RowsSmem<R, 128, 128, kBwd>;
   static unsigned long long set_on = 0;  // bwd_common.cuh: set once per device
   int dev = 0;
-  cudaError_t e = set_smem_once(fwd_rows_kernel<T, R, 128, 128, false, nsa_cuda_attn_t>, (int)L::bytes, &set_on, &dev);
+  cudaError_t e = set_smem_once(fwd_rows_kernel<T, R, 128, 128, kBwd, A>, (int)L::bytes, &set_on, &dev);
   if (e != cudaSuccess) return e;
   const int64_t NB = (a->S + R - 1) / R;
   const int64_t NT = (a->Skv + kT - 1) / kT;
   const int64_t grid = a->B * a->G * NB;
-  fwd_rows_kernel<T, R, 128, 128, false, nsa_cuda_attn_t><<<(unsigned)grid, L::kThreads, L::bytes, st>>>(
-      *a, M->k, M->v, (const int2 *)plan->spans, plan->nspans, (int)plan->n, NB, (int)((NT + 31) / 32), M->gmaj);
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_bwd_t(const nsa_cuda_bwd_t *a, const nsa_plan_t *plan, const nsa_cuda_fwd_rows_t *M, cudaStream_t st) {
-  constexpr int R = kRowsBwd;
-  using L = RowsSmem<R, 128, 128, true>;
-  static unsigned long long set_on = 0;
-  int dev = 0;
-  cudaError_t e = set_smem_once(fwd_rows_kernel<T, R, 128, 128, true, nsa_cuda_bwd_t>, (int)L::bytes, &set_on, &dev);
-  if (e != cudaSuccess) return e;
-  const int64_t NB = (a->S + R - 1) / R;
-  const int64_t NT = (a->Skv + kT - 1) / kT;
-  const int64_t grid = a->B * a->G * NB;
-  fwd_rows_kernel<T, R, 128, 128, true, nsa_cuda_bwd_t><<<(unsigned)grid, L::kThreads, L::bytes, st>>>(
+  fwd_rows_kernel<T, R, 128, 128, kBwd, A><<<(unsigned)grid, L::kThreads, L::bytes, st>>>(
       *a, M->k, M->v, (const int2 *)plan->spans, plan->nspans, (int)plan->n, NB, (int)((NT + 31) / 32), M->gmaj);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_t(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa_cuda_fwd_rows_t *M, cudaStream_t st) {
-  return M->rows == 15 ? launch_r<T, 15>(a, plan, M, st) : launch_r<T, 11>(a, plan, M, st);
+  return M->rows == 15 ? launch_rows<T, 15, false>(a, plan, M, st) : launch_rows<T, 11, false>(a, plan, M, st);
 }
 
 // cuTensorMapEncodeTiled through the runtime's driver entry point, so no
@@ -593,8 +579,8 @@ extern "C" cudaError_t nsa_cuda_launch_fwd_rows(const nsa_cuda_attn_t *a, nsa_dt
 extern "C" cudaError_t nsa_cuda_launch_bwd_dq_rows(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, const nsa_plan_t *plan,
                                                    const nsa_cuda_fwd_rows_t *M, cudaStream_t st) {
   switch (dt) {
-    case NSA_BF16: return launch_bwd_t<__nv_bfloat16>(a, plan, M, st);
-    case NSA_F16: return launch_bwd_t<__half>(a, plan, M, st);
+    case NSA_BF16: return launch_rows<__nv_bfloat16, kRowsBwd, true>(a, plan, M, st);
+    case NSA_F16: return launch_rows<__half, kRowsBwd, true>(a, plan, M, st);
     default: return cudaErrorInvalidValue;
   }
 }
