@@ -76,6 +76,36 @@ static inline void nsa_tc_dev_free(nsa_tc_dev_t *dv) {
   memset(dv, 0, sizeof(*dv));
 }
 
+/* Case k (0..7) of the row-block tests (cuda_fwd/row_block_kernel,
+ * cuda_bwd/row_block_dq), on top of the caller's base cfg: h = 16, Dk = Dv =
+ * 128, bf16 for k < 4 else f16, B = 2, G = 2 (1 when k & 2), S = 150 + 13k
+ * (not a multiple of the row block), Skv = S + 37 (k mod 3), block size 64
+ * (32 when k mod 4 == 3), n = 8 or 16; odd k: `odd` | unused slots | empty
+ * rows; k = 6: independent random ids over 2000 rows and 4100 keys (B = 1,
+ * many ring laps); other even k: duplicates, unused slots, future entries;
+ * k = 5: K/V stored [B, G, Skv, D]. */
+static inline void nsa_tc_row_block_cfg(nsa_tu_case_cfg_t *cfg, int k, unsigned odd, uint64_t seed) {
+  cfg->h = 16;
+  cfg->Dk = cfg->Dv = 128;
+  cfg->dtype = k < 4 ? NSA_BF16 : NSA_F16;
+  cfg->B = 2;
+  cfg->G = (k & 2) ? 1 : 2;
+  cfg->S = 150 + 13 * k;
+  cfg->Skv = cfg->S + 37 * (k % 3);
+  cfg->block_size = (k % 4 == 3) ? 32 : 64;
+  cfg->n = cfg->block_size == 32 ? 16 : (k & 4) ? 16 : 8;
+  cfg->sel_flags = (k & 1)  ? odd | NSA_TU_SEL_UNUSED | NSA_TU_SEL_EMPTY_ROWS
+                   : k == 6 ? 0
+                            : NSA_TU_SEL_DUP | NSA_TU_SEL_UNUSED | NSA_TU_SEL_FUTURE;
+  cfg->seed = seed;
+  if (k == 5) cfg->kv_bgsd = 1;
+  if (k == 6) {
+    cfg->B = 1;
+    cfg->S = 2000;
+    cfg->Skv = 4100;
+  }
+}
+
 /* Issues one request on the context's stream with `ex` (sync = 0); returns
  * its NSA status, message in msg. */
 typedef int (*nsa_tc_issue_fn)(nsa_cuda_ctx_t *ctx, void *arg, nsa_cuda_exec_t *ex, char *msg, size_t msglen);

@@ -438,25 +438,7 @@ Test(cuda_bwd, row_block_dq) {
   nsa_cuda_ctx_t *ctx = mkctx(0);
   for (int k = 0; k < 8; k++) {
     nsa_tu_case_cfg_t cfg = base();
-    cfg.h = 16;
-    cfg.Dk = cfg.Dv = 128;
-    cfg.dtype = k < 4 ? NSA_BF16 : NSA_F16;
-    cfg.B = 2;
-    cfg.G = (k & 2) ? 1 : 2;
-    cfg.S = 150 + 13 * k;
-    cfg.Skv = cfg.S + 37 * (k % 3);
-    cfg.block_size = (k % 4 == 3) ? 32 : 64;
-    cfg.n = cfg.block_size == 32 ? 16 : (k & 4) ? 16 : 8;
-    cfg.sel_flags = (k & 1)  ? NSA_TU_SEL_CORRELATED | NSA_TU_SEL_UNUSED | NSA_TU_SEL_EMPTY_ROWS
-                    : k == 6 ? 0 /* independent random ids */
-                             : NSA_TU_SEL_DUP | NSA_TU_SEL_UNUSED | NSA_TU_SEL_FUTURE;
-    cfg.seed = 3600 + k;
-    if (k == 5) cfg.kv_bgsd = 1;
-    if (k == 6) {
-      cfg.B = 1;
-      cfg.S = 2000;
-      cfg.Skv = 4100;
-    }
+    nsa_tc_row_block_cfg(&cfg, k, NSA_TU_SEL_CORRELATED, 3600 + k);
     bx_t f;
     bx_init(&f, &cfg, NULL);
     size_t ws[2];
