@@ -142,6 +142,29 @@ __device__ __forceinline__ void pv_sw(const unsigned (&pa)[4][4], unsigned vs, i
     }
 }
 
+// A consumer warp's walk over its own steps (the ring protocol of step 3):
+// for its j-th tile, union step u in ring slot s = u % kNS, it spins until
+// the slot's tag is u (the producer has started filling the slot for step u,
+// so the fill of step u - kNS has landed and the parity wait names the right
+// phase), waits for K (full[s]), runs tile(j, slot address, s, u) (which
+// waits for V, fullv[s], itself), and releases the slot (empty[s]).
+template <int kNS, typename F>
+__device__ __forceinline__ void walk_steps(int cnt, int mystep, const int *sTag, unsigned ring, unsigned full0,
+                                           unsigned empty0, int lane, F &&tile) {
+  int j = 0;
+  int next = __shfl_sync(0xffffffffu, mystep, 0);
+  for (int u = next; j < cnt; u = next) {
+    const int s = u % kNS;
+    while (nsa_mbar::flag_load(smem_u32(&sTag[s])) != u) __nanosleep(20);
+    nsa_mbar::wait(full0 + 8 * s, (u / kNS) & 1);
+    tile(j, ring + s * kSlot, s, u);
+    j++;
+    next = __shfl_sync(0xffffffffu, mystep, j & 31);  // (unused once j == cnt)
+    __syncwarp();  // every lane is done with the slot
+    if (lane == 0) nsa_mbar::arrive(empty0 + 8 * s);
+  }
+}
+
 template <typename T, int kRows, int DK, int DV, bool kBwd, typename A>
 __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     fwd_rows_kernel(A a, const __grid_constant__ CUtensorMap tmk, const __grid_constant__ CUtensorMap tmv,
@@ -367,13 +390,7 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     const T *do_s = reinterpret_cast<const T *>(smem + L::do_off) + warp * 16 * L::QS;
     cp_wait<0>();
     __syncwarp();
-    int j = 0;
-    int next = __shfl_sync(0xffffffffu, mystep, 0);
-    for (int u = next; j < cnt; u = next) {
-      const int s = u % kNS;
-      while (nsa_mbar::flag_load(smem_u32(&sTag[s])) != u) __nanosleep(20);
-      nsa_mbar::wait(full0 + 8 * s, (u / kNS) & 1);
-      const unsigned slot = ring + s * kSlot;
+    walk_steps<kNS>(cnt, mystep, sTag, ring, full0, empty0, lane, [&](int j, unsigned slot, int s, int u) {
       float sc[8][4];
       qk_sw<T, L::QS>(q_s, slot, lane, sc);
       nsa_mbar::wait(fullv0 + 8 * s, (u / kNS) & 1);
@@ -383,11 +400,7 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
       unsigned da[4][4];
       p_to_a<T>(sc, da);
       pv_sw<T>(da, slot, lane, dq);  // K rows as the B operand, as V in the forward
-      j++;
-      next = __shfl_sync(0xffffffffu, mystep, j & 31);
-      __syncwarp();
-      if (lane == 0) nsa_mbar::arrive(empty0 + 8 * s);
-    }
+    });
     if (row_ok) store_dq(dq, a.scale);
     return;
   } else {
@@ -399,16 +412,7 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
   const T *q_s = sQ + warp * 16 * L::QS;
   cp_wait<0>();
   __syncwarp();  // every lane's Q pieces landed
-  int j = 0;
-  int next = __shfl_sync(0xffffffffu, mystep, 0);
-  // A warp visits only its own steps: it first spins on the slot's tag until
-  // the producer has started filling the slot for step u (the fill of step
-  // u - kNS then has landed, so the parity wait below names the right phase).
-  for (int u = next; j < cnt; u = next) {
-    const int s = u % kNS;
-    while (nsa_mbar::flag_load(smem_u32(&sTag[s])) != u) __nanosleep(20);
-    nsa_mbar::wait(full0 + 8 * s, (u / kNS) & 1);
-    const unsigned slot = ring + s * kSlot;
+  walk_steps<kNS>(cnt, mystep, sTag, ring, full0, empty0, lane, [&](int j, unsigned slot, int s, int u) {
     float sc[8][4];
     qk_sw<T, L::QS>(q_s, slot, lane, sc);
     softmax_tile<DV>(sc, mk[j], mk[j], cq, c2, mr0, mr1, l0, l1, o);  // one row: the same mask for both halves
@@ -416,11 +420,7 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     p_to_a<T>(sc, pa);
     nsa_mbar::wait(fullv0 + 8 * s, (u / kNS) & 1);  // V may land after K
     pv_sw<T>(pa, slot + 2 * kBox, lane, o);
-    j++;
-    next = __shfl_sync(0xffffffffu, mystep, j & 31);  // (unused once j == cnt)
-    __syncwarp();  // every lane is done with the slot
-    if (lane == 0) nsa_mbar::arrive(empty0 + 8 * s);
-  }
+  });
   if (!row_ok) return;
   l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
   l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
