@@ -404,30 +404,30 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     if (row_ok) store_dq(dq, a.scale);
     return;
   } else {
-  const float c2 = a.scale * kLog2e;
-  float mr0 = -INFINITY, mr1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // running max (log2 units), thread-partial l
-  float o[DV / 8][4];
+    const float c2 = a.scale * kLog2e;
+    float mr0 = -INFINITY, mr1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // running max (log2 units), thread-partial l
+    float o[DV / 8][4];
 #pragma unroll
-  for (int i = 0; i < DV / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  const T *q_s = sQ + warp * 16 * L::QS;
-  cp_wait<0>();
-  __syncwarp();  // every lane's Q pieces landed
-  walk_steps<kNS>(cnt, mystep, sTag, ring, full0, empty0, lane, [&](int j, unsigned slot, int s, int u) {
-    float sc[8][4];
-    qk_sw<T, L::QS>(q_s, slot, lane, sc);
-    softmax_tile<DV>(sc, mk[j], mk[j], cq, c2, mr0, mr1, l0, l1, o);  // one row: the same mask for both halves
-    unsigned pa[4][4];
-    p_to_a<T>(sc, pa);
-    nsa_mbar::wait(fullv0 + 8 * s, (u / kNS) & 1);  // V may land after K
-    pv_sw<T>(pa, slot + 2 * kBox, lane, o);
-  });
-  if (!row_ok) return;
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-  store_row(o, l0 > 0.f ? 1.f / l0 : 0.f, l1 > 0.f ? 1.f / l1 : 0.f,
-            l0 > 0.f ? (mr0 + log2f(l0)) * kLn2 : -INFINITY, l1 > 0.f ? (mr1 + log2f(l1)) * kLn2 : -INFINITY);
+    for (int i = 0; i < DV / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    const T *q_s = sQ + warp * 16 * L::QS;
+    cp_wait<0>();
+    __syncwarp();  // every lane's Q pieces landed
+    walk_steps<kNS>(cnt, mystep, sTag, ring, full0, empty0, lane, [&](int j, unsigned slot, int s, int u) {
+      float sc[8][4];
+      qk_sw<T, L::QS>(q_s, slot, lane, sc);
+      softmax_tile<DV>(sc, mk[j], mk[j], cq, c2, mr0, mr1, l0, l1, o);  // one row: the same mask for both halves
+      unsigned pa[4][4];
+      p_to_a<T>(sc, pa);
+      nsa_mbar::wait(fullv0 + 8 * s, (u / kNS) & 1);  // V may land after K
+      pv_sw<T>(pa, slot + 2 * kBox, lane, o);
+    });
+    if (!row_ok) return;
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    store_row(o, l0 > 0.f ? 1.f / l0 : 0.f, l1 > 0.f ? 1.f / l1 : 0.f,
+              l0 > 0.f ? (mr0 + log2f(l0)) * kLn2 : -INFINITY, l1 > 0.f ? (mr1 + log2f(l1)) * kLn2 : -INFINITY);
   }
 }
 
