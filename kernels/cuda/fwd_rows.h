@@ -8,7 +8,7 @@
  * (docs/PERF.md). The query-centric kernels pull every selected tile from L2
  * once per row. This kernel sits between: one CTA per block of kRows
  * consecutive rows of one (b, g) streams the *union* of the block's selected
- * 64-key tiles through shared memory once (a producer warp, bulk copies,
+ * 64-key tiles through shared memory once (a producer warp, TMA boxes,
  * mbarriers), and each of the kRows consumer warps owns one row (its 16
  * heads are one m16 MMA tile) and computes only the tiles its row selected,
  * with the online softmax in registers: no partials, no merge, no inversion,
@@ -35,7 +35,7 @@ extern "C" {
  * host for this request's pointers and strides) and the rows per CTA. */
 typedef struct {
   CUtensorMap k, v;
-  int rows; /* 11 (default) or 15 (NSA_CUDA_FWD_ROWS_R=15, A/B) */
+  int rows; /* forward: 11 (default) or 15 (NSA_CUDA_FWD_ROWS_R=15, A/B); backward dq: 10 */
   int gmaj; /* 1: row blocks of one (b, g) after another (K/V past L2), 0: g fastest */
 } nsa_cuda_fwd_rows_t;
 
