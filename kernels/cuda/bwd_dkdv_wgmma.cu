@@ -15,8 +15,9 @@
 // cycle, one warp per scheduler, and lost to mma.sync except at h = 16
 // random). A chunk is 32 columns: Pk = 32 / h listed rows x h heads,
 // column m = (listed row cb*Pk + m / h, head m % h).
-// Per chunk (keys = the tile's 64 keys; all tiles in the CM layout of
-// wgmma.cuh, so one stored tile serves as K-major and MN-major operand):
+// Per chunk (keys = the tile's 64 keys; K, V and the chunk's Q, dO in the
+// SW128 layout of wgmma.cuh, sDS in its CM layout; either way one stored
+// tile serves as K-major and MN-major operand):
 //   S^T  [64 keys x 32 cols] = K . Q_c^T      A = sK, B = sQ   (K-major)
 //   dP^T [64 keys x 32 cols] = V . dO_c^T     A = sV, B = sO   (K-major)
 //   P^T  = key in the row's set ? exp2(S^T*scale*log2e - lse*log2e) : 0
@@ -50,7 +51,7 @@ constexpr int kWin = 192;         // rows of a segment staged at a time
 constexpr int kThreads = 128;     // one warpgroup
 
 struct Smem {
-  static constexpr int tile = kT * kD * 2;        // K or V: 64 x 128 bf16, CM layout
+  static constexpr int tile = kT * kD * 2;        // K or V: 64 x 128 bf16, SW128 layout
   static constexpr int ctile = kNC * kD * 2;      // a chunk's Q or dO: 32 x 128
   static constexpr size_t k_off = 0;
   static constexpr size_t v_off = k_off + tile;
@@ -68,18 +69,20 @@ struct Smem {
   static constexpr size_t wp_off = wt_off + kWin * 4;             // [kWin] i32 pair index (dq slot)
   static constexpr size_t wq_off = wp_off + kWin * 4;             // [kWin] i64 row's Q element offset (head g*h)
   static constexpr size_t wo_off = wq_off + kWin * 8;             // [kWin] i64 row's dO element offset
-  static constexpr size_t bytes = wo_off + kWin * 8;
+  static constexpr size_t bytes = wo_off + kWin * 8 + 1024;  // + slack to align the base to 1024 (SW128)
 };
 // Two CTAs per SM: 2 x (bytes + 1 KB reserved per CTA) within the SM's 228 KB.
 static_assert(2 * (Smem::bytes + 1024) <= 228 * 1024, "dkdv_wg_kernel: two CTAs per SM no longer fit");
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// Descriptors of a tile with 128 columns (K / V, a chunk's Q / dO): K-major
-// LBO 128 / SBO 2048, one k16 step = +256 bytes; MN-major LBO 2048 / SBO
-// 128, one k16 step (16 rows) = +4096.
-__device__ __forceinline__ unsigned long long dk_major(unsigned a, int ks) { return nsa_wg::desc(a + ks * 256, 128, 2048); }
-__device__ __forceinline__ unsigned long long dmn_major(unsigned a, int ks) {
-  return nsa_wg::desc(a + ks * 4096, 2048, 128);
+// Descriptors of an SW128 tile of R rows x 128 columns (K / V: R = 64, a
+// chunk's Q / dO: R = 32) at k16 step ks (wgmma.cuh): K-major (columns = K)
+// and MN-major (rows = K).
+template <int R> __device__ __forceinline__ unsigned long long dk_major(unsigned a, int ks) {
+  return nsa_wg::desc_sw(a + (ks >> 2) * R * 128 + (ks & 3) * 32, 16, 1024);
+}
+template <int R> __device__ __forceinline__ unsigned long long dmn_major(unsigned a, int ks) {
+  return nsa_wg::desc_sw(a + ks * 2048, R * 128, 1024);
 }
 #endif
 
@@ -88,7 +91,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     dkdv_wg_kernel(nsa_cuda_bwd_t a, Inv iv, float *__restrict__ part, float *__restrict__ dqp, int Pk) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Smem;
-  extern __shared__ __align__(1024) unsigned char smem[];
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  // SW128 tiles need a 1024-byte aligned base (Smem::bytes has the slack).
+  unsigned char *smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
   unsigned char *sQb = smem + L::q_off, *sOb = smem + L::o_off;
   unsigned long long *sMk = reinterpret_cast<unsigned long long *>(smem + L::mk_off);
   float *sL = reinterpret_cast<float *>(smem + L::l_off);
@@ -123,9 +128,13 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Plain cp.async here: with the L2 cache-hint form (cp_async16p) ptxas 13.0
   // emitted, for sm_90a, an LDGSTS whose policy operand sat in an odd uniform
   // register, which the H200 rejected as an illegal instruction.
-  // K / V tile -> CM layout: thread = (row r8 of an 8-row group, 16-byte
-  // piece pc); 8 consecutive threads fill one 128-byte core matrix.
-  const int r8 = tid & 7, pc = tid >> 3;  // pc: 0..15 (128 columns / 8)
+  // Gathers (K / V rows, a chunk's Q / dO columns; 256 bytes each) into the
+  // SW128 layout: copy rg of a thread is 16-byte piece pc of row rg * 8 + r8,
+  // so a warp's 32 copies are one 128-byte half of 4 rows: 4 whole L2 lines
+  // into 4 swizzled 128-byte shared rows (conflict-free; each sector lands in
+  // one 32-byte piece, wgmma.cuh). The CM layout split every sector: one L2
+  // request per 16-byte copy, L2 tag lookups 89 % of peak at 16k h = 16.
+  const int r8 = ((warp & 1) << 2) + ((tid >> 3) & 3), pc = ((warp >> 1) << 3) + (tid & 7);
   if (hi > lo) {
     const T *kb = reinterpret_cast<const T *>(a.k) + b * a.ks[0] + g * a.ks[2];
     const T *vb = reinterpret_cast<const T *>(a.v) + b * a.vs[0] + g * a.vs[2];
@@ -133,7 +142,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int rg = 0; rg < kT / 8; rg++) {
       const int kk = rg * 8 + r8, tok = k0 + kk;
       const bool ok = tok < a.Skv;
-      const int off = nsa_wg::cm_off(kk, pc * 8, kD);
+      const int off = nsa_wg::sw_off(kk, pc, kT);
       cp_async16(kA + off, ok ? kb + (int64_t)tok * a.ks[1] + pc * 8 : kb, ok ? 16 : 0);
       cp_async16(vA + off, ok ? vb + (int64_t)tok * a.vs[1] + pc * 8 : vb, ok ? 16 : 0);
     }
@@ -184,7 +193,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           qs = q + wQo[wi] + (int64_t)j * a.qs[2] + pc * 8;
           os = dout + wOo[wi] + (int64_t)j * a.dos[2] + pc * 8;
         }
-        const int off = nsa_wg::cm_off(m, pc * 8, kD);
+        const int off = nsa_wg::sw_off(m, pc, kNC);
         cp_async16(qd + off, qs, ok ? 16 : 0);
         cp_async16(od + off, os, ok ? 16 : 0);
       }
@@ -222,10 +231,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       nsa_wg::fence();
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ks++)
-        nsa_wg::ss_m64n32k16<0, 0>((T *)nullptr, s, dk_major(kA, ks), dk_major(qA, ks), ks > 0);
+        nsa_wg::ss_m64n32k16<0, 0>((T *)nullptr, s, dk_major<kT>(kA, ks), dk_major<kNC>(qA, ks), ks > 0);
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ks++)
-        nsa_wg::ss_m64n32k16<0, 0>((T *)nullptr, dp, dk_major(vA, ks), dk_major(oA, ks), ks > 0);
+        nsa_wg::ss_m64n32k16<0, 0>((T *)nullptr, dp, dk_major<kT>(vA, ks), dk_major<kNC>(oA, ks), ks > 0);
       nsa_wg::commit();
       nsa_wg::wait<0>();
       nsa_wg::reg_fence(s);
@@ -253,9 +262,9 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       nsa_wg::fence();
 #pragma unroll
-      for (int kk = 0; kk < kNC / 16; kk++) nsa_wg::rs_m64n128k16<1>((T *)nullptr, dv, pa[kk], dmn_major(oA, kk), 1);
+      for (int kk = 0; kk < kNC / 16; kk++) nsa_wg::rs_m64n128k16<1>((T *)nullptr, dv, pa[kk], dmn_major<kNC>(oA, kk), 1);
 #pragma unroll
-      for (int kk = 0; kk < kNC / 16; kk++) nsa_wg::rs_m64n128k16<1>((T *)nullptr, dk, da[kk], dmn_major(qA, kk), 1);
+      for (int kk = 0; kk < kNC / 16; kk++) nsa_wg::rs_m64n128k16<1>((T *)nullptr, dk, da[kk], dmn_major<kNC>(qA, kk), 1);
       nsa_wg::commit();
 
       // CTA-uniform: 0 when every column is padding or a shared-tile row.
@@ -291,13 +300,13 @@ __global__ void __launch_bounds__(kThreads, 2)
           nsa_wg::fence();
 #pragma unroll
           for (int kk = 0; kk < kT / 16; kk++)
-            nsa_wg::ss_m64n32k16<1, 1>((T *)nullptr, q0, dmn_major(kA, kk),
+            nsa_wg::ss_m64n32k16<1, 1>((T *)nullptr, q0, dmn_major<kT>(kA, kk),
                                        nsa_wg::desc(dsA + kk * 1024, 512, 128), kk > 0);
           nsa_wg::commit();
 #pragma unroll
           for (int kk = 0; kk < kT / 16; kk++)
-            // + 1024 bytes: d = 64..127, 8 core matrices (SBO 128) along M
-            nsa_wg::ss_m64n32k16<1, 1>((T *)nullptr, q1, dmn_major(kA + 1024, kk),
+            // d = 64..127: K's second box
+            nsa_wg::ss_m64n32k16<1, 1>((T *)nullptr, q1, dmn_major<kT>(kA + kT * 128, kk),
                                        nsa_wg::desc(dsA + kk * 1024, 512, 128), kk > 0);
           nsa_wg::commit();
           // rows = d hb*64 + kr0 (+8); columns = chunk columns 8i + cq + e

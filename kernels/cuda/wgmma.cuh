@@ -1,6 +1,7 @@
 // wgmma.cuh — Hopper warpgroup MMA (sm_90a) helpers for the backward's dk/dv
-// kernel (bwd_dkdv_wg.cu): shared-memory descriptors, fences, and the
-// "core-matrix" tile layout every operand uses.
+// kernel (bwd_dkdv_wgmma.cu): shared-memory descriptors, fences, and the two
+// tile layouts (CM below, for tiles written from registers; SW128 further
+// down, for tiles gathered by cp.async).
 //
 // Layout ("CM layout"): an R x C bf16/f16 matrix (C contiguous in the
 // source, row-major) is stored as (R/8) x (C/8) core matrices of 8 rows x 8
@@ -32,6 +33,29 @@ __host__ __device__ constexpr int cm_off(int r, int c, int C) {
 __device__ __forceinline__ unsigned long long desc(unsigned addr, unsigned lbo, unsigned sbo) {
   return (unsigned long long)((addr >> 4) & 0x3FFF) | ((unsigned long long)((lbo >> 4) & 0x3FFF) << 16) |
          ((unsigned long long)((sbo >> 4) & 0x3FFF) << 32);
+}
+
+// "SW128 layout": an R x 128 bf16/f16 tile (rows of 256 source bytes, R a
+// multiple of 8) as two boxes [R][64 elements], box 1 at R * 128 bytes; in a
+// box row r is 128 bytes at r * 128 with its 16-byte chunk c at chunk
+// c ^ (r % 8) (the 128-byte swizzle; the tile base is 1024-byte aligned, the
+// swizzle's period, so the hardware's XOR of address bits 4-6 with 7-9
+// matches). Why not the CM layout for gathered tiles: cp.async coalesces a
+// 32-byte global sector only when its two 16-byte halves land in one 32-byte
+// piece of shared memory; CM puts them 128 bytes apart, so every 16-byte copy
+// became its own L2 request and read a whole sector (H200: 2.7 vs 12.5 TB/s).
+// Byte offset of 16-byte chunk c16 (0..15, elements 8 c16 ..) of row r:
+__host__ __device__ constexpr int sw_off(int r, int c16, int R) {
+  return (c16 >> 3) * R * 128 + r * 128 + (((c16 & 7) ^ (r & 7)) << 4);
+}
+// Descriptors of SW128 tiles (checked against a float64 product on an H200
+// in all three uses below):
+//   rows = M/N, columns = K ("K-major"), k16 step ks: start + (ks / 4) box
+//     + (ks % 4) * 32 bytes, SBO = 1024 (8 rows), LBO unused;
+//   rows = K, columns = M/N ("MN-major"), k16 step kk: start + kk * 2048,
+//     LBO = R * 128 (box to box along M/N), SBO = 1024 (8 rows along K).
+__device__ __forceinline__ unsigned long long desc_sw(unsigned addr, unsigned lbo, unsigned sbo) {
+  return desc(addr, lbo, sbo) | (1ull << 62);
 }
 
 __device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
