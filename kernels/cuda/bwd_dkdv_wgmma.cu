@@ -32,7 +32,9 @@
 // per warp), which is also the register A layout of the next product: P^T and
 // dS^T go from S^T / dP^T registers to A fragments without shared memory.
 // Chunks arrive through a kST-stage cp.async pipeline (kPF in flight, one
-// barrier per chunk). Fixed summation order: bitwise deterministic.
+// barrier per chunk); without dq, chunk ch's exp work runs while chunk
+// ch - 1's dV / dK are on the tensor cores (H200: -0.7 % at 16k h = 16).
+// Fixed summation order: bitwise deterministic.
 #include <stdlib.h>
 
 #include "bwd_dkdv.cuh"
@@ -213,21 +215,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     };
 
-#pragma unroll
-    for (int c = 0; c < kPF; c++) {
-      if (c < nch) prep(c, c);
-      cp_commit();
-    }
-    for (int ch = 0; ch < nch; ch++) {
-      const int stg = ch % kST;
-      if (ch + kPF < nch) prep(ch + kPF, (ch + kPF) % kST);
-      cp_commit();
-      cp_wait<kPF>();
-      nsa_wg::fence_proxy();  // this thread's cp.async data -> the tensor cores
-      __syncthreads();        // chunk ch visible to all; every thread is past chunk ch - 1
-
+    // S^T = K . Q_c^T and dP^T = V . dO_c^T of the chunk in stage stg (one
+    // commit group; the caller waits).
+    auto issue_sdp = [&](int stg, float(&s)[16], float(&dp)[16]) {
       const unsigned qA = qA0 + stg * L::ctile, oA = oA0 + stg * L::ctile;
-      float s[16], dp[16];
       nsa_wg::fence();
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ks++)
@@ -236,36 +227,116 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int ks = 0; ks < kD / 16; ks++)
         nsa_wg::ss_m64n32k16<0, 0>((T *)nullptr, dp, dk_major<kT>(vA, ks), dk_major<kNC>(oA, ks), ks > 0);
       nsa_wg::commit();
-      nsa_wg::wait<0>();
-      nsa_wg::reg_fence(s);
-      nsa_wg::reg_fence(dp);
-
-      // P^T, dS^T (rows = keys kr0, kr0 + 8; columns of the chunk)
+    };
+    // p = P^T, ds = dS^T from s = S^T, dp = dP^T (rows = keys kr0, kr0 + 8;
+    // columns of the chunk). Not in place: an accumulator register written
+    // while another product runs makes ptxas serialize all wgmma (C7515).
+    auto grads = [&](int stg, const float(&s)[16], const float(&dp)[16], float(&p)[16], float(&ds)[16]) {
       const unsigned long long *mk = sMk + stg * kNC;
       const float *ls = sL + stg * kNC, *dl = sD + stg * kNC;
-      unsigned pa[kNC / 16][4], da[kNC / 16][4];
 #pragma unroll
-      for (int i = 0; i < kNC / 8; i++) {
-        float pv[4], dsv[4];
+      for (int i = 0; i < kNC / 8; i++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
           const int key = kr0 + (e >> 1) * 8, col = i * 8 + cq + (e & 1);
           const bool in = (mk[col] >> key) & 1ull;
-          pv[e] = in ? ex2(fmaf(s[i * 4 + e], c2, -ls[col] * LOG2E)) : 0.f;
-          dsv[e] = pv[e] * (dp[i * 4 + e] - dl[col]);
+          const float pv = in ? ex2(fmaf(s[i * 4 + e], c2, -ls[col] * LOG2E)) : 0.f;
+          ds[i * 4 + e] = pv * (dp[i * 4 + e] - dl[col]);
+          p[i * 4 + e] = pv;
         }
-        // n8 block i is half (i & 1) of k-step i / 2 of the next products' A
-        pa[i >> 1][(i & 1) * 2 + 0] = Mma<T>::pack(pv[0], pv[1]);
-        pa[i >> 1][(i & 1) * 2 + 1] = Mma<T>::pack(pv[2], pv[3]);
-        da[i >> 1][(i & 1) * 2 + 0] = Mma<T>::pack(dsv[0], dsv[1]);
-        da[i >> 1][(i & 1) * 2 + 1] = Mma<T>::pack(dsv[2], dsv[3]);
-      }
+    };
+    // P^T, dS^T -> the A fragments of dV / dK: n8 block i is half (i & 1) of
+    // k-step i / 2. Written only while no product is in flight (an A register
+    // written under a running wgmma makes ptxas serialize them all).
+    auto pack = [&](const float(&p)[16], const float(&ds)[16], unsigned(&pa)[kNC / 16][4],
+                    unsigned(&da)[kNC / 16][4]) {
+#pragma unroll
+      for (int i = 0; i < kNC / 8; i++)
+#pragma unroll
+        for (int rh = 0; rh < 2; rh++) {
+          pa[i >> 1][(i & 1) * 2 + rh] = Mma<T>::pack(p[i * 4 + rh * 2], p[i * 4 + rh * 2 + 1]);
+          da[i >> 1][(i & 1) * 2 + rh] = Mma<T>::pack(ds[i * 4 + rh * 2], ds[i * 4 + rh * 2 + 1]);
+        }
+    };
+    // dV += P^T . dO_c, dK += dS^T . Q_c (one commit group).
+    auto issue_dvdk = [&](int stg, const unsigned(&pa)[kNC / 16][4], const unsigned(&da)[kNC / 16][4]) {
+      const unsigned qA = qA0 + stg * L::ctile, oA = oA0 + stg * L::ctile;
       nsa_wg::fence();
 #pragma unroll
       for (int kk = 0; kk < kNC / 16; kk++) nsa_wg::rs_m64n128k16<1>((T *)nullptr, dv, pa[kk], dmn_major<kNC>(oA, kk), 1);
 #pragma unroll
       for (int kk = 0; kk < kNC / 16; kk++) nsa_wg::rs_m64n128k16<1>((T *)nullptr, dk, da[kk], dmn_major<kNC>(qA, kk), 1);
       nsa_wg::commit();
+    };
+
+#pragma unroll
+    for (int c = 0; c < kPF; c++) {
+      if (c < nch) prep(c, c);
+      cp_commit();
+    }
+    if constexpr (!DQ) {
+      // Software pipeline (no dq): step ch issues chunk ch's S^T / dP^T and
+      // then chunk ch - 1's dV / dK, so chunk ch's exp work (P^T, dS^T)
+      // runs while the tensor cores do chunk ch - 1's dV / dK. ptxas
+      // serializes every wgmma if a register that some wgmma reads (an A
+      // fragment) or writes (an accumulator) is written by another
+      // instruction while any wgmma is in flight (C7513 / C7515): so P^T /
+      // dS^T are packed into pt / dt, and moved into the A fragments pa / da
+      // (prmt, which ptxas cannot fold into the pack) once dV / dK retired.
+      // Stages at step ch: ch - 1 (dV / dK), ch (S^T / dP^T), ch + 1
+      // (landed or landing), ch + 2 (filled after the barrier, which every
+      // thread passes only after retiring chunk ch - 2's dV / dK): kST = 4.
+      unsigned pa[kNC / 16][4], da[kNC / 16][4];
+      for (int ch = 0; ch < nch; ch++) {
+        const int stg = ch % kST;
+        cp_wait<kPF - 1>();     // chunk ch (prepped two steps back or in the prologue)
+        nsa_wg::fence_proxy();  // this thread's cp.async data -> the tensor cores
+        __syncthreads();
+        if (ch + kPF < nch) prep(ch + kPF, (ch + kPF) % kST);
+        cp_commit();
+        float s[16], dp[16];
+        issue_sdp(stg, s, dp);
+        if (ch > 0) {
+          issue_dvdk((ch - 1) % kST, pa, da);
+          nsa_wg::wait<1>();  // chunk ch's S^T / dP^T (chunk ch - 1's dV / dK run on)
+        } else {
+          nsa_wg::wait<0>();
+        }
+        nsa_wg::reg_fence(s);
+        nsa_wg::reg_fence(dp);
+        float p[16], ds[16];
+        grads(stg, s, dp, p, ds);
+        unsigned pt[kNC / 16][4], dt[kNC / 16][4];
+        pack(p, ds, pt, dt);
+        nsa_wg::wait<0>();
+#pragma unroll
+        for (int i = 0; i < kNC / 16; i++)
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            asm volatile("prmt.b32 %0, %1, 0, 0x3210;\n" : "=r"(pa[i][e]) : "r"(pt[i][e]));
+            asm volatile("prmt.b32 %0, %1, 0, 0x3210;\n" : "=r"(da[i][e]) : "r"(dt[i][e]));
+          }
+      }
+      issue_dvdk((nch - 1) % kST, pa, da);  // retired at the next window's start or after the loop
+    }
+    if constexpr (DQ) for (int ch = 0; ch < nch; ch++) {
+      const int stg = ch % kST;
+      if (ch + kPF < nch) prep(ch + kPF, (ch + kPF) % kST);
+      cp_commit();
+      cp_wait<kPF>();
+      nsa_wg::fence_proxy();  // this thread's cp.async data -> the tensor cores
+      __syncthreads();        // chunk ch visible to all; every thread is past chunk ch - 1
+
+      float s[16], dp[16];
+      issue_sdp(stg, s, dp);
+      nsa_wg::wait<0>();
+      nsa_wg::reg_fence(s);
+      nsa_wg::reg_fence(dp);
+      float p[16], ds[16];
+      grads(stg, s, dp, p, ds);
+      unsigned pa[kNC / 16][4], da[kNC / 16][4];
+      pack(p, ds, pa, da);
+      issue_dvdk(stg, pa, da);
 
       // CTA-uniform: 0 when every column is padding or a shared-tile row.
       const unsigned dqm = DQ ? sDqm[stg] : 0u;
