@@ -7,6 +7,15 @@
 //   mma_bf16_TFLOPs : m16n8k16 bf16 mma.sync issued back to back from
 //                     registers (8 independent accumulators per warp), the
 //                     instruction the project's kernels use
+//   cp_async_GBps   : 16-byte cp.async gathers of 256-byte rows (1 KB apart,
+//                     as a token's D = 128 of one group) into shared memory,
+//                     per destination layout: wgmma's core-matrix layout
+//                     (a row's 16-byte pieces 128 bytes apart), the 128-byte
+//                     swizzle, rows padded by 16 bytes (the mma.sync kernels'
+//                     conflict-free ldmatrix stride), plain rows. A sector is
+//                     fetched whole and coalesced only when both its 16-byte
+//                     halves land in one 32-byte piece of shared memory
+//                     (bwd_dkdv_wgmma.cu's gathers, docs/PERF.md)
 // Median of 5 timed runs after a warm-up, CUDA events. No inputs beyond the
 // device; prints "no CUDA device" and exits 0 without one.
 #include <cuda_bf16.h>
@@ -60,6 +69,36 @@ __global__ void mma_kernel(int iters, float *__restrict__ sink) {
   float s = 0.f;
   for (int k = 0; k < 8; k++) s += c[k][0] + c[k][1] + c[k][2] + c[k][3];
   if (s == 1234.5f) *sink = s;
+}
+
+// Each iteration: 32 rows x 256 bytes (16 pieces of 16 bytes) into shared
+// memory, a warp copying one 128-byte half of 4 rows (whole L2 lines).
+enum { kCM = 0, kSW128 = 1, kPad16 = 2, kPlain = 3 };
+template <int LAYOUT>
+__global__ void cp_async_kernel(const char *__restrict__ g, int groups, int iters, int *__restrict__ sink) {
+  extern __shared__ __align__(1024) unsigned char sm[];
+  const unsigned base = (unsigned)__cvta_generic_to_shared(sm);
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int r4 = ((warp & 1) << 2) + ((tid >> 3) & 3), pc = ((warp >> 1) << 3) + (tid & 7);
+  int acc = 0;
+  for (int it = 0; it < iters; it++) {
+    const char *gb = g + (size_t)((blockIdx.x * iters + it) % groups) * 32 * 1024;
+#pragma unroll
+    for (int rg = 0; rg < 4; rg++) {
+      const int r = rg * 8 + r4;
+      unsigned off;
+      if (LAYOUT == kCM) off = ((r >> 3) * 16 + pc) * 128 + (r & 7) * 16;
+      else if (LAYOUT == kSW128) off = (pc >> 3) * 4096 + r * 128 + (((pc & 7) ^ (r & 7)) << 4);
+      else if (LAYOUT == kPad16) off = r * 272 + pc * 16;
+      else off = r * 256 + pc * 16;
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(base + off), "l"(gb + (size_t)r * 1024 + pc * 16));
+    }
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::);
+    __syncthreads();
+    acc += sm[(tid * 37) & 8191];
+    __syncthreads();
+  }
+  if (acc == 0x7fffffff) *sink = acc;
 }
 
 template <typename F> static float median_ms(F launch) {
@@ -122,6 +161,20 @@ int main() {
   CK(cudaGetLastError());
   const double flops = (double)sms * 4 * warps_per_cta * mi * 8 * (2.0 * 16 * 8 * 16);
   std::printf("mma_bf16_TFLOPs %.0f  (m16n8k16 mma.sync, %d SMs x 32 warps)\n", flops / (tm * 1e-3) / 1e12, sms);
+
+  // 4096 groups x 8 KB of rows (32 MB touched: L2-resident), 1056 CTAs.
+  const int groups = 4096, ci = 64, cctas = sms * 8;
+  const double cbytes = (double)cctas * ci * 32 * 256;
+  const char *names[4] = {"core_matrices", "swizzle128", "padded16", "plain"};
+  void (*kerns[4])(const char *, int, int, int *) = {cp_async_kernel<kCM>, cp_async_kernel<kSW128>,
+                                                     cp_async_kernel<kPad16>, cp_async_kernel<kPlain>};
+  std::printf("cp_async_GBps");
+  for (int l = 0; l < 4; l++) {
+    const float tcp = median_ms([&] { kerns[l]<<<cctas, 128, 16384>>>((const char *)a, groups, ci, sink); });
+    CK(cudaGetLastError());
+    std::printf("  %s %.0f", names[l], cbytes / (tcp * 1e-3) / 1e9);
+  }
+  std::printf("  (16-byte copies of 256-byte rows into shared memory, %d CTAs)\n", cctas);
   cudaFree(a);
   cudaFree(b);
   cudaFree(sink);
