@@ -78,13 +78,18 @@ static_assert(2 * (Smem::bytes + 1024) <= 228 * 1024, "dkdv_wg_kernel: two CTAs 
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // Descriptors of an SW128 tile of R rows x 128 columns (K / V: R = 64, a
-// chunk's Q / dO: R = 32) at k16 step ks (wgmma.cuh): K-major (columns = K)
-// and MN-major (rows = K).
-template <int R> __device__ __forceinline__ unsigned long long dk_major(unsigned a, int ks) {
-  return nsa_wg::desc_sw(a + (ks >> 2) * R * 128 + (ks & 3) * 32, 16, 1024);
+// chunk's Q / dO: R = 32) at shared address a, K-major (columns = K) and
+// MN-major (rows = K), and their k16 step ks (wgmma.cuh; ks is a
+// compile-time constant in the unrolled loops, so a step is one add).
+__device__ __forceinline__ unsigned long long dk_base(unsigned a) { return nsa_wg::desc_sw(a, 16, 1024); }
+template <int R> __device__ __forceinline__ unsigned long long dmn_base(unsigned a) {
+  return nsa_wg::desc_sw(a, R * 128, 1024);
 }
-template <int R> __device__ __forceinline__ unsigned long long dmn_major(unsigned a, int ks) {
-  return nsa_wg::desc_sw(a + ks * 2048, R * 128, 1024);
+template <int R> __device__ __forceinline__ unsigned long long dk_major(unsigned long long d, int ks) {
+  return nsa_wg::desc_adv(d, (ks >> 2) * R * 128 + (ks & 3) * 32);
+}
+__device__ __forceinline__ unsigned long long dmn_major(unsigned long long d, int ks) {
+  return nsa_wg::desc_adv(d, ks * 2048);
 }
 #endif
 
@@ -110,6 +115,12 @@ __global__ void __launch_bounds__(kThreads, 2)
   long long *wOo = reinterpret_cast<long long *>(smem + L::wo_off);
   const unsigned kA = smem_u32(smem + L::k_off), vA = smem_u32(smem + L::v_off);
   const unsigned qA0 = smem_u32(sQb), oA0 = smem_u32(sOb), dsA = smem_u32(smem + L::ds_off);
+  // Descriptors: K / V (K-major), K (MN-major, the dq), stage 0's Q / dO
+  // (K-major and MN-major; stage stg is + stg * ctile bytes), sDS.
+  const unsigned long long dK = dk_base(kA), dV = dk_base(vA), dKmn = dmn_base<kT>(kA);
+  const unsigned long long dQk0 = dk_base(qA0), dOk0 = dk_base(oA0);
+  const unsigned long long dQmn0 = dmn_base<kNC>(qA0), dOmn0 = dmn_base<kNC>(oA0);
+  const unsigned long long dDS = nsa_wg::desc(dsA, 512, 128);
 
   int64_t x;
   int seg, nseg;
@@ -218,14 +229,14 @@ __global__ void __launch_bounds__(kThreads, 2)
     // S^T = K . Q_c^T and dP^T = V . dO_c^T of the chunk in stage stg (one
     // commit group; the caller waits).
     auto issue_sdp = [&](int stg, float(&s)[16], float(&dp)[16]) {
-      const unsigned qA = qA0 + stg * L::ctile, oA = oA0 + stg * L::ctile;
+      const unsigned long long dQ = nsa_wg::desc_adv(dQk0, stg * L::ctile), dO = nsa_wg::desc_adv(dOk0, stg * L::ctile);
       nsa_wg::fence();
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ks++)
-        nsa_wg::ss_m64n32k16<0, 0>((T *)nullptr, s, dk_major<kT>(kA, ks), dk_major<kNC>(qA, ks), ks > 0);
+        nsa_wg::ss_m64n32k16<0, 0>((T *)nullptr, s, dk_major<kT>(dK, ks), dk_major<kNC>(dQ, ks), ks > 0);
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ks++)
-        nsa_wg::ss_m64n32k16<0, 0>((T *)nullptr, dp, dk_major<kT>(vA, ks), dk_major<kNC>(oA, ks), ks > 0);
+        nsa_wg::ss_m64n32k16<0, 0>((T *)nullptr, dp, dk_major<kT>(dV, ks), dk_major<kNC>(dO, ks), ks > 0);
       nsa_wg::commit();
     };
     // p = P^T, ds = dS^T from s = S^T, dp = dP^T (rows = keys kr0, kr0 + 8;
@@ -260,12 +271,12 @@ __global__ void __launch_bounds__(kThreads, 2)
     };
     // dV += P^T . dO_c, dK += dS^T . Q_c (one commit group).
     auto issue_dvdk = [&](int stg, const unsigned(&pa)[kNC / 16][4], const unsigned(&da)[kNC / 16][4]) {
-      const unsigned qA = qA0 + stg * L::ctile, oA = oA0 + stg * L::ctile;
+      const unsigned long long dQ = nsa_wg::desc_adv(dQmn0, stg * L::ctile), dO = nsa_wg::desc_adv(dOmn0, stg * L::ctile);
       nsa_wg::fence();
 #pragma unroll
-      for (int kk = 0; kk < kNC / 16; kk++) nsa_wg::rs_m64n128k16<1>((T *)nullptr, dv, pa[kk], dmn_major<kNC>(oA, kk), 1);
+      for (int kk = 0; kk < kNC / 16; kk++) nsa_wg::rs_m64n128k16<1>((T *)nullptr, dv, pa[kk], dmn_major(dO, kk), 1);
 #pragma unroll
-      for (int kk = 0; kk < kNC / 16; kk++) nsa_wg::rs_m64n128k16<1>((T *)nullptr, dk, da[kk], dmn_major<kNC>(qA, kk), 1);
+      for (int kk = 0; kk < kNC / 16; kk++) nsa_wg::rs_m64n128k16<1>((T *)nullptr, dk, da[kk], dmn_major(dQ, kk), 1);
       nsa_wg::commit();
     };
 
@@ -371,14 +382,14 @@ __global__ void __launch_bounds__(kThreads, 2)
           nsa_wg::fence();
 #pragma unroll
           for (int kk = 0; kk < kT / 16; kk++)
-            nsa_wg::ss_m64n32k16<1, 1>((T *)nullptr, q0, dmn_major<kT>(kA, kk),
-                                       nsa_wg::desc(dsA + kk * 1024, 512, 128), kk > 0);
+            nsa_wg::ss_m64n32k16<1, 1>((T *)nullptr, q0, dmn_major(dKmn, kk), nsa_wg::desc_adv(dDS, kk * 1024),
+                                       kk > 0);
           nsa_wg::commit();
 #pragma unroll
           for (int kk = 0; kk < kT / 16; kk++)
             // d = 64..127: K's second box
-            nsa_wg::ss_m64n32k16<1, 1>((T *)nullptr, q1, dmn_major<kT>(kA + kT * 128, kk),
-                                       nsa_wg::desc(dsA + kk * 1024, 512, 128), kk > 0);
+            nsa_wg::ss_m64n32k16<1, 1>((T *)nullptr, q1, dmn_major(nsa_wg::desc_adv(dKmn, kT * 128), kk),
+                                       nsa_wg::desc_adv(dDS, kk * 1024), kk > 0);
           nsa_wg::commit();
           // rows = d hb*64 + kr0 (+8); columns = chunk columns 8i + cq + e
           auto store = [&](const float(&q)[16], int hb) {
