@@ -242,7 +242,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     // p = P^T, ds = dS^T from s = S^T, dp = dP^T (rows = keys kr0, kr0 + 8;
     // columns of the chunk). Not in place: an accumulator register written
     // while another product runs makes ptxas serialize all wgmma (C7515).
-    auto grads = [&](int stg, const float(&s)[16], const float(&dp)[16], float(&p)[16], float(&ds)[16]) {
+    // The caller has just retired the product that wrote s / dp.
+    auto grads = [&](int stg, float(&s)[16], float(&dp)[16], float(&p)[16], float(&ds)[16]) {
+      nsa_wg::reg_fence(s);
+      nsa_wg::reg_fence(dp);
       const unsigned long long *mk = sMk + stg * kNC;
       const float *ls = sL + stg * kNC, *dl = sD + stg * kNC;
 #pragma unroll
@@ -313,8 +316,6 @@ __global__ void __launch_bounds__(kThreads, 2)
         } else {
           nsa_wg::wait<0>();
         }
-        nsa_wg::reg_fence(s);
-        nsa_wg::reg_fence(dp);
         float p[16], ds[16];
         grads(stg, s, dp, p, ds);
         unsigned pt[kNC / 16][4], dt[kNC / 16][4];
@@ -341,8 +342,6 @@ __global__ void __launch_bounds__(kThreads, 2)
       float s[16], dp[16];
       issue_sdp(stg, s, dp);
       nsa_wg::wait<0>();
-      nsa_wg::reg_fence(s);
-      nsa_wg::reg_fence(dp);
       float p[16], ds[16];
       grads(stg, s, dp, p, ds);
       unsigned pa[kNC / 16][4], da[kNC / 16][4];
