@@ -11,7 +11,8 @@
  *                   registered twice (by one session, or again by a client that
  *                   reconnected while its old session drains) shares one
  *                   cudaIpcOpenMemHandle, which CUDA allows only once per
- *                   process and handle. Loop thread only, so no lock.
+ *                   process and handle. Guarded by cb->ipc_mu (the loop thread
+ *                   and the closer thread).
  *   events          IPC events go through the same table (cudaEvent_t).
  *   shm             nsad_shm_open + cudaHostRegister(Mapped|Portable): kernels
  *                   read host memory over the bus through its device alias.
@@ -19,10 +20,18 @@
  * sync=false: fwd/bwd return once the work is queued on the worker's stream.
  * The job then comes back to the loop, which may drop the last reference of a
  * region while the GPU still reads it. So each queue has an `unsynced` flag
- * (set by the worker after it queued async work); closing a region/event
- * first synchronizes the streams whose flag is set. The job's completion goes
+ * (set by the worker after it queued async work). The job's completion goes
  * through the job queue's mutex, so a flag set by the worker for that job is
  * visible to the loop thread when it closes the region.
+ *
+ * Deferred closes: closing a region/event never waits for the GPU on the
+ * loop thread (that would stall every client's requests for as long as the
+ * queued work runs). When a queue's flag is set, the loop records an event on
+ * that queue's stream and hands the close (cudaIpcCloseMemHandle, or
+ * cudaHostUnregister + munmap for shm) to the closer thread, which waits for
+ * the events and then closes. With no async work outstanding the close runs
+ * at once on the loop thread. A handle registered again before its deferred
+ * close ran revives the table entry (refs > 0), and the closer skips it.
  *
  * Sticky CUDA errors come back from kernels/cuda as NSA_ERR_DEVICE_FATAL and
  * are passed through: dispatch replies device_error and nsad exits 70.
@@ -57,9 +66,20 @@ typedef struct cb_ipc {
   unsigned char handle[64];
   void *ptr;     /* mapped device base, or cudaEvent_t */
   size_t extent; /* bytes from ptr to the allocation's end (mappings) */
-  int refs;
+  int refs;     /* registrations holding it (cb->ipc_mu) */
+  int pending;  /* deferred closes queued for it (cb->ipc_mu) */
   struct cb_ipc *next;
 } cb_ipc_t;
+
+/* A close handed to the closer thread: wait for ev[], then close. */
+typedef struct cb_close {
+  struct cb_close *next;
+  cb_ipc_t *m;       /* an IPC mapping or event whose refs reached 0, or NULL */
+  nsad_region_t shm; /* m == NULL: a copy of the shm region (host base in priv) */
+  int nev;
+  cudaEvent_t ev[NSAD_MAX_DEVICES];
+  int evdev[NSAD_MAX_DEVICES];
+} cb_close_t;
 
 typedef struct {
   pthread_mutex_t mu;     /* guards `stream` against worker teardown */
@@ -72,7 +92,16 @@ typedef struct {
   int dev[NSAD_MAX_DEVICES]; /* queue → physical device */
   size_t ws_cap;
   cb_queue_t q[NSAD_MAX_DEVICES];
-  cb_ipc_t *ipc; /* loop thread only */
+  pthread_mutex_t ipc_mu; /* cb->ipc, each entry's refs / pending */
+  cb_ipc_t *ipc;
+  /* The closer thread and its FIFO of deferred closes (guarded by close_mu). */
+  pthread_t closer;
+  int closer_on;
+  pthread_mutex_t close_mu;
+  pthread_cond_t close_cv;
+  cb_close_t *close_head, **close_tail;
+  int close_busy; /* queued + running closes */
+  int close_stop;
   char devlist[160];
 } cb_t;
 
@@ -148,39 +177,65 @@ static int read_ws_cap(const nsad_config_t *cfg, size_t *cap, char *msg, size_t 
   return 0;
 }
 
-/* Waits for queued sync=false work on queue qi (all queues when qi < 0). */
-static void drain(cb_t *cb, int qi) {
+/* Records, into c, an event after the queued sync=false work of queue qi
+ * (every queue when qi < 0) whose `unsynced` flag is set, and clears those
+ * flags. Returns how many were recorded. A stream whose event cannot be made
+ * is waited for here instead (the blocking way) rather than closed early.
+ * c NULL (no memory, no closer thread): waits for every one of those streams,
+ * flag or not (an earlier deferred close may have cleared its flag). */
+static int mark_unsynced(cb_t *cb, int qi, cb_close_t *c) {
+  if (c) c->nev = 0;
   for (int i = 0; i < cb->nq; i++) {
     if (qi >= 0 && i != qi) continue;
     cb_queue_t *q = &cb->q[i];
-    if (!atomic_exchange(&q->unsynced, 0)) continue;
+    if (!atomic_exchange(&q->unsynced, 0) && c) continue;
     pthread_mutex_lock(&q->mu);
     if (q->stream) {
       cudaSetDevice(cb->dev[i]);
-      cudaError_t e = cudaStreamSynchronize((cudaStream_t)q->stream);
-      if (e != cudaSuccess) {
-        nsad_warn("cuda: waiting for GPU %d before closing a region: %s", cb->dev[i],
-                  cudaGetErrorString(e));
+      cudaEvent_t ev = NULL;
+      cudaError_t e = c ? cudaEventCreateWithFlags(&ev, cudaEventDisableTiming) : cudaErrorMemoryAllocation;
+      if (e == cudaSuccess) e = cudaEventRecord(ev, (cudaStream_t)q->stream);
+      if (e == cudaSuccess) {
+        c->ev[c->nev] = ev;
+        c->evdev[c->nev++] = cb->dev[i];
+      } else {
         cudaGetLastError();
+        if (ev) cudaEventDestroy(ev);
+        e = cudaStreamSynchronize((cudaStream_t)q->stream);
+        if (e != cudaSuccess) {
+          nsad_warn("cuda: waiting for GPU %d before closing a region: %s", cb->dev[i],
+                    cudaGetErrorString(e));
+          cudaGetLastError();
+        }
       }
     }
     pthread_mutex_unlock(&q->mu);
   }
+  return c ? c->nev : 0;
 }
 
-static cb_ipc_t *ipc_find(cb_t *cb, int is_event, int device, const void *handle) {
-  for (cb_ipc_t *m = cb->ipc; m; m = m->next)
-    if (m->is_event == is_event && m->device == device && !memcmp(m->handle, handle, 64)) return m;
-  return NULL;
+/* The table's entry for the handle with one more registration, or NULL. */
+static cb_ipc_t *ipc_get(cb_t *cb, int is_event, int device, const void *handle) {
+  pthread_mutex_lock(&cb->ipc_mu);
+  cb_ipc_t *m = cb->ipc;
+  for (; m; m = m->next)
+    if (m->is_event == is_event && m->device == device && !memcmp(m->handle, handle, 64)) break;
+  if (m) m->refs++;
+  pthread_mutex_unlock(&cb->ipc_mu);
+  return m;
 }
 
-static void ipc_release(cb_t *cb, cb_ipc_t *m) {
-  if (--m->refs > 0) return;
-  for (cb_ipc_t **pp = &cb->ipc; *pp; pp = &(*pp)->next)
-    if (*pp == m) {
-      *pp = m->next;
-      break;
-    }
+/* Adds a freshly opened m with its first registration. */
+static void ipc_insert(cb_t *cb, cb_ipc_t *m) {
+  pthread_mutex_lock(&cb->ipc_mu);
+  m->refs = 1;
+  m->next = cb->ipc;
+  cb->ipc = m;
+  pthread_mutex_unlock(&cb->ipc_mu);
+}
+
+/* Closes m's CUDA object and frees it (m is out of the table). */
+static void ipc_destroy(cb_ipc_t *m) {
   cudaSetDevice(m->device);
   if (m->is_event) {
     cudaEventDestroy((cudaEvent_t)m->ptr);
@@ -190,6 +245,122 @@ static void ipc_release(cb_t *cb, cb_ipc_t *m) {
   }
   cudaGetLastError();
   free(m);
+}
+
+/* Unlinks m when nothing holds it (no registration, no queued close).
+ * Caller holds ipc_mu. Returns 1 when the caller must ipc_destroy it. */
+static int ipc_unlink_if_idle(cb_t *cb, cb_ipc_t *m) {
+  if (m->refs > 0 || m->pending > 0) return 0;
+  for (cb_ipc_t **pp = &cb->ipc; *pp; pp = &(*pp)->next)
+    if (*pp == m) {
+      *pp = m->next;
+      break;
+    }
+  return 1;
+}
+
+/* The close itself: m's CUDA object unless it was registered again in the
+ * meantime (refs > 0) or another close of it is still queued, else shm. */
+static void run_close(cb_t *cb, cb_ipc_t *m, const nsad_region_t *shm) {
+  if (m) {
+    /* Under the lock, so a registration of the same handle on the loop
+     * thread either revives m first or finds it gone and closed (CUDA opens
+     * a handle only once per process). */
+    pthread_mutex_lock(&cb->ipc_mu);
+    if (ipc_unlink_if_idle(cb, m)) ipc_destroy(m);
+    pthread_mutex_unlock(&cb->ipc_mu);
+    return;
+  }
+  nsad_region_t r = *shm;
+  if (r.priv) {
+    cudaHostUnregister(r.priv);
+    cudaGetLastError();
+    r.base = r.priv;
+    r.priv = NULL;
+  }
+  nsad_shm_close(&r);
+}
+
+/* The closer thread: runs deferred closes in order, each after its events. */
+static void *closer_main(void *arg) {
+  cb_t *cb = arg;
+  pthread_mutex_lock(&cb->close_mu);
+  for (;;) {
+    while (!cb->close_head && !cb->close_stop) pthread_cond_wait(&cb->close_cv, &cb->close_mu);
+    cb_close_t *c = cb->close_head;
+    if (!c) break; /* stopping, and nothing left */
+    cb->close_head = c->next;
+    if (!cb->close_head) cb->close_tail = &cb->close_head;
+    pthread_mutex_unlock(&cb->close_mu);
+    for (int i = 0; i < c->nev; i++) {
+      cudaSetDevice(c->evdev[i]);
+      cudaError_t e = cudaEventSynchronize(c->ev[i]);
+      if (e != cudaSuccess) {
+        nsad_warn("cuda: waiting for GPU %d before closing a region: %s", c->evdev[i],
+                  cudaGetErrorString(e));
+        cudaGetLastError();
+      }
+      cudaEventDestroy(c->ev[i]);
+      cudaGetLastError();
+    }
+    if (c->m) {
+      pthread_mutex_lock(&cb->ipc_mu);
+      c->m->pending--;
+      pthread_mutex_unlock(&cb->ipc_mu);
+    }
+    run_close(cb, c->m, c->m ? NULL : &c->shm);
+    free(c);
+    pthread_mutex_lock(&cb->close_mu);
+    cb->close_busy--;
+  }
+  pthread_mutex_unlock(&cb->close_mu);
+  return NULL;
+}
+
+/* Closes m (an IPC entry whose last registration was dropped, shm NULL)
+ * or the shm region *shm (m NULL) once the queued work that may read it
+ * (queue qi, every queue when qi < 0) is done: at once when nothing is
+ * outstanding, else on the closer thread. A close also waits behind the
+ * deferred closes before it: their events cover work queued before them,
+ * whose `unsynced` flags they already cleared. */
+static void close_or_defer(cb_t *cb, int qi, cb_ipc_t *m, const nsad_region_t *shm) {
+  cb_close_t *c = cb->closer_on ? calloc(1, sizeof *c) : NULL;
+  int nev = mark_unsynced(cb, qi, c); /* c NULL: waits for the streams here */
+  if (c) {
+    c->m = m;
+    if (shm) c->shm = *shm;
+    if (m) {
+      pthread_mutex_lock(&cb->ipc_mu);
+      m->pending++;
+      pthread_mutex_unlock(&cb->ipc_mu);
+    }
+    pthread_mutex_lock(&cb->close_mu);
+    const int defer = nev > 0 || cb->close_busy > 0;
+    if (defer) {
+      c->next = NULL;
+      *cb->close_tail = c;
+      cb->close_tail = &c->next;
+      cb->close_busy++;
+      pthread_cond_signal(&cb->close_cv);
+    }
+    pthread_mutex_unlock(&cb->close_mu);
+    if (defer) return;
+    free(c);
+    if (m) {
+      pthread_mutex_lock(&cb->ipc_mu);
+      m->pending--;
+      pthread_mutex_unlock(&cb->ipc_mu);
+    }
+  }
+  run_close(cb, m, shm);
+}
+
+/* Drops one registration of m; the last one closes it (close_or_defer). */
+static void ipc_release(cb_t *cb, cb_ipc_t *m, int qi) {
+  pthread_mutex_lock(&cb->ipc_mu);
+  const int last = --m->refs == 0;
+  pthread_mutex_unlock(&cb->ipc_mu);
+  if (last) close_or_defer(cb, qi, m, NULL);
 }
 
 /* cuMemGetAddressRange through cudart's driver entry point: nsad must not
@@ -241,6 +412,13 @@ static int cb_init(nsad_backend_t *b, const nsad_config_t *cfg, char *msg, size_
                             "%s%d", i ? "," : "", cb->dev[i]);
     if (off >= sizeof cb->devlist) off = sizeof cb->devlist - 1;
   }
+  pthread_mutex_init(&cb->ipc_mu, NULL);
+  pthread_mutex_init(&cb->close_mu, NULL);
+  pthread_cond_init(&cb->close_cv, NULL);
+  cb->close_tail = &cb->close_head;
+  /* Without the thread (it could not start) closes wait on the loop thread. */
+  cb->closer_on = pthread_create(&cb->closer, NULL, closer_main, cb) == 0;
+  if (!cb->closer_on) nsad_warn("cuda backend: no closer thread; region closes will wait for the GPU");
   b->nqueues = cb->nq;
   b->nworkers = cb->nq;
   b->ndevices = cb->nq;
@@ -254,11 +432,24 @@ static int cb_init(nsad_backend_t *b, const nsad_config_t *cfg, char *msg, size_
 static void cb_teardown(nsad_backend_t *b) {
   cb_t *cb = b->priv;
   if (!cb) return;
-  /* Sessions release their entries before this; anything left is closed. */
-  while (cb->ipc) {
-    cb->ipc->refs = 1;
-    ipc_release(cb, cb->ipc);
+  /* Workers are joined (their streams drained): the closer runs what is
+   * queued and exits. Sessions released their entries before this; anything
+   * left is closed here. */
+  if (cb->closer_on) {
+    pthread_mutex_lock(&cb->close_mu);
+    cb->close_stop = 1;
+    pthread_cond_signal(&cb->close_cv);
+    pthread_mutex_unlock(&cb->close_mu);
+    pthread_join(cb->closer, NULL);
   }
+  while (cb->ipc) {
+    cb_ipc_t *m = cb->ipc;
+    cb->ipc = m->next;
+    ipc_destroy(m);
+  }
+  pthread_mutex_destroy(&cb->ipc_mu);
+  pthread_mutex_destroy(&cb->close_mu);
+  pthread_cond_destroy(&cb->close_cv);
   for (int i = 0; i < cb->nq; i++) pthread_mutex_destroy(&cb->q[i].mu);
   free(cb);
   b->priv = NULL;
@@ -326,8 +517,8 @@ static int cb_fwd(nsad_backend_t *b, void *wctx, const nsa_fwd_args_t *a,
   nsa_cuda_exec_t e = {ex ? ex->wait_event : NULL, ex ? ex->done_event : NULL, ex ? ex->sync : 1};
   w->last_async = !e.sync;
   int rc = nsa_cuda_sel_fwd(w->ctx, a, flags, force_path, &e, info, msg, msglen);
-  /* After queuing (a drain that ran in between may have missed this job's
-   * work); an error may leave partial work queued too. */
+  /* After queuing (an event a close recorded in between may not cover this
+   * job's work); an error may leave partial work queued too. */
   if (!e.sync || rc != NSA_OK) atomic_store(&cb->q[w->queue].unsynced, 1);
   after_run(w, rc);
   return rc;
@@ -489,7 +680,7 @@ static int cb_region_open(nsad_backend_t *b, const nsa_req_region_register_t *re
                              "device %d is not served by this nsad (GPUs %s)", (int)req->device,
                              cb->devlist);
   if (req->size == 0) return nsa_proto_err_set(err, NSA_E_BAD_REQUEST, "key 'size' must be > 0");
-  cb_ipc_t *m = ipc_find(cb, 0, req->device, req->handle);
+  cb_ipc_t *m = ipc_get(cb, 0, req->device, req->handle);
   if (!m) {
     m = calloc(1, sizeof *m);
     if (!m) return nsa_proto_err_set(err, NSA_E_INTERNAL, "out of memory");
@@ -519,13 +710,11 @@ static int cb_region_open(nsad_backend_t *b, const nsa_req_region_register_t *re
                                "cuMemGetAddressRange on an opened IPC mapping failed (%d)", (int)cr);
     }
     m->extent = size - (size_t)((uintptr_t)m->ptr - (uintptr_t)base);
-    m->next = cb->ipc;
-    cb->ipc = m;
+    ipc_insert(cb, m);
   }
-  m->refs++;
   if (req->size > m->extent) {
     uint64_t ext = m->extent;
-    ipc_release(cb, m);
+    ipc_release(cb, m, queue_of_device(cb, req->device));
     return nsa_proto_err_set(err, NSA_E_OUT_OF_BOUNDS,
                              "cuda_ipc size %llu is larger than the allocation (%llu bytes)",
                              (unsigned long long)req->size, (unsigned long long)ext);
@@ -543,18 +732,14 @@ static int cb_region_open(nsad_backend_t *b, const nsa_req_region_register_t *re
 static void cb_region_close(nsad_backend_t *b, nsad_region_t *r) {
   cb_t *cb = b->priv;
   if (r->kind == NSAD_ENTRY_SHM) {
-    drain(cb, -1); /* any GPU may have read it */
-    if (r->priv) {
-      cudaHostUnregister(r->priv);
-      cudaGetLastError();
-      r->base = r->priv;
-      r->priv = NULL;
-    }
-    nsad_shm_close(r);
+    close_or_defer(cb, -1, NULL, r); /* any GPU may have read it */
+    r->priv = NULL;
+    r->base = NULL;
+    r->fd = -1;
+    r->guard = -1;
     return;
   }
-  drain(cb, queue_of_device(cb, r->device));
-  if (r->priv) ipc_release(cb, r->priv);
+  if (r->priv) ipc_release(cb, r->priv, queue_of_device(cb, r->device));
   r->priv = NULL;
   r->base = NULL;
 }
@@ -570,7 +755,7 @@ static int cb_event_open(nsad_backend_t *b, const nsa_req_event_register_t *req,
   /* libnsaclient sends device 0; an event is usable from any device's
    * stream, so open it on the named GPU when served, else the first one. */
   int dev = queue_of_device(cb, req->device) >= 0 ? req->device : cb->dev[0];
-  cb_ipc_t *m = ipc_find(cb, 1, dev, req->handle);
+  cb_ipc_t *m = ipc_get(cb, 1, dev, req->handle);
   if (!m) {
     m = calloc(1, sizeof *m);
     if (!m) return nsa_proto_err_set(err, NSA_E_INTERNAL, "out of memory");
@@ -591,10 +776,8 @@ static int cb_event_open(nsad_backend_t *b, const nsa_req_event_register_t *req,
                                cudaGetErrorString(ce));
     }
     m->ptr = e;
-    m->next = cb->ipc;
-    cb->ipc = m;
+    ipc_insert(cb, m);
   }
-  m->refs++;
   ev->kind = NSAD_ENTRY_EVENT;
   ev->device = dev;
   ev->base = m->ptr;
@@ -606,8 +789,7 @@ static int cb_event_open(nsad_backend_t *b, const nsa_req_event_register_t *req,
 static void cb_event_close(nsad_backend_t *b, nsad_region_t *ev) {
   cb_t *cb = b->priv;
   /* A queued wait/record may still name it. */
-  drain(cb, -1);
-  if (ev->priv) ipc_release(cb, ev->priv);
+  if (ev->priv) ipc_release(cb, ev->priv, -1);
   ev->priv = NULL;
   ev->base = NULL;
 }

@@ -4,7 +4,7 @@
  * (cudaMalloc), hands device pointers to libnsaclient (base + offset → cached
  * CUDA IPC handles) and checks nsad's answers against the float64 reference.
  *
- *   nsa_ipc_client --socket PATH --mode check|async|hang|errors|train [--seed N]
+ *   nsa_ipc_client --socket PATH --mode check|async|closes|hang|errors|train [--seed N]
  *
  *   check   forward + backward, sync=true, on every path (flags.set), f32,
  *           h = 3 (odd), Dk != Dv; ≤ 1e-5 relative to max |ref|
@@ -13,6 +13,11 @@
  *           with wait_event; the client's stream then waits only on each
  *           done_event before copying the outputs back. No host waits on the
  *           GPU in between (the replies come once nsad has queued the work).
+ *   closes  unregisters the selection's allocation while a sync=false
+ *           forward that reads it is still queued (behind ~128 GiB of
+ *           memsets on the client's stream): the reply must come before the
+ *           forward finishes, the forward must still be right, and the same
+ *           allocation registered again right away must work
  *   hang    queues many large forwards, prints "SUBMITTED", then sleeps (the
  *           suite SIGKILLs it mid-request)
  *   errors  cuda_ipc size beyond the allocation → out_of_bounds; an unserved
@@ -33,6 +38,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "nsaclient.h"
@@ -353,6 +359,79 @@ static int mode_async(nsa_client_t *c) {
   return g_fail;
 }
 
+/* Closing a region that queued sync=false work still reads: nsad must
+ * answer the unregister at once (the unmap waits on its closer thread, not
+ * on the event loop) and must not unmap the memory under the kernels. The
+ * forward waits (wait_event) behind ~128 GiB of memsets on this client's
+ * stream, so the GPU work outlives the unregister by tens of milliseconds.
+ * Then the same allocation is registered again while its close may still
+ * be queued (nsad revives the mapping) and used again. */
+static int mode_closes(nsa_client_t *c) {
+  prob_t p;
+  prob_init(&p, 2, 128, 1024, 2, 4, 64, 64, 16, 32);
+  nsa_client_fwd_t f;
+  nsa_client_bwd_t b;
+  make_args(c, &p, &f, &b);
+  cudaStream_t st;
+  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  cudaEvent_t ready, done;
+  const unsigned fl = cudaEventInterprocess | cudaEventDisableTiming;
+  CK(cudaEventCreateWithFlags(&ready, fl));
+  CK(cudaEventCreateWithFlags(&done, fl));
+  uint64_t ev_ready, ev_done;
+  need(c, nsa_client_cuda_event(c, ready, &ev_ready), "event ready");
+  need(c, nsa_client_cuda_event(c, done, &ev_done), "event done");
+  size_t busy_bytes = (size_t)1 << 30;
+  void *busy = NULL;
+  CK(cudaMalloc(&busy, busy_bytes));
+  prob_fill_host(&p);
+  prob_upload(&p);
+  /* Warm up first: nsad's first request on a fresh context loads modules and
+   * grows its workspace arena, which may wait for the whole device (the
+   * memsets below included) before the reply. */
+  nsa_client_result_t r;
+  need(c, nsa_client_forward(c, &f, &r), "warm-up forward");
+  for (int i = 0; i < 128; i++) CK(cudaMemsetAsync(busy, i, busy_bytes, st));
+  CK(cudaEventRecord(ready, st));
+  nsa_client_exec_t ex = {.wait_event = ev_ready, .has_wait_event = 1, .done_event = ev_done,
+                          .has_done_event = 1, .async = 1};
+  uint32_t t;
+  need(c, nsa_client_forward_submit_ex(c, &f, &ex, &t), "forward submit");
+  need(c, nsa_client_wait(c, t, &r), "forward reply");
+  struct timespec t0, t1;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  need(c, nsa_client_cuda_forget(c, p.dsel), "forget sel");
+  need(c, nsa_client_ping(c), "ping");
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  double ms = (t1.tv_sec - t0.tv_sec) * 1e3 + (t1.tv_nsec - t0.tv_nsec) / 1e6;
+  cudaError_t q = cudaEventQuery(done);
+  EXPECT(q == cudaErrorNotReady,
+         "unregister + ping took %.1f ms and came back after the queued forward had finished "
+         "(cudaEventQuery: %s): nsad waited for the GPU before answering",
+         ms, cudaGetErrorName(q));
+  fprintf(stderr, "ipc_client: closes: unregister + ping %.2f ms, forward still queued: %s\n", ms,
+          q == cudaErrorNotReady ? "yes" : "no");
+  make_args(c, &p, &f, &b); /* registers sel again, maybe before its close ran */
+  CK(cudaEventSynchronize(done));
+  download(&p, 0);
+  double e = check_fwd(&p);
+  EXPECT(e <= 1e-5, "forward that read a region closed under it (%s): rel err %g", r.path, e);
+  prob_fill_host(&p);
+  prob_upload(&p);
+  need(c, nsa_client_forward(c, &f, &r), "forward after re-registering");
+  download(&p, 0);
+  e = check_fwd(&p);
+  EXPECT(e <= 1e-5, "forward through the re-registered region (%s): rel err %g", r.path, e);
+  fprintf(stderr, "ipc_client: closes: forward %s after re-registering, rel err %.3g\n", r.path, e);
+  need(c, nsa_client_cuda_forget(c, p.dsel), "forget sel again");
+  need(c, nsa_client_cuda_forget(c, ready), "forget");
+  need(c, nsa_client_cuda_forget(c, done), "forget");
+  CK(cudaStreamSynchronize(st));
+  CK(cudaStreamDestroy(st));
+  cudaFree(busy);
+  return g_fail;
+}
+
 static int mode_hang(nsa_client_t *c) {
   prob_t p;
   prob_init(&p, 2, 2048, 4096, 2, 16, 128, 128, 16, 64);
@@ -632,7 +711,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--mode") && i + 1 < argc) mode = argv[++i];
     else if (!strcmp(argv[i], "--seed") && i + 1 < argc) g_rng = strtoull(argv[++i], NULL, 10);
     else {
-      fprintf(stderr, "usage: nsa_ipc_client --socket PATH --mode check|async|hang|errors|train "
+      fprintf(stderr, "usage: nsa_ipc_client --socket PATH --mode check|async|closes|hang|errors|train "
               "[--seed N]\n");
       return 2;
     }
@@ -653,6 +732,7 @@ int main(int argc, char **argv) {
   if (!strcmp(mode, "check")) rc = mode_check(c);
   else if (!strcmp(mode, "async")) rc = mode_async(c);
   else if (!strcmp(mode, "hang")) rc = mode_hang(c);
+  else if (!strcmp(mode, "closes")) rc = mode_closes(c);
   else if (!strcmp(mode, "errors")) rc = mode_errors(c);
   else if (!strcmp(mode, "train")) rc = mode_train(c);
   else {

@@ -7,6 +7,9 @@
  *   device_pointers_fwd_bwd  forward + backward on every path vs float64 ref
  *   sync_false_events        sync=false; the client's stream waits only on
  *                            done_event (inputs announced with wait_event)
+ *   close_while_queued       unregistering a region that queued sync=false
+ *                            work still reads: answered at once, unmapped
+ *                            only after that work (client mode `closes`)
  *   killed_client            a client SIGKILLed mid-request; nsad serves the
  *                            next client correctly and releases the regions
  *   ipc_errors               oversized/unserved regions, shared mappings,
@@ -108,6 +111,15 @@ Test(cuda_ipc, sync_false_events) {
   th_nsad_t d;
   start(&d);
   client_ok(&d, "async");
+  cr_expect_eq(th_stop(&d, 1), 0);
+}
+
+Test(cuda_ipc, close_while_queued) {
+  need_gpu();
+  th_nsad_t d;
+  start(&d);
+  client_ok(&d, "closes");
+  client_ok(&d, "check"); /* and nsad still serves everyone */
   cr_expect_eq(th_stop(&d, 1), 0);
 }
 
