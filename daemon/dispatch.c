@@ -381,28 +381,93 @@ static int require_admin(nsad_session_t *s, const char *what, nsa_proto_err_t *e
                            s->srv->cfg->admin_group ? s->srv->cfg->admin_group : "");
 }
 
-static void do_flags(nsad_session_t *s, const nsa_request_t *req, nsa_proto_err_t *err) {
+static void do_flags_get(nsad_session_t *s, const nsa_request_t *req) {
+  nsad_out_t *o = result_begin(req->msgid);
+  if (!o) return;
+  nsad_flags_pack_get(s->srv->flags, s->labels, s->nlabels, &o->w.pk);
+  nsad_session_send(s, o);
+}
+
+/* flags.set / flags.reset run on libuv's thread pool: the change is persisted
+ * (write, fsync, rename, fsync of the directory) before it is swapped in, and
+ * the disk may take its time; the loop keeps serving every other session
+ * meanwhile. This session's later requests wait (nsad_session_hold), so they
+ * still see the change in the order they were sent. The flag store is
+ * thread-safe (flags.c: writers serialised, readers never wait on disk). */
+typedef struct {
+  uv_work_t work;
+  nsad_session_t *s;
+  nsad_flags_t *flags;
+  uint32_t msgid;
+  nsa_method_t method;
+  nsa_req_flags_set_t set;     /* flags.set */
+  char name[sizeof(((nsa_request_t *)0)->u.flag_name)]; /* flags.reset */
+  char client[sizeof(((nsad_session_t *)0)->client)];
+  nsad_actor_t who;
+  double t0;
+  int rc;
+  uint64_t epoch;
+  nsa_proto_err_t err;
+} flags_op_t;
+
+static void flags_work(uv_work_t *w) {
+  flags_op_t *op = w->data;
+  op->rc = op->method == NSA_M_FLAGS_SET
+               ? nsad_flags_set(op->flags, &op->set, &op->who, &op->epoch, &op->err)
+               : nsad_flags_reset(op->flags, op->name, &op->who, &op->epoch, &op->err);
+}
+
+static void flags_done(uv_work_t *w, int status) {
+  flags_op_t *op = w->data;
+  nsad_session_t *s = op->s;
   nsad_server_t *srv = s->srv;
-  if (req->method == NSA_M_FLAGS_GET) {
-    nsad_out_t *o = result_begin(req->msgid);
-    if (!o) return;
-    nsad_flags_pack_get(srv->flags, s->labels, s->nlabels, &o->w.pk);
-    nsad_session_send(s, o);
-    return;
+  const char *what = op->method == NSA_M_FLAGS_SET ? "flags.set" : "flags.reset";
+  if (status != 0 && op->rc == 0) {
+    op->rc = -1;
+    nsa_proto_err_set(&op->err, NSA_E_INTERNAL, "%s was cancelled", what);
   }
+  if (op->rc != 0 && op->err.code == NSA_E_OK)
+    nsa_proto_err_set(&op->err, NSA_E_INTERNAL, "%s failed", what);
+  if (op->rc == 0) {
+    reply_uint(s, op->msgid, "epoch", op->epoch);
+    nsad_server_update_gauges(srv);
+  } else {
+    nsad_debug("session %llu: msgid %u: %s: %s", (unsigned long long)s->id, op->msgid,
+               nsa_proto_code_name(op->err.code), op->err.message);
+    nsad_session_send_error(s, op->msgid, op->err.code, op->err.message);
+  }
+  if (srv->metrics)
+    nsad_metrics_request(srv->metrics, op->method, -1, op->rc == 0 ? NSA_E_OK : op->err.code,
+                         nsad_now() - op->t0);
+  free(op);
+  nsad_session_unhold(s);       /* dispatches what this session sent meanwhile */
+  nsad_session_job_finished(s); /* s may be gone after this */
+}
+
+/* 0: queued (replied and counted when done); else err is set. */
+static int submit_flags_change(nsad_session_t *s, const nsa_request_t *req, double t0,
+                               nsa_proto_err_t *err) {
   const char *what = req->method == NSA_M_FLAGS_SET ? "flags.set" : "flags.reset";
-  if (require_admin(s, what, err)) return;
-  nsad_actor_t who = {.uid = (uint32_t)s->uid, .pid = (int32_t)s->peer_pid, .client = s->client};
-  uint64_t epoch = 0;
-  int rc = req->method == NSA_M_FLAGS_SET
-               ? nsad_flags_set(srv->flags, &req->u.flags_set, &who, &epoch, err)
-               : nsad_flags_reset(srv->flags, req->u.flag_name, &who, &epoch, err);
-  if (rc != 0) {
-    if (err->code == NSA_E_OK) nsa_proto_err_set(err, NSA_E_INTERNAL, "%s failed", what);
-    return;
+  if (require_admin(s, what, err)) return -1;
+  flags_op_t *op = calloc(1, sizeof *op);
+  if (!op) return nsa_proto_err_set(err, NSA_E_INTERNAL, "out of memory"), -1;
+  op->s = s;
+  op->flags = s->srv->flags;
+  op->msgid = req->msgid;
+  op->method = req->method;
+  if (req->method == NSA_M_FLAGS_SET) op->set = req->u.flags_set;
+  else snprintf(op->name, sizeof op->name, "%s", req->u.flag_name);
+  snprintf(op->client, sizeof op->client, "%s", s->client);
+  op->who = (nsad_actor_t){.uid = (uint32_t)s->uid, .pid = (int32_t)s->peer_pid, .client = op->client};
+  op->t0 = t0;
+  op->work.data = op;
+  if (uv_queue_work(&s->srv->loop, &op->work, flags_work, flags_done) != 0) {
+    free(op);
+    return nsa_proto_err_set(err, NSA_E_INTERNAL, "%s: cannot queue the change", what), -1;
   }
-  reply_uint(s, req->msgid, "epoch", epoch);
-  nsad_server_update_gauges(srv);
+  nsad_session_job_queued(s);
+  nsad_session_hold(s);
+  return 0;
 }
 
 static void do_metrics_get(nsad_session_t *s, const nsa_request_t *req, nsa_proto_err_t *err) {
@@ -470,9 +535,11 @@ void nsad_dispatch(nsad_session_t *s, const nsa_proto_msg_t *msg) {
         return; /* replied and counted when the job comes back */
       }
       break;
-    case NSA_M_FLAGS_GET:
+    case NSA_M_FLAGS_GET: do_flags_get(s, &req); break;
     case NSA_M_FLAGS_SET:
-    case NSA_M_FLAGS_RESET: do_flags(s, &req, &err); break;
+    case NSA_M_FLAGS_RESET:
+      if (submit_flags_change(s, &req, t0, &err) == 0) return; /* replied and counted when done */
+      break;
     case NSA_M_METRICS_GET: do_metrics_get(s, &req, &err); break;
     case NSA_M_METRICS_SUBSCRIBE:
       if (nsad_session_subscribe(s, req.u.metrics_subscribe.interval_ms) != 0)

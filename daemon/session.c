@@ -131,6 +131,10 @@ void nsad_session_stop_reading(nsad_session_t *s) {
 static void session_pump(nsad_session_t *s) {
   nsad_server_t *srv = s->srv;
   while (!s->closing && !srv->shutting_down) {
+    if (s->held) { /* resumed by nsad_session_unhold */
+      nsad_session_stop_reading(s);
+      return;
+    }
     if (uv_stream_get_write_queue_size((uv_stream_t *)&s->pipe) > NSAD_WRITE_BACKLOG) {
       s->write_paused = 1;
       nsad_session_stop_reading(s);
@@ -166,6 +170,13 @@ static void session_pump(nsad_session_t *s) {
   }
   if (!s->closing && !srv->shutting_down && !s->paused && !s->write_paused && !s->eof)
     start_reading(s);
+}
+
+void nsad_session_hold(nsad_session_t *s) { s->held = 1; }
+
+void nsad_session_unhold(nsad_session_t *s) {
+  s->held = 0;
+  if (!s->closing && !s->paused) session_pump(s);
 }
 
 void nsad_session_job_queued(nsad_session_t *s) {

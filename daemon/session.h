@@ -47,6 +47,7 @@ typedef struct nsad_session {
   nsad_lane_t lanes[NSAD_MAX_DEVICES];
   int inflight;
   int paused;      /* reading stopped by the in-flight limit */
+  int held;        /* dispatch held: a flags change of this session is being persisted */
   int write_paused; /* reading stopped: too many unsent replies */
   int eof;          /* the peer shut its sending side; close once answered */
   int over_limit;   /* accepted beyond NSAD_MAX_SESSIONS: answered busy, closed */
@@ -73,6 +74,11 @@ void nsad_session_send_error(nsad_session_t *s, uint32_t msgid, nsa_proto_code_t
 void nsad_session_close(nsad_session_t *s, int flush, const char *why);
 /* Stops reading (server shutdown) without closing. */
 void nsad_session_stop_reading(nsad_session_t *s);
+
+/* Holds / resumes dispatching this session's requests (a flags change runs
+ * off the loop; later requests must see it). Loop thread. */
+void nsad_session_hold(nsad_session_t *s);
+void nsad_session_unhold(nsad_session_t *s);
 
 /* A job of this session was queued / finished (loop thread). */
 void nsad_session_job_queued(nsad_session_t *s);

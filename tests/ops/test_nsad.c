@@ -7,17 +7,20 @@
  *   library's bucket function), permission_denied for another uid and the
  *   admin group, audit lines in nsad's log, metrics.get (text + map),
  *   /metrics over HTTP, subscription cadence, shadow metrics from real
- *   forwards, READY/RELOADING/STOPPING/WATCHDOG on a NOTIFY_SOCKET, and a
- *   socket handoff through systemd-socket-activate.
+ *   forwards, READY/RELOADING/STOPPING/WATCHDOG on a NOTIFY_SOCKET, a
+ *   socket handoff through systemd-socket-activate, and a flags.set whose
+ *   state file cannot be written yet while other connections are served.
  * Skips (with a message) when nsad was not built.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <criterion/criterion.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
 #include <math.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -179,6 +182,91 @@ Test(nsad, flags_over_protocol, .timeout = 60) {
   cr_expect_str_eq(g.source, "config");
   cr_expect_eq(g.value, 64);
   ops_client_close(&c);
+  int st = ops_nsad_signal_wait(&d, SIGTERM, 15);
+  cr_expect(st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0, "exit status %d", st);
+  ops_nsad_cleanup(&d);
+}
+
+/* flags.set on connection a, from a thread (its reply comes only once the
+ * state file is written). */
+typedef struct {
+  ops_client_t *c;
+  int rc;
+  char msg[256];
+} slow_set_t;
+
+static void *slow_set_main(void *arg) {
+  slow_set_t *t = arg;
+  nsa_request_t *r = calloc(1, sizeof *r);
+  if (!r) return NULL;
+  r->method = NSA_M_FLAGS_SET;
+  snprintf(r->u.flags_set.name, sizeof r->u.flags_set.name, "NSA_SEL_VARLEN_MIN_L");
+  snprintf(r->u.flags_set.value, sizeof r->u.flags_set.value, "300");
+  t->rc = ops_call(t->c, r);
+  snprintf(t->msg, sizeof t->msg, "%s", t->c->err_msg);
+  free(r);
+  return NULL;
+}
+
+/* A flag change is persisted (write, fsync, rename) before it applies, and
+ * the disk may be slow. Here nsad's temporary state file is a FIFO, so its
+ * write blocks until this test reads it: meanwhile another connection must
+ * be served (ping, and flags.get still showing the old value). Released, the
+ * change fails cleanly (fsync on a FIFO: EINVAL), the flag is unchanged and
+ * the next flags.set works. */
+Test(nsad, flags_persist_off_the_loop, .timeout = 60) {
+  NEED_NSAD();
+  ops_nsad_t d;
+  ops_nsad_prepare(&d);
+  start_or_fail(&d, NULL, NULL);
+  ops_client_t a, b;
+  connect_hello(&d, &a, NULL);
+  connect_hello(&d, &b, NULL);
+  char fifo[400];
+  snprintf(fifo, sizeof fifo, "%s/flags.state.tmp", d.state);
+  mkdir(d.state, 0700);
+  cr_assert_eq(mkfifo(fifo, 0600), 0, "mkfifo %s: %s", fifo, strerror(errno));
+  slow_set_t t = {.c = &a, .rc = -2};
+  pthread_t th;
+  cr_assert_eq(pthread_create(&th, NULL, slow_set_main, &t), 0);
+  usleep(300 * 1000); /* nsad is inside open() of the FIFO by now */
+  struct timeval tv = {.tv_sec = 5};
+  setsockopt(b.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  double t0 = now_s();
+  int prc = ops_call(&b, req_of(NSA_M_PING));
+  double dt = now_s() - t0;
+  fget_t g = {0};
+  if (prc == NSA_E_OK) flags_get(&b, "NSA_SEL_VARLEN_MIN_L", &g);
+  /* Release nsad's write, whatever happened above. */
+  int fd = open(fifo, O_RDONLY | O_CLOEXEC);
+  char buf[4096];
+  while (fd >= 0 && read(fd, buf, sizeof buf) > 0) {
+  }
+  if (fd >= 0) close(fd);
+  pthread_join(th, NULL);
+  cr_expect_eq(prc, NSA_E_OK,
+               "ping on another connection got no answer while flags.set was writing the "
+               "state file (rc %d after %.1f s): the event loop waited on the disk",
+               prc, dt);
+  cr_expect_lt(dt, 1.0, "ping took %.2f s while flags.set was writing the state file", dt);
+  if (prc == NSA_E_OK) {
+    cr_expect_str_eq(g.source, "default", "the change showed before it was persisted");
+    cr_expect_eq(g.value, 0);
+  }
+  cr_expect_eq(t.rc, NSA_E_INTERNAL, "flags.set with an unwritable state file: rc %d (%s)", t.rc,
+               t.msg);
+  cr_expect(strstr(t.msg, "not applied") != NULL, "%s", t.msg);
+  flags_get(&a, "NSA_SEL_VARLEN_MIN_L", &g);
+  cr_expect_str_eq(g.source, "default", "a change that was not persisted must not apply");
+  uint64_t e = 0;
+  cr_expect_eq(flags_set(&a, "NSA_SEL_VARLEN_MIN_L", "300", -1, NULL, &e), NSA_E_OK, "%s",
+               a.err_msg);
+  flags_get(&b, "NSA_SEL_VARLEN_MIN_L", &g);
+  cr_expect_eq(g.value, 300);
+  cr_expect_str_eq(g.source, "runtime");
+  cr_expect_eq(g.epoch, e);
+  ops_client_close(&a);
+  ops_client_close(&b);
   int st = ops_nsad_signal_wait(&d, SIGTERM, 15);
   cr_expect(st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0, "exit status %d", st);
   ops_nsad_cleanup(&d);
