@@ -227,18 +227,37 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     }
   };
 
-  if (a.invalid != nullptr && *a.invalid > 0) {  // block-uniform: NaN outputs, as the other kernels
-    if (row_ok) {
-      float o[DV / 8][4];
-#pragma unroll
-      for (int i = 0; i < DV / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-      if constexpr (kBwd) store_dq(o, NAN);
-      else store_row(o, NAN, NAN, NAN, NAN);
+  // ---- 0. global loads first: the invalid count, this row's Q (and dO)
+  // by cp.async, its spans and span count; their latency runs under the
+  // shared-memory setup below (H100, T = 16k h = 16: -1 % random, -2 %
+  // corr against loading them after it, docs/PERF.md). A bad plan is
+  // harmless here: spans are bounds-checked below, and with *invalid > 0
+  // the block stores NaN right after the lists.
+  const int invalid = a.invalid != nullptr ? *a.invalid : 0;
+  int2 xr = make_int2(0, 0);
+  int nsr = 0;
+  if (row_ok) {
+    const int64_t r = (b * a.S + t) * a.G + g;
+    T *q_s = sQ + warp * 16 * L::QS;
+    const T *qrow = reinterpret_cast<const T *>(a.q) + b * a.qs[0] + t * a.qs[1] + g * 16 * a.qs[2];
+    for (int c = lane; c < 16 * CK; c += 32) {
+      const int j = c / CK, pt = c % CK;
+      cp_async16(smem_u32(q_s + j * L::QS + pt * 8), qrow + j * a.qs[2] + pt * 8, 16);
     }
-    return;
+    if constexpr (kBwd) {  // dO rows (Dv = Dk = 128: the same pieces)
+      T *do_s = reinterpret_cast<T *>(smem + L::do_off) + warp * 16 * L::QS;
+      const T *drow = reinterpret_cast<const T *>(a.dout) + b * a.dos[0] + t * a.dos[1] + g * 16 * a.dos[2];
+      for (int c = lane; c < 16 * CK; c += 32) {
+        const int j = c / CK, pt = c % CK;
+        cp_async16(smem_u32(do_s + j * L::QS + pt * 8), drow + j * a.dos[2] + pt * 8, 16);
+      }
+    }
+    cp_commit();
+    if (lane < n) xr = spans[r * n + lane];  // slot lane < n is in bounds whatever nspans says
+    nsr = nspans[r];
   }
 
-  // ---- 1. lists, bitmap, Q ----
+  // ---- 1. lists, bitmap ----
   for (int i = tid; i < nw; i += kThreads) sBm[i] = 0u;
   for (int i = tid; i < kRows * kMaxT; i += kThreads) sUm[i] = 0u;
   if (tid < kNS) sTag[tid] = -1;
@@ -257,24 +276,8 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     int *rt = sRt + warp * kMaxT;
     mk[lane] = 0ull;  // kMaxT == 32: one entry per lane
     if (row_ok) {
-      const int64_t r = (b * a.S + t) * a.G + g;
-      T *q_s = sQ + warp * 16 * L::QS;
-      const T *qrow = reinterpret_cast<const T *>(a.q) + b * a.qs[0] + t * a.qs[1] + g * 16 * a.qs[2];
-      for (int c = lane; c < 16 * CK; c += 32) {
-        const int j = c / CK, pt = c % CK;
-        cp_async16(smem_u32(q_s + j * L::QS + pt * 8), qrow + j * a.qs[2] + pt * 8, 16);
-      }
-      if constexpr (kBwd) {  // dO rows (Dv = Dk = 128: the same pieces)
-        T *do_s = reinterpret_cast<T *>(smem + L::do_off) + warp * 16 * L::QS;
-        const T *drow = reinterpret_cast<const T *>(a.dout) + b * a.dos[0] + t * a.dos[1] + g * 16 * a.dos[2];
-        for (int c = lane; c < 16 * CK; c += 32) {
-          const int j = c / CK, pt = c % CK;
-          cp_async16(smem_u32(do_s + j * L::QS + pt * 8), drow + j * a.dos[2] + pt * 8, 16);
-        }
-      }
-      cp_commit();
-      const int nsp = min(nspans[r], n);
-      const int2 x = lane < nsp ? spans[r * n + lane] : make_int2(0, 0);
+      const int nsp = min(nsr, n);
+      const int2 x = lane < nsp ? xr : make_int2(0, 0);
       // Spans outside [0, Skv) are skipped (the plan never has them; a bad one must not index past the tiles).
       const bool ok = lane < nsp && x.y > x.x && x.x >= 0 && x.y <= a.Skv;
       const int first = ok ? x.x / kT : -2, last = ok ? (x.y - 1) / kT : -2;
@@ -302,38 +305,47 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     }
   }
   __syncthreads();
+  if (invalid > 0) {  // block-uniform: NaN outputs, as the other kernels (nothing but the plan was read)
+    cp_wait<0>();
+    if (row_ok) {
+      float o[DV / 8][4];
+#pragma unroll
+      for (int i = 0; i < DV / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+      if constexpr (kBwd) store_dq(o, NAN);
+      else store_row(o, NAN, NAN, NAN, NAN);
+    }
+    return;
+  }
 
   // ---- 2. union: ascending tiles of the bitmap ----
+  // Lane l takes byte c = 32i + l of the bitmap in round i (8 tiles), so
+  // the bits spread over the lanes whatever the tile count. (A lane per
+  // 8 whole words, in order, left the 16k-key union of ~150 tiles to lane 0
+  // alone: H100, T = 16k h = 16 random forward 2.82 -> 2.67 ms this way.)
   if (warp == kRows) {
-    constexpr int WPL = kW / 32;  // words per lane
-    unsigned wd[WPL];
-    int c = 0;
+    const int nb = nw * 4;  // bytes of the bitmap
+    int base = 0;           // union steps before this round
+    for (int c0 = 0; c0 < nb; c0 += 32) {
+      const int c = c0 + lane;
+      unsigned m = c < nb ? (sBm[c >> 2] >> (8 * (c & 3))) & 0xffu : 0u;
+      const int k = __popc(m);
+      int inc = k;
 #pragma unroll
-    for (int i = 0; i < WPL; i++) {
-      const int wi = lane * WPL + i;
-      wd[i] = wi < nw ? sBm[wi] : 0u;
-      c += __popc(wd[i]);
-    }
-    int inc = c;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, inc, o);
-      if (lane >= o) inc += v;
-    }
-    int u = inc - c;
-#pragma unroll
-    for (int i = 0; i < WPL; i++) {
-      const int wi = lane * WPL + i;
-      if (wi < nw) sPre[wi] = u;
-      unsigned m = wd[i];
+      for (int o = 1; o < 32; o <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += v;
+      }
+      int u = base + inc - k;
+      if (c < nb && (c & 3) == 0) sPre[c >> 2] = u;
       while (m) {
         const int bit = __ffs(m) - 1;
         m &= m - 1;
-        if (u < kRows * kMaxT) sUt[u] = wi * 32 + bit;
+        if (u < kRows * kMaxT) sUt[u] = c * 8 + bit;
         u++;
       }
+      base += __shfl_sync(0xffffffffu, inc, 31);
     }
-    if (lane == 31) *sU = min(inc, kRows * kMaxT);
+    if (lane == 0) *sU = min(base, kRows * kMaxT);
   }
   __syncthreads();
   const int U = *sU;
