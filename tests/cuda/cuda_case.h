@@ -83,7 +83,8 @@ static inline void nsa_tc_dev_free(nsa_tc_dev_t *dv) {
  * (32 when k mod 4 == 3), n = 8 or 16; odd k: `odd` | unused slots | empty
  * rows; k = 6: independent random ids over 2000 rows and 4100 keys (B = 1,
  * many ring laps); other even k: duplicates, unused slots, future entries;
- * k = 5: K/V stored [B, G, Skv, D]. */
+ * k = 5: K/V stored [B, G, Skv, D]; k = 8: 300 rows over 20000 keys (B = 1,
+ * 313 key tiles: more than one 256-tile round of the union's bitmap). */
 static inline void nsa_tc_row_block_cfg(nsa_tu_case_cfg_t *cfg, int k, unsigned odd, uint64_t seed) {
   cfg->h = 16;
   cfg->Dk = cfg->Dv = 128;
@@ -103,6 +104,11 @@ static inline void nsa_tc_row_block_cfg(nsa_tu_case_cfg_t *cfg, int k, unsigned 
     cfg->B = 1;
     cfg->S = 2000;
     cfg->Skv = 4100;
+  }
+  if (k == 8) { /* 313 key tiles (queries at the end of the keys): the row-block union's bitmap takes two rounds */
+    cfg->B = 1;
+    cfg->S = 300;
+    cfg->Skv = 20000;
   }
 }
 

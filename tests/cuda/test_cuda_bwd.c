@@ -436,7 +436,7 @@ Test(cuda_bwd, dq_key_row_batches) {
 Test(cuda_bwd, row_block_dq) {
   NSA_REQUIRE_GPU();
   nsa_cuda_ctx_t *ctx = mkctx(0);
-  for (int k = 0; k < 8; k++) {
+  for (int k = 0; k < 9; k++) {
     nsa_tu_case_cfg_t cfg = base();
     nsa_tc_row_block_cfg(&cfg, k, NSA_TU_SEL_CORRELATED, 3600 + k);
     bx_t f;

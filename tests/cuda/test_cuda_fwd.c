@@ -366,7 +366,7 @@ static int64_t bit_diff(const double *a, const double *b, int64_t n) {
 Test(cuda_fwd, row_block_kernel) {
   NSA_REQUIRE_GPU();
   nsa_cuda_ctx_t *ctx = mkctx(0);
-  for (int k = 0; k < 8; k++) {
+  for (int k = 0; k < 9; k++) {
     nsa_tu_case_cfg_t cfg = base();
     nsa_tc_row_block_cfg(&cfg, k, NSA_TU_SEL_BLOCKWISE, 2100 + k);
     fx_t f;
