@@ -15,7 +15,8 @@
 //      is ORed), marks the tiles in a bitmap of the (b, g)'s tiles and loads
 //      its Q rows (16 heads x Dk) into shared memory;
 //   2. the producer turns the bitmap into the ascending union ut[0..U) of
-//      the block's tiles (popcount prefix per 32-tile word, pre[]); each
+//      the block's tiles (a warp scan over the bitmap's bytes, 32 per
+//      round; pre[] = union steps before each 32-tile word); each
 //      consumer lane j then maps its row's tile j to its union step and sets
 //      the warp's bit in um[step] (the rows that use the step);
 //   3. the producer (one lane) streams union tile u into ring slot u % kNS
