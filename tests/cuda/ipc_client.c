@@ -288,28 +288,52 @@ static int mode_check(nsa_client_t *c) {
   return g_fail;
 }
 
+/* What the sync=false modes share: a non-blocking stream, n (<= 3)
+ * interprocess events registered with nsad (ev[i] -> id[i]), and a 1 GiB
+ * buffer whose memsets, queued ahead, hold the stream back. */
+typedef struct {
+  cudaStream_t st;
+  cudaEvent_t ev[3];
+  uint64_t id[3];
+  int n;
+  void *busy;
+  size_t busy_bytes;
+} rig_t;
+
+static void rig_init(nsa_client_t *c, rig_t *r, int n) {
+  r->n = n;
+  CK(cudaStreamCreateWithFlags(&r->st, cudaStreamNonBlocking));
+  for (int i = 0; i < n; i++) {
+    CK(cudaEventCreateWithFlags(&r->ev[i], cudaEventInterprocess | cudaEventDisableTiming));
+    need(c, nsa_client_cuda_event(c, r->ev[i], &r->id[i]), "register event");
+  }
+  r->busy_bytes = (size_t)1 << 30;
+  r->busy = NULL;
+  CK(cudaMalloc(&r->busy, r->busy_bytes));
+}
+
+static void rig_free(nsa_client_t *c, rig_t *r) {
+  for (int i = 0; i < r->n; i++) need(c, nsa_client_cuda_forget(c, r->ev[i]), "forget event");
+  CK(cudaStreamSynchronize(r->st));
+  CK(cudaStreamDestroy(r->st));
+  cudaFree(r->busy);
+}
+
 static int mode_async(nsa_client_t *c) {
   prob_t p;
   prob_init(&p, 2, 128, 1024, 2, 4, 64, 64, 16, 32);
   nsa_client_fwd_t f;
   nsa_client_bwd_t b;
   make_args(c, &p, &f, &b);
-  cudaStream_t st;
-  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  cudaEvent_t ready, done_f, done_b;
-  const unsigned fl = cudaEventInterprocess | cudaEventDisableTiming;
-  CK(cudaEventCreateWithFlags(&ready, fl));
-  CK(cudaEventCreateWithFlags(&done_f, fl));
-  CK(cudaEventCreateWithFlags(&done_b, fl));
-  uint64_t ev_ready, ev_f, ev_b;
-  need(c, nsa_client_cuda_event(c, ready, &ev_ready), "event ready");
-  need(c, nsa_client_cuda_event(c, done_f, &ev_f), "event done_f");
-  need(c, nsa_client_cuda_event(c, done_b, &ev_b), "event done_b");
+  rig_t R;
+  rig_init(c, &R, 3);
+  cudaStream_t st = R.st;
+  cudaEvent_t ready = R.ev[0], done_f = R.ev[1], done_b = R.ev[2];
+  const uint64_t ev_ready = R.id[0], ev_f = R.id[1], ev_b = R.id[2];
   /* Busy work ahead of the uploads on the client's stream (~1 GiB x 16 of
    * memsets), so that ignoring wait_event would read the NaN inputs. */
-  size_t busy_bytes = (size_t)1 << 30;
-  void *busy = NULL;
-  CK(cudaMalloc(&busy, busy_bytes));
+  void *busy = R.busy;
+  const size_t busy_bytes = R.busy_bytes;
   for (int it = 0; it < 2; it++) {
     prob_fill_host(&p);
     /* Inputs AND outputs poisoned first, synchronously. */
@@ -352,10 +376,7 @@ static int mode_async(nsa_client_t *c) {
     fprintf(stderr, "ipc_client: async round %d: forward %s %.3g, backward %s %.3g\n", it, rf.path,
             ef, rb.path, eb);
   }
-  need(c, nsa_client_cuda_forget(c, ready), "forget");
-  need(c, nsa_client_cuda_forget(c, done_f), "forget");
-  need(c, nsa_client_cuda_forget(c, done_b), "forget");
-  cudaFree(busy);
+  rig_free(c, &R);
   return g_fail;
 }
 
@@ -372,18 +393,13 @@ static int mode_closes(nsa_client_t *c) {
   nsa_client_fwd_t f;
   nsa_client_bwd_t b;
   make_args(c, &p, &f, &b);
-  cudaStream_t st;
-  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  cudaEvent_t ready, done;
-  const unsigned fl = cudaEventInterprocess | cudaEventDisableTiming;
-  CK(cudaEventCreateWithFlags(&ready, fl));
-  CK(cudaEventCreateWithFlags(&done, fl));
-  uint64_t ev_ready, ev_done;
-  need(c, nsa_client_cuda_event(c, ready, &ev_ready), "event ready");
-  need(c, nsa_client_cuda_event(c, done, &ev_done), "event done");
-  size_t busy_bytes = (size_t)1 << 30;
-  void *busy = NULL;
-  CK(cudaMalloc(&busy, busy_bytes));
+  rig_t R;
+  rig_init(c, &R, 2);
+  cudaStream_t st = R.st;
+  cudaEvent_t ready = R.ev[0], done = R.ev[1];
+  const uint64_t ev_ready = R.id[0], ev_done = R.id[1];
+  void *busy = R.busy;
+  const size_t busy_bytes = R.busy_bytes;
   prob_fill_host(&p);
   prob_upload(&p);
   /* Warm up first: nsad's first request on a fresh context loads modules and
@@ -424,11 +440,7 @@ static int mode_closes(nsa_client_t *c) {
   EXPECT(e <= 1e-5, "forward through the re-registered region (%s): rel err %g", r.path, e);
   fprintf(stderr, "ipc_client: closes: forward %s after re-registering, rel err %.3g\n", r.path, e);
   need(c, nsa_client_cuda_forget(c, p.dsel), "forget sel again");
-  need(c, nsa_client_cuda_forget(c, ready), "forget");
-  need(c, nsa_client_cuda_forget(c, done), "forget");
-  CK(cudaStreamSynchronize(st));
-  CK(cudaStreamDestroy(st));
-  cudaFree(busy);
+  rig_free(c, &R);
   return g_fail;
 }
 
