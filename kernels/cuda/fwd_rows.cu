@@ -306,7 +306,7 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     }
   }
   __syncthreads();
-  if (invalid > 0) {  // block-uniform: NaN outputs, as the other kernels (nothing but the plan was read)
+  if (invalid > 0) {  // block-uniform: NaN outputs, as the other kernels (no K / V was read)
     cp_wait<0>();
     if (row_ok) {
       float o[DV / 8][4];
