@@ -145,17 +145,72 @@ void nsad_server_check_drained(nsad_server_t *srv) {
 
 /* --------------------------------------------------------------- reload --- */
 
+/* The flag layer of a reload, on libuv's thread pool: re-reading the NSA_*
+ * lines and persisting a changed config layer (write, fsync, rename, fsync
+ * dir) may wait on the disk, and the loop thread serves every client
+ * (flags.set takes the same road, dispatch.c). The flag store serialises
+ * its writers itself. */
+typedef struct {
+  uv_work_t work;
+  nsad_server_t *srv;
+  char *path; /* the config file (a copy: the loop may change cfg meanwhile) */
+  int rc;
+  char msg[512];
+} reload_op_t;
+
+static void reload_work(uv_work_t *w) {
+  reload_op_t *op = w->data;
+  op->rc = nsad_flags_load_config(op->srv->flags, op->path, NULL, op->msg, sizeof op->msg);
+}
+
+static void reload_done(uv_work_t *w, int status) {
+  reload_op_t *op = w->data;
+  nsad_server_t *srv = op->srv;
+  if (status != 0 || op->rc != 0)
+    nsad_err("reload: flags: %s; keeping the previous flag config", status ? uv_strerror(status) : op->msg);
+  free(op->path);
+  free(op);
+  srv->reload_busy = 0;
+  if (srv->shutting_down) return;
+  nsad_sd_notify_ready();
+  if (srv->reload_again) {
+    srv->reload_again = 0;
+    nsad_server_reload(srv);
+  }
+}
+
 void nsad_server_reload(nsad_server_t *srv) {
+  if (srv->reload_busy) { /* one at a time; the file is read again afterwards */
+    srv->reload_again = 1;
+    return;
+  }
   char msg[512];
   nsad_sd_notify_reloading();
   nsad_info("SIGHUP: reloading %s", srv->cfg->config_file ? srv->cfg->config_file : "(no config file)");
   if (nsad_config_load_file(srv->cfg, msg, sizeof msg) != 0) {
     nsad_err("reload: %s; keeping the previous settings", msg);
-  } else {
-    nsad_log_set_level(srv->cfg->log_level);
-    if (nsad_flags_load_config(srv->flags, srv->cfg->config_file, NULL, msg, sizeof msg) != 0)
-      nsad_err("reload: flags: %s; keeping the previous flag config", msg);
+    nsad_sd_notify_ready();
+    return;
   }
+  nsad_log_set_level(srv->cfg->log_level);
+  reload_op_t *op = calloc(1, sizeof *op);
+  if (op && srv->cfg->config_file && !(op->path = strdup(srv->cfg->config_file))) {
+    free(op);
+    op = NULL;
+  }
+  if (op) {
+    op->srv = srv;
+    op->work.data = op;
+    if (uv_queue_work(&srv->loop, &op->work, reload_work, reload_done) == 0) {
+      srv->reload_busy = 1;
+      return;
+    }
+    free(op->path);
+    free(op);
+  }
+  /* Out of memory or no thread pool: do it here, as before. */
+  if (nsad_flags_load_config(srv->flags, srv->cfg->config_file, NULL, msg, sizeof msg) != 0)
+    nsad_err("reload: flags: %s; keeping the previous flag config", msg);
   nsad_sd_notify_ready();
 }
 

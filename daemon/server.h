@@ -54,6 +54,8 @@ typedef struct nsad_server {
    * and workers (docs/DAEMON.md, "Forward overhead on the CUDA backend") */
   double spin_s;
   double last_activity; /* loop thread: last socket read or job completion */
+  int reload_busy;      /* SIGHUP: the flags' reload is on the thread pool */
+  int reload_again;     /* another SIGHUP came meanwhile: reload once more after it */
 } nsad_server_t;
 
 /* Sets everything up (backend, flags, metrics, workers, listening socket).
