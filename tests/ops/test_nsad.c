@@ -209,6 +209,36 @@ static void *slow_set_main(void *arg) {
   return NULL;
 }
 
+/* The persist-off-the-loop tests: nsad's temporary state file becomes a
+ * FIFO, so its next persist blocks in open() until release_fifo reads it
+ * (the write then fails: fsync on a FIFO is EINVAL). */
+static void make_state_fifo(const ops_nsad_t *d, char *fifo, size_t n) {
+  snprintf(fifo, n, "%s/flags.state.tmp", d->state);
+  mkdir(d->state, 0700);
+  cr_assert_eq(mkfifo(fifo, 0600), 0, "mkfifo %s: %s", fifo, strerror(errno));
+}
+
+/* While a persist is stuck: ping on b (5 s receive timeout; *dt its time),
+ * then, if it answered, read NSA_SEL_VARLEN_MIN_L into *g. Returns the
+ * ping's rc. */
+static int ping_while_stuck(ops_client_t *b, double *dt, fget_t *g) {
+  struct timeval tv = {.tv_sec = 5};
+  setsockopt(b->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  double t0 = now_s();
+  int prc = ops_call(b, req_of(NSA_M_PING));
+  *dt = now_s() - t0;
+  if (prc == NSA_E_OK) flags_get(b, "NSA_SEL_VARLEN_MIN_L", g);
+  return prc;
+}
+
+static void release_fifo(const char *fifo) {
+  int fd = open(fifo, O_RDONLY | O_CLOEXEC);
+  char buf[4096];
+  while (fd >= 0 && read(fd, buf, sizeof buf) > 0) {
+  }
+  if (fd >= 0) close(fd);
+}
+
 /* A flag change is persisted (write, fsync, rename) before it applies, and
  * the disk may be slow. Here nsad's temporary state file is a FIFO, so its
  * write blocks until this test reads it: meanwhile another connection must
@@ -224,28 +254,15 @@ Test(nsad, flags_persist_off_the_loop, .timeout = 60) {
   connect_hello(&d, &a, NULL);
   connect_hello(&d, &b, NULL);
   char fifo[400];
-  snprintf(fifo, sizeof fifo, "%s/flags.state.tmp", d.state);
-  mkdir(d.state, 0700);
-  cr_assert_eq(mkfifo(fifo, 0600), 0, "mkfifo %s: %s", fifo, strerror(errno));
+  make_state_fifo(&d, fifo, sizeof fifo);
   slow_set_t t = {.c = &a, .rc = -2};
   pthread_t th;
   cr_assert_eq(pthread_create(&th, NULL, slow_set_main, &t), 0);
   usleep(300 * 1000); /* nsad is inside open() of the FIFO by now */
-  struct timeval tv = {.tv_sec = 5};
-  setsockopt(b.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  double t0 = now_s();
-  int prc = ops_call(&b, req_of(NSA_M_PING));
-  double dt = now_s() - t0;
+  double dt = 0;
   fget_t g = {0};
-  if (prc == NSA_E_OK) flags_get(&b, "NSA_SEL_VARLEN_MIN_L", &g);
-  kill(d.pid, SIGHUP); /* a second one while the first is stuck: runs after it */
-  usleep(100 * 1000);
-  /* Release nsad's write, whatever happened above. */
-  int fd = open(fifo, O_RDONLY | O_CLOEXEC);
-  char buf[4096];
-  while (fd >= 0 && read(fd, buf, sizeof buf) > 0) {
-  }
-  if (fd >= 0) close(fd);
+  int prc = ping_while_stuck(&b, &dt, &g);
+  release_fifo(fifo); /* whatever happened above */
   pthread_join(th, NULL);
   cr_expect_eq(prc, NSA_E_OK,
                "ping on another connection got no answer while flags.set was writing the "
@@ -289,27 +306,16 @@ Test(nsad, reload_persist_off_the_loop, .timeout = 60) {
   ops_client_t b;
   connect_hello(&d, &b, NULL);
   char fifo[400];
-  snprintf(fifo, sizeof fifo, "%s/flags.state.tmp", d.state);
-  mkdir(d.state, 0700);
-  cr_assert_eq(mkfifo(fifo, 0600), 0, "mkfifo %s: %s", fifo, strerror(errno));
+  make_state_fifo(&d, fifo, sizeof fifo);
   ops_write_file(d.conf, "NSA_SEL_VARLEN_MIN_L=96\n");
   kill(d.pid, SIGHUP);
   usleep(300 * 1000); /* nsad is inside open() of the FIFO by now */
-  struct timeval tv = {.tv_sec = 5};
-  setsockopt(b.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  double t0 = now_s();
-  int prc = ops_call(&b, req_of(NSA_M_PING));
-  double dt = now_s() - t0;
+  double dt = 0;
   fget_t g = {0};
-  if (prc == NSA_E_OK) flags_get(&b, "NSA_SEL_VARLEN_MIN_L", &g);
+  int prc = ping_while_stuck(&b, &dt, &g);
   kill(d.pid, SIGHUP); /* a second one while the first is stuck: runs after it */
   usleep(100 * 1000);
-  /* Release nsad's write, whatever happened above. */
-  int fd = open(fifo, O_RDONLY | O_CLOEXEC);
-  char buf[4096];
-  while (fd >= 0 && read(fd, buf, sizeof buf) > 0) {
-  }
-  if (fd >= 0) close(fd);
+  release_fifo(fifo); /* whatever happened above */
   cr_expect_eq(prc, NSA_E_OK,
                "ping got no answer while a SIGHUP reload was writing the state file (rc %d after "
                "%.1f s): the event loop waited on the disk",
@@ -318,9 +324,9 @@ Test(nsad, reload_persist_off_the_loop, .timeout = 60) {
   if (prc == NSA_E_OK) cr_expect_eq(g.value, 64, "the reloaded value showed before it was persisted");
   /* The stuck reload fails cleanly; the SIGHUP that came meanwhile reads
    * the file again and applies it, with no further signal. */
-  tv.tv_sec = 10;
+  struct timeval tv = {.tv_sec = 10};
   setsockopt(b.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  t0 = now_s();
+  const double t0 = now_s();
   do {
     usleep(50000);
     flags_get(&b, "NSA_SEL_VARLEN_MIN_L", &g);
