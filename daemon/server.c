@@ -149,27 +149,18 @@ void nsad_server_check_drained(nsad_server_t *srv) {
  * lines and persisting a changed config layer (write, fsync, rename, fsync
  * dir) may wait on the disk, and the loop thread serves every client
  * (flags.set takes the same road, dispatch.c). The flag store serialises
- * its writers itself. */
-typedef struct {
-  uv_work_t work;
-  nsad_server_t *srv;
-  char *path; /* the config file (a copy: the loop may change cfg meanwhile) */
-  int rc;
-  char msg[512];
-} reload_op_t;
-
+ * its writers itself; cfg->config_file is set once, from the command line. */
 static void reload_work(uv_work_t *w) {
-  reload_op_t *op = w->data;
-  op->rc = nsad_flags_load_config(op->srv->flags, op->path, NULL, op->msg, sizeof op->msg);
+  nsad_server_t *srv = w->data;
+  srv->reload_rc = nsad_flags_load_config(srv->flags, srv->cfg->config_file, NULL, srv->reload_msg,
+                                          sizeof srv->reload_msg);
 }
 
 static void reload_done(uv_work_t *w, int status) {
-  reload_op_t *op = w->data;
-  nsad_server_t *srv = op->srv;
-  if (status != 0 || op->rc != 0)
-    nsad_err("reload: flags: %s; keeping the previous flag config", status ? uv_strerror(status) : op->msg);
-  free(op->path);
-  free(op);
+  nsad_server_t *srv = w->data;
+  if (status != 0 || srv->reload_rc != 0)
+    nsad_err("reload: flags: %s; keeping the previous flag config",
+             status ? uv_strerror(status) : srv->reload_msg);
   srv->reload_busy = 0;
   if (srv->shutting_down) return;
   nsad_sd_notify_ready();
@@ -193,25 +184,12 @@ void nsad_server_reload(nsad_server_t *srv) {
     return;
   }
   nsad_log_set_level(srv->cfg->log_level);
-  reload_op_t *op = calloc(1, sizeof *op);
-  if (op && srv->cfg->config_file && !(op->path = strdup(srv->cfg->config_file))) {
-    free(op);
-    op = NULL;
+  srv->reload_busy = 1;
+  srv->reload_req.data = srv;
+  if (uv_queue_work(&srv->loop, &srv->reload_req, reload_work, reload_done) != 0) {
+    reload_work(&srv->reload_req); /* no thread pool: here, as before */
+    reload_done(&srv->reload_req, 0);
   }
-  if (op) {
-    op->srv = srv;
-    op->work.data = op;
-    if (uv_queue_work(&srv->loop, &op->work, reload_work, reload_done) == 0) {
-      srv->reload_busy = 1;
-      return;
-    }
-    free(op->path);
-    free(op);
-  }
-  /* Out of memory or no thread pool: do it here, as before. */
-  if (nsad_flags_load_config(srv->flags, srv->cfg->config_file, NULL, msg, sizeof msg) != 0)
-    nsad_err("reload: flags: %s; keeping the previous flag config", msg);
-  nsad_sd_notify_ready();
 }
 
 /* ------------------------------------------------------------ listening --- */

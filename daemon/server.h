@@ -54,8 +54,11 @@ typedef struct nsad_server {
    * and workers (docs/DAEMON.md, "Forward overhead on the CUDA backend") */
   double spin_s;
   double last_activity; /* loop thread: last socket read or job completion */
-  int reload_busy;      /* SIGHUP: the flags' reload is on the thread pool */
-  int reload_again;     /* another SIGHUP came meanwhile: reload once more after it */
+  /* SIGHUP: the flag layer of a reload runs on libuv's thread pool, one at
+   * a time (server.c); a SIGHUP meanwhile sets reload_again. */
+  uv_work_t reload_req;
+  int reload_busy, reload_again, reload_rc;
+  char reload_msg[512];
 } nsad_server_t;
 
 /* Sets everything up (backend, flags, metrics, workers, listening socket).
