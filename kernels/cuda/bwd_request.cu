@@ -137,6 +137,15 @@ void layout2(const nsa_dims_t *d, int64_t cap, int packed, int64_t slots, int64_
   int64_t seg = L->bcap / 512;
   if (seg > 1024) seg = 1024;
   if (seg < 64) seg = 64;
+  // At h >= 8 an item of 1024 rows is long (rows x h columns): when the items
+  // would be under ~1024 (the tiles plus the extra segments' bound; ~4 waves
+  // of the two-CTA-per-SM kernel on 132 SMs) their tail shows, and 512 rows
+  // balance it. H100, T = 8k h = 8 random backward 2.55-2.59 -> 2.42-2.44
+  // ms; at T = 16k (1024 tiles) 512 was slower (4.71 -> 4.85), and at h < 8
+  // the short items only add prologues (H200, 8k: h = 1 +1 %, h = 4 corr
+  // +3.5 %; docs/PERF.md). A constant, not the SM count, so the result does
+  // not depend on the GPU model.
+  if (seg == 1024 && d->h >= 8 && ntiles + L->bcap / 1024 <= 1024) seg = 512;
   const char *se = getenv("NSA_BWD_SEG");  // development knob: rows per segment
   if (se && atoll(se) > 0) seg = atoll(se);
   const double slot = (double)NSA_BWD_TILE * (double)(d->Dk + d->Dv) * 4.0;
