@@ -12,8 +12,10 @@
  *   nworkers = nqueues (one worker thread per GPU: worker i serves queue
  *              i % nqueues, see worker.c)
  *   devices  = device names for the hello reply
- * Threads: init, teardown, region_open/close and event_open/close run on the
- * loop thread (teardown after every worker is joined); worker_init, fwd, bwd,
+ * Threads: init, teardown, region_close and event_close run on the loop
+ * thread (teardown after every worker is joined); region_open and event_open
+ * run on libuv's thread pool (dispatch.c), possibly several at once and
+ * beside the loop's closes, so they must be thread-safe; worker_init, fwd, bwd,
  * shadow_fwd and worker_teardown run on the worker thread that owns `wctx`
  * (create the nsa_cuda_ctx_t there; call cudaSetDevice first).
  * region_open: handle kind=cuda_ipc (nsa_cuda_ipc_open_mem on the device's

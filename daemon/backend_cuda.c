@@ -11,8 +11,10 @@
  *                   registered twice (by one session, or again by a client that
  *                   reconnected while its old session drains) shares one
  *                   cudaIpcOpenMemHandle, which CUDA allows only once per
- *                   process and handle. Guarded by cb->ipc_mu (the loop thread
- *                   and the closer thread).
+ *                   process and handle. Guarded by cb->ipc_mu (the loop thread,
+ *                   the closer thread, the opens on libuv's pool). Opens also
+ *                   hold cb->open_mu from the lookup to the insert, so two
+ *                   sessions registering one handle at once open it once.
  *   events          IPC events go through the same table (cudaEvent_t).
  *   shm             nsad_shm_open + cudaHostRegister(Mapped|Portable): kernels
  *                   read host memory over the bus through its device alias.
@@ -93,6 +95,7 @@ typedef struct {
   size_t ws_cap;
   cb_queue_t q[NSAD_MAX_DEVICES];
   pthread_mutex_t ipc_mu; /* cb->ipc, each entry's refs / pending */
+  pthread_mutex_t open_mu; /* one IPC open (lookup .. insert) at a time */
   cb_ipc_t *ipc;
   /* The closer thread and its FIFO of deferred closes (guarded by close_mu). */
   pthread_t closer;
@@ -263,8 +266,8 @@ static int ipc_unlink_if_idle(cb_t *cb, cb_ipc_t *m) {
  * meantime (refs > 0) or another close of it is still queued, else shm. */
 static void run_close(cb_t *cb, cb_ipc_t *m, const nsad_region_t *shm) {
   if (m) {
-    /* Under the lock, so a registration of the same handle on the loop
-     * thread either revives m first or finds it gone and closed (CUDA opens
+    /* Under the lock, so a registration of the same handle on libuv's pool
+     * either revives m first or finds it gone and closed (CUDA opens
      * a handle only once per process). */
     pthread_mutex_lock(&cb->ipc_mu);
     if (ipc_unlink_if_idle(cb, m)) ipc_destroy(m);
@@ -413,6 +416,7 @@ static int cb_init(nsad_backend_t *b, const nsad_config_t *cfg, char *msg, size_
     if (off >= sizeof cb->devlist) off = sizeof cb->devlist - 1;
   }
   pthread_mutex_init(&cb->ipc_mu, NULL);
+  pthread_mutex_init(&cb->open_mu, NULL);
   pthread_mutex_init(&cb->close_mu, NULL);
   pthread_cond_init(&cb->close_cv, NULL);
   cb->close_tail = &cb->close_head;
@@ -448,6 +452,7 @@ static void cb_teardown(nsad_backend_t *b) {
     ipc_destroy(m);
   }
   pthread_mutex_destroy(&cb->ipc_mu);
+  pthread_mutex_destroy(&cb->open_mu);
   pthread_mutex_destroy(&cb->close_mu);
   pthread_cond_destroy(&cb->close_cv);
   for (int i = 0; i < cb->nq; i++) pthread_mutex_destroy(&cb->q[i].mu);
@@ -645,6 +650,47 @@ static int cb_shadow_fwd(nsad_backend_t *b, void *wctx, const nsa_fwd_args_t *a,
 
 /* ------------------------------------------------------ regions/events --- */
 
+/* The table's mapping of req's handle, opened here when absent; one more
+ * registration holds it. NULL with err set on failure. Caller holds
+ * cb->open_mu (CUDA opens a handle only once per process). */
+static cb_ipc_t *ipc_open_mem(cb_t *cb, const nsa_req_region_register_t *req,
+                              nsa_proto_err_t *err) {
+  cb_ipc_t *m = ipc_get(cb, 0, req->device, req->handle);
+  if (m) return m;
+  m = calloc(1, sizeof *m);
+  if (!m) return nsa_proto_err_set(err, NSA_E_INTERNAL, "out of memory"), NULL;
+  m->device = req->device;
+  memcpy(m->handle, req->handle, 64);
+  cudaError_t e = cudaSetDevice(req->device);
+  cudaIpcMemHandle_t h;
+  memcpy(&h, req->handle, sizeof h);
+  if (e == cudaSuccess) e = cudaIpcOpenMemHandle(&m->ptr, h, cudaIpcMemLazyEnablePeerAccess);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    free(m);
+    nsa_proto_err_set(err, NSA_E_BAD_REQUEST,
+                      "cannot open the CUDA IPC memory handle on GPU %d: %s (%s)", (int)req->device,
+                      cudaGetErrorName(e), cudaGetErrorString(e));
+    return NULL;
+  }
+  /* The real extent: the handle names the allocation's base, so the
+   * mapping starts at the base; count from the mapped pointer. */
+  CUdeviceptr base = 0;
+  size_t size = 0;
+  CUresult cr = mem_range(&base, &size, (CUdeviceptr)(uintptr_t)m->ptr);
+  if (cr != CUDA_SUCCESS) {
+    cudaIpcCloseMemHandle(m->ptr);
+    cudaGetLastError();
+    free(m);
+    nsa_proto_err_set(err, NSA_E_DEVICE_ERROR,
+                      "cuMemGetAddressRange on an opened IPC mapping failed (%d)", (int)cr);
+    return NULL;
+  }
+  m->extent = size - (size_t)((uintptr_t)m->ptr - (uintptr_t)base);
+  ipc_insert(cb, m);
+  return m;
+}
+
 static int cb_region_open(nsad_backend_t *b, const nsa_req_region_register_t *req, uid_t peer_uid,
                           nsad_region_t *r, nsa_proto_err_t *err) {
   cb_t *cb = b->priv;
@@ -680,38 +726,10 @@ static int cb_region_open(nsad_backend_t *b, const nsa_req_region_register_t *re
                              "device %d is not served by this nsad (GPUs %s)", (int)req->device,
                              cb->devlist);
   if (req->size == 0) return nsa_proto_err_set(err, NSA_E_BAD_REQUEST, "key 'size' must be > 0");
-  cb_ipc_t *m = ipc_get(cb, 0, req->device, req->handle);
-  if (!m) {
-    m = calloc(1, sizeof *m);
-    if (!m) return nsa_proto_err_set(err, NSA_E_INTERNAL, "out of memory");
-    m->device = req->device;
-    memcpy(m->handle, req->handle, 64);
-    cudaError_t e = cudaSetDevice(req->device);
-    cudaIpcMemHandle_t h;
-    memcpy(&h, req->handle, sizeof h);
-    if (e == cudaSuccess) e = cudaIpcOpenMemHandle(&m->ptr, h, cudaIpcMemLazyEnablePeerAccess);
-    if (e != cudaSuccess) {
-      cudaGetLastError();
-      free(m);
-      return nsa_proto_err_set(err, NSA_E_BAD_REQUEST,
-                               "cannot open the CUDA IPC memory handle on GPU %d: %s (%s)",
-                               (int)req->device, cudaGetErrorName(e), cudaGetErrorString(e));
-    }
-    /* The real extent: the handle names the allocation's base, so the
-     * mapping starts at the base; count from the mapped pointer. */
-    CUdeviceptr base = 0;
-    size_t size = 0;
-    CUresult cr = mem_range(&base, &size, (CUdeviceptr)(uintptr_t)m->ptr);
-    if (cr != CUDA_SUCCESS) {
-      cudaIpcCloseMemHandle(m->ptr);
-      cudaGetLastError();
-      free(m);
-      return nsa_proto_err_set(err, NSA_E_DEVICE_ERROR,
-                               "cuMemGetAddressRange on an opened IPC mapping failed (%d)", (int)cr);
-    }
-    m->extent = size - (size_t)((uintptr_t)m->ptr - (uintptr_t)base);
-    ipc_insert(cb, m);
-  }
+  pthread_mutex_lock(&cb->open_mu);
+  cb_ipc_t *m = ipc_open_mem(cb, req, err);
+  pthread_mutex_unlock(&cb->open_mu);
+  if (!m) return -1;
   if (req->size > m->extent) {
     uint64_t ext = m->extent;
     ipc_release(cb, m, queue_of_device(cb, req->device));
@@ -755,10 +773,14 @@ static int cb_event_open(nsad_backend_t *b, const nsa_req_event_register_t *req,
   /* libnsaclient sends device 0; an event is usable from any device's
    * stream, so open it on the named GPU when served, else the first one. */
   int dev = queue_of_device(cb, req->device) >= 0 ? req->device : cb->dev[0];
+  pthread_mutex_lock(&cb->open_mu); /* ipc_open_mem's reason */
   cb_ipc_t *m = ipc_get(cb, 1, dev, req->handle);
   if (!m) {
     m = calloc(1, sizeof *m);
-    if (!m) return nsa_proto_err_set(err, NSA_E_INTERNAL, "out of memory");
+    if (!m) {
+      pthread_mutex_unlock(&cb->open_mu);
+      return nsa_proto_err_set(err, NSA_E_INTERNAL, "out of memory");
+    }
     m->is_event = 1;
     m->device = dev;
     memcpy(m->handle, req->handle, 64);
@@ -770,6 +792,7 @@ static int cb_event_open(nsad_backend_t *b, const nsa_req_event_register_t *req,
     if (ce != cudaSuccess) {
       cudaGetLastError();
       free(m);
+      pthread_mutex_unlock(&cb->open_mu);
       return nsa_proto_err_set(err, NSA_E_BAD_REQUEST,
                                "cannot open the CUDA IPC event handle (create the event with "
                                "cudaEventInterprocess|cudaEventDisableTiming): %s",
@@ -778,6 +801,7 @@ static int cb_event_open(nsad_backend_t *b, const nsa_req_event_register_t *req,
     m->ptr = e;
     ipc_insert(cb, m);
   }
+  pthread_mutex_unlock(&cb->open_mu);
   ev->kind = NSAD_ENTRY_EVENT;
   ev->device = dev;
   ev->base = m->ptr;

@@ -330,33 +330,108 @@ static void do_hello(nsad_session_t *s, const nsa_request_t *req, nsa_proto_err_
   nsad_session_send(s, o);
 }
 
-static void do_region_register(nsad_session_t *s, const nsa_request_t *req, int event,
-                               nsa_proto_err_t *err) {
+/* region.register / event.register open the entry on libuv's thread pool:
+ * an open can take long (the CUDA backend pins every page of a shm object
+ * with cudaHostRegister, about a second for a few GiB, and maps device
+ * memory with cudaIpcOpenMemHandle), and the loop keeps serving every other
+ * session meanwhile. This session's later requests wait
+ * (nsad_session_hold), so a forward sent right behind the registration
+ * still finds the region, and at most one open per session is in flight
+ * (the region limit below counts every entry). The backends' region_open /
+ * event_open are thread-safe (backend.h). */
+typedef struct {
+  uv_work_t work;
+  nsad_session_t *s;
+  nsad_backend_t *backend;
+  uint32_t msgid;
+  int event;
+  uid_t uid;
+  nsa_req_region_register_t reg; /* region.register */
+  nsa_req_event_register_t ev;   /* event.register */
+  nsad_region_t *r;
+  double t0;
+  int rc;
+  nsa_proto_err_t err;
+} region_op_t;
+
+static void region_work(uv_work_t *w) {
+  region_op_t *op = w->data;
+  nsad_backend_t *b = op->backend;
+  op->rc = op->event ? b->ops->event_open(b, &op->ev, op->r, &op->err)
+                     : b->ops->region_open(b, &op->reg, op->uid, op->r, &op->err);
+}
+
+static void region_done(uv_work_t *w, int status) {
+  region_op_t *op = w->data;
+  nsad_session_t *s = op->s;
   nsad_server_t *srv = s->srv;
-  if (s->reg.count >= srv->cfg->max_regions) {
-    nsa_proto_err_set(err, NSA_E_BUSY,
-                      "this session already holds %d regions/events (the limit); unregister some",
-                      s->reg.count);
-    return;
+  const char *what = op->event ? "event" : "region";
+  if (status != 0 && op->rc == 0) { /* cancelled before it ran: nothing was opened */
+    op->rc = -1;
+    nsa_proto_err_set(&op->err, NSA_E_INTERNAL, "%s.register was cancelled", what);
   }
+  if (op->rc != 0 && op->err.code == NSA_E_OK)
+    nsa_proto_err_set(&op->err, NSA_E_INTERNAL, "%s.register failed", what);
+  if (op->rc == 0 && s->closing) {
+    /* The client went away while the entry was being opened: its registry
+     * is already torn down, so close the entry here. */
+    nsad_region_discard(op->r, &srv->backend);
+  } else if (op->rc == 0) {
+    nsad_region_t *r = op->r;
+    nsad_registry_add(&s->reg, r);
+    nsad_debug("session %llu: %s %llu registered (%s, %llu bytes)", (unsigned long long)s->id,
+               what, (unsigned long long)r->id, r->name, (unsigned long long)r->size);
+    reply_uint(s, op->msgid, what, r->id);
+    nsad_server_update_gauges(srv);
+  } else {
+    free(op->r);
+    nsad_debug("session %llu: msgid %u: %s: %s", (unsigned long long)s->id, op->msgid,
+               nsa_proto_code_name(op->err.code), op->err.message);
+    nsad_session_send_error(s, op->msgid, op->err.code, op->err.message);
+  }
+  if (srv->metrics)
+    nsad_metrics_request(srv->metrics, op->event ? NSA_M_EVENT_REGISTER : NSA_M_REGION_REGISTER,
+                         -1, op->rc == 0 ? NSA_E_OK : op->err.code, nsad_now() - op->t0);
+  free(op);
+  nsad_session_unhold(s);       /* dispatches what this session sent meanwhile */
+  nsad_session_job_finished(s); /* s may be gone after this */
+}
+
+/* 0: queued (replied and counted when done); else err is set. */
+static int submit_region_register(nsad_session_t *s, const nsa_request_t *req, int event, double t0,
+                                  nsa_proto_err_t *err) {
+  nsad_server_t *srv = s->srv;
+  if (s->reg.count >= srv->cfg->max_regions)
+    return nsa_proto_err_set(err, NSA_E_BUSY,
+                             "this session already holds %d regions/events (the limit); "
+                             "unregister some",
+                             s->reg.count),
+           -1;
+  region_op_t *op = calloc(1, sizeof *op);
   nsad_region_t *r = nsad_region_alloc(event ? NSAD_ENTRY_EVENT : NSAD_ENTRY_SHM);
-  if (!r) {
-    nsa_proto_err_set(err, NSA_E_INTERNAL, "out of memory");
-    return;
-  }
-  int rc = event ? srv->backend.ops->event_open(&srv->backend, &req->u.event_register, r, err)
-                 : srv->backend.ops->region_open(&srv->backend, &req->u.region_register, s->uid,
-                                                 r, err);
-  if (rc != 0) {
+  if (!op || !r) {
+    free(op);
     free(r);
-    return;
+    return nsa_proto_err_set(err, NSA_E_INTERNAL, "out of memory"), -1;
   }
-  nsad_registry_add(&s->reg, r);
-  nsad_debug("session %llu: %s %llu registered (%s, %llu bytes)", (unsigned long long)s->id,
-             event ? "event" : "region", (unsigned long long)r->id, r->name,
-             (unsigned long long)r->size);
-  reply_uint(s, req->msgid, event ? "event" : "region", r->id);
-  nsad_server_update_gauges(srv);
+  op->s = s;
+  op->backend = &srv->backend;
+  op->msgid = req->msgid;
+  op->event = event;
+  op->uid = s->uid;
+  if (event) op->ev = req->u.event_register;
+  else op->reg = req->u.region_register;
+  op->r = r;
+  op->t0 = t0;
+  op->work.data = op;
+  if (uv_queue_work(&srv->loop, &op->work, region_work, region_done) != 0) {
+    free(op);
+    free(r);
+    return nsa_proto_err_set(err, NSA_E_INTERNAL, "cannot queue the registration"), -1;
+  }
+  nsad_session_job_queued(s);
+  nsad_session_hold(s);
+  return 0;
 }
 
 static void do_unregister(nsad_session_t *s, const nsa_request_t *req, int event,
@@ -524,9 +599,12 @@ void nsad_dispatch(nsad_session_t *s, const nsa_proto_msg_t *msg) {
   switch (method) {
     case NSA_M_HELLO: do_hello(s, &req, &err); break;
     case NSA_M_PING: reply_nil(s, req.msgid); break;
-    case NSA_M_REGION_REGISTER: do_region_register(s, &req, 0, &err); break;
+    case NSA_M_REGION_REGISTER:
+    case NSA_M_EVENT_REGISTER:
+      if (submit_region_register(s, &req, method == NSA_M_EVENT_REGISTER, t0, &err) == 0)
+        return; /* replied and counted when done */
+      break;
     case NSA_M_REGION_UNREGISTER: do_unregister(s, &req, 0, &err); break;
-    case NSA_M_EVENT_REGISTER: do_region_register(s, &req, 1, &err); break;
     case NSA_M_EVENT_UNREGISTER: do_unregister(s, &req, 1, &err); break;
     case NSA_M_SEL_FORWARD:
     case NSA_M_SEL_BACKWARD:

@@ -17,7 +17,8 @@
 #include "log.h"
 
 /* ---- SIGBUS guard table: read by the signal handler on any thread, written
- * by the loop thread. A slot is published by storing `end` then `start`
+ * by the threads that open (libuv's pool) and close (the loop, the CUDA
+ * backend's closer) shm regions. A slot is published by storing `end` then `start`
  * (release) and retired by clearing `start` before the munmap; it is retired
  * only after every job using the region came back, so no fault can race. */
 #define NSAD_GUARD_SLOTS 16384
@@ -62,15 +63,22 @@ int nsad_shm_guard_install(void) {
   return 0;
 }
 
+/* Registrations open on libuv's thread pool (dispatch.c), so two may add at
+ * once: a slot is claimed by moving `end` from 0 with a compare-and-swap;
+ * the handler ignores it until `start` is stored. guard_remove clears start
+ * first, so a slot being removed (start 0, end set) is never claimed. */
 static int guard_add(void *base, uint64_t len) {
   if (!g_guard_on) return -1;
-  for (int i = 0; i < NSAD_GUARD_SLOTS; i++)
-    if (!atomic_load(&g_guard[i].start) && !atomic_load(&g_guard[i].end)) {
-      atomic_store(&g_guard[i].poisoned, 0);
-      atomic_store(&g_guard[i].end, (uintptr_t)base + (uintptr_t)len);
-      atomic_store_explicit(&g_guard[i].start, (uintptr_t)base, memory_order_release);
-      return i;
-    }
+  const uintptr_t end = (uintptr_t)base + (uintptr_t)len;
+  for (int i = 0; i < NSAD_GUARD_SLOTS; i++) {
+    uintptr_t zero = 0;
+    if (atomic_load(&g_guard[i].start) ||
+        !atomic_compare_exchange_strong(&g_guard[i].end, &zero, end))
+      continue;
+    atomic_store(&g_guard[i].poisoned, 0);
+    atomic_store_explicit(&g_guard[i].start, (uintptr_t)base, memory_order_release);
+    return i;
+  }
   return -1;
 }
 
@@ -147,10 +155,8 @@ int nsad_registry_remove(nsad_registry_t *reg, struct nsad_backend *b, uint64_t 
 
 void nsad_region_ref(nsad_region_t *r) { r->refs++; }
 
-void nsad_region_unref(nsad_region_t *r, struct nsad_backend *b) {
-  if (--r->refs > 0) return;
-  nsad_region_live_count--;
-  nsad_region_live_bytes -= (int64_t)r->mapped;
+/* Closes an opened entry through the backend and frees it. */
+static void entry_close(nsad_region_t *r, struct nsad_backend *b) {
   if (r->kind == NSAD_ENTRY_EVENT) {
     if (b && b->ops->event_close) b->ops->event_close(b, r);
   } else if (b && b->ops->region_close) {
@@ -160,6 +166,15 @@ void nsad_region_unref(nsad_region_t *r, struct nsad_backend *b) {
   }
   free(r);
 }
+
+void nsad_region_unref(nsad_region_t *r, struct nsad_backend *b) {
+  if (--r->refs > 0) return;
+  nsad_region_live_count--;
+  nsad_region_live_bytes -= (int64_t)r->mapped;
+  entry_close(r, b);
+}
+
+void nsad_region_discard(nsad_region_t *r, struct nsad_backend *b) { entry_close(r, b); }
 
 /* A POSIX shm name: "/" then 1..250 chars without another "/". */
 static int shm_name_ok(const char *name) {

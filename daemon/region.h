@@ -9,7 +9,9 @@
  * looks ids up only in its own registry, so naming another session's id gives
  * not_found rather than somebody else's memory.
  *
- * Lifetime: refcounted, touched only on the loop thread. The registry holds
+ * Lifetime: refcounted, touched only on the loop thread once registered (the
+ * backend opens an entry on libuv's thread pool, dispatch.c, and the loop
+ * adds it to the session's registry afterwards). The registry holds
  * one reference; every queued/running job holds one per entry it uses. An
  * entry is closed (munmap / cudaIpcCloseMemHandle) when the last reference
  * goes, i.e. after the in-flight work that reads it has finished.
@@ -67,6 +69,9 @@ void nsad_region_ref(nsad_region_t *r);
 /* Drops a reference; the last one closes the entry through the backend and frees it. */
 void nsad_region_unref(nsad_region_t *r, struct nsad_backend *b);
 
+/* Closes an entry that was opened but never added to a registry (its
+ * session closed during the open) and frees it. */
+void nsad_region_discard(nsad_region_t *r, struct nsad_backend *b);
 /* Allocates a zeroed entry (fd = -1, device = -1). */
 nsad_region_t *nsad_region_alloc(nsad_entry_kind_t kind);
 

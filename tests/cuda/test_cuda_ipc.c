@@ -16,6 +16,10 @@
  *                            invalid selection without harm to the daemon
  *   shm_regions              host shm regions on the cuda backend
  *                            (cudaHostRegister): forward/backward + nsa_example
+ *   large_shm_register_off_the_loop
+ *                            a 4 GiB shm registration (cudaHostRegister)
+ *                            leaves another session's pings fast; a session
+ *                            gone mid-registration leaves no region
  *   train                    issue 6's training loop (tests/daemon/
  *                            test_train.c) on the GPU: device tensors, every
  *                            path, plus sync=false with done_event (client
@@ -29,6 +33,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sys/mman.h>
+#include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -87,16 +95,6 @@ static void client_ok(th_nsad_t *d, const char *mode) {
                mode, st);
 }
 
-static double gauge(nsa_client_t *c, const char *family) {
-  nsa_client_value_t *m = NULL;
-  double v = -1;
-  if (nsa_client_metrics_get(c, &m) != 0) return -1;
-  char path[128];
-  snprintf(path, sizeof path, "%s.samples.0.value", family);
-  if (nsa_client_value_get_double(m, path, &v) != 0) v = -1;
-  nsa_client_value_free(m);
-  return v;
-}
 
 Test(cuda_ipc, device_pointers_fwd_bwd) {
   need_gpu();
@@ -159,7 +157,7 @@ Test(cuda_ipc, killed_client) {
   cr_assert(c != NULL);
   double regions = -1;
   for (int i = 0; i < 400; i++) {
-    regions = gauge(c, "nsad_regions");
+    regions = th_gauge(c, "nsad_regions");
     if (regions == 0) break;
     usleep(50000);
   }
@@ -205,6 +203,103 @@ Test(cuda_ipc, shm_regions) {
   int st = system(cmd);
   cr_expect_eq(st, 0, "nsa_example against nsad --backend cuda failed (%d)", st);
 #endif
+  cr_expect_eq(th_stop(&d, 1), 0);
+}
+
+/* A large shm registration: nsad pins every page of the object
+ * (cudaHostRegister), about a second for a few GiB. That runs on libuv's
+ * thread pool (dispatch.c), so another session's pings keep their latency
+ * meanwhile; on the event loop they waited for the whole registration.
+ * Then a session that hangs up during such a registration: the pinned region
+ * is closed (nsad_regions back to 0) and nsad keeps serving. */
+typedef struct {
+  nsa_client_t *c;
+  const char *name;
+  uint64_t size, region;
+  double ms;
+  int rc;
+  volatile int done;
+} big_reg_t;
+
+static double mono_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+static void *big_reg_main(void *arg) {
+  big_reg_t *j = arg;
+  double t = mono_ms();
+  j->rc = nsa_client_region_register_shm(j->c, j->name, j->size, &j->region);
+  j->ms = mono_ms() - t;
+  __atomic_store_n(&j->done, 1, __ATOMIC_RELEASE);
+  return NULL;
+}
+
+Test(cuda_ipc, large_shm_register_off_the_loop) {
+  need_gpu();
+  /* Half of /dev/shm's free space, at most 4 GiB: the pages are allocated
+   * when nsad pins them. */
+  struct statvfs vs;
+  cr_assert_eq(statvfs("/dev/shm", &vs), 0);
+  uint64_t size = (uint64_t)vs.f_bavail * vs.f_frsize / 2;
+  if (size > (4ull << 30)) size = 4ull << 30;
+  size &= ~((1ull << 20) - 1);
+  if (size < (512ull << 20))
+    cr_skip_test("/dev/shm has %llu bytes free: too little for a slow registration",
+                 (unsigned long long)vs.f_bavail * vs.f_frsize);
+  char name[64];
+  snprintf(name, sizeof name, "/nsa-bigreg-%d", (int)getpid());
+  int sfd = shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600);
+  cr_assert_geq(sfd, 0);
+  cr_assert_eq(ftruncate(sfd, (off_t)size), 0);
+  th_nsad_t d;
+  start(&d);
+  nsa_client_t *a = th_client(&d, "pinger"), *b = th_client(&d, "big");
+  cr_assert(a && b);
+  big_reg_t j = {.c = b, .name = name, .size = size};
+  pthread_t th;
+  cr_assert_eq(pthread_create(&th, NULL, big_reg_main, &j), 0);
+  double worst = 0, t_start = mono_ms();
+  int pings = 0, bad = 0;
+  while (!__atomic_load_n(&j.done, __ATOMIC_ACQUIRE)) {
+    double t = mono_ms();
+    bad += nsa_client_ping(a) != 0;
+    t = mono_ms() - t;
+    if (t > worst) worst = t;
+    pings++;
+    usleep(1000);
+  }
+  pthread_join(th, NULL);
+  fprintf(stderr, "large_shm_register: %llu MiB registered in %.1f ms; %d pings meanwhile, "
+          "slowest %.2f ms (%.1f ms in all)\n", (unsigned long long)(size >> 20), j.ms, pings,
+          worst, mono_ms() - t_start);
+  cr_assert_eq(j.rc, 0, "register: %s: %s", nsa_client_error_code(b), nsa_client_error_message(b));
+  cr_expect_eq(bad, 0);
+  cr_expect_geq(j.ms, 100.0, "the registration took %.1f ms: too fast to show a stall", j.ms);
+  cr_expect(worst < 50.0 && worst * 4 < j.ms,
+            "a ping took %.2f ms while the registration took %.1f ms", worst, j.ms);
+  cr_expect_eq(th_gauge(a, "nsad_regions"), 1);
+  cr_expect_eq(nsa_client_region_unregister(b, j.region), 0);
+  /* A session that hangs up a quarter into the same registration. */
+  int fd = th_raw_connect(d.sock);
+  cr_assert_geq(fd, 0);
+  cr_assert_eq(th_raw_hello(fd, 1), 0);
+  cr_assert_eq(th_raw_register_shm(fd, 2, name, size), 0);
+  usleep((useconds_t)(j.ms * 250));
+  close(fd);
+  double regions = -1;
+  for (int i = 0; i < 1000; i++) {
+    regions = th_gauge(a, "nsad_regions");
+    if (regions == 0) break;
+    usleep(20000);
+  }
+  cr_expect_eq(regions, 0, "the abandoned registration's region was closed");
+  cr_expect_eq(nsa_client_ping(a), 0);
+  nsa_client_close(a);
+  nsa_client_close(b);
+  close(sfd);
+  shm_unlink(name);
   cr_expect_eq(th_stop(&d, 1), 0);
 }
 

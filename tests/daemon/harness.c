@@ -253,6 +253,30 @@ int th_raw_hello(int fd, uint32_t msgid) {
   return rc;
 }
 
+int th_raw_register_shm(int fd, uint32_t msgid, const char *name, uint64_t size) {
+  nsa_proto_writer_t w;
+  nsa_proto_writer_init(&w);
+  nsa_proto_write_request_begin(&w, msgid, "region.register");
+  msgpack_pack_map(&w.pk, 3);
+  nsa_proto_pack_kv_str(&w.pk, "kind", "shm");
+  nsa_proto_pack_kv_str(&w.pk, "name", name);
+  nsa_proto_pack_kv_uint(&w.pk, "size", size);
+  int rc = th_raw_send(fd, w.sbuf.data, w.sbuf.size);
+  nsa_proto_writer_destroy(&w);
+  return rc;
+}
+
+double th_gauge(nsa_client_t *c, const char *family) {
+  nsa_client_value_t *m = NULL;
+  double v = -1;
+  if (nsa_client_metrics_get(c, &m) != 0) return -1;
+  char path[128];
+  snprintf(path, sizeof path, "%s.samples.0.value", family);
+  if (nsa_client_value_get_double(m, path, &v) != 0) v = -1;
+  nsa_client_value_free(m);
+  return v;
+}
+
 int th_raw_response(int fd, nsa_proto_decoder_t *dec, int timeout_ms, uint32_t *msgid,
                     char *code, size_t codelen) {
   int64_t deadline = now_ms() + timeout_ms;

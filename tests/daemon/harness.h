@@ -54,6 +54,11 @@ int th_raw_response(int fd, nsa_proto_decoder_t *dec, int timeout_ms, uint32_t *
                     char *code, size_t codelen);
 /* 1 when the peer closed the connection within timeout_ms. */
 int th_raw_wait_closed(int fd, int timeout_ms);
+/* Sends region.register {kind shm, name, size}. */
+int th_raw_register_shm(int fd, uint32_t msgid, const char *name, uint64_t size);
+/* A gauge family's first sample through metrics.get (e.g. "nsad_regions"),
+ * -1 on error. */
+double th_gauge(nsa_client_t *c, const char *family);
 
 /* ---- selection-attention problems in one shm region ---- */
 typedef struct {
