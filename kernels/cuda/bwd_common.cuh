@@ -21,6 +21,30 @@ template <> __device__ __forceinline__ void st<__nv_bfloat16>(__nv_bfloat16 *p, 
   *p = __float2bfloat16_rn(x);
 }
 
+// delta = rowsum(dO o)'s running sum over one 16-byte chunk of a 16-bit row:
+// 8 elements of o (ov) and dO (dv), in element order. bwd_pre_vec_kernel and
+// the row-block dq (fwd_rows.cu) both sum through this, each chunk's partial
+// then reduced over the row's Dv / 8 lanes by xor shuffles (Dv / 16 first),
+// so the two give bitwise the same delta.
+template <typename T> __device__ __forceinline__ float2 to_f2(unsigned u);
+template <> __device__ __forceinline__ float2 to_f2<__nv_bfloat16>(unsigned u) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u));
+}
+template <> __device__ __forceinline__ float2 to_f2<__half>(unsigned u) {
+  return __half22float2(*reinterpret_cast<const __half2 *>(&u));
+}
+template <typename T> __device__ __forceinline__ float dot8(uint4 ov, uint4 dv) {
+  const unsigned ou[4] = {ov.x, ov.y, ov.z, ov.w}, du[4] = {dv.x, dv.y, dv.z, dv.w};
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    const float2 x = to_f2<T>(ou[i]), y = to_f2<T>(du[i]);
+    s = fmaf(x.x, y.x, s);
+    s = fmaf(x.y, y.y, s);
+  }
+  return s;
+}
+
 // m16n8k16 with f32 accumulators; A row-major 16x16 (4 regs), B col 16x8 (2 regs).
 template <typename T> struct Mma;
 template <> struct Mma<__nv_bfloat16> {

@@ -52,6 +52,11 @@ typedef struct {
 /* ---- bwd_preprocess.cu ---- */
 cudaError_t nsa_cuda_launch_bwd_preprocess(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, float *delta,
                                            float *lsec, cudaStream_t st);
+/* 1 when o and dO have the layout of the 16-byte preprocess (unit inner
+ * strides, 16-byte aligned rows, Dv in {64, 128, 256}; NSA_BWD_PRE_GENERIC
+ * unset): then the row-block dq may compute delta and the lse copy itself
+ * (nsa_cuda_launch_bwd_dq_rows), bitwise as the preprocess would. */
+int nsa_cuda_bwd_pre_vec_ok(const nsa_cuda_bwd_t *a);
 
 /* ---- bwd_invert_plan.cu ---- */
 

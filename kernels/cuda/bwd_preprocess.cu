@@ -38,16 +38,11 @@ __global__ void __launch_bounds__(128) bwd_pre_kernel(nsa_cuda_bwd_t a, float *_
 
 // 16-bit inputs with unit inner strides and 16-byte aligned rows (the
 // usual layout): L = Dv / 8 lanes per (row, head), one 16-byte load of o and
-// of do per lane, a shuffle reduction over the L lanes. The warp-per-pair
-// kernel above issued 2-byte loads with 64-bit index math per element and ran
-// at about a third of the copy rate (T = 64k, h = 8: 1.1 ms for 1.07 GB).
-template <typename T> __device__ __forceinline__ float2 to_f2(unsigned u);
-template <> __device__ __forceinline__ float2 to_f2<__nv_bfloat16>(unsigned u) {
-  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u));
-}
-template <> __device__ __forceinline__ float2 to_f2<__half>(unsigned u) {
-  return __half22float2(*reinterpret_cast<const __half2 *>(&u));
-}
+// of do per lane (nsa_bwd::dot8), a shuffle reduction over the L lanes. The
+// warp-per-pair kernel above issued 2-byte loads with 64-bit index math per
+// element and ran at about a third of the copy rate (T = 64k, h = 8: 1.1 ms
+// for 1.07 GB). The row-block dq computes the same delta in its own kernel
+// (fwd_rows.cu), bitwise equal.
 
 template <typename T, int DV>
 __global__ void __launch_bounds__(128) bwd_pre_vec_kernel(nsa_cuda_bwd_t a, float *__restrict__ delta,
@@ -66,13 +61,7 @@ __global__ void __launch_bounds__(128) bwd_pre_vec_kernel(nsa_cuda_bwd_t a, floa
                                                            head * a.os[2]) + sub);
     const uint4 dv = __ldg(reinterpret_cast<const uint4 *>(reinterpret_cast<const T *>(a.dout) + b * a.dos[0] +
                                                            t * a.dos[1] + head * a.dos[2]) + sub);
-    const unsigned ou[4] = {ov.x, ov.y, ov.z, ov.w}, du[4] = {dv.x, dv.y, dv.z, dv.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-      const float2 x = to_f2<T>(ou[i]), y = to_f2<T>(du[i]);
-      s = fmaf(x.x, y.x, s);
-      s = fmaf(x.y, y.y, s);
-    }
+    s = nsa_bwd::dot8<T>(ov, dv);
   }
 #pragma unroll
   for (int w = L / 2; w > 0; w >>= 1) s += __shfl_xor_sync(0xffffffffu, s, w);
@@ -82,13 +71,17 @@ __global__ void __launch_bounds__(128) bwd_pre_vec_kernel(nsa_cuda_bwd_t a, floa
   }
 }
 
-bool vec_ok(const nsa_cuda_bwd_t *a) {
-  if (!(a->Dv == 64 || a->Dv == 128 || a->Dv == 256) || a->os[3] != 1 || a->dos[3] != 1) return false;
-  if ((((uintptr_t)a->o) | ((uintptr_t)a->dout)) & 15) return false;
+}  // namespace
+
+extern "C" int nsa_cuda_bwd_pre_vec_ok(const nsa_cuda_bwd_t *a) {
+  if (!(a->Dv == 64 || a->Dv == 128 || a->Dv == 256) || a->os[3] != 1 || a->dos[3] != 1) return 0;
+  if ((((uintptr_t)a->o) | ((uintptr_t)a->dout)) & 15) return 0;
   for (int i = 0; i < 3; i++)
-    if (a->os[i] % 8 != 0 || a->dos[i] % 8 != 0) return false;
-  return true;
+    if (a->os[i] % 8 != 0 || a->dos[i] % 8 != 0) return 0;
+  return getenv("NSA_BWD_PRE_GENERIC") == nullptr;  // env: A/B runs
 }
+
+namespace {
 
 template <typename T>
 cudaError_t launch_vec(const nsa_cuda_bwd_t *a, float *delta, float *lsec, int64_t pairs, cudaStream_t st) {
@@ -108,7 +101,7 @@ extern "C" cudaError_t nsa_cuda_launch_bwd_preprocess(const nsa_cuda_bwd_t *a, n
                                                       float *delta, float *lsec, cudaStream_t st) {
   const int64_t pairs = a->B * a->S * a->G * a->h;
   if (pairs == 0) return cudaSuccess;
-  if (vec_ok(a) && getenv("NSA_BWD_PRE_GENERIC") == nullptr) {  // env: A/B runs
+  if (nsa_cuda_bwd_pre_vec_ok(a)) {
     if (dt == NSA_BF16) return launch_vec<__nv_bfloat16>(a, delta, lsec, pairs, st);
     if (dt == NSA_F16) return launch_vec<__half>(a, delta, lsec, pairs, st);
   }

@@ -3,7 +3,8 @@
 // Flow (bwd_internal.h has the index maps):
 //   check → wait_event → plan (v2 on the device / v1 on the host, the forward's
 //   planners) → [summary on the host where needed] → path →
-//   preprocess (delta, lse copy) → dq (row-block or query-centric; `packed` gathers K/V
+//   preprocess (delta, lse copy; done by the row-block dq itself where it
+//   runs) → dq (row-block or query-centric; `packed` gathers K/V
 //   first and runs dq over the packed rows; with the key-centric dq: the
 //   shared-tile groups' select + gate and their dq on chip, bwd_shared.h) →
 //   per row batch: invert the plan → dk/dv (key-centric, segments + ordered
@@ -478,8 +479,16 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   if (timing)
     for (int i = 0; i < 5; i++) cudaEventCreate(&pev[i]);
   if (timing) cudaEventRecord(pev[0], stream);
-  BCK(nsa_cuda_launch_bwd_preprocess(&at, d.dtype, (float *)(ws + L.delta), (float *)(ws + L.lsec), stream),
-      "backward preprocess launch");
+  // The row-block dq computes delta and the lse copy itself (fwd_rows.h)
+  // where the preprocess's 16-byte layout holds: one kernel fewer, bitwise
+  // the same results. NSA_CUDA_BWD_ROWS_PRE=0 keeps the preprocess kernel
+  // (A/B runs, tests).
+  const char *pre_env = getenv("NSA_CUDA_BWD_ROWS_PRE");
+  const int pre_in_dq =
+      rows_dq && !packed && nsa_cuda_bwd_pre_vec_ok(&at) && !(pre_env != NULL && pre_env[0] == '0');
+  if (!pre_in_dq)
+    BCK(nsa_cuda_launch_bwd_preprocess(&at, d.dtype, (float *)(ws + L.delta), (float *)(ws + L.lsec), stream),
+        "backward preprocess launch");
 
   if (timing) cudaEventRecord(pev[1], stream);
   // ---- dq ----
@@ -514,7 +523,9 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
       BCK(nsa_cuda_launch_bwd_shared_dq(&at, d.dtype, ws, &L.sh, stream), "shared-tile dq launch");
     }
   } else if (rows_dq && !packed) {
-    BCK(nsa_cuda_launch_bwd_dq_rows(&at, d.dtype, &plan, &rows_m, stream), "row-block dq launch");
+    BCK(nsa_cuda_launch_bwd_dq_rows(&at, d.dtype, &plan, &rows_m, pre_in_dq ? (float *)(ws + L.delta) : NULL,
+                                    pre_in_dq ? (float *)(ws + L.lsec) : NULL, stream),
+        "row-block dq launch");
   } else if (mma_dims && qo_ok && kv_ok) {
     nsa_cuda_piece_t *pc = (nsa_cuda_piece_t *)(ws + L.pieces);
     int2 *gc = (int2 *)(ws + L.gcount);

@@ -169,7 +169,8 @@ __device__ __forceinline__ void walk_steps(int cnt, int mystep, const int *sTag,
 template <typename T, int kRows, int DK, int DV, bool kBwd, typename A>
 __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     fwd_rows_kernel(A a, const __grid_constant__ CUtensorMap tmk, const __grid_constant__ CUtensorMap tmv,
-                    const int2 *__restrict__ spans, const int32_t *__restrict__ nspans, int n, int64_t NB, int nw, int gmaj) {
+                    const int2 *__restrict__ spans, const int32_t *__restrict__ nspans, int n, int64_t NB, int nw, int gmaj,
+                    float *__restrict__ pre_delta, float *__restrict__ pre_lsec) {
   using L = RowsSmem<kRows, DK, DV, kBwd>;
   constexpr int kThreads = L::kThreads, kNS = L::kNS;
   constexpr int CK = DK / 8;  // 16-byte pieces per Q row
@@ -256,6 +257,17 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     cp_commit();
     if (lane < n) xr = spans[r * n + lane];  // slot lane < n is in bounds whatever nspans says
     nsr = nspans[r];
+  }
+  // Backward with pre_delta: this row's o for delta = rowsum(dO o), lane l
+  // holding 16-byte chunk l & 15 of head 2i + (l >> 4) in ov[i] (the
+  // preprocess's lanes, so the sums are bitwise its own).
+  uint4 ov[8];
+  if constexpr (kBwd) {
+    if (pre_delta != nullptr && row_ok) {
+      const T *orow = reinterpret_cast<const T *>(a.o) + b * a.os[0] + t * a.os[1] + (g * 16 + (lane >> 4)) * a.os[2];
+#pragma unroll
+      for (int i = 0; i < 8; i++) ov[i] = __ldg(reinterpret_cast<const uint4 *>(orow + 2 * i * a.os[2]) + (lane & 15));
+    }
   }
 
   // ---- 1. lists, bitmap ----
@@ -390,19 +402,38 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     // Per own tile: S = Q K^T, P = 2^(c2 S - lse log2 e) on the row's keys,
     // dP = dO V^T, dS = P (dP - delta) rounded to the dtype, dQ += dS K.
     const float c2 = a.scale * kLog2e;
-    float l0 = 0.f, l1 = 0.f, d0 = 0.f, d1 = 0.f;  // heads r0, r0 + 8: lse (log2 units), delta
-    if (row_ok) {
-      const int64_t ri = ((b * a.S + t) * a.G + g) * 16;
-      l0 = a.lsec[ri + r0] * kLog2e, l1 = a.lsec[ri + r0 + 8] * kLog2e;
-      d0 = a.delta[ri + r0], d1 = a.delta[ri + r0 + 8];
-    }
-    float dq[DK / 8][4];
-#pragma unroll
-    for (int i = 0; i < DK / 8; i++) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
     const T *q_s = sQ + warp * 16 * L::QS;
     const T *do_s = reinterpret_cast<const T *>(smem + L::do_off) + warp * 16 * L::QS;
     cp_wait<0>();
     __syncwarp();
+    float l0 = 0.f, l1 = 0.f, d0 = 0.f, d1 = 0.f;  // heads r0, r0 + 8: lse (log2 units), delta
+    if (row_ok) {
+      const int64_t ri = ((b * a.S + t) * a.G + g) * 16;
+      if (pre_delta != nullptr) {  // the preprocess, for this row (dO is in shared memory now)
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+          const int j = 2 * i + (lane >> 4);
+          float x = dot8<T>(ov[i], *reinterpret_cast<const uint4 *>(do_s + j * L::QS + (lane & 15) * 8));
+#pragma unroll
+          for (int w = 8; w > 0; w >>= 1) x += __shfl_xor_sync(0xffffffffu, x, w);
+          const float x0 = __shfl_sync(0xffffffffu, x, 0), x1 = __shfl_sync(0xffffffffu, x, 16);
+          if (r0 == 2 * i) d0 = x0;
+          if (r0 == 2 * i + 1) d0 = x1;
+          if (r0 + 8 == 2 * i) d1 = x0;
+          if (r0 + 8 == 2 * i + 1) d1 = x1;
+          if ((lane & 15) == 0) pre_delta[ri + j] = x;
+        }
+        const float *lrow = a.lse + b * a.ls[0] + t * a.ls[1] + g * 16 * a.ls[2];
+        if (lane < 16) pre_lsec[ri + lane] = __ldg(lrow + lane * a.ls[2]);
+        l0 = __ldg(lrow + r0 * a.ls[2]) * kLog2e, l1 = __ldg(lrow + (r0 + 8) * a.ls[2]) * kLog2e;
+      } else {
+        l0 = a.lsec[ri + r0] * kLog2e, l1 = a.lsec[ri + r0 + 8] * kLog2e;
+        d0 = a.delta[ri + r0], d1 = a.delta[ri + r0 + 8];
+      }
+    }
+    float dq[DK / 8][4];
+#pragma unroll
+    for (int i = 0; i < DK / 8; i++) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
     walk_steps<kNS>(cnt, mystep, sTag, ring, full0, empty0, lane, [&](int j, unsigned slot, int s, int u) {
       float sc[8][4];
       qk_sw<T, L::QS>(q_s, slot, lane, sc);
@@ -447,7 +478,8 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
 // One launch of the kernel: A = nsa_cuda_attn_t (forward, R rows per CTA)
 // or nsa_cuda_bwd_t (kBwd: the backward's dq, R = kRowsBwd).
 template <typename T, int R, bool kBwd, typename A>
-cudaError_t launch_rows(const A *a, const nsa_plan_t *plan, const nsa_cuda_fwd_rows_t *M, cudaStream_t st) {
+cudaError_t launch_rows(const A *a, const nsa_plan_t *plan, const nsa_cuda_fwd_rows_t *M, cudaStream_t st,
+                        float *pre_delta = nullptr, float *pre_lsec = nullptr) {
   using L = RowsSmem<R, 128, 128, kBwd>;
   static unsigned long long set_on = 0;  // bwd_common.cuh: set once per device
   int dev = 0;
@@ -457,7 +489,8 @@ cudaError_t launch_rows(const A *a, const nsa_plan_t *plan, const nsa_cuda_fwd_r
   const int64_t NT = (a->Skv + kT - 1) / kT;
   const int64_t grid = a->B * a->G * NB;
   fwd_rows_kernel<T, R, 128, 128, kBwd, A><<<(unsigned)grid, L::kThreads, L::bytes, st>>>(
-      *a, M->k, M->v, (const int2 *)plan->spans, plan->nspans, (int)plan->n, NB, (int)((NT + 31) / 32), M->gmaj);
+      *a, M->k, M->v, (const int2 *)plan->spans, plan->nspans, (int)plan->n, NB, (int)((NT + 31) / 32), M->gmaj,
+      pre_delta, pre_lsec);
   return cudaGetLastError();
 }
 
@@ -590,10 +623,11 @@ extern "C" cudaError_t nsa_cuda_launch_fwd_rows(const nsa_cuda_attn_t *a, nsa_dt
 }
 
 extern "C" cudaError_t nsa_cuda_launch_bwd_dq_rows(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, const nsa_plan_t *plan,
-                                                   const nsa_cuda_fwd_rows_t *M, cudaStream_t st) {
+                                                   const nsa_cuda_fwd_rows_t *M, float *delta_out, float *lsec_out,
+                                                   cudaStream_t st) {
   switch (dt) {
-    case NSA_BF16: return launch_rows<__nv_bfloat16, kRowsBwd, true>(a, plan, M, st);
-    case NSA_F16: return launch_rows<__half, kRowsBwd, true>(a, plan, M, st);
+    case NSA_BF16: return launch_rows<__nv_bfloat16, kRowsBwd, true>(a, plan, M, st, delta_out, lsec_out);
+    case NSA_F16: return launch_rows<__half, kRowsBwd, true>(a, plan, M, st, delta_out, lsec_out);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -455,6 +455,11 @@ Test(cuda_bwd, row_block_dq) {
     cr_expect_lt(ws[0] * 2, ws[1], "case %d: workspace %zu B, key-centric dq %zu B: row-block dq not run", k, ws[0],
                  ws[1]);
     run_check(ctx, &f, NSA_PATH_VARLEN_V2);
+    /* The row-block dq computes delta and the lse copy itself: bitwise the
+     * preprocess kernel's (its dq, dk and dv with the kernel kept). */
+    setenv("NSA_CUDA_BWD_ROWS_PRE", "0", 1);
+    expect_repeatable(ctx, &f, NSA_PATH_VARLEN_V2, "row-block dq with the preprocess kernel");
+    unsetenv("NSA_CUDA_BWD_ROWS_PRE");
     double *q1 = malloc(sizeof(double) * (size_t)f.nq);
     cr_assert(q1);
     memcpy(q1, f.gq, sizeof(double) * (size_t)f.nq);
