@@ -42,6 +42,11 @@ int main(int argc, char **argv) {
       {"log-level", required_argument, 0, 'l'},   {"workers", required_argument, 0, 'w'},
       {"max-inflight", required_argument, 0, 'i'}, {"help", no_argument, 0, 'h'},
       {"version", no_argument, 0, 'V'},           {0, 0, 0, 0}};
+  /* libuv's thread pool (4 threads by default, sized at its first use) runs
+   * registrations, flag persists and reloads (docs/DAEMON.md): a few
+   * multi-GiB shm registrations or a stalled disk would otherwise hold every
+   * thread and queue the rest. An operator's own setting wins. */
+  setenv("UV_THREADPOOL_SIZE", "16", 0);
   nsad_config_t cfg;
   nsad_config_init(&cfg);
   char msg[512];
