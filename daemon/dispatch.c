@@ -330,77 +330,121 @@ static void do_hello(nsad_session_t *s, const nsa_request_t *req, nsa_proto_err_
   nsad_session_send(s, o);
 }
 
-/* region.register / event.register open the entry on libuv's thread pool:
- * an open can take long (the CUDA backend pins every page of a shm object
- * with cudaHostRegister, about a second for a few GiB, and maps device
- * memory with cudaIpcOpenMemHandle), and the loop keeps serving every other
- * session meanwhile. This session's later requests wait
- * (nsad_session_hold), so a forward sent right behind the registration
- * still finds the region, and at most one open per session is in flight
- * (the region limit below counts every entry). The backends' region_open /
- * event_open are thread-safe (backend.h). */
+/* ---- requests that run on libuv's thread pool ----
+ * flags.set / flags.reset and region.register / event.register do work that
+ * may block for long (a disk, pinning memory) off the loop, which keeps
+ * serving every other session meanwhile. While one runs, its session is held
+ * (nsad_session_hold): the session's later requests wait, so they see its
+ * effect in the order they were sent. Each op struct starts with pool_op_t;
+ * the reply goes out from the loop, in the after-work callback. */
 typedef struct {
   uv_work_t work;
   nsad_session_t *s;
-  nsad_backend_t *backend;
   uint32_t msgid;
-  int event;
-  uid_t uid;
-  nsa_req_region_register_t reg; /* region.register */
-  nsa_req_event_register_t ev;   /* event.register */
-  nsad_region_t *r;
+  nsa_method_t method;
   double t0;
   int rc;
   nsa_proto_err_t err;
-} region_op_t;
+} pool_op_t;
 
-static void region_work(uv_work_t *w) {
-  region_op_t *op = w->data;
-  nsad_backend_t *b = op->backend;
-  op->rc = op->event ? b->ops->event_open(b, &op->ev, op->r, &op->err)
-                     : b->ops->region_open(b, &op->reg, op->uid, op->r, &op->err);
+/* Queues op (the first member of its struct) and holds the session: 0, or
+ * -1 with err set (op stays the caller's to free). */
+static int pool_submit(pool_op_t *op, nsad_session_t *s, const nsa_request_t *req, double t0,
+                       uv_work_cb work, uv_after_work_cb done, nsa_proto_err_t *err) {
+  op->s = s;
+  op->msgid = req->msgid;
+  op->method = req->method;
+  op->t0 = t0;
+  op->work.data = op;
+  if (uv_queue_work(&s->srv->loop, &op->work, work, done) != 0)
+    return nsa_proto_err_set(err, NSA_E_INTERNAL, "%s: cannot queue the request",
+                             nsa_method_name(req->method)),
+           -1;
+  nsad_session_job_queued(s);
+  nsad_session_hold(s);
+  return 0;
 }
 
-static void region_done(uv_work_t *w, int status) {
-  region_op_t *op = w->data;
-  nsad_session_t *s = op->s;
-  nsad_server_t *srv = s->srv;
-  const char *what = op->event ? "event" : "region";
-  if (status != 0 && op->rc == 0) { /* cancelled before it ran: nothing was opened */
+/* The after-work callback's start: 1 when the op succeeded (a cancelled op
+ * failed; a failure without a code is internal). */
+static int pool_ok(pool_op_t *op, int status) {
+  const char *what = nsa_method_name(op->method);
+  if (status != 0 && op->rc == 0) {
     op->rc = -1;
-    nsa_proto_err_set(&op->err, NSA_E_INTERNAL, "%s.register was cancelled", what);
+    nsa_proto_err_set(&op->err, NSA_E_INTERNAL, "%s was cancelled", what);
   }
   if (op->rc != 0 && op->err.code == NSA_E_OK)
-    nsa_proto_err_set(&op->err, NSA_E_INTERNAL, "%s.register failed", what);
-  if (op->rc == 0 && s->closing) {
-    /* The client went away while the entry was being opened: its registry
-     * is already torn down, so close the entry here. */
-    nsad_region_discard(op->r, &srv->backend);
-  } else if (op->rc == 0) {
-    nsad_region_t *r = op->r;
-    nsad_registry_add(&s->reg, r);
-    nsad_debug("session %llu: %s %llu registered (%s, %llu bytes)", (unsigned long long)s->id,
-               what, (unsigned long long)r->id, r->name, (unsigned long long)r->size);
-    reply_uint(s, op->msgid, what, r->id);
-    nsad_server_update_gauges(srv);
-  } else {
-    free(op->r);
+    nsa_proto_err_set(&op->err, NSA_E_INTERNAL, "%s failed", what);
+  return op->rc == 0;
+}
+
+/* Its end, after the success reply: the error reply, metrics, then the
+ * session resumes. Frees op. */
+static void pool_end(pool_op_t *op) {
+  nsad_session_t *s = op->s;
+  nsad_server_t *srv = s->srv;
+  if (op->rc != 0) {
     nsad_debug("session %llu: msgid %u: %s: %s", (unsigned long long)s->id, op->msgid,
                nsa_proto_code_name(op->err.code), op->err.message);
     nsad_session_send_error(s, op->msgid, op->err.code, op->err.message);
   }
   if (srv->metrics)
-    nsad_metrics_request(srv->metrics, op->event ? NSA_M_EVENT_REGISTER : NSA_M_REGION_REGISTER,
-                         -1, op->rc == 0 ? NSA_E_OK : op->err.code, nsad_now() - op->t0);
+    nsad_metrics_request(srv->metrics, op->method, -1, op->rc == 0 ? NSA_E_OK : op->err.code,
+                         nsad_now() - op->t0);
   free(op);
   nsad_session_unhold(s);       /* dispatches what this session sent meanwhile */
   nsad_session_job_finished(s); /* s may be gone after this */
 }
 
+/* region.register / event.register: the backend opens the entry on the pool
+ * (the CUDA backend pins every page of a shm object with cudaHostRegister,
+ * 2.4-2.9 s for 4 GiB on an H100 host, and maps device memory with
+ * cudaIpcOpenMemHandle). The hold keeps one open per session in flight, so
+ * the region limit below counts every entry. The backends' region_open /
+ * event_open are thread-safe (backend.h). */
+typedef struct {
+  pool_op_t op;
+  nsad_backend_t *backend;
+  uid_t uid;
+  nsa_req_region_register_t reg; /* region.register */
+  nsa_req_event_register_t ev;   /* event.register */
+  nsad_region_t *r;
+} region_op_t;
+
+static void region_work(uv_work_t *w) {
+  region_op_t *op = w->data;
+  nsad_backend_t *b = op->backend;
+  op->op.rc = op->op.method == NSA_M_EVENT_REGISTER
+                  ? b->ops->event_open(b, &op->ev, op->r, &op->op.err)
+                  : b->ops->region_open(b, &op->reg, op->uid, op->r, &op->op.err);
+}
+
+static void region_done(uv_work_t *w, int status) {
+  region_op_t *op = w->data;
+  nsad_session_t *s = op->op.s;
+  const char *what = op->op.method == NSA_M_EVENT_REGISTER ? "event" : "region";
+  if (!pool_ok(&op->op, status)) {
+    free(op->r);
+  } else if (s->closing) {
+    /* The client went away while the entry was being opened: its registry
+     * is already torn down, so close the entry here. */
+    nsad_region_discard(op->r, &s->srv->backend);
+  } else {
+    nsad_region_t *r = op->r;
+    nsad_registry_add(&s->reg, r);
+    nsad_debug("session %llu: %s %llu registered (%s, %llu bytes)", (unsigned long long)s->id,
+               what, (unsigned long long)r->id, r->name, (unsigned long long)r->size);
+    reply_uint(s, op->op.msgid, what, r->id);
+    nsad_server_update_gauges(s->srv);
+  }
+  pool_end(&op->op);
+}
+
 /* 0: queued (replied and counted when done); else err is set. */
-static int submit_region_register(nsad_session_t *s, const nsa_request_t *req, int event, double t0,
+static int submit_region_register(nsad_session_t *s, const nsa_request_t *req, double t0,
                                   nsa_proto_err_t *err) {
   nsad_server_t *srv = s->srv;
+  const int event = req->method == NSA_M_EVENT_REGISTER;
   if (s->reg.count >= srv->cfg->max_regions)
     return nsa_proto_err_set(err, NSA_E_BUSY,
                              "this session already holds %d regions/events (the limit); "
@@ -414,23 +458,16 @@ static int submit_region_register(nsad_session_t *s, const nsa_request_t *req, i
     free(r);
     return nsa_proto_err_set(err, NSA_E_INTERNAL, "out of memory"), -1;
   }
-  op->s = s;
   op->backend = &srv->backend;
-  op->msgid = req->msgid;
-  op->event = event;
   op->uid = s->uid;
   if (event) op->ev = req->u.event_register;
   else op->reg = req->u.region_register;
   op->r = r;
-  op->t0 = t0;
-  op->work.data = op;
-  if (uv_queue_work(&srv->loop, &op->work, region_work, region_done) != 0) {
+  if (pool_submit(&op->op, s, req, t0, region_work, region_done, err) != 0) {
     free(op);
     free(r);
-    return nsa_proto_err_set(err, NSA_E_INTERNAL, "cannot queue the registration"), -1;
+    return -1;
   }
-  nsad_session_job_queued(s);
-  nsad_session_hold(s);
   return 0;
 }
 
@@ -463,85 +500,51 @@ static void do_flags_get(nsad_session_t *s, const nsa_request_t *req) {
   nsad_session_send(s, o);
 }
 
-/* flags.set / flags.reset run on libuv's thread pool: the change is persisted
- * (write, fsync, rename, fsync of the directory) before it is swapped in, and
- * the disk may take its time; the loop keeps serving every other session
- * meanwhile. This session's later requests wait (nsad_session_hold), so they
- * still see the change in the order they were sent. The flag store is
- * thread-safe (flags.c: writers serialised, readers never wait on disk). */
+/* flags.set / flags.reset on the pool: the change is persisted (write,
+ * fsync, rename, fsync of the directory) before it is swapped in, and the
+ * disk may take its time. The flag store is thread-safe (flags.c: writers
+ * serialised, readers never wait on disk). */
 typedef struct {
-  uv_work_t work;
-  nsad_session_t *s;
+  pool_op_t op;
   nsad_flags_t *flags;
-  uint32_t msgid;
-  nsa_method_t method;
   nsa_req_flags_set_t set;     /* flags.set */
   char name[sizeof(((nsa_request_t *)0)->u.flag_name)]; /* flags.reset */
   char client[sizeof(((nsad_session_t *)0)->client)];
   nsad_actor_t who;
-  double t0;
-  int rc;
   uint64_t epoch;
-  nsa_proto_err_t err;
 } flags_op_t;
 
 static void flags_work(uv_work_t *w) {
   flags_op_t *op = w->data;
-  op->rc = op->method == NSA_M_FLAGS_SET
-               ? nsad_flags_set(op->flags, &op->set, &op->who, &op->epoch, &op->err)
-               : nsad_flags_reset(op->flags, op->name, &op->who, &op->epoch, &op->err);
+  op->op.rc = op->op.method == NSA_M_FLAGS_SET
+                  ? nsad_flags_set(op->flags, &op->set, &op->who, &op->epoch, &op->op.err)
+                  : nsad_flags_reset(op->flags, op->name, &op->who, &op->epoch, &op->op.err);
 }
 
 static void flags_done(uv_work_t *w, int status) {
   flags_op_t *op = w->data;
-  nsad_session_t *s = op->s;
-  nsad_server_t *srv = s->srv;
-  const char *what = op->method == NSA_M_FLAGS_SET ? "flags.set" : "flags.reset";
-  if (status != 0 && op->rc == 0) {
-    op->rc = -1;
-    nsa_proto_err_set(&op->err, NSA_E_INTERNAL, "%s was cancelled", what);
+  if (pool_ok(&op->op, status)) {
+    reply_uint(op->op.s, op->op.msgid, "epoch", op->epoch);
+    nsad_server_update_gauges(op->op.s->srv);
   }
-  if (op->rc != 0 && op->err.code == NSA_E_OK)
-    nsa_proto_err_set(&op->err, NSA_E_INTERNAL, "%s failed", what);
-  if (op->rc == 0) {
-    reply_uint(s, op->msgid, "epoch", op->epoch);
-    nsad_server_update_gauges(srv);
-  } else {
-    nsad_debug("session %llu: msgid %u: %s: %s", (unsigned long long)s->id, op->msgid,
-               nsa_proto_code_name(op->err.code), op->err.message);
-    nsad_session_send_error(s, op->msgid, op->err.code, op->err.message);
-  }
-  if (srv->metrics)
-    nsad_metrics_request(srv->metrics, op->method, -1, op->rc == 0 ? NSA_E_OK : op->err.code,
-                         nsad_now() - op->t0);
-  free(op);
-  nsad_session_unhold(s);       /* dispatches what this session sent meanwhile */
-  nsad_session_job_finished(s); /* s may be gone after this */
+  pool_end(&op->op);
 }
 
 /* 0: queued (replied and counted when done); else err is set. */
 static int submit_flags_change(nsad_session_t *s, const nsa_request_t *req, double t0,
                                nsa_proto_err_t *err) {
-  const char *what = req->method == NSA_M_FLAGS_SET ? "flags.set" : "flags.reset";
-  if (require_admin(s, what, err)) return -1;
+  if (require_admin(s, nsa_method_name(req->method), err)) return -1;
   flags_op_t *op = calloc(1, sizeof *op);
   if (!op) return nsa_proto_err_set(err, NSA_E_INTERNAL, "out of memory"), -1;
-  op->s = s;
   op->flags = s->srv->flags;
-  op->msgid = req->msgid;
-  op->method = req->method;
   if (req->method == NSA_M_FLAGS_SET) op->set = req->u.flags_set;
   else snprintf(op->name, sizeof op->name, "%s", req->u.flag_name);
   snprintf(op->client, sizeof op->client, "%s", s->client);
   op->who = (nsad_actor_t){.uid = (uint32_t)s->uid, .pid = (int32_t)s->peer_pid, .client = op->client};
-  op->t0 = t0;
-  op->work.data = op;
-  if (uv_queue_work(&s->srv->loop, &op->work, flags_work, flags_done) != 0) {
+  if (pool_submit(&op->op, s, req, t0, flags_work, flags_done, err) != 0) {
     free(op);
-    return nsa_proto_err_set(err, NSA_E_INTERNAL, "%s: cannot queue the change", what), -1;
+    return -1;
   }
-  nsad_session_job_queued(s);
-  nsad_session_hold(s);
   return 0;
 }
 
@@ -601,7 +604,7 @@ void nsad_dispatch(nsad_session_t *s, const nsa_proto_msg_t *msg) {
     case NSA_M_PING: reply_nil(s, req.msgid); break;
     case NSA_M_REGION_REGISTER:
     case NSA_M_EVENT_REGISTER:
-      if (submit_region_register(s, &req, method == NSA_M_EVENT_REGISTER, t0, &err) == 0)
+      if (submit_region_register(s, &req, t0, &err) == 0)
         return; /* replied and counted when done */
       break;
     case NSA_M_REGION_UNREGISTER: do_unregister(s, &req, 0, &err); break;
