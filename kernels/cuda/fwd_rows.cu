@@ -4,7 +4,11 @@
 // 1-3 (plus each row's dO next to its Q) and, per own tile, S = Q K^T,
 // P = 2^(c2 S - lse log2 e) on the row's keys, dP = dO V^T, dS = P (dP -
 // delta) rounded to the dtype, dQ += dS K (K's slot as the B operand that V
-// is in the forward); dq = scale * dQ. No partials, no row batches.
+// is in the forward); dq = scale * dQ. No partials, no row batches. With
+// pre_delta (fwd_rows.h) each warp is also the preprocess for its row: o is
+// loaded with the row's other global loads, delta = rowsum(dO o) is summed
+// against the staged dO in bwd_pre_vec_kernel's lanes and order, and delta
+// and the lse copy are written for dk/dv.
 //
 // fwd_rows_kernel: one CTA per (b, g, block of kRows consecutive rows);
 // kRows consumer warps (warp w = row t0 + w, its 16 heads = the 16 rows of
