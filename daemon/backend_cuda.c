@@ -650,12 +650,34 @@ static int cb_shadow_fwd(nsad_backend_t *b, void *wctx, const nsa_fwd_args_t *a,
 
 /* ------------------------------------------------------ regions/events --- */
 
+static int too_large(const nsa_req_region_register_t *req, size_t extent, nsa_proto_err_t *err) {
+  return nsa_proto_err_set(err, NSA_E_OUT_OF_BOUNDS,
+                           "cuda_ipc size %llu is larger than the allocation (%llu bytes)",
+                           (unsigned long long)req->size, (unsigned long long)extent);
+}
+
 /* The table's mapping of req's handle, opened here when absent; one more
- * registration holds it. NULL with err set on failure. Caller holds
- * cb->open_mu (CUDA opens a handle only once per process). */
+ * registration holds it. NULL with err set on failure, including a size
+ * past the allocation: that is checked before the reference is taken (or
+ * the fresh mapping inserted), so a failed registration never drops a
+ * reference here. Dropping one may close a mapping (close_or_defer), which
+ * must stay on the loop thread: its `unsynced` flags and the deferred-close
+ * queue are only consistent there. Caller holds cb->open_mu (CUDA opens a
+ * handle only once per process). */
 static cb_ipc_t *ipc_open_mem(cb_t *cb, const nsa_req_region_register_t *req,
                               nsa_proto_err_t *err) {
-  cb_ipc_t *m = ipc_get(cb, 0, req->device, req->handle);
+  pthread_mutex_lock(&cb->ipc_mu);
+  cb_ipc_t *m = cb->ipc;
+  for (; m; m = m->next)
+    if (!m->is_event && m->device == req->device && !memcmp(m->handle, req->handle, 64)) break;
+  if (m && req->size > m->extent) {
+    const size_t ext = m->extent;
+    pthread_mutex_unlock(&cb->ipc_mu);
+    too_large(req, ext, err);
+    return NULL;
+  }
+  if (m) m->refs++;
+  pthread_mutex_unlock(&cb->ipc_mu);
   if (m) return m;
   m = calloc(1, sizeof *m);
   if (!m) return nsa_proto_err_set(err, NSA_E_INTERNAL, "out of memory"), NULL;
@@ -687,6 +709,13 @@ static cb_ipc_t *ipc_open_mem(cb_t *cb, const nsa_req_region_register_t *req,
     return NULL;
   }
   m->extent = size - (size_t)((uintptr_t)m->ptr - (uintptr_t)base);
+  if (req->size > m->extent) { /* nobody else has it: not in the table yet */
+    too_large(req, m->extent, err);
+    cudaIpcCloseMemHandle(m->ptr);
+    cudaGetLastError();
+    free(m);
+    return NULL;
+  }
   ipc_insert(cb, m);
   return m;
 }
@@ -730,13 +759,6 @@ static int cb_region_open(nsad_backend_t *b, const nsa_req_region_register_t *re
   cb_ipc_t *m = ipc_open_mem(cb, req, err);
   pthread_mutex_unlock(&cb->open_mu);
   if (!m) return -1;
-  if (req->size > m->extent) {
-    uint64_t ext = m->extent;
-    ipc_release(cb, m, queue_of_device(cb, req->device));
-    return nsa_proto_err_set(err, NSA_E_OUT_OF_BOUNDS,
-                             "cuda_ipc size %llu is larger than the allocation (%llu bytes)",
-                             (unsigned long long)req->size, (unsigned long long)ext);
-  }
   r->kind = NSAD_ENTRY_CUDA_IPC;
   r->device = req->device;
   r->base = m->ptr;

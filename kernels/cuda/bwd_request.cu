@@ -484,8 +484,8 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   // the same results. NSA_CUDA_BWD_ROWS_PRE=0 keeps the preprocess kernel
   // (A/B runs, tests).
   const char *pre_env = getenv("NSA_CUDA_BWD_ROWS_PRE");
-  const int pre_in_dq =
-      rows_dq && !packed && nsa_cuda_bwd_pre_vec_ok(&at) && !(pre_env != NULL && pre_env[0] == '0');
+  const int pre_in_dq = rows_dq && !packed && !dq_key && nsa_cuda_bwd_pre_vec_ok(&at) &&
+                        !(pre_env != NULL && pre_env[0] == '0');
   if (!pre_in_dq)
     BCK(nsa_cuda_launch_bwd_preprocess(&at, d.dtype, (float *)(ws + L.delta), (float *)(ws + L.lsec), stream),
         "backward preprocess launch");
@@ -583,7 +583,8 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
       fprintf(stderr, "nsa bwd phases (ms): preprocess %.3f dq %.3f invert %.3f dkdv %.3f | cap %lld seg_rows %d "
               "items_bound %lld path %s dq %s batches %lld\n", t[0], t[1], t[2], t[3], (long long)L.cap,
               L.seg_rows, (long long)L.items_bound, nsa_path_name(path),
-              dq_key ? "key-centric" : rows_dq && !packed ? "row-block" : "query-centric",
+              dq_key ? "key-centric" : rows_dq && !packed ? (pre_in_dq ? "row-block (with the preprocess)" : "row-block")
+                                                         : "query-centric",
               (long long)((d.rows + L.brows - 1) / (L.brows > 0 ? L.brows : 1)));
     }
     cudaGetLastError();

@@ -456,10 +456,15 @@ Test(cuda_bwd, row_block_dq) {
                  ws[1]);
     run_check(ctx, &f, NSA_PATH_VARLEN_V2);
     /* The row-block dq computes delta and the lse copy itself: bitwise the
-     * preprocess kernel's (its dq, dk and dv with the kernel kept). */
+     * preprocess kernel's (its dq, dk and dv with the kernel kept). On a
+     * fresh context, so no earlier run's delta sits in the workspace: a row
+     * the dq left unwritten shows in dk / dv. */
+    nsa_cuda_ctx_t *fresh = mkctx(0);
+    run_check(fresh, &f, NSA_PATH_VARLEN_V2);
     setenv("NSA_CUDA_BWD_ROWS_PRE", "0", 1);
-    expect_repeatable(ctx, &f, NSA_PATH_VARLEN_V2, "row-block dq with the preprocess kernel");
+    expect_repeatable(fresh, &f, NSA_PATH_VARLEN_V2, "row-block dq with the preprocess kernel");
     unsetenv("NSA_CUDA_BWD_ROWS_PRE");
+    nsa_cuda_ctx_destroy(fresh);
     double *q1 = malloc(sizeof(double) * (size_t)f.nq);
     cr_assert(q1);
     memcpy(q1, f.gq, sizeof(double) * (size_t)f.nq);

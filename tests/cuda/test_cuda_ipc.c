@@ -207,11 +207,13 @@ Test(cuda_ipc, shm_regions) {
 }
 
 /* A large shm registration: nsad pins every page of the object
- * (cudaHostRegister), about a second for a few GiB. That runs on libuv's
- * thread pool (dispatch.c), so another session's pings keep their latency
- * meanwhile; on the event loop they waited for the whole registration.
- * Then a session that hangs up during such a registration: the pinned region
- * is closed (nsad_regions back to 0) and nsad keeps serving. */
+ * (cudaHostRegister), 2-3 s for 4 GiB. That runs on libuv's thread pool
+ * (dispatch.c), so another session's pings keep their latency meanwhile; on
+ * the event loop they waited for the whole registration. Then sessions that
+ * hang up right behind such a registration (nsad reads the hang-up with the
+ * request, so the open finishes for a closed session and is discarded): the
+ * pinned mapping is released (nsad no longer maps or holds the object) and
+ * nsad keeps serving. */
 typedef struct {
   nsa_client_t *c;
   const char *name;
@@ -252,6 +254,7 @@ Test(cuda_ipc, large_shm_register_off_the_loop) {
   snprintf(name, sizeof name, "/nsa-bigreg-%d", (int)getpid());
   int sfd = shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600);
   cr_assert_geq(sfd, 0);
+  th_shm_unlink_at_exit(name);
   cr_assert_eq(ftruncate(sfd, (off_t)size), 0);
   th_nsad_t d;
   start(&d);
@@ -276,26 +279,40 @@ Test(cuda_ipc, large_shm_register_off_the_loop) {
           worst, mono_ms() - t_start);
   cr_assert_eq(j.rc, 0, "register: %s: %s", nsa_client_error_code(b), nsa_client_error_message(b));
   cr_expect_eq(bad, 0);
-  cr_expect_geq(j.ms, 100.0, "the registration took %.1f ms: too fast to show a stall", j.ms);
-  cr_expect(worst < 50.0 && worst * 4 < j.ms,
-            "a ping took %.2f ms while the registration took %.1f ms", worst, j.ms);
   cr_expect_eq(th_gauge(a, "nsad_regions"), 1);
   cr_expect_eq(nsa_client_region_unregister(b, j.region), 0);
-  /* A session that hangs up a quarter into the same registration. */
-  int fd = th_raw_connect(d.sock);
-  cr_assert_geq(fd, 0);
-  cr_assert_eq(th_raw_hello(fd, 1), 0);
-  cr_assert_eq(th_raw_register_shm(fd, 2, name, size), 0);
-  usleep((useconds_t)(j.ms * 250));
-  close(fd);
-  double regions = -1;
-  for (int i = 0; i < 1000; i++) {
-    regions = th_gauge(a, "nsad_regions");
-    if (regions == 0) break;
+  /* Relative, so a loaded host does not fail it: on the loop one ping
+   * waited as long as the registration itself. */
+  cr_expect(worst * 4 < j.ms, "a ping took %.2f ms while the registration took %.1f ms", worst, j.ms);
+  /* Two sessions that hang up right behind the same registration. */
+  for (int k = 0; k < 2; k++) {
+    int fd = th_raw_connect(d.sock);
+    cr_assert_geq(fd, 0);
+    cr_assert_eq(th_raw_hello(fd, 1), 0);
+    cr_assert_eq(th_raw_register_shm(fd, 2, name, size), 0);
+    close(fd);
+  }
+  /* Both opens done (each registration is counted when its open is) ... */
+  const char *reg_ok = "nsad_requests_total{method=\"region.register\",path=\"none\",code=\"ok\"}";
+  double opened = -1;
+  for (int i = 0; i < 1500; i++) { /* up to 30 s: two 4 GiB opens */
+    opened = th_prom_value(a, reg_ok);
+    if (opened >= 3) break;
     usleep(20000);
   }
-  cr_expect_eq(regions, 0, "the abandoned registration's region was closed");
+  cr_expect_eq(opened, 3, "region.register counted %g times, not 3", opened);
+  /* ... and nothing of them is left mapped or open in nsad. */
+  int held = -1;
+  for (int i = 0; i < 1000; i++) { /* up to 20 s: the closes */
+    held = th_shm_holds(d.pid, name);
+    if (held == 0) break;
+    usleep(20000);
+  }
+  cr_expect_eq(held, 0, "nsad still maps or holds %s %d times", name, held);
+  cr_expect_eq(th_gauge(a, "nsad_regions"), 0);
   cr_expect_eq(nsa_client_ping(a), 0);
+  if (j.ms < 100.0)
+    cr_skip_test("the registration took %.1f ms: too fast to show a stall on the loop", j.ms);
   nsa_client_close(a);
   nsa_client_close(b);
   close(sfd);

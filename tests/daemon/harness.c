@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include "harness.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
@@ -10,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -275,6 +277,61 @@ double th_gauge(nsa_client_t *c, const char *family) {
   if (nsa_client_value_get_double(m, path, &v) != 0) v = -1;
   nsa_client_value_free(m);
   return v;
+}
+
+double th_prom_value(nsa_client_t *c, const char *series) {
+  char *text = NULL;
+  if (nsa_client_metrics_prometheus(c, &text) != 0 || !text) return -1;
+  double v = -1;
+  const size_t n = strlen(series);
+  for (const char *p = text; (p = strstr(p, series)) != NULL; p += n)
+    if ((p == text || p[-1] == '\n') && p[n] == ' ') {
+      v = strtod(p + n + 1, NULL);
+      break;
+    }
+  free(text);
+  return v;
+}
+
+int th_shm_holds(pid_t pid, const char *name) {
+  char path[64], want[300], line[1024];
+  snprintf(want, sizeof want, "/dev/shm%s", name);
+  snprintf(path, sizeof path, "/proc/%d/maps", (int)pid);
+  FILE *f = fopen(path, "r");
+  if (!f) return -1;
+  int n = 0;
+  while (fgets(line, sizeof line, f))
+    if (strstr(line, want)) n++;
+  fclose(f);
+  snprintf(path, sizeof path, "/proc/%d/fd", (int)pid);
+  DIR *dir = opendir(path);
+  if (!dir) return -1;
+  for (struct dirent *e; (e = readdir(dir)) != NULL;) {
+    char fp[320];
+    snprintf(fp, sizeof fp, "%s/%s", path, e->d_name);
+    ssize_t k = readlink(fp, line, sizeof line - 1);
+    if (k <= 0) continue;
+    line[k] = 0;
+    if (strstr(line, want)) n++;
+  }
+  closedir(dir);
+  return n;
+}
+
+static char g_unlink_names[4][256];
+static void unlink_at_exit(void) {
+  for (int i = 0; i < 4; i++)
+    if (g_unlink_names[i][0]) shm_unlink(g_unlink_names[i]);
+}
+
+void th_shm_unlink_at_exit(const char *name) {
+  static int registered;
+  for (int i = 0; i < 4; i++)
+    if (!g_unlink_names[i][0]) {
+      snprintf(g_unlink_names[i], sizeof g_unlink_names[i], "%s", name);
+      break;
+    }
+  if (!registered) registered = atexit(unlink_at_exit) == 0;
 }
 
 int th_raw_response(int fd, nsa_proto_decoder_t *dec, int timeout_ms, uint32_t *msgid,

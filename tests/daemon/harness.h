@@ -59,6 +59,16 @@ int th_raw_register_shm(int fd, uint32_t msgid, const char *name, uint64_t size)
 /* A gauge family's first sample through metrics.get (e.g. "nsad_regions"),
  * -1 on error. */
 double th_gauge(nsa_client_t *c, const char *family);
+/* The value of one Prometheus series of metrics.get's text, e.g.
+ * "nsad_requests_total{method=\"ping\",path=\"none\",code=\"ok\"}"; -1 when
+ * absent or on error. */
+double th_prom_value(nsa_client_t *c, const char *series);
+/* How often process pid maps or holds open the POSIX shm object `name`
+ * ("/nsa-..."): lines of /proc/pid/maps plus open descriptors naming
+ * /dev/shm<name>; -1 when /proc cannot be read. */
+int th_shm_holds(pid_t pid, const char *name);
+/* Unlinks `name` when the test process exits (also after a failed assert). */
+void th_shm_unlink_at_exit(const char *name);
 
 /* ---- selection-attention problems in one shm region ---- */
 typedef struct {

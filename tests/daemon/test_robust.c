@@ -217,6 +217,7 @@ Test(robust, registrations_abandoned_mid_open_leave_nothing) {
   snprintf(name, sizeof name, "/nsa-robust-reg-%d", (int)getpid());
   int sfd = shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600);
   cr_assert_geq(sfd, 0);
+  th_shm_unlink_at_exit(name);
   cr_assert_eq(ftruncate(sfd, 1 << 20), 0);
   nsa_client_t *a = th_client(&d, "watcher");
   cr_assert_not_null(a);
@@ -251,13 +252,32 @@ Test(robust, registrations_abandoned_mid_open_leave_nothing) {
     if (i % 2) shutdown(f, SHUT_WR); /* half of them wait for nothing but read no reply */
     close(f);
   }
-  double regions = -1;
+  /* Every registration has been answered or discarded (each is counted
+   * when its open is done) ... */
+  const char *reg_ok = "nsad_requests_total{method=\"region.register\",path=\"none\",code=\"ok\"}";
+  double opened = -1;
   for (int i = 0; i < 1000; i++) { /* up to 20 s (ASan, loaded CI) */
+    opened = th_prom_value(a, reg_ok);
+    if (opened >= 61) break;
+    usleep(20000);
+  }
+  cr_expect_eq(opened, 61, "region.register counted %g times, not 1 + 60", opened);
+  double regions = -1;
+  for (int i = 0; i < 1000; i++) {
     regions = th_gauge(a, "nsad_regions");
     if (regions == 0) break;
     usleep(20000);
   }
-  cr_expect_eq(regions, 0, "every abandoned registration was closed");
+  cr_expect_eq(regions, 0, "no abandoned registration is registered");
+  /* ... and none is still mapped or open in nsad (a discarded entry that
+   * was freed without its close would be). */
+  int held = -1;
+  for (int i = 0; i < 1000; i++) {
+    held = th_shm_holds(d.pid, name);
+    if (held == 0) break;
+    usleep(20000);
+  }
+  cr_expect_eq(held, 0, "nsad still maps or holds %s %d times", name, held);
   th_prob_t p;
   cr_assert_eq(th_prob_init(&p, a, 1, 8, 64, 1, 2, 16, 3, 16, 0, 5), 0);
   cr_expect(forward_ok(a, &p), "nsad still serves");
