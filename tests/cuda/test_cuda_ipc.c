@@ -283,7 +283,10 @@ Test(cuda_ipc, large_shm_register_off_the_loop) {
   cr_expect_eq(nsa_client_region_unregister(b, j.region), 0);
   /* Relative, so a loaded host does not fail it: on the loop one ping
    * waited as long as the registration itself. */
-  cr_expect(worst * 4 < j.ms, "a ping took %.2f ms while the registration took %.1f ms", worst, j.ms);
+  if (j.ms >= 100.0)
+    cr_expect(worst * 4 < j.ms, "a ping took %.2f ms while the registration took %.1f ms", worst, j.ms);
+  else
+    cr_log_warn("the registration took %.1f ms: too fast to show a stall on the loop; ping check skipped", j.ms);
   /* Two sessions that hang up right behind the same registration. */
   for (int k = 0; k < 2; k++) {
     int fd = th_raw_connect(d.sock);
@@ -311,8 +314,6 @@ Test(cuda_ipc, large_shm_register_off_the_loop) {
   cr_expect_eq(held, 0, "nsad still maps or holds %s %d times", name, held);
   cr_expect_eq(th_gauge(a, "nsad_regions"), 0);
   cr_expect_eq(nsa_client_ping(a), 0);
-  if (j.ms < 100.0)
-    cr_skip_test("the registration took %.1f ms: too fast to show a stall on the loop", j.ms);
   nsa_client_close(a);
   nsa_client_close(b);
   close(sfd);
