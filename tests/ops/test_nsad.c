@@ -107,6 +107,15 @@ static void start_or_fail(ops_nsad_t *d, const char *const *args, const char *co
   }
 }
 
+/* A fresh nsad whose config file holds `conf`, started with env, and a
+ * connection c that said hello: the start of the config / flags tests. */
+static void start_with_conf(ops_nsad_t *d, const char *conf, const char *const *env, ops_client_t *c) {
+  ops_nsad_prepare(d);
+  ops_write_file(d->conf, conf);
+  start_or_fail(d, NULL, env);
+  connect_hello(d, c, NULL);
+}
+
 static double now_s(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -131,12 +140,9 @@ static void pack_int(msgpack_packer *pk, void *ud) {
 Test(nsad, flags_over_protocol, .timeout = 60) {
   NEED_NSAD();
   ops_nsad_t d;
-  ops_nsad_prepare(&d);
-  ops_write_file(d.conf, "NSA_SEL_VARLEN_MIN_L=64\nNSA_SEL_VARLEN_V2=on\n");
-  const char *env[] = {"NSA_USE_SEL_VARLEN=off", "NSA_SEL_VARLEN_V2=off", NULL};
-  start_or_fail(&d, NULL, env);
   ops_client_t c;
-  connect_hello(&d, &c, NULL);
+  const char *env[] = {"NSA_USE_SEL_VARLEN=off", "NSA_SEL_VARLEN_V2=off", NULL};
+  start_with_conf(&d, "NSA_SEL_VARLEN_MIN_L=64\nNSA_SEL_VARLEN_V2=on\n", env, &c);
   cr_expect_gt(c.hello_epoch, 0, "hello carries flags_epoch");
 
   fget_t g;
@@ -300,11 +306,8 @@ Test(nsad, flags_persist_off_the_loop, .timeout = 60) {
 Test(nsad, reload_persist_off_the_loop, .timeout = 60) {
   NEED_NSAD();
   ops_nsad_t d;
-  ops_nsad_prepare(&d);
-  ops_write_file(d.conf, "NSA_SEL_VARLEN_MIN_L=64\n");
-  start_or_fail(&d, NULL, NULL);
   ops_client_t b;
-  connect_hello(&d, &b, NULL);
+  start_with_conf(&d, "NSA_SEL_VARLEN_MIN_L=64\n", NULL, &b);
   char fifo[400];
   make_state_fifo(&d, fifo, sizeof fifo);
   ops_write_file(d.conf, "NSA_SEL_VARLEN_MIN_L=96\n");
@@ -381,11 +384,8 @@ Test(nsad, persistence_restart_and_kill9, .timeout = 90) {
 Test(nsad, sighup_reloads_config_runtime_stays, .timeout = 60) {
   NEED_NSAD();
   ops_nsad_t d;
-  ops_nsad_prepare(&d);
-  ops_write_file(d.conf, "NSA_SEL_VARLEN_MIN_L=64\n");
-  start_or_fail(&d, NULL, NULL);
   ops_client_t c;
-  connect_hello(&d, &c, NULL);
+  start_with_conf(&d, "NSA_SEL_VARLEN_MIN_L=64\n", NULL, &c);
   cr_assert_eq(flags_set(&c, "NSA_SEL_VARLEN_V2", "0", -1, NULL, NULL), NSA_E_OK);
   fget_t g;
   flags_get(&c, "NSA_SEL_VARLEN_MIN_L", &g);
