@@ -259,6 +259,49 @@ __global__ void __launch_bounds__(kThreads, 2)
           p[i * 4 + e] = pv;
         }
     };
+    // The same with the column data read before the products are waited
+    // for (the dq instance): a thread's 8 columns 8i + cq + c (i < 4, c < 2)
+    // and its keys kr0, kr0 + 8 as w = the column's key mask >> kr0 (bit 0:
+    // key kr0, bit 8: key kr0 + 8), l = lse * log2(e), d = delta, loaded
+    // while S^T / dP^T run, in 16- and 8-byte pieces (cq is even). A/B on an
+    // H100, backward ms (docs/PERF.md): T = 8k h = 8 random 2.431 / 2.428 ->
+    // 2.417 / 2.409; the instance without dq got slower (16k h = 16 random
+    // 6.72 -> 6.92: 24 more registers live across its pipelined products),
+    // so it keeps grads above.
+    struct Cols {
+      unsigned w[kNC / 8][2];
+      float l[kNC / 8][2], d[kNC / 8][2];
+    };
+    auto load_cols = [&](int stg, Cols &cd) {
+      const unsigned long long *mk = sMk + stg * kNC;
+      const float *ls = sL + stg * kNC, *dl = sD + stg * kNC;
+#pragma unroll
+      for (int i = 0; i < kNC / 8; i++) {
+        const ulonglong2 m2 = *reinterpret_cast<const ulonglong2 *>(mk + i * 8 + cq);
+        const float2 l2 = *reinterpret_cast<const float2 *>(ls + i * 8 + cq);
+        const float2 d2 = *reinterpret_cast<const float2 *>(dl + i * 8 + cq);
+        cd.w[i][0] = (unsigned)(m2.x >> kr0);
+        cd.w[i][1] = (unsigned)(m2.y >> kr0);
+        cd.l[i][0] = l2.x * LOG2E;
+        cd.l[i][1] = l2.y * LOG2E;
+        cd.d[i][0] = d2.x;
+        cd.d[i][1] = d2.y;
+      }
+    };
+    auto grads_cols = [&](const Cols &cd, float(&s)[16], float(&dp)[16], float(&p)[16], float(&ds)[16]) {
+      nsa_wg::reg_fence(s);
+      nsa_wg::reg_fence(dp);
+#pragma unroll
+      for (int i = 0; i < kNC / 8; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int c = e & 1;
+          const bool in = (cd.w[i][c] >> ((e >> 1) * 8)) & 1u;
+          const float pv = in ? ex2(fmaf(s[i * 4 + e], c2, -cd.l[i][c])) : 0.f;
+          ds[i * 4 + e] = pv * (dp[i * 4 + e] - cd.d[i][c]);
+          p[i * 4 + e] = pv;
+        }
+    };
     // P^T, dS^T -> the A fragments of dV / dK: n8 block i is half (i & 1) of
     // k-step i / 2. Written only while no product is in flight (an A register
     // written under a running wgmma makes ptxas serialize them all).
@@ -341,9 +384,11 @@ __global__ void __launch_bounds__(kThreads, 2)
 
       float s[16], dp[16];
       issue_sdp(stg, s, dp);
+      Cols cd;
+      load_cols(stg, cd);
       nsa_wg::wait<0>();
       float p[16], ds[16];
-      grads(stg, s, dp, p, ds);
+      grads_cols(cd, s, dp, p, ds);
       unsigned pa[kNC / 16][4], da[kNC / 16][4];
       pack(p, ds, pa, da);
       issue_dvdk(stg, pa, da);
