@@ -239,35 +239,15 @@ __global__ void __launch_bounds__(kThreads, 2)
         nsa_wg::ss_m64n32k16<0, 0>((T *)nullptr, dp, dk_major<kT>(dV, ks), dk_major<kNC>(dO, ks), ks > 0);
       nsa_wg::commit();
     };
-    // p = P^T, ds = dS^T from s = S^T, dp = dP^T (rows = keys kr0, kr0 + 8;
-    // columns of the chunk). Not in place: an accumulator register written
-    // while another product runs makes ptxas serialize all wgmma (C7515).
-    // The caller has just retired the product that wrote s / dp.
-    auto grads = [&](int stg, float(&s)[16], float(&dp)[16], float(&p)[16], float(&ds)[16]) {
-      nsa_wg::reg_fence(s);
-      nsa_wg::reg_fence(dp);
-      const unsigned long long *mk = sMk + stg * kNC;
-      const float *ls = sL + stg * kNC, *dl = sD + stg * kNC;
-#pragma unroll
-      for (int i = 0; i < kNC / 8; i++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const int key = kr0 + (e >> 1) * 8, col = i * 8 + cq + (e & 1);
-          const bool in = (mk[col] >> key) & 1ull;
-          const float pv = in ? ex2(fmaf(s[i * 4 + e], c2, -ls[col] * LOG2E)) : 0.f;
-          ds[i * 4 + e] = pv * (dp[i * 4 + e] - dl[col]);
-          p[i * 4 + e] = pv;
-        }
-    };
-    // The same with the column data read before the products are waited
-    // for (the dq instance): a thread's 8 columns 8i + cq + c (i < 4, c < 2)
-    // and its keys kr0, kr0 + 8 as w = the column's key mask >> kr0 (bit 0:
-    // key kr0, bit 8: key kr0 + 8), l = lse * log2(e), d = delta, loaded
-    // while S^T / dP^T run, in 16- and 8-byte pieces (cq is even). A/B on an
-    // H100, backward ms (docs/PERF.md): T = 8k h = 8 random 2.431 / 2.428 ->
-    // 2.417 / 2.409; the instance without dq got slower (16k h = 16 random
-    // 6.72 -> 6.92: 24 more registers live across its pipelined products),
-    // so it keeps grads above.
+    // A thread's column data of a chunk: its 8 columns 8i + cq + c (i < 4,
+    // c < 2) and its keys kr0, kr0 + 8 as w = the column's key mask >> kr0
+    // (bit 0: key kr0, bit 8: key kr0 + 8), l = lse * log2(e), d = delta,
+    // in 16- and 8-byte loads (cq is even). The dq instance loads them right
+    // after issuing S^T / dP^T, so they wait under the products (H100, T = 8k
+    // h = 8 random backward 2.431 / 2.428 -> 2.417 / 2.409 ms, docs/PERF.md);
+    // the instance without dq loads them after its wait: across its
+    // pipelined products 24 more live registers made it slower (16k h = 16
+    // random 6.72 -> 6.92).
     struct Cols {
       unsigned w[kNC / 8][2];
       float l[kNC / 8][2], d[kNC / 8][2];
@@ -288,7 +268,11 @@ __global__ void __launch_bounds__(kThreads, 2)
         cd.d[i][1] = d2.y;
       }
     };
-    auto grads_cols = [&](const Cols &cd, float(&s)[16], float(&dp)[16], float(&p)[16], float(&ds)[16]) {
+    // p = P^T, ds = dS^T from s = S^T, dp = dP^T (rows = keys kr0, kr0 + 8;
+    // columns of the chunk). Not in place: an accumulator register written
+    // while another product runs makes ptxas serialize all wgmma (C7515).
+    // The caller has just retired the product that wrote s / dp.
+    auto grads = [&](const Cols &cd, float(&s)[16], float(&dp)[16], float(&p)[16], float(&ds)[16]) {
       nsa_wg::reg_fence(s);
       nsa_wg::reg_fence(dp);
 #pragma unroll
@@ -359,8 +343,10 @@ __global__ void __launch_bounds__(kThreads, 2)
         } else {
           nsa_wg::wait<0>();
         }
+        Cols cd;
+        load_cols(stg, cd);
         float p[16], ds[16];
-        grads(stg, s, dp, p, ds);
+        grads(cd, s, dp, p, ds);
         unsigned pt[kNC / 16][4], dt[kNC / 16][4];
         pack(p, ds, pt, dt);
         nsa_wg::wait<0>();
@@ -388,7 +374,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       load_cols(stg, cd);
       nsa_wg::wait<0>();
       float p[16], ds[16];
-      grads_cols(cd, s, dp, p, ds);
+      grads(cd, s, dp, p, ds);
       unsigned pa[kNC / 16][4], da[kNC / 16][4];
       pack(p, ds, pa, da);
       issue_dvdk(stg, pa, da);
