@@ -166,6 +166,24 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int i = 0; i < 64; i++) dk[i] = dv[i] = 0.f;
   const int kr0 = warp * 16 + (lane >> 2), cq = (lane & 3) * 2;  // accumulator row / column base
 
+  // The gather's per-thread column constants (chunk-invariant): copy rg
+  // takes column m = rg * 8 + r8 of every chunk, i.e. listed row ch * Pk +
+  // cmq[rg] and head j, at element wQo / wOo + cjq / cjo[rg] (head j's
+  // stride plus this thread's 16-byte piece). Computed per chunk they were
+  // ~10 instructions per copy of a ~690-instruction chunk step (SASS, h = 16
+  // instance); hoisted, H100 backward 16k h = 16 random 6.70 -> 6.58 ms,
+  // 8k h = 8 random 2.417 -> 2.395 (docs/PERF.md).
+  int cmq[kNC / 8];
+  int64_t cjq[kNC / 8], cjo[kNC / 8];
+#pragma unroll
+  for (int rg = 0; rg < kNC / 8; rg++) {
+    const int m = rg * 8 + r8;
+    const int mq = h_pow2 ? m >> h_lg : m / h;
+    const int j = m - mq * h;
+    cmq[rg] = mq;
+    cjq[rg] = (int64_t)j * a.qs[2] + pc * 8;
+    cjo[rg] = (int64_t)j * a.dos[2] + pc * 8;
+  }
   for (int w0 = lo; w0 < hi; w0 += kWin) {
     const int w1 = min(hi, w0 + kWin);
     nsa_wg::wait<0>();  // the previous window's last products no longer read their stages
@@ -199,12 +217,12 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int rg = 0; rg < kNC / 8; rg++) {
         const int m = rg * 8 + r8;
-        int wi, j;
-        const bool ok = col_of(ch, m, &wi, &j);
+        const int wi = ch * Pk + cmq[rg];
+        const bool ok = cmq[rg] < Pk && w0 + wi < w1;
         const T *qs = q, *os = dout;
         if (ok) {
-          qs = q + wQo[wi] + (int64_t)j * a.qs[2] + pc * 8;
-          os = dout + wOo[wi] + (int64_t)j * a.dos[2] + pc * 8;
+          qs = q + wQo[wi] + cjq[rg];
+          os = dout + wOo[wi] + cjo[rg];
         }
         const int off = nsa_wg::sw_off(m, pc, kNC);
         cp_async16(qd + off, qs, ok ? 16 : 0);
