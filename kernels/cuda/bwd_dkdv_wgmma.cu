@@ -184,6 +184,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     cjq[rg] = (int64_t)j * a.qs[2] + pc * 8;
     cjo[rg] = (int64_t)j * a.dos[2] + pc * 8;
   }
+  // Warp 0's column-data copy (one column per thread, tid < kNC): the same
+  // split of column m = tid into listed row and head, also chunk-invariant.
+  const int tmq = h_pow2 ? tid >> h_lg : tid / h, tj = tid - tmq * h;
   for (int w0 = lo; w0 < hi; w0 += kWin) {
     const int w1 = min(hi, w0 + kWin);
     nsa_wg::wait<0>();  // the previous window's last products no longer read their stages
@@ -203,13 +206,6 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();
     const int nch = (w1 - w0 + Pk - 1) / Pk;
 
-    // Column m of chunk ch -> window index wi and head j; false for padding.
-    auto col_of = [&](int ch, int m, int *wi, int *j) -> bool {
-      const int mq = h_pow2 ? m >> h_lg : m / h;
-      *wi = ch * Pk + mq;
-      *j = m - mq * h;
-      return mq < Pk && w0 + *wi < w1;
-    };
     auto prep = [&](int ch, int stg) {
       const T *q = reinterpret_cast<const T *>(a.q);
       const T *dout = reinterpret_cast<const T *>(a.dout);
@@ -228,9 +224,9 @@ __global__ void __launch_bounds__(kThreads, 2)
         cp_async16(qd + off, qs, ok ? 16 : 0);
         cp_async16(od + off, os, ok ? 16 : 0);
       }
-      if (tid < kNC) {
-        int wi, j;
-        const bool ok = col_of(ch, tid, &wi, &j);
+      if (tid < kNC) {  // column tid of the chunk: listed row ch * Pk + tmq, head tj
+        const int wi = ch * Pk + tmq, j = tj;
+        const bool ok = tmq < Pk && w0 + wi < w1;
         const int64_t idx = ok ? (int64_t)wRow[wi] * a.h + j : 0;
         sMk[stg * kNC + tid] = ok ? wMk[wi] : 0ull;
         cp_async4(smem_u32(sL + stg * kNC + tid), a.lsec + idx, ok ? 4 : 0);
