@@ -479,6 +479,31 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   if (timing)
     for (int i = 0; i < 5; i++) cudaEventCreate(&pev[i]);
   if (timing) cudaEventRecord(pev[0], stream);
+  // dk/dv's first row batch needs the plan inverted (bwd_invert_plan.cu:
+  // count, scan, write, sort, offsets: small grids, ~0.13 ms at T = 16k).
+  // The inversion reads only the plan and writes only L.inv, which nothing
+  // before dk/dv touches, so it runs on the context's side stream beside the
+  // preprocess and dq: forked here, once the plan is enqueued; launched
+  // after the dq (so the dq's CTAs are queued first and the inversion's
+  // small grids fill the SMs its tail wave leaves idle); joined just before
+  // dk/dv. Stream capture records the fork / join as two graph branches.
+  // Not with NSA_BWD_TIMING, whose phases are read off the one stream, and
+  // not beside the row-block dq, which fills every SM one CTA each and gave
+  // the overlap back (H100 backward ms, same call: 8k h = 8 random 2.39 ->
+  // 2.31, 16k h = 8 corr 3.46 -> 3.37, 16k h = 8 random 4.675 -> 4.647, but
+  // 16k h = 16 random 6.511 -> 6.534 and 8k h = 16 random 3.178 -> 3.193;
+  // docs/PERF.md).
+  auto invert = [&](int64_t row0, int64_t nb, cudaStream_t st) {
+    const int64_t bcap = nb == L.brows ? L.bcap : nb * (L.cap / d.rows);
+    return nsa_cuda_launch_invert_rows(&plan, d.B, d.S, d.G, L.NT, row0, nb, bcap, L.seg_rows, NULL, ws + L.inv,
+                                       &L.il, st);
+  };
+  const int row_block_dq = rows_dq && !packed && !dq_key;  // the dq branch below
+  const int fork = !timing && cv.side != NULL && !row_block_dq;
+  if (fork) {
+    BCK(cudaEventRecord(cv.fork_ev, stream), "inversion fork");
+    BCK(cudaStreamWaitEvent(cv.side, cv.fork_ev, 0), "inversion fork");
+  }
   // The row-block dq computes delta and the lse copy itself (fwd_rows.h)
   // where the preprocess's 16-byte layout holds: one kernel fewer, bitwise
   // the same results. NSA_CUDA_BWD_ROWS_PRE=0 keeps the preprocess kernel
@@ -522,7 +547,7 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
       BCK(nsa_cuda_launch_fwd_shared_select(&sa, &plan, ws, &L.sh, stream), "shared-tile select launch");
       BCK(nsa_cuda_launch_bwd_shared_dq(&at, d.dtype, ws, &L.sh, stream), "shared-tile dq launch");
     }
-  } else if (rows_dq && !packed) {
+  } else if (row_block_dq) {
     BCK(nsa_cuda_launch_bwd_dq_rows(&at, d.dtype, &plan, &rows_m, pre_in_dq ? (float *)(ws + L.delta) : NULL,
                                     pre_in_dq ? (float *)(ws + L.lsec) : NULL, stream),
         "row-block dq launch");
@@ -540,6 +565,10 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   // One batch (brows = rows) writes dk/dv directly; several add into the f32
   // accumulator, written out after the last. A request with no rows still
   // runs one (empty) batch: its dk/dv are zeros.
+  if (fork) {  // the first batch's inversion (above)
+    BCK(invert(0, d.rows < L.brows ? d.rows : L.brows, cv.side), "plan inversion launch");
+    BCK(cudaEventRecord(cv.join_ev, cv.side), "inversion join");
+  }
   if (timing) cudaEventRecord(pev[2], stream);
   float *acc = L.brows < d.rows ? (float *)(ws + L.acc) : NULL;
   const int64_t ntiles = d.B * d.G * L.NT;
@@ -550,9 +579,10 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   for (int64_t row0 = 0; row0 == 0 || row0 < d.rows; row0 += L.brows) {
     const int64_t nb = d.rows - row0 < L.brows ? d.rows - row0 : L.brows;
     const int64_t bcap = nb == L.brows ? L.bcap : nb * (L.cap / d.rows);
-    BCK(nsa_cuda_launch_invert_rows(&plan, d.B, d.S, d.G, L.NT, row0, nb, bcap, L.seg_rows, NULL, ws + L.inv, &L.il,
-                                    stream),
-        "plan inversion launch");
+    if (fork && row0 == 0)
+      BCK(cudaStreamWaitEvent(stream, cv.join_ev, 0), "inversion join");
+    else
+      BCK(invert(row0, nb, stream), "plan inversion launch");
     if (timing && row0 == 0) cudaEventRecord(pev[3], stream);  // "invert" = the first batch's
     BCK(nsa_cuda_launch_bwd_dkdv(&at, d.dtype, mma_dims && qo_ok && kv_ok, ws + L.inv, &L.il, L.NT,
                                  L.seg_rows, ntiles + bcap / L.seg_rows + 1, (float *)(ws + L.part),

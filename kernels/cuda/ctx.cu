@@ -38,6 +38,10 @@ struct nsa_cuda_ctx {
   size_t h_stage_size;
   nsa_cuda_summary_t *h_sum;  // pinned
   cudaEvent_t ev0, ev1, ev2;
+  // The backward's side stream: the first row batch's plan inversion runs
+  // there beside the dq (bwd_request.cu), forked / joined by these events.
+  cudaStream_t side;
+  cudaEvent_t fork_ev, join_ev;
   int fatal;  // a sticky error was seen: every later call fails fast
   int no_pack;  // NSA_CUDA_NO_PACK=1 (benchmarks): one query per tile even when h < 16
   int qt_max;   // NSA_CUDA_QTILES=1|2 (benchmarks): force one / two query tiles per CTA
@@ -141,6 +145,9 @@ extern "C" int nsa_cuda_ctx_create(int device, size_t ws_cap, nsa_cuda_ctx_t **o
   if (e == cudaSuccess) e = cudaEventCreate(&ctx->ev0);
   if (e == cudaSuccess) e = cudaEventCreate(&ctx->ev1);
   if (e == cudaSuccess) e = cudaEventCreate(&ctx->ev2);
+  if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&ctx->side, cudaStreamNonBlocking);
+  if (e == cudaSuccess) e = cudaEventCreateWithFlags(&ctx->fork_ev, cudaEventDisableTiming);
+  if (e == cudaSuccess) e = cudaEventCreateWithFlags(&ctx->join_ev, cudaEventDisableTiming);
   if (e != cudaSuccess) {
     int st = fail(NULL, e, "nsa_cuda_ctx_create", msg, msglen);
     nsa_cuda_ctx_destroy(ctx);
@@ -154,12 +161,16 @@ extern "C" void nsa_cuda_ctx_destroy(nsa_cuda_ctx_t *ctx) {
   if (!ctx) return;
   cudaSetDevice(ctx->device);
   if (ctx->stream) cudaStreamSynchronize(ctx->stream);
+  if (ctx->side) cudaStreamSynchronize(ctx->side);
   if (ctx->arena) cudaFree(ctx->arena);
   if (ctx->h_stage) cudaFreeHost(ctx->h_stage);
   if (ctx->h_sum) cudaFreeHost(ctx->h_sum);
   if (ctx->ev0) cudaEventDestroy(ctx->ev0);
   if (ctx->ev1) cudaEventDestroy(ctx->ev1);
   if (ctx->ev2) cudaEventDestroy(ctx->ev2);
+  if (ctx->fork_ev) cudaEventDestroy(ctx->fork_ev);
+  if (ctx->join_ev) cudaEventDestroy(ctx->join_ev);
+  if (ctx->side) cudaStreamDestroy(ctx->side);
   if (ctx->stream) cudaStreamDestroy(ctx->stream);
   cudaGetLastError();
   free(ctx);
@@ -186,6 +197,8 @@ static int arena_reserve(nsa_cuda_ctx_t *ctx, size_t need, size_t keep, char *ms
     cudaError_t e = cudaSuccess;
     if (keep) e = cudaMemcpyAsync(p, ctx->arena, keep, cudaMemcpyDeviceToDevice, ctx->stream);
     if (e == cudaSuccess) e = cudaStreamSynchronize(ctx->stream);  // old arena may be in use
+    // ... also by the side stream, where a failed backward left it unjoined
+    if (e == cudaSuccess && ctx->side) e = cudaStreamSynchronize(ctx->side);
     if (e != cudaSuccess) {
       cudaFree(p);
       return fail(ctx, e, "workspace growth", msg, msglen);
@@ -640,6 +653,9 @@ extern "C" void nsa_cuda_ctx_view(nsa_cuda_ctx_t *ctx, nsa_cuda_ctx_view_t *v) {
   v->ev0 = ctx->ev0;
   v->ev1 = ctx->ev1;
   v->ev2 = ctx->ev2;
+  v->side = ctx->side;
+  v->fork_ev = ctx->fork_ev;
+  v->join_ev = ctx->join_ev;
   v->fatal = ctx->fatal;
 }
 
