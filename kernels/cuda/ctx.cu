@@ -1,8 +1,10 @@
 // ctx.cu — CUDA backend context and the request entry points (sel_attn_cuda.h).
 //
-// A context = one device, one non-blocking stream, one workspace arena that
-// grows to a high-water mark under ws_cap (then NSA_ERR_BUSY), pinned host
-// staging for the v1 planner and the planner summary, and timing events.
+// A context = one device, one non-blocking stream (plus a side stream the
+// backward forks its first plan inversion onto and joins before dk/dv, so
+// callers still see one stream), one workspace arena that grows to a
+// high-water mark under ws_cap (then NSA_ERR_BUSY), pinned host staging for
+// the v1 planner and the planner summary, and timing events.
 //
 // Forward request flow (nsa_cuda_sel_fwd):
 //   check → wait_event → plan (v2 on the device, or v1 on the host) →
