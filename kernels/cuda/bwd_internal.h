@@ -142,7 +142,7 @@ typedef struct {
   nsa_cuda_summary_t *h_sum; /* pinned */
   cudaEvent_t ev0, ev1, ev2;
   cudaStream_t side;               /* the plan inversion's stream (bwd_request.cu) */
-  cudaEvent_t fork_ev, join_ev;    /* no timing */
+  cudaEvent_t fork_ev, join_ev, free_ev; /* no timing */
   int fatal;
 } nsa_cuda_ctx_view_t;
 void nsa_cuda_ctx_view(nsa_cuda_ctx_t *ctx, nsa_cuda_ctx_view_t *v);

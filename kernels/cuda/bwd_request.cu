@@ -72,7 +72,7 @@ struct Layout {
   // part 1: plan and per-(row, head) scalars
   size_t sum, plan, len64, ptemp, ptemp_bytes, pieces, gcount, delta, lsec, end1;
   // part 2: inversion, partials, packed buffers
-  size_t inv, part, dqp, acc, pplan, pscr, pscr_bytes, kp, vp, ppieces, pgcount, end;
+  size_t inv, inv2, part, dqp, acc, pplan, pscr, pscr_bytes, kp, vp, ppieces, pgcount, end;
   nsa_cuda_inv_layout_t il;  // the inversion of one row batch
   int64_t cap;               // pair bound of all rows
   int64_t brows, bcap;       // rows per batch (all rows unless the key-centric dq is batched), its pair bound
@@ -158,7 +158,16 @@ void layout2(const nsa_dims_t *d, int64_t cap, int packed, int64_t slots, int64_
   L->items_bound = ntiles + L->bcap / seg + 1;
   size_t o = L->end1;
   L->inv = o;
-  o = align256(o + nsa_cuda_inv_layout(L->brows, L->bcap, ntiles, &L->il));
+  const size_t inv_bytes = nsa_cuda_inv_layout(L->brows, L->bcap, ntiles, &L->il);
+  o = align256(o + inv_bytes);
+  // Several batches: a second inversion area, so batch k + 1's inversion
+  // (on the side stream) runs while batch k's dk/dv and dq reduction still
+  // read batch k's. Batch k uses inv (k even) or inv2 (k odd).
+  L->inv2 = L->inv;
+  if (L->brows < d->rows) {
+    L->inv2 = o;
+    o = align256(o + inv_bytes);
+  }
   L->part = o;
   o = align256(o + (size_t)nparts * (size_t)slot);
   L->dqp = o;
@@ -486,16 +495,20 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   // preprocess and dq: forked here, once the plan is enqueued; launched
   // after the dq (so the dq's CTAs are queued first and the inversion's
   // small grids fill the SMs its tail wave leaves idle); joined just before
-  // dk/dv. Stream capture records the fork / join as two graph branches.
+  // dk/dv. With several batches, batch k + 1's inversion runs there beside
+  // batch k's dk/dv, into the other of two areas (inv / inv2), once batch
+  // k - 1 has stopped reading it (free_ev). Stream capture records the
+  // forks / joins as graph branches.
   // Not with NSA_BWD_TIMING, whose phases are read off the one stream, and
   // not beside the row-block dq, which fills every SM one CTA each and gave
   // the overlap back (H100 backward ms, same call: 8k h = 8 random 2.39 ->
   // 2.31, 16k h = 8 corr 3.46 -> 3.37, 16k h = 8 random 4.675 -> 4.647, but
   // 16k h = 16 random 6.511 -> 6.534 and 8k h = 16 random 3.178 -> 3.193;
   // docs/PERF.md).
+  auto inv_of = [&](int64_t row0) { return ws + ((row0 / (L.brows > 0 ? L.brows : 1)) % 2 ? L.inv2 : L.inv); };
   auto invert = [&](int64_t row0, int64_t nb, cudaStream_t st) {
     const int64_t bcap = nb == L.brows ? L.bcap : nb * (L.cap / d.rows);
-    return nsa_cuda_launch_invert_rows(&plan, d.B, d.S, d.G, L.NT, row0, nb, bcap, L.seg_rows, NULL, ws + L.inv,
+    return nsa_cuda_launch_invert_rows(&plan, d.B, d.S, d.G, L.NT, row0, nb, bcap, L.seg_rows, NULL, inv_of(row0),
                                        &L.il, st);
   };
   const int row_block_dq = rows_dq && !packed && !dq_key;  // the dq branch below
@@ -579,19 +592,29 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   for (int64_t row0 = 0; row0 == 0 || row0 < d.rows; row0 += L.brows) {
     const int64_t nb = d.rows - row0 < L.brows ? d.rows - row0 : L.brows;
     const int64_t bcap = nb == L.brows ? L.bcap : nb * (L.cap / d.rows);
-    if (fork && row0 == 0)
+    const int64_t next = row0 + L.brows;  // the next batch's first row (< d.rows: there is one)
+    if (fork)
       BCK(cudaStreamWaitEvent(stream, cv.join_ev, 0), "inversion join");
     else
       BCK(invert(row0, nb, stream), "plan inversion launch");
+    if (fork && nb > 0 && next < d.rows) {
+      // The next batch's inversion on the side stream, beside this batch's
+      // dk/dv: its area was last read by the batch before this one.
+      if (row0 > 0) BCK(cudaStreamWaitEvent(cv.side, cv.free_ev, 0), "inversion area wait");
+      BCK(invert(next, d.rows - next < L.brows ? d.rows - next : L.brows, cv.side), "plan inversion launch");
+      BCK(cudaEventRecord(cv.join_ev, cv.side), "inversion join");
+    }
     if (timing && row0 == 0) cudaEventRecord(pev[3], stream);  // "invert" = the first batch's
-    BCK(nsa_cuda_launch_bwd_dkdv(&at, d.dtype, mma_dims && qo_ok && kv_ok, ws + L.inv, &L.il, L.NT,
+    BCK(nsa_cuda_launch_bwd_dkdv(&at, d.dtype, mma_dims && qo_ok && kv_ok, inv_of(row0), &L.il, L.NT,
                                  L.seg_rows, ntiles + bcap / L.seg_rows + 1, (float *)(ws + L.part),
                                  dq_key ? (float *)(ws + L.dqp) : NULL, acc, skip, stream),
         "dk/dv launch");
     if (dq_key)
-      BCK(nsa_cuda_launch_bwd_dq_reduce(&at, d.dtype, ws + L.inv, &L.il, (const float *)(ws + L.dqp), row0, nb,
+      BCK(nsa_cuda_launch_bwd_dq_reduce(&at, d.dtype, inv_of(row0), &L.il, (const float *)(ws + L.dqp), row0, nb,
                                         skip, stream),
           "dq reduction launch");
+    if (fork && nb > 0 && next < d.rows)  // this batch's area is free after here
+      BCK(cudaEventRecord(cv.free_ev, stream), "inversion area free");
     if (nb <= 0) break;
   }
   if (acc) BCK(nsa_cuda_launch_bwd_acc_store(&at, d.dtype, L.NT, acc, stream), "dk/dv store launch");

@@ -1,7 +1,7 @@
 // ctx.cu — CUDA backend context and the request entry points (sel_attn_cuda.h).
 //
 // A context = one device, one non-blocking stream (plus a side stream the
-// backward forks its first plan inversion onto and joins before dk/dv, so
+// backward forks its plan inversions onto and joins before each dk/dv, so
 // callers still see one stream), one workspace arena that grows to a
 // high-water mark under ws_cap (then NSA_ERR_BUSY), pinned host staging for
 // the v1 planner and the planner summary, and timing events.
@@ -40,10 +40,11 @@ struct nsa_cuda_ctx {
   size_t h_stage_size;
   nsa_cuda_summary_t *h_sum;  // pinned
   cudaEvent_t ev0, ev1, ev2;
-  // The backward's side stream: the first row batch's plan inversion runs
-  // there beside the dq (bwd_request.cu), forked / joined by these events.
+  // The backward's side stream: the plan inversions run there beside the dq
+  // and the previous batch's dk/dv (bwd_request.cu), forked / joined by
+  // these events (free_ev: a batch's inversion area is read no more).
   cudaStream_t side;
-  cudaEvent_t fork_ev, join_ev;
+  cudaEvent_t fork_ev, join_ev, free_ev;
   int fatal;  // a sticky error was seen: every later call fails fast
   int no_pack;  // NSA_CUDA_NO_PACK=1 (benchmarks): one query per tile even when h < 16
   int qt_max;   // NSA_CUDA_QTILES=1|2 (benchmarks): force one / two query tiles per CTA
@@ -150,6 +151,7 @@ extern "C" int nsa_cuda_ctx_create(int device, size_t ws_cap, nsa_cuda_ctx_t **o
   if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&ctx->side, cudaStreamNonBlocking);
   if (e == cudaSuccess) e = cudaEventCreateWithFlags(&ctx->fork_ev, cudaEventDisableTiming);
   if (e == cudaSuccess) e = cudaEventCreateWithFlags(&ctx->join_ev, cudaEventDisableTiming);
+  if (e == cudaSuccess) e = cudaEventCreateWithFlags(&ctx->free_ev, cudaEventDisableTiming);
   if (e != cudaSuccess) {
     int st = fail(NULL, e, "nsa_cuda_ctx_create", msg, msglen);
     nsa_cuda_ctx_destroy(ctx);
@@ -172,6 +174,7 @@ extern "C" void nsa_cuda_ctx_destroy(nsa_cuda_ctx_t *ctx) {
   if (ctx->ev2) cudaEventDestroy(ctx->ev2);
   if (ctx->fork_ev) cudaEventDestroy(ctx->fork_ev);
   if (ctx->join_ev) cudaEventDestroy(ctx->join_ev);
+  if (ctx->free_ev) cudaEventDestroy(ctx->free_ev);
   if (ctx->side) cudaStreamDestroy(ctx->side);
   if (ctx->stream) cudaStreamDestroy(ctx->stream);
   cudaGetLastError();
@@ -658,6 +661,7 @@ extern "C" void nsa_cuda_ctx_view(nsa_cuda_ctx_t *ctx, nsa_cuda_ctx_view_t *v) {
   v->side = ctx->side;
   v->fork_ev = ctx->fork_ev;
   v->join_ev = ctx->join_ev;
+  v->free_ev = ctx->free_ev;
   v->fatal = ctx->fatal;
 }
 

@@ -386,7 +386,10 @@ Test(cuda_bwd, determinism) {
  * last one partial; every row selects block 0, so tile 0 has 300 rows per
  * batch: several segments (NSA_BWD_SEG=64) and the ordered reduction into the
  * accumulator. Checked against float64 for h = 1 / 4 / 16, Dk != Dv, and two
- * batched runs are bitwise equal. */
+ * batched runs are bitwise equal: the first (NSA_BWD_TIMING=1) inverts every
+ * batch on the one stream, the second inverts batch k + 1 on the side stream
+ * while batch k's dk/dv run, in two alternating areas (bwd_request.cu), so
+ * the comparison also checks that pipelining. */
 Test(cuda_bwd, dq_key_row_batches) {
   NSA_REQUIRE_GPU();
   setenv("NSA_CUDA_BWD_ROWS", "0", 1); /* h = 16 would take the row-block dq (no partials) */
