@@ -505,11 +505,14 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   // 2.31, 16k h = 8 corr 3.46 -> 3.37, 16k h = 8 random 4.675 -> 4.647, but
   // 16k h = 16 random 6.511 -> 6.534 and 8k h = 16 random 3.178 -> 3.193;
   // docs/PERF.md).
+  // Row batch at row0: its rows, its pair bound, its inversion area.
+  auto batch_rows = [&](int64_t row0) { return d.rows - row0 < L.brows ? d.rows - row0 : L.brows; };
+  auto batch_cap = [&](int64_t nb) { return nb == L.brows ? L.bcap : nb * (L.cap / d.rows); };
   auto inv_of = [&](int64_t row0) { return ws + ((row0 / (L.brows > 0 ? L.brows : 1)) % 2 ? L.inv2 : L.inv); };
-  auto invert = [&](int64_t row0, int64_t nb, cudaStream_t st) {
-    const int64_t bcap = nb == L.brows ? L.bcap : nb * (L.cap / d.rows);
-    return nsa_cuda_launch_invert_rows(&plan, d.B, d.S, d.G, L.NT, row0, nb, bcap, L.seg_rows, NULL, inv_of(row0),
-                                       &L.il, st);
+  auto invert = [&](int64_t row0, cudaStream_t st) {
+    const int64_t nb = batch_rows(row0);
+    return nsa_cuda_launch_invert_rows(&plan, d.B, d.S, d.G, L.NT, row0, nb, batch_cap(nb), L.seg_rows, NULL,
+                                       inv_of(row0), &L.il, st);
   };
   const int row_block_dq = rows_dq && !packed && !dq_key;  // the dq branch below
   const int fork = !timing && cv.side != NULL && !row_block_dq;
@@ -579,7 +582,7 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   // accumulator, written out after the last. A request with no rows still
   // runs one (empty) batch: its dk/dv are zeros.
   if (fork) {  // the first batch's inversion (above)
-    BCK(invert(0, d.rows < L.brows ? d.rows : L.brows, cv.side), "plan inversion launch");
+    BCK(invert(0, cv.side), "plan inversion launch");
     BCK(cudaEventRecord(cv.join_ev, cv.side), "inversion join");
   }
   if (timing) cudaEventRecord(pev[2], stream);
@@ -590,18 +593,17 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
     BCK(cudaMemsetAsync(acc, 0, (size_t)ntiles * NSA_BWD_TILE * (size_t)(d.Dk + d.Dv) * 4, stream),
         "accumulator clear");
   for (int64_t row0 = 0; row0 == 0 || row0 < d.rows; row0 += L.brows) {
-    const int64_t nb = d.rows - row0 < L.brows ? d.rows - row0 : L.brows;
-    const int64_t bcap = nb == L.brows ? L.bcap : nb * (L.cap / d.rows);
-    const int64_t next = row0 + L.brows;  // the next batch's first row (< d.rows: there is one)
+    const int64_t nb = batch_rows(row0), bcap = batch_cap(nb);
+    // With fork, the next batch (if any) is inverted on the side stream
+    // beside this batch's dk/dv: its area was last read by the batch before.
+    const int pipe = fork && nb > 0 && row0 + L.brows < d.rows;
     if (fork)
       BCK(cudaStreamWaitEvent(stream, cv.join_ev, 0), "inversion join");
     else
-      BCK(invert(row0, nb, stream), "plan inversion launch");
-    if (fork && nb > 0 && next < d.rows) {
-      // The next batch's inversion on the side stream, beside this batch's
-      // dk/dv: its area was last read by the batch before this one.
+      BCK(invert(row0, stream), "plan inversion launch");
+    if (pipe) {
       if (row0 > 0) BCK(cudaStreamWaitEvent(cv.side, cv.free_ev, 0), "inversion area wait");
-      BCK(invert(next, d.rows - next < L.brows ? d.rows - next : L.brows, cv.side), "plan inversion launch");
+      BCK(invert(row0 + L.brows, cv.side), "plan inversion launch");
       BCK(cudaEventRecord(cv.join_ev, cv.side), "inversion join");
     }
     if (timing && row0 == 0) cudaEventRecord(pev[3], stream);  // "invert" = the first batch's
@@ -613,8 +615,7 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
       BCK(nsa_cuda_launch_bwd_dq_reduce(&at, d.dtype, inv_of(row0), &L.il, (const float *)(ws + L.dqp), row0, nb,
                                         skip, stream),
           "dq reduction launch");
-    if (fork && nb > 0 && next < d.rows)  // this batch's area is free after here
-      BCK(cudaEventRecord(cv.free_ev, stream), "inversion area free");
+    if (pipe) BCK(cudaEventRecord(cv.free_ev, stream), "inversion area free");  // this batch's area is free
     if (nb <= 0) break;
   }
   if (acc) BCK(nsa_cuda_launch_bwd_acc_store(&at, d.dtype, L.NT, acc, stream), "dk/dv store launch");
