@@ -36,8 +36,11 @@
 // ch - 1's dV / dK are on the tensor cores (H200: -0.7 % at 16k h = 16).
 // Fixed summation order: bitwise deterministic.
 #include <stdlib.h>
+#include <string.h>
 
 #include "bwd_dkdv.cuh"
+#include "fwd_rows.h"
+#include "mbar.cuh"
 #include "wgmma.cuh"
 
 using namespace nsa_bwd;
@@ -71,7 +74,8 @@ struct Smem {
   static constexpr size_t wp_off = wt_off + kWin * 4;             // [kWin] i32 pair index (dq slot)
   static constexpr size_t wq_off = wp_off + kWin * 4;             // [kWin] i64 row's Q element offset (head g*h)
   static constexpr size_t wo_off = wq_off + kWin * 8;             // [kWin] i64 row's dO element offset
-  static constexpr size_t bytes = wo_off + kWin * 8 + 1024;  // + slack to align the base to 1024 (SW128)
+  static constexpr size_t fb_off = wo_off + kWin * 8;             // [kST] u64 mbarriers: stage's Q / dO landed (TMA)
+  static constexpr size_t bytes = fb_off + kST * 8 + 1024;  // + slack to align the base to 1024 (SW128)
 };
 // Two CTAs per SM: 2 x (bytes + 1 KB reserved per CTA) within the SM's 228 KB.
 static_assert(2 * (Smem::bytes + 1024) <= 228 * 1024, "dkdv_wg_kernel: two CTAs per SM no longer fit");
@@ -93,9 +97,15 @@ __device__ __forceinline__ unsigned long long dmn_major(unsigned long long d, in
 }
 #endif
 
-template <typename T, bool DQ>
+// TMA: a chunk's Q / dO columns arrive as TMA boxes (tensor maps tq / tdo,
+// nsa_cuda_tma_heads_map: one listed row's h heads x 64 dims per box) that
+// one thread issues, instead of 16-byte cp.async by every thread; h is 8,
+// 16 or 32, so every box starts 1024-byte aligned in the SW128 chunk tile
+// and the TMA unit's 128-byte swizzle is the layout's.
+template <typename T, bool DQ, bool TMA>
 __global__ void __launch_bounds__(kThreads, 2)
-    dkdv_wg_kernel(nsa_cuda_bwd_t a, Inv iv, float *__restrict__ part, float *__restrict__ dqp, int Pk) {
+    dkdv_wg_kernel(nsa_cuda_bwd_t a, Inv iv, float *__restrict__ part, float *__restrict__ dqp, int Pk,
+                   const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tdo) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Smem;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -115,6 +125,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   long long *wOo = reinterpret_cast<long long *>(smem + L::wo_off);
   const unsigned kA = smem_u32(smem + L::k_off), vA = smem_u32(smem + L::v_off);
   const unsigned qA0 = smem_u32(sQb), oA0 = smem_u32(sOb), dsA = smem_u32(smem + L::ds_off);
+  const unsigned fullA = smem_u32(smem + L::fb_off);  // stage s's barrier at fullA + 8 s
   // Descriptors: K / V (K-major), K (MN-major, the dq), stage 0's Q / dO
   // (K-major and MN-major; stage stg is + stg * ctile bytes), sDS.
   const unsigned long long dK = dk_base(kA), dV = dk_base(vA), dKmn = dmn_base<kT>(kA);
@@ -187,6 +198,16 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Warp 0's column-data copy (one column per thread, tid < kNC): the same
   // split of column m = tid into listed row and head, also chunk-invariant.
   const int tmq = h_pow2 ? tid >> h_lg : tid / h, tj = tid - tmq * h;
+  // TMA: stage s's barrier completes once per fill (count 1: the issuing
+  // thread's arrive_expect_tx, plus the boxes' bytes); every thread waits
+  // for each fill in order, so bit s of fph is the parity of stage s's next
+  // phase. The window loop's first barrier publishes the init.
+  unsigned fph = 0;
+  if (TMA && tid == 0) {
+#pragma unroll
+    for (int s = 0; s < kST; s++) nsa_mbar::init(fullA + 8 * s, 1);
+    nsa_mbar::init_fence();
+  }
   for (int w0 = lo; w0 < hi; w0 += kWin) {
     const int w1 = min(hi, w0 + kWin);
     nsa_wg::wait<0>();  // the previous window's last products no longer read their stages
@@ -200,8 +221,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       wMk[i] = iv.masks[w0 + i];
       if (DQ) wP[i] = iv.pidx[w0 + i];
       // once per row, not per gathered 16 bytes: the prep adds head * stride
-      wQo[i] = b * a.qs[0] + t * a.qs[1] + g * a.h * a.qs[2];
-      wOo[i] = b * a.dos[0] + t * a.dos[1] + g * a.h * a.dos[2];
+      if constexpr (!TMA) {
+        wQo[i] = b * a.qs[0] + t * a.qs[1] + g * a.h * a.qs[2];
+        wOo[i] = b * a.dos[0] + t * a.dos[1] + g * a.h * a.dos[2];
+      }
     }
     __syncthreads();
     const int nch = (w1 - w0 + Pk - 1) / Pk;
@@ -210,19 +233,40 @@ __global__ void __launch_bounds__(kThreads, 2)
       const T *q = reinterpret_cast<const T *>(a.q);
       const T *dout = reinterpret_cast<const T *>(a.dout);
       const unsigned qd = qA0 + stg * L::ctile, od = oA0 + stg * L::ctile;
-#pragma unroll
-      for (int rg = 0; rg < kNC / 8; rg++) {
-        const int m = rg * 8 + r8;
-        const int wi = ch * Pk + cmq[rg];
-        const bool ok = cmq[rg] < Pk && w0 + wi < w1;
-        const T *qs = q, *os = dout;
-        if (ok) {
-          qs = q + wQo[wi] + cjq[rg];
-          os = dout + wOo[wi] + cjo[rg];
+      if constexpr (TMA) {
+        // Listed row mq's h heads are columns mq * h .. mq * h + h - 1: per
+        // 64-dim half hf one box at row mq * h of box hf of the SW128 tile.
+        // Warp 1's lane 4 mq + 2 hf + (0: Q, 1: dO) issues one box (Pk <= 4
+        // rows) after lane 0 announced the chunk's bytes. Rows past the
+        // window load row S, outside the tensor: zero-filled (and counted),
+        // as the cp.async path's src-size 0.
+        if (warp == 1) {
+          const unsigned bar = fullA + 8 * stg;
+          if (lane == 0) nsa_mbar::arrive_expect_tx(bar, 2 * L::ctile);
+          __syncwarp();
+          if (lane < 4 * Pk) {
+            const int mq = lane >> 2, hf = (lane >> 1) & 1, wi = ch * Pk + mq;
+            const int t = w0 + wi < w1 ? (int)((unsigned)wT[wi] & 0x7fffffffu) : (int)a.S;
+            const unsigned off = hf * (kNC * 128) + mq * h * 128;
+            nsa_mbar::tma_load_4d(((lane & 1) ? od : qd) + off, (lane & 1) ? (const void *)&tdo : (const void *)&tq,
+                                  hf * 64, (int)(g * h), t, (int)b, bar);
+          }
         }
-        const int off = nsa_wg::sw_off(m, pc, kNC);
-        cp_async16(qd + off, qs, ok ? 16 : 0);
-        cp_async16(od + off, os, ok ? 16 : 0);
+      } else {
+#pragma unroll
+        for (int rg = 0; rg < kNC / 8; rg++) {
+          const int m = rg * 8 + r8;
+          const int wi = ch * Pk + cmq[rg];
+          const bool ok = cmq[rg] < Pk && w0 + wi < w1;
+          const T *qs = q, *os = dout;
+          if (ok) {
+            qs = q + wQo[wi] + cjq[rg];
+            os = dout + wOo[wi] + cjo[rg];
+          }
+          const int off = nsa_wg::sw_off(m, pc, kNC);
+          cp_async16(qd + off, qs, ok ? 16 : 0);
+          cp_async16(od + off, os, ok ? 16 : 0);
+        }
       }
       if (tid < kNC) {  // column tid of the chunk: listed row ch * Pk + tmq, head tj
         const int wi = ch * Pk + tmq, j = tj;
@@ -346,6 +390,10 @@ __global__ void __launch_bounds__(kThreads, 2)
         const int stg = ch % kST;
         cp_wait<kPF - 1>();     // chunk ch (prepped two steps back or in the prologue)
         nsa_wg::fence_proxy();  // this thread's cp.async data -> the tensor cores
+        if constexpr (TMA) {
+          nsa_mbar::wait(fullA + 8 * stg, (fph >> stg) & 1u);
+          fph ^= 1u << stg;
+        }
         __syncthreads();
         if (ch + kPF < nch) prep(ch + kPF, (ch + kPF) % kST);
         cp_commit();
@@ -380,6 +428,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       cp_commit();
       cp_wait<kPF>();
       nsa_wg::fence_proxy();  // this thread's cp.async data -> the tensor cores
+      if constexpr (TMA) {
+        nsa_mbar::wait(fullA + 8 * stg, (fph >> stg) & 1u);
+        fph ^= 1u << stg;
+      }
       __syncthreads();        // chunk ch visible to all; every thread is past chunk ch - 1
 
       float s[16], dp[16];
@@ -494,15 +546,40 @@ __global__ void __launch_bounds__(kThreads, 2)
 #endif
 }
 
-template <typename T, bool DQ>
-cudaError_t launch(const nsa_cuda_bwd_t *a, const Inv &iv, float *part, float *dqp, int64_t grid, cudaStream_t st) {
+template <typename T, bool DQ, bool TMA>
+cudaError_t launch_k(const nsa_cuda_bwd_t *a, const Inv &iv, float *part, float *dqp, int64_t grid, cudaStream_t st,
+                     const CUtensorMap &tq, const CUtensorMap &tdo) {
   const int Pk = (int)(kNC / a->h);
   static unsigned long long set_on;
   int dev;
-  cudaError_t e = set_smem_once(dkdv_wg_kernel<T, DQ>, (int)Smem::bytes, &set_on, &dev);
+  cudaError_t e = set_smem_once(dkdv_wg_kernel<T, DQ, TMA>, (int)Smem::bytes, &set_on, &dev);
   if (e != cudaSuccess) return e;
-  dkdv_wg_kernel<T, DQ><<<(unsigned)grid, kThreads, Smem::bytes, st>>>(*a, iv, part, dqp, Pk);
+  dkdv_wg_kernel<T, DQ, TMA><<<(unsigned)grid, kThreads, Smem::bytes, st>>>(*a, iv, part, dqp, Pk, tq, tdo);
   return cudaGetLastError();
+}
+
+// The TMA gather in the instance without dq (h = 16: the row-block dq) where
+// h is 8, 16 or 32 (boxes 1024-byte aligned in the chunk tile) and both
+// tensor maps encode; else the cp.async gather. The dq instance keeps
+// cp.async: with TMA its 8-head boxes (1 KB) made the H100's 16k h = 8
+// random backward 4.65 -> 4.75 ms (docs/PERF.md). NSA_CUDA_DKDV_TMA (per
+// request): 0 always cp.async (A/B runs), 2 TMA required (a request whose
+// dk/dv cannot take it fails: tests).
+template <typename T, bool DQ>
+cudaError_t launch(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, const Inv &iv, float *part, float *dqp, int64_t grid,
+                   cudaStream_t st) {
+  CUtensorMap tq, tdo;
+  memset(&tq, 0, sizeof tq);
+  memset(&tdo, 0, sizeof tdo);
+  const char *e = getenv("NSA_CUDA_DKDV_TMA");
+  const int h = (int)a->h;
+  const bool tma = !DQ && !(e != nullptr && e[0] == '0') && (h == 8 || h == 16 || h == 32) && a->qs[3] == 1 &&
+                   a->dos[3] == 1 && nsa_cuda_tma_heads_map(&tq, dt, a->q, a->qs, a->B, a->S, a->G * a->h, kD, h) &&
+                   nsa_cuda_tma_heads_map(&tdo, dt, a->dout, a->dos, a->B, a->S, a->G * a->h, kD, h);
+  if (!tma && e != nullptr && e[0] == '2') return cudaErrorNotSupported;  // 2: required (tests)
+  if constexpr (DQ) return launch_k<T, true, false>(a, iv, part, dqp, grid, st, tq, tdo);
+  return tma ? launch_k<T, false, true>(a, iv, part, dqp, grid, st, tq, tdo)
+             : launch_k<T, false, false>(a, iv, part, dqp, grid, st, tq, tdo);
 }
 
 // The kernels exist for sm_90a only: on any other device (or a build without
@@ -518,7 +595,7 @@ bool image_ok() {
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
     cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
     const bool ok = major == 9 && minor == 0 &&
-                    cudaFuncGetAttributes(&fa, dkdv_wg_kernel<__nv_bfloat16, false>) == cudaSuccess;
+                    cudaFuncGetAttributes(&fa, dkdv_wg_kernel<__nv_bfloat16, false, false>) == cudaSuccess;
     cudaGetLastError();
     known = ok ? 1 : 2;  // two threads asking at once compute the same answer
     __atomic_store_n(&dev_ok[dev], known, __ATOMIC_RELEASE);
@@ -543,9 +620,10 @@ extern "C" int nsa_cuda_dkdv_wgmma_ok(const nsa_cuda_bwd_t *a, nsa_dtype_t dt) {
 extern "C" cudaError_t nsa_cuda_launch_dkdv_wgmma(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, const Inv *iv,
                                                   float *part, float *dqp, int64_t grid, cudaStream_t st) {
   if (dt == NSA_BF16)
-    return dqp ? launch<__nv_bfloat16, true>(a, *iv, part, dqp, grid, st)
-               : launch<__nv_bfloat16, false>(a, *iv, part, dqp, grid, st);
+    return dqp ? launch<__nv_bfloat16, true>(a, dt, *iv, part, dqp, grid, st)
+               : launch<__nv_bfloat16, false>(a, dt, *iv, part, dqp, grid, st);
   if (dt == NSA_F16)
-    return dqp ? launch<__half, true>(a, *iv, part, dqp, grid, st) : launch<__half, false>(a, *iv, part, dqp, grid, st);
+    return dqp ? launch<__half, true>(a, dt, *iv, part, dqp, grid, st)
+               : launch<__half, false>(a, dt, *iv, part, dqp, grid, st);
   return cudaErrorInvalidValue;
 }

@@ -522,28 +522,35 @@ PFN_cuTensorMapEncodeTiled_v12000 encoder() {
   return f;
 }
 
-// The 4-D tensor map of K or V, dims (innermost first) {D, G, Skv, B} with
-// the tensor's strides, box {64 dims, 1, 64 keys, 1}, 128-byte swizzle.
-// A dimension of size 1 gets the contiguous stride (its stride is never
-// used; the encoder wants every stride a positive multiple of 16 bytes).
-int encode_kv(CUtensorMap *m, CUtensorMapDataType dt, const void *base, const int64_t *st, int64_t B, int64_t Skv,
-              int64_t G, int64_t D) {
+// A 4-D tensor map over a [B][N2][N1][D] tensor (dims innermost first {D,
+// N1, N2, B}, strides st = {b, n2, n1} in elements, the last dimension
+// contiguous), box {64 elements, box1, box2, 1}, 128-byte swizzle. A
+// dimension of size 1 gets the contiguous stride (its stride is never used;
+// the encoder wants every stride a positive multiple of 16 bytes).
+int encode4(CUtensorMap *m, CUtensorMapDataType dt, const void *base, const int64_t *st, int64_t B, int64_t N2,
+            int64_t N1, int64_t D, unsigned box1, unsigned box2) {
   PFN_cuTensorMapEncodeTiled_v12000 enc = encoder();
   if (enc == nullptr) return 0;
-  const int64_t sg = G == 1 ? D * 2 : st[2] * 2;
-  const int64_t ss = Skv == 1 ? G * sg : st[1] * 2;
-  const int64_t sb = B == 1 ? Skv * ss : st[0] * 2;
-  const int64_t strides[3] = {sg, ss, sb};
+  const int64_t s1 = N1 == 1 ? D * 2 : st[2] * 2;
+  const int64_t s2 = N2 == 1 ? N1 * s1 : st[1] * 2;
+  const int64_t sb = B == 1 ? N2 * s2 : st[0] * 2;
+  const int64_t strides[3] = {s1, s2, sb};
   for (int i = 0; i < 3; i++)
     if (strides[i] <= 0 || strides[i] % 16 != 0 || strides[i] >= (1ll << 40)) return 0;
-  if (((uintptr_t)base & 15) != 0 || B > 0xffffffffll || Skv > 0xffffffffll || G > 0xffffffffll) return 0;
-  cuuint64_t dims[4] = {(cuuint64_t)D, (cuuint64_t)G, (cuuint64_t)Skv, (cuuint64_t)B};
-  cuuint64_t gs[3] = {(cuuint64_t)sg, (cuuint64_t)ss, (cuuint64_t)sb};
-  cuuint32_t box[4] = {64, 1, (cuuint32_t)kT, 1};
+  if (((uintptr_t)base & 15) != 0 || B > 0xffffffffll || N2 > 0xffffffffll || N1 > 0xffffffffll) return 0;
+  cuuint64_t dims[4] = {(cuuint64_t)D, (cuuint64_t)N1, (cuuint64_t)N2, (cuuint64_t)B};
+  cuuint64_t gs[3] = {(cuuint64_t)s1, (cuuint64_t)s2, (cuuint64_t)sb};
+  cuuint32_t box[4] = {64, box1, box2, 1};
   cuuint32_t es[4] = {1, 1, 1, 1};
   return enc(m, dt, 4, const_cast<void *>(base), dims, gs, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// K or V [B][Skv][G][D]: box {64 dims, 1 head, 64 keys, 1}.
+int encode_kv(CUtensorMap *m, CUtensorMapDataType dt, const void *base, const int64_t *st, int64_t B, int64_t Skv,
+              int64_t G, int64_t D) {
+  return encode4(m, dt, base, st, B, Skv, G, D, 1, (unsigned)kT);
 }
 
 }  // namespace
@@ -634,4 +641,13 @@ extern "C" cudaError_t nsa_cuda_launch_bwd_dq_rows(const nsa_cuda_bwd_t *a, nsa_
     case NSA_F16: return launch_rows<__half, kRowsBwd, true>(a, plan, M, st, delta_out, lsec_out);
     default: return cudaErrorInvalidValue;
   }
+}
+
+// fwd_rows.h: Q or dO [B][S][H][D] (strides st = {b, s, head} in elements),
+// box {64 dims, `heads` heads, 1 row, 1}, 128-byte swizzle.
+extern "C" int nsa_cuda_tma_heads_map(CUtensorMap *m, nsa_dtype_t dt, const void *base, const int64_t *st, int64_t B,
+                                      int64_t S, int64_t H, int64_t D, int heads) {
+  if ((dt != NSA_BF16 && dt != NSA_F16) || heads < 1 || heads > 256 || heads > H || D < 64) return 0;
+  const CUtensorMapDataType tdt = dt == NSA_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return encode4(m, tdt, base, st, B, S, H, D, (unsigned)heads, 1);
 }

@@ -70,6 +70,15 @@ cudaError_t nsa_cuda_launch_bwd_dq_rows(const nsa_cuda_bwd_t *a, nsa_dtype_t dt,
                                         const nsa_cuda_fwd_rows_t *M, float *delta_out, float *lsec_out,
                                         cudaStream_t st);
 
+/* The TMA tensor map of Q or dO ([B][S][H][D], strides st = {b, s, head}
+ * in elements, the last dimension contiguous) with box {64 dims, `heads`
+ * heads, 1 row, 1} and 128-byte swizzle: one row's `heads` consecutive
+ * heads, one 64-dim half at a time (the wgmma dk/dv gather,
+ * bwd_dkdv_wgmma.cu). 0 when the strides or base do not suit TMA or the
+ * driver lacks the encoder. */
+int nsa_cuda_tma_heads_map(CUtensorMap *m, nsa_dtype_t dt, const void *base, const int64_t *st, int64_t B, int64_t S,
+                           int64_t H, int64_t D, int heads);
+
 #ifdef __cplusplus
 }
 #endif
