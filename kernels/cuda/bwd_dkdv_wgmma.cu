@@ -31,8 +31,9 @@
 // row 16w + l/4 + 8*(e >= 2), column 8i + 2*(l%4) + (e & 1) (the m16n8 layout
 // per warp), which is also the register A layout of the next product: P^T and
 // dS^T go from S^T / dP^T registers to A fragments without shared memory.
-// Chunks arrive through a kST-stage cp.async pipeline (kPF in flight, one
-// barrier per chunk); without dq, chunk ch's exp work runs while chunk
+// Chunks arrive through a kST-stage pipeline (kPF in flight, one barrier
+// per chunk) of cp.async, or of TMA boxes on a per-stage mbarrier in the
+// instance without dq; without dq, chunk ch's exp work runs while chunk
 // ch - 1's dV / dK are on the tensor cores (H200: -0.7 % at 16k h = 16).
 // Fixed summation order: bitwise deterministic.
 #include <stdlib.h>
@@ -99,9 +100,10 @@ __device__ __forceinline__ unsigned long long dmn_major(unsigned long long d, in
 
 // TMA: a chunk's Q / dO columns arrive as TMA boxes (tensor maps tq / tdo,
 // nsa_cuda_tma_heads_map: one listed row's h heads x 64 dims per box) that
-// one thread issues, instead of 16-byte cp.async by every thread; h is 8,
-// 16 or 32, so every box starts 1024-byte aligned in the SW128 chunk tile
-// and the TMA unit's 128-byte swizzle is the layout's.
+// lanes of warp 1 issue, instead of 16-byte cp.async by every thread; h is
+// 8, 16 or 32, so every box starts 1024-byte aligned in the SW128 chunk tile
+// and the TMA unit's 128-byte swizzle is the layout's. Only the instance
+// without dq is launched with TMA (launch below).
 template <typename T, bool DQ, bool TMA>
 __global__ void __launch_bounds__(kThreads, 2)
     dkdv_wg_kernel(nsa_cuda_bwd_t a, Inv iv, float *__restrict__ part, float *__restrict__ dqp, int Pk,
