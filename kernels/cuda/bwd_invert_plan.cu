@@ -23,6 +23,7 @@
 //      item and partial offsets.
 // Capacity `cap` is a host bound on the number of pairs (see bwd_request.cu);
 // everything runs on the stream without a host synchronization.
+#include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_scan.cuh>
 
@@ -86,7 +87,18 @@ __device__ __forceinline__ unsigned long long span_bits(int x, int y, int kt) {
 __global__ void write_kernel(const int2 *__restrict__ spans, const int32_t *__restrict__ nspans,
                              const unsigned char *__restrict__ skip, int64_t row0, int64_t rows, int64_t n, int64_t S, int64_t G, int64_t NT,
                              int64_t cap, const int32_t *__restrict__ pair_off, unsigned *__restrict__ keys,
-                             int32_t *__restrict__ vals, unsigned long long *__restrict__ mask_of) {
+                             int32_t *__restrict__ vals, unsigned long long *__restrict__ mask_of, unsigned pad,
+                             int32_t *__restrict__ idx) {
+  // The sort's values (idx[i] = i) and the pads past the last pair (key =
+  // pad, sorted last), over the grid: the separate pad kernel's work.
+  const int64_t total = pair_off[rows];
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < cap; i += (int64_t)gridDim.x * blockDim.x) {
+    idx[i] = (int32_t)i;
+    if (i >= total) {
+      keys[i] = pad;
+      vals[i] = -1;
+    }
+  }
   const int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;  // local row
   const int lane = threadIdx.x & 31;
   if (r >= rows) return;  // warp-uniform
@@ -149,14 +161,26 @@ __global__ void tile_off_kernel(const unsigned *__restrict__ keys, int64_t cap, 
 }
 
 // Sorted pair i: its row (the plan's id) and key mask, gathered from the
-// row-ordered arrays through pidx.
+// row-ordered arrays through pidx; and tile_off (first pair of each tile,
+// the pads' key = pad = ntiles last): pair i is the first of every tile t
+// in (keys[i - 1], keys[i]], the last pair also of the tiles after its key
+// (none when pads follow). Every t in [0, ntiles] is written once: the
+// tile_off kernel's binary searches (~11 us at T = 8k-16k on an H100) are
+// one more load per pair here. Only where tiles <= pairs (tile_off NULL
+// otherwise): a long run of empty tiles would be one thread's loop.
 __global__ void mask_kernel(const unsigned *__restrict__ keys, const int32_t *__restrict__ pidx,
                             const int32_t *__restrict__ row_of, const unsigned long long *__restrict__ mask_of,
                             int64_t row0, int64_t cap, unsigned pad, int32_t *__restrict__ rows_out,
-                            unsigned long long *__restrict__ masks) {
+                            unsigned long long *__restrict__ masks, int32_t *__restrict__ tile_off) {
   const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= cap) return;
   const unsigned x = keys[i];
+  if (tile_off != nullptr) {
+    const int64_t before = i == 0 ? -1 : (int64_t)keys[i - 1];
+    for (int64_t t = before + 1; t <= (int64_t)x; t++) tile_off[t] = (int32_t)i;
+    if (i == cap - 1)
+      for (int64_t t = (int64_t)x + 1; t <= (int64_t)pad; t++) tile_off[t] = (int32_t)cap;
+  }
   if (x >= pad) {
     masks[i] = 0;
     rows_out[i] = -1;
@@ -180,6 +204,38 @@ __global__ void seg_kernel(const int32_t *__restrict__ tile_off, int64_t ntiles,
   const int ns = c <= seg_rows ? 1 : (c + seg_rows - 1) / seg_rows;
   nitem[x] = ns;
   npart[x] = ns > 1 ? ns : 0;
+}
+
+// seg_kernel and the two exclusive scans of its counts in one block, for up
+// to kSegScanMax tiles (the common case; five launches were ~16 us at T =
+// 8k-16k on an H100): chunks of 1024 tiles, each tile's (items, partial
+// slots) packed into one 64-bit value (items high, slots low: both totals
+// stay below 2^31) and scanned with a running carry.
+constexpr int kSegScanThreads = 1024;
+constexpr int64_t kSegScanMax = 1 << 16;
+__global__ void __launch_bounds__(kSegScanThreads)
+    seg_scan_kernel(const int32_t *__restrict__ tile_off, int64_t ntiles, int seg_rows, int32_t *__restrict__ item_off,
+                    int32_t *__restrict__ part_off) {
+  using Scan = cub::BlockScan<unsigned long long, kSegScanThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  unsigned long long carry = 0;
+  for (int64_t c0 = 0; c0 <= ntiles; c0 += kSegScanThreads) {
+    const int64_t x = c0 + threadIdx.x;
+    unsigned long long v = 0;
+    if (x < ntiles) {
+      const int c = tile_off[x + 1] - tile_off[x];
+      const unsigned ns = c <= seg_rows ? 1u : (unsigned)((c + seg_rows - 1) / seg_rows);
+      v = ((unsigned long long)ns << 32) | (ns > 1 ? ns : 0u);
+    }
+    unsigned long long ex, tot;
+    Scan(tmp).ExclusiveSum(v, ex, tot);
+    if (x <= ntiles) {
+      item_off[x] = (int32_t)((carry + ex) >> 32);
+      part_off[x] = (int32_t)((carry + ex) & 0xffffffffull);
+    }
+    carry += tot;
+    __syncthreads();  // tmp is reused by the next chunk
+  }
 }
 
 size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
@@ -275,28 +331,35 @@ extern "C" cudaError_t nsa_cuda_launch_invert_rows(const nsa_plan_t *plan, int64
   NSA_CK(cudaGetLastError());
   size_t tb = L->temp_bytes;
   NSA_CK(cub::DeviceScan::ExclusiveSum(temp, tb, cnt, pair_off, (int)(rows + 1), st));
-  if (cap > 0) {
-    pad_kernel<<<(unsigned)((cap + th - 1) / th), th, 0, st>>>(pair_off, rows, cap, (unsigned)ntiles, kin, vin, iin);
-    NSA_CK(cudaGetLastError());
-  }
-  if (rows > 0) {
+  if (rows > 0) {  // also the pads and the sort's values
     write_kernel<<<(unsigned)((rows * 32 + th - 1) / th), th, 0, st>>>(
         sp, plan->nspans, skip, row0, rows, plan->n, S, G, NT, cap, pair_off, kin, vin,
-        (unsigned long long *)(w + L->masks_in));
+        (unsigned long long *)(w + L->masks_in), (unsigned)ntiles, iin);
+    NSA_CK(cudaGetLastError());
+  } else if (cap > 0) {
+    pad_kernel<<<(unsigned)((cap + th - 1) / th), th, 0, st>>>(pair_off, rows, cap, (unsigned)ntiles, kin, vin, iin);
     NSA_CK(cudaGetLastError());
   }
   if (cap > 0) {
     tb = L->temp_bytes;
     NSA_CK(cub::DeviceRadixSort::SortPairs(temp, tb, kin, kout, iin, vout, (int)cap, 0, key_bits(ntiles), st));
   }
-  tile_off_kernel<<<(unsigned)((ntiles + 1 + th - 1) / th), th, 0, st>>>(kout, cap, ntiles, tile_off);
-  NSA_CK(cudaGetLastError());
-  if (cap > 0) {
+  const bool fused_off = cap > 0 && ntiles <= cap;
+  if (cap > 0) {  // also tile_off where fused_off
     mask_kernel<<<(unsigned)((cap + th - 1) / th), th, 0, st>>>(kout, vout, vin,
                                                                 (const unsigned long long *)(w + L->masks_in),
                                                                 row0, cap, (unsigned)ntiles, rout,
-                                                                (unsigned long long *)(w + L->masks));
+                                                                (unsigned long long *)(w + L->masks),
+                                                                fused_off ? tile_off : nullptr);
     NSA_CK(cudaGetLastError());
+  }
+  if (!fused_off) {
+    tile_off_kernel<<<(unsigned)((ntiles + 1 + th - 1) / th), th, 0, st>>>(kout, cap, ntiles, tile_off);
+    NSA_CK(cudaGetLastError());
+  }
+  if (ntiles < kSegScanMax) {
+    seg_scan_kernel<<<1, kSegScanThreads, 0, st>>>(tile_off, ntiles, seg_rows, item_off, part_off);
+    return cudaGetLastError();
   }
   seg_kernel<<<(unsigned)((ntiles + 1 + th - 1) / th), th, 0, st>>>(tile_off, ntiles, seg_rows, nitem, npart);
   NSA_CK(cudaGetLastError());
