@@ -5,7 +5,8 @@
 //   1. count_kernel: per row, the distinct tiles its merged spans touch
 //      (spans are sorted and disjoint, so a tile repeats only across the
 //      boundary of two consecutive spans: skip tiles <= the previous last);
-//   2. exclusive scan (CUB) → pair_off; pads past the total get key = ntiles;
+//   2. exclusive scan (CUB) → pair_off; pads past the total get key = ntiles
+//      (in write_kernel, below);
 //   3. write_kernel (a warp per row): pairs in row order, pair p in [pair_off[r], pair_off[r+1])
 //      has key = tile, row_of[p] = r and the row's 64-bit key mask inside
 //      the tile (a tile shared by two consecutive spans ORs both);
@@ -15,12 +16,14 @@
 //      The sorted p (pidx) also tells the key-centric dq where to write its
 //      per-pair partial: dq of row r is then the sum of the contiguous
 //      partials pair_off[r] .. pair_off[r+1] in order;
-//   5. tile_off[x] = lower_bound(keys, x) (binary search, no atomics), and
-//      per sorted pair its row and mask gathered through pidx (so the dk/dv
-//      kernels read one word instead of walking the row's spans);
+//   5. tile_off[x] = lower_bound(keys, x) (no atomics: from each sorted
+//      pair's key and its predecessor's in mask_kernel, or by binary search
+//      when there are more tiles than pairs), and per sorted pair its row
+//      and mask gathered through pidx (so the dk/dv kernels read one word
+//      instead of walking the row's spans);
 //   6. segments: tile x with c rows gets max(1, ceil(c / seg_rows)) CTA items,
 //      and, when that is > 1, as many f32 partial slots; two scans give the
-//      item and partial offsets.
+//      item and partial offsets (one block for both below 65 536 tiles).
 // Capacity `cap` is a host bound on the number of pairs (see bwd_request.cu);
 // everything runs on the stream without a host synchronization.
 #include <cub/block/block_scan.cuh>
