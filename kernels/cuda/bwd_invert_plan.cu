@@ -58,16 +58,24 @@ __global__ void count_kernel(const int2 *__restrict__ spans, const int32_t *__re
   cnt[r] = c;
 }
 
+// The sort's values (idx[i] = i) and the pads past the last pair (key =
+// pad, sorted last), grid-stride over [0, cap): total = pair_off[rows].
+__device__ __forceinline__ void write_pads(int64_t total, int64_t cap, unsigned pad, unsigned *__restrict__ keys,
+                                           int32_t *__restrict__ vals, int32_t *__restrict__ idx) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < cap; i += (int64_t)gridDim.x * blockDim.x) {
+    idx[i] = (int32_t)i;
+    if (i >= total) {
+      keys[i] = pad;
+      vals[i] = -1;
+    }
+  }
+}
+
+// rows == 0 (no write_kernel): only the pads; a grid of >= cap threads.
 __global__ void pad_kernel(const int32_t *__restrict__ pair_off, int64_t rows, int64_t cap,
                            unsigned pad, unsigned *__restrict__ keys, int32_t *__restrict__ vals,
                            int32_t *__restrict__ idx) {
-  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= cap) return;
-  idx[i] = (int32_t)i;
-  if (i >= pair_off[rows]) {
-    keys[i] = pad;
-    vals[i] = -1;
-  }
+  write_pads(pair_off[rows], cap, pad, keys, vals, idx);
 }
 
 // The bits of tile kt that span [x, y) covers (keys kt*64 + bit).
@@ -92,16 +100,7 @@ __global__ void write_kernel(const int2 *__restrict__ spans, const int32_t *__re
                              int64_t cap, const int32_t *__restrict__ pair_off, unsigned *__restrict__ keys,
                              int32_t *__restrict__ vals, unsigned long long *__restrict__ mask_of, unsigned pad,
                              int32_t *__restrict__ idx) {
-  // The sort's values (idx[i] = i) and the pads past the last pair (key =
-  // pad, sorted last), over the grid: the separate pad kernel's work.
-  const int64_t total = pair_off[rows];
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < cap; i += (int64_t)gridDim.x * blockDim.x) {
-    idx[i] = (int32_t)i;
-    if (i >= total) {
-      keys[i] = pad;
-      vals[i] = -1;
-    }
-  }
+  write_pads(pair_off[rows], cap, pad, keys, vals, idx);  // pad_kernel's work, over this grid
   const int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;  // local row
   const int lane = threadIdx.x & 31;
   if (r >= rows) return;  // warp-uniform
@@ -194,6 +193,12 @@ __global__ void mask_kernel(const unsigned *__restrict__ keys, const int32_t *__
   masks[i] = mask_of[p];
 }
 
+// CTA items of tile x (x < ntiles) with c rows: max(1, ceil(c / seg_rows)).
+__device__ __forceinline__ int seg_count(const int32_t *__restrict__ tile_off, int64_t x, int seg_rows) {
+  const int c = tile_off[x + 1] - tile_off[x];
+  return c <= seg_rows ? 1 : (c + seg_rows - 1) / seg_rows;
+}
+
 __global__ void seg_kernel(const int32_t *__restrict__ tile_off, int64_t ntiles, int seg_rows,
                            int32_t *__restrict__ nitem, int32_t *__restrict__ npart) {
   const int64_t x = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -203,8 +208,7 @@ __global__ void seg_kernel(const int32_t *__restrict__ tile_off, int64_t ntiles,
     npart[x] = 0;
     return;
   }
-  const int c = tile_off[x + 1] - tile_off[x];
-  const int ns = c <= seg_rows ? 1 : (c + seg_rows - 1) / seg_rows;
+  const int ns = seg_count(tile_off, x, seg_rows);
   nitem[x] = ns;
   npart[x] = ns > 1 ? ns : 0;
 }
@@ -226,8 +230,7 @@ __global__ void __launch_bounds__(kSegScanThreads)
     const int64_t x = c0 + threadIdx.x;
     unsigned long long v = 0;
     if (x < ntiles) {
-      const int c = tile_off[x + 1] - tile_off[x];
-      const unsigned ns = c <= seg_rows ? 1u : (unsigned)((c + seg_rows - 1) / seg_rows);
+      const unsigned ns = (unsigned)seg_count(tile_off, x, seg_rows);
       v = ((unsigned long long)ns << 32) | (ns > 1 ? ns : 0u);
     }
     unsigned long long ex, tot;
