@@ -18,7 +18,8 @@
 // Per chunk (keys = the tile's 64 keys; K, V and the chunk's Q, dO in the
 // SW128 layout of wgmma.cuh, sDS in its CM layout; either way one stored
 // tile serves as K-major and MN-major operand):
-//   S^T  [64 keys x 32 cols] = K . Q_c^T      A = sK, B = sQ   (K-major)
+//   S^T  [64 keys x 32 cols] = K . Q_c^T      A = sK, B = sQ   (K-major); in the
+//        instance without dq, A = K's fragments in registers (KR, below)
 //   dP^T [64 keys x 32 cols] = V . dO_c^T     A = sV, B = sO   (K-major)
 //   P^T  = key in the row's set ? exp2(S^T*scale*log2e - lse*log2e) : 0
 //   dS^T = P^T o (dP^T - delta)
@@ -104,7 +105,7 @@ __device__ __forceinline__ unsigned long long dmn_major(unsigned long long d, in
 // 8, 16 or 32, so every box starts 1024-byte aligned in the SW128 chunk tile
 // and the TMA unit's 128-byte swizzle is the layout's. Only the instance
 // without dq is launched with TMA (launch below).
-template <typename T, bool DQ, bool TMA>
+template <typename T, bool DQ, bool TMA, bool KR = false>
 __global__ void __launch_bounds__(kThreads, 2)
     dkdv_wg_kernel(nsa_cuda_bwd_t a, Inv iv, float *__restrict__ part, float *__restrict__ dqp, int Pk,
                    const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tdo) {
@@ -205,6 +206,24 @@ __global__ void __launch_bounds__(kThreads, 2)
   // for each fill in order, so bit s of fph is the parity of stage s's next
   // phase. The window loop's first barrier publishes the init.
   unsigned fph = 0;
+  // KR: K's A fragments of S^T in registers for the whole item (warp w: keys
+  // 16w .. 16w + 15, the m16n8k16 A layout per k16 step: 32 registers),
+  // loaded once by ldmatrix after the K / V gather, instead of read from
+  // shared memory by every chunk's S^T: 16 KB of a chunk's ~80 KB of
+  // shared-memory traffic (K, Q, V, dO as operands, Q / dO landing). H100,
+  // same call: backward 16k h = 16 random -1.6 %, 64k -2 to -3 %; 220 -> 254
+  // registers, no spill. In the dq instance it spilled (255 registers) and
+  // was 1-2 % slower at h = 4 / 8 random, so there it is off (docs/PERF.md).
+  unsigned kf[KR ? kD / 16 : 1][4];
+  if constexpr (KR) {
+    cp_commit();
+    cp_wait<0>();
+    __syncthreads();  // every thread's K pieces
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ks++)
+      ldsm_x4(kA + nsa_wg::sw_off(warp * 16 + (lane & 15), 2 * ks + (lane >> 4), kT), kf[ks][0], kf[ks][1], kf[ks][2],
+              kf[ks][3]);
+  }
   if (TMA && tid == 0) {
 #pragma unroll
     for (int s = 0; s < kST; s++) nsa_mbar::init(fullA + 8 * s, 1);
@@ -292,8 +311,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       const unsigned long long dQ = nsa_wg::desc_adv(dQk0, stg * L::ctile), dO = nsa_wg::desc_adv(dOk0, stg * L::ctile);
       nsa_wg::fence();
 #pragma unroll
-      for (int ks = 0; ks < kD / 16; ks++)
-        nsa_wg::ss_m64n32k16<0, 0>((T *)nullptr, s, dk_major<kT>(dK, ks), dk_major<kNC>(dQ, ks), ks > 0);
+      for (int ks = 0; ks < kD / 16; ks++) {
+        if constexpr (KR) nsa_wg::rs_m64n32k16<0>((T *)nullptr, s, kf[ks], dk_major<kNC>(dQ, ks), ks > 0);
+        else nsa_wg::ss_m64n32k16<0, 0>((T *)nullptr, s, dk_major<kT>(dK, ks), dk_major<kNC>(dQ, ks), ks > 0);
+      }
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ks++)
         nsa_wg::ss_m64n32k16<0, 0>((T *)nullptr, dp, dk_major<kT>(dV, ks), dk_major<kNC>(dO, ks), ks > 0);
@@ -548,15 +569,15 @@ __global__ void __launch_bounds__(kThreads, 2)
 #endif
 }
 
-template <typename T, bool DQ, bool TMA>
+template <typename T, bool DQ, bool TMA, bool KR = false>
 cudaError_t launch_k(const nsa_cuda_bwd_t *a, const Inv &iv, float *part, float *dqp, int64_t grid, cudaStream_t st,
                      const CUtensorMap &tq, const CUtensorMap &tdo) {
   const int Pk = (int)(kNC / a->h);
   static unsigned long long set_on;
   int dev;
-  cudaError_t e = set_smem_once(dkdv_wg_kernel<T, DQ, TMA>, (int)Smem::bytes, &set_on, &dev);
+  cudaError_t e = set_smem_once(dkdv_wg_kernel<T, DQ, TMA, KR>, (int)Smem::bytes, &set_on, &dev);
   if (e != cudaSuccess) return e;
-  dkdv_wg_kernel<T, DQ, TMA><<<(unsigned)grid, kThreads, Smem::bytes, st>>>(*a, iv, part, dqp, Pk, tq, tdo);
+  dkdv_wg_kernel<T, DQ, TMA, KR><<<(unsigned)grid, kThreads, Smem::bytes, st>>>(*a, iv, part, dqp, Pk, tq, tdo);
   return cudaGetLastError();
 }
 
@@ -579,7 +600,15 @@ cudaError_t launch(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, const Inv &iv, float
                    a->dos[3] == 1 && nsa_cuda_tma_heads_map(&tq, dt, a->q, a->qs, a->B, a->S, a->G * a->h, kD, h) &&
                    nsa_cuda_tma_heads_map(&tdo, dt, a->dout, a->dos, a->B, a->S, a->G * a->h, kD, h);
   if (!tma && e != nullptr && e[0] == '2') return cudaErrorNotSupported;  // 2: required (tests)
-  if constexpr (DQ) return launch_k<T, true, false>(a, iv, part, dqp, grid, st, tq, tdo);
+  // K's S^T fragments in registers (KR): on by default in the TMA instance;
+  // NSA_CUDA_DKDV_KREG=0|1 turns it off / on in any instance (A/B, tests).
+  const char *kr = getenv("NSA_CUDA_DKDV_KREG");
+  const bool kr_off = kr != nullptr && kr[0] == '0', kr_on = kr != nullptr && kr[0] == '1';
+  if constexpr (DQ) {
+    if (kr_on) return launch_k<T, true, false, true>(a, iv, part, dqp, grid, st, tq, tdo);
+    return launch_k<T, true, false>(a, iv, part, dqp, grid, st, tq, tdo);
+  }
+  if (tma && !kr_off) return launch_k<T, false, true, true>(a, iv, part, dqp, grid, st, tq, tdo);
   return tma ? launch_k<T, false, true>(a, iv, part, dqp, grid, st, tq, tdo)
              : launch_k<T, false, false>(a, iv, part, dqp, grid, st, tq, tdo);
 }

@@ -698,6 +698,28 @@ Test(cuda_bwd, wgmma_dkdv) {
     char what[48];
     snprintf(what, sizeof what, "wgmma h=%lld", (long long)cfg.h);
     expect_repeatable(ctx, &f, NSA_PATH_VARLEN_V2, what);
+    if (hopper && cfg.h <= 32) {
+      /* K's S^T operand from registers (NSA_CUDA_DKDV_KREG=1) or from
+       * shared memory (0): the same products, so dq, dk and dv bitwise
+       * equal, both within tolerance of float64. */
+      const nsa_tu_buf_t *g3[3] = {&f.c.dq, &f.c.dk, &f.c.dv};
+      void *t3[3];
+      setenv("NSA_CUDA_DKDV_KREG", "1", 1);
+      run_check(ctx, &f, NSA_PATH_VARLEN_V2);
+      for (int j = 0; j < 3; j++) {
+        t3[j] = malloc(g3[j]->bytes);
+        cr_assert(t3[j] != NULL);
+        memcpy(t3[j], g3[j]->mem, g3[j]->bytes);
+      }
+      setenv("NSA_CUDA_DKDV_KREG", "0", 1);
+      run_check(ctx, &f, NSA_PATH_VARLEN_V2);
+      unsetenv("NSA_CUDA_DKDV_KREG");
+      for (int j = 0; j < 3; j++) {
+        cr_expect(memcmp(t3[j], g3[j]->mem, g3[j]->bytes) == 0, "h=%lld: %s differs with K's fragments in registers",
+                  (long long)cfg.h, j == 0 ? "dq" : j == 1 ? "dk" : "dv");
+        free(t3[j]);
+      }
+    }
     if (hopper && cfg.h == 16) {
       /* h = 16 (row-block dq, dk/dv without dq): the chunk gather by TMA
        * boxes (2: required, a request that cannot take it fails) and by
