@@ -155,6 +155,30 @@ static void run_check(nsa_cuda_ctx_t *ctx, bx_t *f, nsa_path_t path) {
             nsa_path_name(path), eq, ek, ev, tol, cfg_str(&f->c.cfg, cs, sizeof cs));
 }
 
+/* Runs v2 with the knob `name` = a, then = b (each within tolerance of
+ * float64 in run_check), and expects dq, dk and dv bitwise equal: two ways
+ * of computing the same products. */
+static void expect_knob_bitwise(nsa_cuda_ctx_t *ctx, bx_t *f, const char *name, const char *a, const char *b,
+                                const char *what) {
+  const nsa_tu_buf_t *g3[3] = {&f->c.dq, &f->c.dk, &f->c.dv};
+  void *t3[3];
+  setenv(name, a, 1);
+  run_check(ctx, f, NSA_PATH_VARLEN_V2);
+  for (int j = 0; j < 3; j++) {
+    t3[j] = malloc(g3[j]->bytes);
+    cr_assert(t3[j] != NULL);
+    memcpy(t3[j], g3[j]->mem, g3[j]->bytes);
+  }
+  setenv(name, b, 1);
+  run_check(ctx, f, NSA_PATH_VARLEN_V2);
+  unsetenv(name);
+  for (int j = 0; j < 3; j++) {
+    cr_expect(memcmp(t3[j], g3[j]->mem, g3[j]->bytes) == 0, "%s: %s differs between %s=%s and %s", what,
+              j == 0 ? "dq" : j == 1 ? "dk" : "dv", name, a, b);
+    free(t3[j]);
+  }
+}
+
 /* Keeps the outputs of the run_check just made, runs the same path again on
  * the same inputs and expects dq, dk, dv bitwise equal (no float atomics). */
 static void expect_repeatable(nsa_cuda_ctx_t *ctx, bx_t *f, nsa_path_t path, const char *what) {
@@ -698,51 +722,13 @@ Test(cuda_bwd, wgmma_dkdv) {
     char what[48];
     snprintf(what, sizeof what, "wgmma h=%lld", (long long)cfg.h);
     expect_repeatable(ctx, &f, NSA_PATH_VARLEN_V2, what);
-    if (hopper && cfg.h <= 32) {
-      /* K's S^T operand from registers (NSA_CUDA_DKDV_KREG=1) or from
-       * shared memory (0): the same products, so dq, dk and dv bitwise
-       * equal, both within tolerance of float64. */
-      const nsa_tu_buf_t *g3[3] = {&f.c.dq, &f.c.dk, &f.c.dv};
-      void *t3[3];
-      setenv("NSA_CUDA_DKDV_KREG", "1", 1);
-      run_check(ctx, &f, NSA_PATH_VARLEN_V2);
-      for (int j = 0; j < 3; j++) {
-        t3[j] = malloc(g3[j]->bytes);
-        cr_assert(t3[j] != NULL);
-        memcpy(t3[j], g3[j]->mem, g3[j]->bytes);
-      }
-      setenv("NSA_CUDA_DKDV_KREG", "0", 1);
-      run_check(ctx, &f, NSA_PATH_VARLEN_V2);
-      unsetenv("NSA_CUDA_DKDV_KREG");
-      for (int j = 0; j < 3; j++) {
-        cr_expect(memcmp(t3[j], g3[j]->mem, g3[j]->bytes) == 0, "h=%lld: %s differs with K's fragments in registers",
-                  (long long)cfg.h, j == 0 ? "dq" : j == 1 ? "dk" : "dv");
-        free(t3[j]);
-      }
-    }
-    if (hopper && cfg.h == 16) {
-      /* h = 16 (row-block dq, dk/dv without dq): the chunk gather by TMA
-       * boxes (2: required, a request that cannot take it fails) and by
-       * cp.async (0) load the same bytes: dq, dk and dv bitwise equal, both
-       * within tolerance of float64. */
-      const nsa_tu_buf_t *g3[3] = {&f.c.dq, &f.c.dk, &f.c.dv};
-      void *t3[3];
-      setenv("NSA_CUDA_DKDV_TMA", "2", 1);
-      run_check(ctx, &f, NSA_PATH_VARLEN_V2);
-      for (int j = 0; j < 3; j++) {
-        t3[j] = malloc(g3[j]->bytes);
-        cr_assert(t3[j] != NULL);
-        memcpy(t3[j], g3[j]->mem, g3[j]->bytes);
-      }
-      setenv("NSA_CUDA_DKDV_TMA", "0", 1);
-      run_check(ctx, &f, NSA_PATH_VARLEN_V2);
-      unsetenv("NSA_CUDA_DKDV_TMA");
-      for (int j = 0; j < 3; j++) {
-        cr_expect(memcmp(t3[j], g3[j]->mem, g3[j]->bytes) == 0, "h=%lld: %s differs between the TMA and cp.async gathers",
-                  (long long)cfg.h, j == 0 ? "dq" : j == 1 ? "dk" : "dv");
-        free(t3[j]);
-      }
-    }
+    /* K's S^T operand from registers (NSA_CUDA_DKDV_KREG=1) or from shared
+     * memory (0): the same products. */
+    if (hopper && cfg.h <= 32) expect_knob_bitwise(ctx, &f, "NSA_CUDA_DKDV_KREG", "1", "0", what);
+    /* h = 16 (row-block dq, dk/dv without dq): the chunk gather by TMA boxes
+     * (2: required, a request that cannot take it fails) and by cp.async (0)
+     * load the same bytes. */
+    if (hopper && cfg.h == 16) expect_knob_bitwise(ctx, &f, "NSA_CUDA_DKDV_TMA", "2", "0", what);
     setenv("NSA_CUDA_BWD_WGMMA", "0", 1);
     run_check(ctx, &f, NSA_PATH_VARLEN_V2);
     unsetenv("NSA_CUDA_BWD_WGMMA");
