@@ -601,7 +601,8 @@ cudaError_t launch(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, const Inv &iv, float
                    nsa_cuda_tma_heads_map(&tdo, dt, a->dout, a->dos, a->B, a->S, a->G * a->h, kD, h);
   if (!tma && e != nullptr && e[0] == '2') return cudaErrorNotSupported;  // 2: required (tests)
   // K's S^T fragments in registers (KR): on by default in the TMA instance;
-  // NSA_CUDA_DKDV_KREG=0|1 turns it off / on in any instance (A/B, tests).
+  // NSA_CUDA_DKDV_KREG=0 turns it off there, 1 also turns it on in the dq
+  // instance (A/B, tests).
   const char *kr = getenv("NSA_CUDA_DKDV_KREG");
   const bool kr_off = kr != nullptr && kr[0] == '0', kr_on = kr != nullptr && kr[0] == '1';
   if constexpr (DQ) {
