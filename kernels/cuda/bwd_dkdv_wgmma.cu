@@ -109,6 +109,7 @@ template <typename T, bool DQ, bool TMA, bool KR = false>
 __global__ void __launch_bounds__(kThreads, 2)
     dkdv_wg_kernel(nsa_cuda_bwd_t a, Inv iv, float *__restrict__ part, float *__restrict__ dqp, int Pk,
                    const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tdo) {
+  static_assert(!(DQ && TMA), "the dq instance gathers by cp.async only (launch below)");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Smem;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -450,11 +451,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (ch + kPF < nch) prep(ch + kPF, (ch + kPF) % kST);
       cp_commit();
       cp_wait<kPF>();
-      nsa_wg::fence_proxy();  // this thread's cp.async data -> the tensor cores
-      if constexpr (TMA) {
-        nsa_mbar::wait(fullA + 8 * stg, (fph >> stg) & 1u);
-        fph ^= 1u << stg;
-      }
+      nsa_wg::fence_proxy();  // this thread's cp.async data -> the tensor cores (no TMA here)
       __syncthreads();        // chunk ch visible to all; every thread is past chunk ch - 1
 
       float s[16], dp[16];
