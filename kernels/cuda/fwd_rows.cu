@@ -547,6 +547,11 @@ int encode4(CUtensorMap *m, CUtensorMapDataType dt, const void *base, const int6
              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// The tensor-map element type of a 16-bit dtype (callers admit only bf16 and f16).
+CUtensorMapDataType tma_dtype(nsa_dtype_t dt) {
+  return dt == NSA_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+}
+
 // K or V [B][Skv][G][D]: box {64 dims, 1 head, 64 keys, 1}.
 int encode_kv(CUtensorMap *m, CUtensorMapDataType dt, const void *base, const int64_t *st, int64_t B, int64_t Skv,
               int64_t G, int64_t D) {
@@ -583,7 +588,7 @@ int rows_plan(int64_t h, int64_t Dk, int64_t Dv, int64_t n, int64_t B, int64_t S
     return 0;
   }
   if (major < 9) return 0;
-  const CUtensorMapDataType tdt = dt == NSA_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const CUtensorMapDataType tdt = tma_dtype(dt);
   if (!encode_kv(&M->k, tdt, k, ks, B, Skv, G, Dk) || !encode_kv(&M->v, tdt, v, vs, B, Skv, G, Dv)) return 0;
   // Row-block order: while all (b, g)'s K and V fit in L2 (T = 16k, G = 4:
   // 34 MB), the widest row blocks of every (b, g) first (g fastest); past
@@ -648,6 +653,5 @@ extern "C" cudaError_t nsa_cuda_launch_bwd_dq_rows(const nsa_cuda_bwd_t *a, nsa_
 extern "C" int nsa_cuda_tma_heads_map(CUtensorMap *m, nsa_dtype_t dt, const void *base, const int64_t *st, int64_t B,
                                       int64_t S, int64_t H, int64_t D, int heads) {
   if ((dt != NSA_BF16 && dt != NSA_F16) || heads < 1 || heads > 256 || heads > H || D < 64) return 0;
-  const CUtensorMapDataType tdt = dt == NSA_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  return encode4(m, tdt, base, st, B, S, H, D, (unsigned)heads, 1);
+  return encode4(m, tma_dtype(dt), base, st, B, S, H, D, (unsigned)heads, 1);
 }
