@@ -589,6 +589,7 @@ template <typename T>
 cudaError_t launch_all(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, int use_mma, const Inv &iv, float *part, float *dqp,
                        int64_t grid, cudaStream_t st) {
   if (dqp && !use_mma) return cudaErrorInvalidValue;
+  if (a->ds != nullptr && !(use_mma && nsa_cuda_dkdv_wgmma_ok(a, dt))) return cudaErrorInvalidValue;  // dS: wgmma only
   cudaError_t e = !use_mma                           ? launch_simple<T>(a, iv, part, grid, st)
                   : nsa_cuda_dkdv_wgmma_ok(a, dt) ? nsa_cuda_launch_dkdv_wgmma(a, dt, &iv, part, dqp, grid, st)
                                                     : dispatch_mma<T>(a, iv, part, dqp, grid, st);
@@ -600,7 +601,7 @@ cudaError_t launch_all(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, int use_mma, con
 template <>
 cudaError_t launch_all<float>(const nsa_cuda_bwd_t *a, nsa_dtype_t, int, const Inv &iv, float *part, float *dqp,
                               int64_t grid, cudaStream_t st) {
-  if (dqp) return cudaErrorInvalidValue;
+  if (dqp || a->ds != nullptr) return cudaErrorInvalidValue;
   cudaError_t e = launch_simple<float>(a, iv, part, grid, st);
   if (e != cudaSuccess) return e;
   reduce_kernel<float><<<dim3((unsigned)iv.ntiles, kRedY), 256, 0, st>>>(*a, iv, part);

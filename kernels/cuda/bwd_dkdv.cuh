@@ -73,8 +73,7 @@ __device__ __forceinline__ float *acc_of(const nsa_cuda_bwd_t &a, const Inv &iv,
 
 }  // namespace nsa_bwd
 
-// bwd_dkdv_wgmma.cu (sm_90a): whether its kernel takes the request, and the
-// launch (same items, partials and dq partials as the mma.sync kernel).
-extern "C" int nsa_cuda_dkdv_wgmma_ok(const nsa_cuda_bwd_t *a, nsa_dtype_t dt);
+// bwd_dkdv_wgmma.cu (sm_90a): the launch (same items, partials and dq
+// partials as the mma.sync kernel; nsa_cuda_dkdv_wgmma_ok in bwd_internal.h).
 extern "C" cudaError_t nsa_cuda_launch_dkdv_wgmma(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, const nsa_bwd::Inv *iv,
                                                   float *part, float *dqp, int64_t grid, cudaStream_t st);

@@ -83,6 +83,14 @@ struct Smem {
 static_assert(2 * (Smem::bytes + 1024) <= 228 * 1024, "dkdv_wg_kernel: two CTAs per SM no longer fit");
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// An 8 x 8 matrix of 16-bit elements transposed across the warp: lane l
+// holds row l / 4, columns 2 (l % 4), + 1 in and out.
+__device__ __forceinline__ unsigned movt(unsigned x) {
+  unsigned y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
 // Descriptors of an SW128 tile of R rows x 128 columns (K / V: R = 64, a
 // chunk's Q / dO: R = 32) at shared address a, K-major (columns = K) and
 // MN-major (rows = K), and their k16 step ks (wgmma.cuh; ks is a
@@ -241,7 +249,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int64_t t = (r / (int)a.G) % (int)a.S;
       wT[i] = (int)((unsigned)t | (sk ? 0x80000000u : 0u));
       wMk[i] = iv.masks[w0 + i];
-      if (DQ) wP[i] = iv.pidx[w0 + i];
+      if (DQ || a.ds != nullptr) wP[i] = iv.pidx[w0 + i];
       // once per row, not per gathered 16 bytes: the prep adds head * stride
       if constexpr (!TMA) {
         wQo[i] = b * a.qs[0] + t * a.qs[1] + g * a.h * a.qs[2];
@@ -392,6 +400,30 @@ __global__ void __launch_bounds__(kThreads, 2)
       nsa_wg::commit();
     };
 
+    // The row-block dq from dS (nsa_cuda_bwd_t::ds; h = 16, so a chunk is
+    // listed rows 2 ch and 2 ch + 1, 16 heads each): this warp's keys
+    // 16 warp .. 16 warp + 15 are k-step kk = warp of that dq's dS K. The
+    // 8 x 8 block (i, rh) of dS^T in dt (keys 8 rh + (0..7), columns 8i ..
+    // 8i + 7) transposed by movmatrix is, per lane, the A-fragment register
+    // of head 8 (i & 1) + lane / 4 and keys 8 rh + 2 (lane % 4), + 1: a0 / a2
+    // from i = 2 mr (heads 0..7), a1 / a3 from i = 2 mr + 1, rh = 0 / 1. One
+    // 16-byte store per lane and listed row: 512 contiguous bytes per warp.
+    auto store_ds = [&](int ch, const unsigned(&dt)[kNC / 16][4]) {
+      uint4 *dsb = reinterpret_cast<uint4 *>(a.ds);
+#pragma unroll
+      for (int mr = 0; mr < kNC / 16; mr++) {
+        const int wi = ch * (kNC / 16) + mr;
+        if (w0 + wi < w1) {
+          uint4 f;
+          f.x = movt(dt[mr][0]);
+          f.y = movt(dt[mr][2]);
+          f.z = movt(dt[mr][1]);
+          f.w = movt(dt[mr][3]);
+          __stcs(dsb + ((int64_t)wP[wi] * 4 + warp) * 32 + lane, f);
+        }
+      }
+    };
+
 #pragma unroll
     for (int c = 0; c < kPF; c++) {
       if (c < nch) prep(c, c);
@@ -435,6 +467,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         grads(cd, s, dp, p, ds);
         unsigned pt[kNC / 16][4], dt[kNC / 16][4];
         pack(p, ds, pt, dt);
+        if (a.ds != nullptr) store_ds(ch, dt);
         nsa_wg::wait<0>();
 #pragma unroll
         for (int i = 0; i < kNC / 16; i++)
@@ -588,6 +621,7 @@ cudaError_t launch_k(const nsa_cuda_bwd_t *a, const Inv &iv, float *part, float 
 template <typename T, bool DQ>
 cudaError_t launch(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, const Inv &iv, float *part, float *dqp, int64_t grid,
                    cudaStream_t st) {
+  if (a->ds != nullptr && (DQ || a->h != kNC / 2)) return cudaErrorInvalidValue;  // dS: two 16-head rows per chunk
   CUtensorMap tq, tdo;
   memset(&tq, 0, sizeof tq);
   memset(&tdo, 0, sizeof tdo);

@@ -47,6 +47,17 @@ typedef struct {
   const long long *invalid; /* device; > 0: kernels write NaN, read nothing (sync=0 only) */
   const float *delta;       /* [rows*h] rowsum(do∘o), from the preprocess */
   const float *lsec;        /* [rows*h] lse, contiguous copy */
+  /* The row-block dq from dS (bwd_request.cu; h = 16, one row batch), else
+   * both NULL: ds holds, per pair p of the inversion (row order), dS of the
+   * row's 16 heads x the tile's 64 keys in the input dtype as the m16n8k16
+   * A fragments of dq += dS K: uint4 ((p*4 + kk)*32 + lane) = lane's a0..a3
+   * of k-step kk (keys 16kk .. 16kk + 15), 2 KB per pair. The wgmma dk/dv
+   * kernel writes it; the dq reads it. Per row batch [ds_row0, ds_row1)
+   * (the inversion's rows): row r's pairs start at ds_pair_off[r - ds_row0]
+   * (the inversion's pair_off), and the dq writes only the batch's rows. */
+  void *ds;
+  const int32_t *ds_pair_off;
+  int64_t ds_row0, ds_row1;
 } nsa_cuda_bwd_t;
 
 /* ---- bwd_preprocess.cu ---- */
@@ -121,6 +132,11 @@ cudaError_t nsa_cuda_launch_bwd_dkdv(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, in
                                      const unsigned char *skip, cudaStream_t st);
 cudaError_t nsa_cuda_launch_bwd_acc_store(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, int64_t NT,
                                           const float *acc, cudaStream_t st);
+
+/* Whether the wgmma dk/dv kernel (bwd_dkdv_wgmma.cu: sm_90, bf16 / f16,
+ * Dk = Dv = 128, 4 <= h <= 32) takes this request; the only one that
+ * writes dS (nsa_cuda_bwd_t::ds). */
+int nsa_cuda_dkdv_wgmma_ok(const nsa_cuda_bwd_t *a, nsa_dtype_t dt);
 
 /* Key-centric dq: with dqp != NULL the tensor-core dk/dv kernel also
  * writes, per (pair p, head j), the f32 partial dqp[(p*h + j)*Dk + d] of dq

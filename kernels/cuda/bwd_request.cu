@@ -72,7 +72,7 @@ struct Layout {
   // part 1: plan and per-(row, head) scalars
   size_t sum, plan, len64, ptemp, ptemp_bytes, pieces, gcount, delta, lsec, end1;
   // part 2: inversion, partials, packed buffers
-  size_t inv, inv2, part, dqp, acc, pplan, pscr, pscr_bytes, kp, vp, ppieces, pgcount, end;
+  size_t inv, inv2, part, dqp, ds, acc, pplan, pscr, pscr_bytes, kp, vp, ppieces, pgcount, end;
   nsa_cuda_inv_layout_t il;  // the inversion of one row batch
   int64_t cap;               // pair bound of all rows
   int64_t brows, bcap;       // rows per batch (all rows unless the key-centric dq is batched), its pair bound
@@ -125,9 +125,11 @@ void layout1(const nsa_dims_t *d, int P, Layout *L) {
 // dq; else the key-centric dq's rows per batch (== d->rows: one batch).
 // Several batches need block ids (cap = rows * per-row bound) and an f32
 // dk/dv accumulator (bwd_internal.h).
-void layout2(const nsa_dims_t *d, int64_t cap, int packed, int64_t slots, int64_t dq_rows, Layout *L) {
+void layout2(const nsa_dims_t *d, int64_t cap, int packed, int64_t slots, int64_t dq_rows, Layout *L,
+             int64_t ds_rows = 0) {
   L->cap = cap;
   L->brows = dq_rows > 0 && dq_rows < d->rows ? dq_rows : d->rows;
+  if (dq_rows <= 0 && ds_rows > 0 && ds_rows < d->rows) L->brows = ds_rows;  // the dq from dS, batched
   L->bcap = L->brows == d->rows ? cap : L->brows * (cap / d->rows);
   L->NT = (d->Skv + NSA_BWD_TILE - 1) / NSA_BWD_TILE;
   const int64_t ntiles = d->B * d->G * L->NT;
@@ -172,6 +174,8 @@ void layout2(const nsa_dims_t *d, int64_t cap, int packed, int64_t slots, int64_
   o = align256(o + (size_t)nparts * (size_t)slot);
   L->dqp = o;
   if (dq_rows > 0) o = align256(o + (size_t)L->bcap * d->h * d->Dk * 4);
+  L->ds = o;  // the row-block dq from dS: h x 64 dtype elements per pair of a batch
+  if (ds_rows > 0) o = align256(o + (size_t)L->bcap * d->h * NSA_BWD_TILE * nsa_dtype_size(d->dtype));
   L->acc = o;
   if (L->brows < d->rows) o = align256(o + (size_t)ntiles * (size_t)slot);
   L->pplan = L->pscr = L->kp = L->vp = L->ppieces = L->pgcount = o;
@@ -226,6 +230,33 @@ int64_t choose_dq_rows(const nsa_dims_t *d, int64_t cap, int ranges, int tc_ok) 
   const char *me = getenv("NSA_BWD_DQ_BUDGET_MB");
   if (me && atof(me) > 0) budget = atof(me) * 1024.0 * 1024.0;
   if (ranges) return per_row * (double)d->rows <= budget ? d->rows : 0;
+  int64_t br = per_row > 0 ? (int64_t)(budget / per_row) : d->rows;
+  const char *be = getenv("NSA_BWD_DQ_BATCH_ROWS");
+  if (be && atoll(be) > 0 && atoll(be) < br) br = atoll(be);
+  if (br > d->rows) br = d->rows;
+  return br >= 1 ? br : 0;
+}
+
+// The row-block dq from dS (nsa_cuda_bwd_t::ds) where it runs: the wgmma
+// dk/dv kernel, which computes dS anyway, stores it (rounded to the dtype,
+// as both dq kernels use it) as the dq's A fragments, and the row-block dq
+// then runs one product per (row, tile), dQ += dS K, over a ring of K
+// alone, instead of recomputing S = Q K^T, dP = dO V^T and dS from Q, dO,
+// K and V. Needs the row-block dq (rows_dq), h = 16 (a wgmma chunk is two
+// rows) and the wgmma dk/dv kernel. dS takes 2 KB per pair; like the
+// key-centric dq's partials (8 KB per pair) it is bounded by running the
+// rows in batches of at most kDqPartBudget of dS (NSA_BWD_DQ_BUDGET_MB and
+// NSA_BWD_DQ_BATCH_ROWS as for those). Returns the rows per batch, 0 for the
+// dq that recomputes dS. NSA_CUDA_BWD_DS=0 turns it off (A/B runs, tests).
+int64_t choose_ds(const nsa_dims_t *d, const nsa_cuda_bwd_t *view, int64_t cap, int rows_dq) {
+  const char *e = getenv("NSA_CUDA_BWD_DS");
+  if (!rows_dq || (e && e[0] == '0') || d->h != 16 || d->rows <= 0) return 0;
+  if (!nsa_cuda_dkdv_wgmma_ok(view, d->dtype)) return 0;
+  double budget = kDqPartBudget;
+  const char *me = getenv("NSA_BWD_DQ_BUDGET_MB");
+  if (me && atof(me) > 0) budget = atof(me) * 1024.0 * 1024.0;
+  const double per_row =
+      (double)cap / (double)d->rows * (double)d->h * NSA_BWD_TILE * (double)nsa_dtype_size(d->dtype);
   int64_t br = per_row > 0 ? (int64_t)(budget / per_row) : d->rows;
   const char *be = getenv("NSA_BWD_DQ_BATCH_ROWS");
   if (be && atoll(be) > 0 && atoll(be) < br) br = atoll(be);
@@ -358,10 +389,16 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
     rows_dq = nsa_cuda_bwd_rows_plan(&view, d.dtype, a->sel.kind, a->sel.block_size, tc_ok, &rows_m);
   }
   int64_t dq_rows0 = 0;  // block ids: the key-centric dq's rows per batch
+  int64_t rows_ds = 0;   // the row-block dq from dS: rows per batch (choose_ds)
   if (!ranges) {
     cap = d.rows * nsa_cuda_inv_row_bound_blocks(d.n, a->sel.block_size, NT);
     dq_rows0 = rows_dq ? 0 : choose_dq_rows(&d, cap, 0, tc_ok);
-    layout2(&d, cap, 0, 0, dq_rows0, &L);
+    if (rows_dq && tc_ok) {
+      nsa_cuda_bwd_t view;
+      fill_bwd(&view, a, &d, NULL, NULL, NULL);
+      rows_ds = choose_ds(&d, &view, cap, rows_dq);
+    }
+    layout2(&d, cap, 0, 0, dq_rows0, &L, rows_ds);
   } else {
     L.end = L.end1;
   }
@@ -371,6 +408,18 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   }
   void *arena = NULL;
   st = nsa_cuda_ctx_arena(ctx, L.end, 0, &arena, msg, msglen);
+  // dS over the workspace cap: halve its rows per batch, up to 5 times, then
+  // let the dq recompute dS (no dS at all).
+  for (int i = 0; i < 5 && st == NSA_ERR_BUSY && rows_ds > 1; i++) {
+    rows_ds /= 2;
+    layout2(&d, cap, 0, 0, dq_rows0, &L, rows_ds);
+    st = nsa_cuda_ctx_arena(ctx, L.end, 0, &arena, msg, msglen);
+  }
+  if (st == NSA_ERR_BUSY && rows_ds) {
+    rows_ds = 0;
+    layout2(&d, cap, 0, 0, dq_rows0, &L);
+    st = nsa_cuda_ctx_arena(ctx, L.end, 0, &arena, msg, msglen);
+  }
   // Over the workspace cap (or the device's memory) with the key-centric
   // dq: halve its rows per batch, up to 5 times (each batch costs a pass of
   // dk/dv over every tile, yet 16 batches still beat the query-centric dq:
@@ -462,8 +511,14 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   }
   int64_t dq_rows = packed ? 0 : ranges ? choose_dq_rows(&d, cap, 1, tc_ok) : dq_rows0;  // block ids: part 1's
   int dq_key = dq_rows > 0;
-  layout2(&d, cap, packed, slots, dq_rows, &L);
+  if (packed) rows_ds = 0;
+  layout2(&d, cap, packed, slots, dq_rows, &L, rows_ds);
   st = nsa_cuda_ctx_arena(ctx, L.end, L.end1, &arena, msg, msglen);
+  if (st == NSA_ERR_BUSY && rows_ds) {
+    rows_ds = 0;
+    layout2(&d, cap, packed, slots, dq_rows, &L);
+    st = nsa_cuda_ctx_arena(ctx, L.end, L.end1, &arena, msg, msglen);
+  }
   if (st == NSA_ERR_BUSY && dq_key) {  // as above: fall back to the query-centric dq
     dq_key = 0;
     dq_rows = 0;
@@ -484,9 +539,9 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   // Optional phase timing (NSA_BWD_TIMING=1, sync only).
   const char *tenv = getenv("NSA_BWD_TIMING");
   const int timing = sync && tenv && tenv[0] == '1';
-  cudaEvent_t pev[5] = {0, 0, 0, 0, 0};
+  cudaEvent_t pev[6] = {0, 0, 0, 0, 0, 0};
   if (timing)
-    for (int i = 0; i < 5; i++) cudaEventCreate(&pev[i]);
+    for (int i = 0; i < 6; i++) cudaEventCreate(&pev[i]);
   if (timing) cudaEventRecord(pev[0], stream);
   // dk/dv's first row batch needs the plan inverted (bwd_invert_plan.cu:
   // count, scan, write, sort, offsets: small grids, ~0.13 ms at T = 16k).
@@ -515,6 +570,8 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
                                        inv_of(row0), &L.il, st);
   };
   const int row_block_dq = rows_dq && !packed && !dq_key;  // the dq branch below
+  // dq from dS: each row batch's after its dk/dv, which writes the batch's dS.
+  const int ds_dq = row_block_dq && rows_ds > 0;
   const int fork = !timing && cv.side != NULL && !row_block_dq;
   if (fork) {
     BCK(cudaEventRecord(cv.fork_ev, stream), "inversion fork");
@@ -525,7 +582,7 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   // the same results. NSA_CUDA_BWD_ROWS_PRE=0 keeps the preprocess kernel
   // (A/B runs, tests).
   const char *pre_env = getenv("NSA_CUDA_BWD_ROWS_PRE");
-  const int pre_in_dq = rows_dq && !packed && !dq_key && nsa_cuda_bwd_pre_vec_ok(&at) &&
+  const int pre_in_dq = rows_dq && !packed && !dq_key && !ds_dq && nsa_cuda_bwd_pre_vec_ok(&at) &&
                         !(pre_env != NULL && pre_env[0] == '0');
   if (!pre_in_dq)
     BCK(nsa_cuda_launch_bwd_preprocess(&at, d.dtype, (float *)(ws + L.delta), (float *)(ws + L.lsec), stream),
@@ -564,6 +621,7 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
       BCK(nsa_cuda_launch_bwd_shared_dq(&at, d.dtype, ws, &L.sh, stream), "shared-tile dq launch");
     }
   } else if (row_block_dq) {
+    if (!ds_dq)  // (from dS: after dk/dv below)
     BCK(nsa_cuda_launch_bwd_dq_rows(&at, d.dtype, &plan, &rows_m, pre_in_dq ? (float *)(ws + L.delta) : NULL,
                                     pre_in_dq ? (float *)(ws + L.lsec) : NULL, stream),
         "row-block dq launch");
@@ -607,10 +665,22 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
       BCK(cudaEventRecord(cv.join_ev, cv.side), "inversion join");
     }
     if (timing && row0 == 0) cudaEventRecord(pev[3], stream);  // "invert" = the first batch's
-    BCK(nsa_cuda_launch_bwd_dkdv(&at, d.dtype, mma_dims && qo_ok && kv_ok, inv_of(row0), &L.il, L.NT,
+    nsa_cuda_bwd_t adk = at;
+    if (ds_dq) adk.ds = ws + L.ds;
+    BCK(nsa_cuda_launch_bwd_dkdv(&adk, d.dtype, mma_dims && qo_ok && kv_ok, inv_of(row0), &L.il, L.NT,
                                  L.seg_rows, ntiles + bcap / L.seg_rows + 1, (float *)(ws + L.part),
                                  dq_key ? (float *)(ws + L.dqp) : NULL, acc, skip, stream),
         "dk/dv launch");
+    if (ds_dq) {  // this batch's dq = scale * the sum of dS K over each row's pairs
+      nsa_cuda_bwd_t adq = at;
+      adq.ds = ws + L.ds;
+      adq.ds_pair_off = (const int32_t *)(inv_of(row0) + L.il.pair_off);
+      adq.ds_row0 = row0;
+      adq.ds_row1 = row0 + nb;
+      if (timing && row0 == 0) cudaEventRecord(pev[4], stream);  // "dq" adds the first batch's
+      BCK(nsa_cuda_launch_bwd_dq_rows(&adq, d.dtype, &plan, &rows_m, NULL, NULL, stream), "row-block dq launch");
+      if (timing && row0 == 0) cudaEventRecord(pev[5], stream);
+    }
     if (dq_key)
       BCK(nsa_cuda_launch_bwd_dq_reduce(&at, d.dtype, inv_of(row0), &L.il, (const float *)(ws + L.dqp), row0, nb,
                                         skip, stream),
@@ -619,7 +689,10 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
     if (nb <= 0) break;
   }
   if (acc) BCK(nsa_cuda_launch_bwd_acc_store(&at, d.dtype, L.NT, acc, stream), "dk/dv store launch");
-  if (timing) cudaEventRecord(pev[4], stream);
+  if (timing && !ds_dq) {
+    cudaEventRecord(pev[4], stream);
+    cudaEventRecord(pev[5], stream);
+  }
   info->workspace_bytes = L.end;
 
   if (ex && ex->done_event) BCK(cudaEventRecord((cudaEvent_t)ex->done_event, stream), "done_event");
@@ -632,12 +705,14 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
     if (cudaEventElapsedTime(&ms, cv.ev0, cv.ev2) == cudaSuccess) info->device_us = ms * 1e3;
     else info->device_us = now_us() - t_start;
     if (timing) {
-      float t[4] = {0, 0, 0, 0};
-      for (int i = 0; i < 4; i++) cudaEventElapsedTime(&t[i], pev[i], pev[i + 1]);
+      float t[5] = {0, 0, 0, 0, 0};
+      for (int i = 0; i < 5; i++) cudaEventElapsedTime(&t[i], pev[i], pev[i + 1]);
+      t[1] += t[4];  // the dq from dS runs after dk/dv
       fprintf(stderr, "nsa bwd phases (ms): preprocess %.3f dq %.3f invert %.3f dkdv %.3f | cap %lld seg_rows %d "
               "items_bound %lld path %s dq %s batches %lld\n", t[0], t[1], t[2], t[3], (long long)L.cap,
               L.seg_rows, (long long)L.items_bound, nsa_path_name(path),
-              dq_key ? "key-centric" : rows_dq && !packed ? (pre_in_dq ? "row-block (with the preprocess)" : "row-block")
+              dq_key ? "key-centric" : ds_dq ? "row-block from dS (after dk/dv)"
+                                     : rows_dq && !packed ? (pre_in_dq ? "row-block (with the preprocess)" : "row-block")
                                                          : "query-centric",
               (long long)((d.rows + L.brows - 1) / (L.brows > 0 ? L.brows : 1)));
     }
@@ -646,6 +721,6 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
     BCK(cudaGetLastError(), "backward");
   }
   if (timing)
-    for (int i = 0; i < 5; i++) cudaEventDestroy(pev[i]);
+    for (int i = 0; i < 6; i++) cudaEventDestroy(pev[i]);
   return NSA_OK;
 }

@@ -71,6 +71,8 @@ constexpr int kT = NSA_BWD_TILE;      // keys per tile (64)
 constexpr int kRowsDefault = 11;
 // Backward dq (Q and dO in shared memory, 4 ring slots): 10 rows, 11 warps.
 constexpr int kRowsBwd = 10;
+// Backward dq from dS (K-only ring slots of 16 KB, 12 of them): 11 rows.
+constexpr int kRowsDS = 11;
 constexpr int kMaxT = 32;             // tiles per row (host-checked bound)
 constexpr int kNTmax = 8192;          // tiles per (b, g): bitmap of kNTmax / 32 words
 constexpr int kW = kNTmax / 32;       // bitmap words
@@ -82,15 +84,19 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kBox = kT * 64 * 2;    // bytes per box
 constexpr int kSlot = 4 * kBox;      // K + V of one tile (Dk = Dv = 128)
 
-template <int kRows, int DK, int DV, bool kBwd = false> struct RowsSmem {
+// kDS: the backward's dq from dS (nsa_cuda_bwd_t::ds), whose ring slots hold
+// K only and which stages no Q / dO.
+template <int kRows, int DK, int DV, bool kBwd = false, bool kDS = false> struct RowsSmem {
   static_assert(DK == 128 && DV == 128, "two 64-dim boxes per K and V tile");
+  static_assert(kBwd || !kDS, "dS is the backward's");
   static constexpr int kThreads = (kRows + 1) * 32;
-  static constexpr int kNS = kBwd ? 4 : kRows <= 11 ? 5 : 4;              // ring slots that fit
+  static constexpr int kSlotB = kDS ? 2 * kBox : kSlot;                   // bytes per ring slot
+  static constexpr int kNS = kDS ? 12 : kBwd ? 4 : kRows <= 11 ? 5 : 4;   // ring slots that fit
   static constexpr int QS = DK + 8;                                       // +16 bytes: conflict-free ldmatrix
-  static constexpr size_t ring_off = 0;                                   // [kNS][kSlot] (1024-aligned base)
-  static constexpr size_t q_off = ring_off + (size_t)kNS * kSlot;         // [kRows][16][QS]
-  static constexpr size_t do_off = q_off + (size_t)kRows * 16 * QS * 2;   // backward: [kRows][16][QS] dO
-  static constexpr size_t mk_off = do_off + (kBwd ? (size_t)kRows * 16 * QS * 2 : 0);  // [kRows][kMaxT] u64 key masks
+  static constexpr size_t ring_off = 0;                                   // [kNS][kSlotB] (1024-aligned base)
+  static constexpr size_t q_off = ring_off + (size_t)kNS * kSlotB;        // [kRows][16][QS]
+  static constexpr size_t do_off = q_off + (kDS ? 0 : (size_t)kRows * 16 * QS * 2);  // backward: [kRows][16][QS] dO
+  static constexpr size_t mk_off = do_off + (kBwd && !kDS ? (size_t)kRows * 16 * QS * 2 : 0);  // [kRows][kMaxT] u64 key masks
   static constexpr size_t rt_off = mk_off + (size_t)kRows * kMaxT * 8;    // [kRows][kMaxT] i32 own tiles
   static constexpr size_t ut_off = rt_off + (size_t)kRows * kMaxT * 4;    // [kRows * kMaxT] i32 union
   static constexpr size_t bm_off = ut_off + (size_t)kRows * kMaxT * 4;    // [kW] u32 tile bitmap
@@ -153,7 +159,7 @@ __device__ __forceinline__ void pv_sw(const unsigned (&pa)[4][4], unsigned vs, i
 // so the fill of step u - kNS has landed and the parity wait names the right
 // phase), waits for K (full[s]), runs tile(j, slot address, s, u) (which
 // waits for V, fullv[s], itself), and releases the slot (empty[s]).
-template <int kNS, typename F>
+template <int kNS, int kSlotB, typename F>
 __device__ __forceinline__ void walk_steps(int cnt, int mystep, const int *sTag, unsigned ring, unsigned full0,
                                            unsigned empty0, int lane, F &&tile) {
   int j = 0;
@@ -162,7 +168,7 @@ __device__ __forceinline__ void walk_steps(int cnt, int mystep, const int *sTag,
     const int s = u % kNS;
     while (nsa_mbar::flag_load(smem_u32(&sTag[s])) != u) __nanosleep(20);
     nsa_mbar::wait(full0 + 8 * s, (u / kNS) & 1);
-    tile(j, ring + s * kSlot, s, u);
+    tile(j, ring + s * kSlotB, s, u);
     j++;
     next = __shfl_sync(0xffffffffu, mystep, j & 31);  // (unused once j == cnt)
     __syncwarp();  // every lane is done with the slot
@@ -170,12 +176,12 @@ __device__ __forceinline__ void walk_steps(int cnt, int mystep, const int *sTag,
   }
 }
 
-template <typename T, int kRows, int DK, int DV, bool kBwd, typename A>
+template <typename T, int kRows, int DK, int DV, bool kBwd, bool kDS, typename A>
 __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     fwd_rows_kernel(A a, const __grid_constant__ CUtensorMap tmk, const __grid_constant__ CUtensorMap tmv,
                     const int2 *__restrict__ spans, const int32_t *__restrict__ nspans, int n, int64_t NB, int nw, int gmaj,
                     float *__restrict__ pre_delta, float *__restrict__ pre_lsec) {
-  using L = RowsSmem<kRows, DK, DV, kBwd>;
+  using L = RowsSmem<kRows, DK, DV, kBwd, kDS>;
   constexpr int kThreads = L::kThreads, kNS = L::kNS;
   constexpr int CK = DK / 8;  // 16-byte pieces per Q row
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -205,7 +211,15 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
   }
   const int64_t t0 = tb * kRows;
   const int64_t t = t0 + warp;  // this consumer warp's row (warp < kRows)
-  const bool row_ok = warp < kRows && t < a.S;
+  bool row_ok = warp < kRows && t < a.S;
+  if constexpr (kDS) {
+    // One row batch [ds_row0, ds_row1) per launch (the inversion's rows):
+    // a block with none of them leaves at once; rows outside it list no tile.
+    const int64_t tl = min(t0 + kRows, (int64_t)a.S) - 1;
+    if ((b * a.S + tl) * a.G + g < a.ds_row0 || (b * a.S + t0) * a.G + g >= a.ds_row1) return;
+    const int64_t r = (b * a.S + t) * a.G + g;
+    row_ok = row_ok && r >= a.ds_row0 && r < a.ds_row1;
+  }
   const int r0 = lane >> 2, cq = lane & 3;  // fragment row (head r0, r0 + 8) and column quad
 
   // Output of this warp's row: heads r0 and r0 + 8.
@@ -242,20 +256,25 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
   const int invalid = a.invalid != nullptr ? *a.invalid : 0;
   int2 xr = make_int2(0, 0);
   int nsr = 0;
+  int pb = 0;  // kDS: this row's first pair (its dS)
   if (row_ok) {
     const int64_t r = (b * a.S + t) * a.G + g;
-    T *q_s = sQ + warp * 16 * L::QS;
-    const T *qrow = reinterpret_cast<const T *>(a.q) + b * a.qs[0] + t * a.qs[1] + g * 16 * a.qs[2];
-    for (int c = lane; c < 16 * CK; c += 32) {
-      const int j = c / CK, pt = c % CK;
-      cp_async16(smem_u32(q_s + j * L::QS + pt * 8), qrow + j * a.qs[2] + pt * 8, 16);
-    }
-    if constexpr (kBwd) {  // dO rows (Dv = Dk = 128: the same pieces)
-      T *do_s = reinterpret_cast<T *>(smem + L::do_off) + warp * 16 * L::QS;
-      const T *drow = reinterpret_cast<const T *>(a.dout) + b * a.dos[0] + t * a.dos[1] + g * 16 * a.dos[2];
+    if constexpr (kDS) {
+      pb = a.ds_pair_off[r - a.ds_row0];
+    } else {
+      T *q_s = sQ + warp * 16 * L::QS;
+      const T *qrow = reinterpret_cast<const T *>(a.q) + b * a.qs[0] + t * a.qs[1] + g * 16 * a.qs[2];
       for (int c = lane; c < 16 * CK; c += 32) {
         const int j = c / CK, pt = c % CK;
-        cp_async16(smem_u32(do_s + j * L::QS + pt * 8), drow + j * a.dos[2] + pt * 8, 16);
+        cp_async16(smem_u32(q_s + j * L::QS + pt * 8), qrow + j * a.qs[2] + pt * 8, 16);
+      }
+      if constexpr (kBwd) {  // dO rows (Dv = Dk = 128: the same pieces)
+        T *do_s = reinterpret_cast<T *>(smem + L::do_off) + warp * 16 * L::QS;
+        const T *drow = reinterpret_cast<const T *>(a.dout) + b * a.dos[0] + t * a.dos[1] + g * 16 * a.dos[2];
+        for (int c = lane; c < 16 * CK; c += 32) {
+          const int j = c / CK, pt = c % CK;
+          cp_async16(smem_u32(do_s + j * L::QS + pt * 8), drow + j * a.dos[2] + pt * 8, 16);
+        }
       }
     }
     cp_commit();
@@ -382,15 +401,17 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
         const int s = u % kNS, k = u / kNS;
         if (k > 0) nsa_mbar::wait(empty0 + 8 * s, (k - 1) & 1);
         const int k0 = sUt[u] * kT;
-        const unsigned dst = ring + s * kSlot, bar = full0 + 8 * s;
+        const unsigned dst = ring + s * L::kSlotB, bar = full0 + 8 * s;
         nsa_mbar::flag_store(smem_u32(&sTag[s]), u);  // after the empty wait: releases what it acquired
-        const unsigned barv = fullv0 + 8 * s;
         nsa_mbar::arrive_expect_tx(bar, 2 * kBox);
         nsa_mbar::tma_load_4d(dst, &tmk, 0, (int)g, k0, (int)b, bar);
         nsa_mbar::tma_load_4d(dst + kBox, &tmk, 64, (int)g, k0, (int)b, bar);
-        nsa_mbar::arrive_expect_tx(barv, 2 * kBox);
-        nsa_mbar::tma_load_4d(dst + 2 * kBox, &tmv, 0, (int)g, k0, (int)b, barv);
-        nsa_mbar::tma_load_4d(dst + 3 * kBox, &tmv, 64, (int)g, k0, (int)b, barv);
+        if constexpr (!kDS) {
+          const unsigned barv = fullv0 + 8 * s;
+          nsa_mbar::arrive_expect_tx(barv, 2 * kBox);
+          nsa_mbar::tma_load_4d(dst + 2 * kBox, &tmv, 0, (int)g, k0, (int)b, barv);
+          nsa_mbar::tma_load_4d(dst + 3 * kBox, &tmv, 64, (int)g, k0, (int)b, barv);
+        }
         // The rows that do not use this step release the slot now (their
         // warps never touch it), so a busy warp holds only its own steps.
         const int idle = kRows - __popc(sUm[u]);
@@ -402,7 +423,35 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
 
   // ---- 4. consumers ----
   const unsigned long long *mk = sMk + warp * kMaxT;
-  if constexpr (kBwd) {
+  if constexpr (kDS) {
+    // dq from dS: per own tile j (pair pb + j), dQ += dS K with dS's A
+    // fragments from global memory (nsa_cuda_bwd_t::ds; each read once, so
+    // streamed), loaded one tile ahead so their latency runs under the
+    // previous tile's products, and K's slot as the B operand.
+    (void)mk;
+    const uint4 *dsb = reinterpret_cast<const uint4 *>(a.ds) + lane;
+    float dq[DK / 8][4];
+#pragma unroll
+    for (int i = 0; i < DK / 8; i++) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+    uint4 nx[4];
+    if (cnt > 0) {
+#pragma unroll
+      for (int kk = 0; kk < 4; kk++) nx[kk] = __ldcs(dsb + ((int64_t)pb * 4 + kk) * 32);
+    }
+    walk_steps<kNS, L::kSlotB>(cnt, mystep, sTag, ring, full0, empty0, lane, [&](int j, unsigned slot, int, int) {
+      unsigned da[4][4];
+#pragma unroll
+      for (int kk = 0; kk < 4; kk++) da[kk][0] = nx[kk].x, da[kk][1] = nx[kk].y, da[kk][2] = nx[kk].z, da[kk][3] = nx[kk].w;
+      if (j + 1 < cnt) {
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) nx[kk] = __ldcs(dsb + ((int64_t)(pb + j + 1) * 4 + kk) * 32);
+      }
+      pv_sw<T>(da, slot, lane, dq);  // K rows as the B operand
+    });
+    cp_wait<0>();
+    if (row_ok) store_dq(dq, a.scale);
+    return;
+  } else if constexpr (kBwd) {
     // Per own tile: S = Q K^T, P = 2^(c2 S - lse log2 e) on the row's keys,
     // dP = dO V^T, dS = P (dP - delta) rounded to the dtype, dQ += dS K.
     const float c2 = a.scale * kLog2e;
@@ -438,7 +487,7 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     float dq[DK / 8][4];
 #pragma unroll
     for (int i = 0; i < DK / 8; i++) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
-    walk_steps<kNS>(cnt, mystep, sTag, ring, full0, empty0, lane, [&](int j, unsigned slot, int s, int u) {
+    walk_steps<kNS, L::kSlotB>(cnt, mystep, sTag, ring, full0, empty0, lane, [&](int j, unsigned slot, int s, int u) {
       float sc[8][4];
       qk_sw<T, L::QS>(q_s, slot, lane, sc);
       nsa_mbar::wait(fullv0 + 8 * s, (u / kNS) & 1);
@@ -460,7 +509,7 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     const T *q_s = sQ + warp * 16 * L::QS;
     cp_wait<0>();
     __syncwarp();  // every lane's Q pieces landed
-    walk_steps<kNS>(cnt, mystep, sTag, ring, full0, empty0, lane, [&](int j, unsigned slot, int s, int u) {
+    walk_steps<kNS, L::kSlotB>(cnt, mystep, sTag, ring, full0, empty0, lane, [&](int j, unsigned slot, int s, int u) {
       float sc[8][4];
       qk_sw<T, L::QS>(q_s, slot, lane, sc);
       softmax_tile<DV>(sc, mk[j], mk[j], cq, c2, mr0, mr1, l0, l1, o);  // one row: the same mask for both halves
@@ -481,18 +530,18 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
 
 // One launch of the kernel: A = nsa_cuda_attn_t (forward, R rows per CTA)
 // or nsa_cuda_bwd_t (kBwd: the backward's dq, R = kRowsBwd).
-template <typename T, int R, bool kBwd, typename A>
+template <typename T, int R, bool kBwd, typename A, bool kDS = false>
 cudaError_t launch_rows(const A *a, const nsa_plan_t *plan, const nsa_cuda_fwd_rows_t *M, cudaStream_t st,
                         float *pre_delta = nullptr, float *pre_lsec = nullptr) {
-  using L = RowsSmem<R, 128, 128, kBwd>;
+  using L = RowsSmem<R, 128, 128, kBwd, kDS>;
   static unsigned long long set_on = 0;  // bwd_common.cuh: set once per device
   int dev = 0;
-  cudaError_t e = set_smem_once(fwd_rows_kernel<T, R, 128, 128, kBwd, A>, (int)L::bytes, &set_on, &dev);
+  cudaError_t e = set_smem_once(fwd_rows_kernel<T, R, 128, 128, kBwd, kDS, A>, (int)L::bytes, &set_on, &dev);
   if (e != cudaSuccess) return e;
   const int64_t NB = (a->S + R - 1) / R;
   const int64_t NT = (a->Skv + kT - 1) / kT;
   const int64_t grid = a->B * a->G * NB;
-  fwd_rows_kernel<T, R, 128, 128, kBwd, A><<<(unsigned)grid, L::kThreads, L::bytes, st>>>(
+  fwd_rows_kernel<T, R, 128, 128, kBwd, kDS, A><<<(unsigned)grid, L::kThreads, L::bytes, st>>>(
       *a, M->k, M->v, (const int2 *)plan->spans, plan->nspans, (int)plan->n, NB, (int)((NT + 31) / 32), M->gmaj,
       pre_delta, pre_lsec);
   return cudaGetLastError();
@@ -642,8 +691,12 @@ extern "C" cudaError_t nsa_cuda_launch_bwd_dq_rows(const nsa_cuda_bwd_t *a, nsa_
                                                    const nsa_cuda_fwd_rows_t *M, float *delta_out, float *lsec_out,
                                                    cudaStream_t st) {
   switch (dt) {
-    case NSA_BF16: return launch_rows<__nv_bfloat16, kRowsBwd, true>(a, plan, M, st, delta_out, lsec_out);
-    case NSA_F16: return launch_rows<__half, kRowsBwd, true>(a, plan, M, st, delta_out, lsec_out);
+    case NSA_BF16:
+      if (a->ds != nullptr) return launch_rows<__nv_bfloat16, kRowsDS, true, nsa_cuda_bwd_t, true>(a, plan, M, st);
+      return launch_rows<__nv_bfloat16, kRowsBwd, true>(a, plan, M, st, delta_out, lsec_out);
+    case NSA_F16:
+      if (a->ds != nullptr) return launch_rows<__half, kRowsDS, true, nsa_cuda_bwd_t, true>(a, plan, M, st);
+      return launch_rows<__half, kRowsBwd, true>(a, plan, M, st, delta_out, lsec_out);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -512,6 +512,55 @@ Test(cuda_bwd, row_block_dq) {
   nsa_cuda_ctx_destroy(ctx);
 }
 
+/* The row-block dq from dS (bwd_request.cu choose_ds; the default for the
+ * row-block dq on sm_90): the wgmma dk/dv kernel stores dS and the dq runs
+ * dQ += dS K only. Same cases as row_block_dq. Each run is checked against
+ * the float64 backward; the dq that recomputes dS (NSA_CUDA_BWD_DS=0) must
+ * need at least 2 KB per row less workspace (dS of one tile per row: shows
+ * dS was used); three row batches (NSA_BWD_DQ_BATCH_ROWS) must give the
+ * one-batch dq bitwise (a row's dS and its sum do not depend on the batch)
+ * and repeat bitwise. */
+Test(cuda_bwd, row_block_dq_from_ds) {
+  NSA_REQUIRE_GPU();
+  nsa_cuda_ctx_t *ctx = mkctx(0);
+  for (int k = 0; k < 9; k++) {
+    nsa_tu_case_cfg_t cfg = base();
+    nsa_tc_row_block_cfg(&cfg, k, NSA_TU_SEL_CORRELATED, 3700 + k);
+    bx_t f;
+    bx_init(&f, &cfg, NULL);
+    const int64_t rows = cfg.B * cfg.S * cfg.G;
+    size_t ws[2];
+    for (int off = 0; off < 2; off++) {
+      if (off) setenv("NSA_CUDA_BWD_DS", "0", 1);
+      nsa_cuda_exec_t ex = {.sync = 1};
+      nsa_run_info_t info;
+      char msg[256];
+      cr_assert_eq(nsa_cuda_sel_bwd(ctx, &f.bwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg), NSA_OK,
+                   "%s", msg);
+      ws[off] = info.workspace_bytes;
+      run_check(ctx, &f, NSA_PATH_VARLEN_V2);
+      unsetenv("NSA_CUDA_BWD_DS");
+    }
+    cr_expect_geq(ws[0], ws[1] + (size_t)rows * 2048, "case %d: workspace %zu B, without dS %zu B: dS not used", k,
+                  ws[0], ws[1]);
+    run_check(ctx, &f, NSA_PATH_VARLEN_V2);
+    void *q1 = malloc(f.c.dq.bytes);
+    cr_assert(q1);
+    memcpy(q1, f.c.dq.mem, f.c.dq.bytes);
+    char nb[32];
+    snprintf(nb, sizeof nb, "%lld", (long long)(rows / 3 + 1));
+    setenv("NSA_BWD_DQ_BATCH_ROWS", nb, 1);
+    run_check(ctx, &f, NSA_PATH_VARLEN_V2);
+    cr_expect_eq(memcmp(q1, f.c.dq.mem, f.c.dq.bytes), 0, "case %d: dq from dS differs between 1 and 3 row batches",
+                 k);
+    expect_repeatable(ctx, &f, NSA_PATH_VARLEN_V2, "dq from dS, 3 row batches");
+    unsetenv("NSA_BWD_DQ_BATCH_ROWS");
+    free(q1);
+    bx_free(&f);
+  }
+  nsa_cuda_ctx_destroy(ctx);
+}
+
 /* A workspace cap that holds the key-centric dq's partials of half the rows
  * but not of all: the backward halves its rows per batch until they fit
  * instead of falling back to the query-centric dq. The capped run must use
