@@ -32,6 +32,8 @@
 // row 16w + l/4 + 8*(e >= 2), column 8i + 2*(l%4) + (e & 1) (the m16n8 layout
 // per warp), which is also the register A layout of the next product: P^T and
 // dS^T go from S^T / dP^T registers to A fragments without shared memory.
+// With a.ds (h = 16, the instance without dq) dS^T is also stored, as the
+// row-block dq's A fragments of dS K (store_ds below, bwd_internal.h).
 // Chunks arrive through a kST-stage pipeline (kPF in flight, one barrier
 // per chunk) of cp.async, or of TMA boxes on a per-stage mbarrier in the
 // instance without dq; without dq, chunk ch's exp work runs while chunk

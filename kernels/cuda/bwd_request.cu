@@ -4,12 +4,13 @@
 //   check → wait_event → plan (v2 on the device / v1 on the host, the forward's
 //   planners) → [summary on the host where needed] → path →
 //   preprocess (delta, lse copy; done by the row-block dq itself where it
-//   runs) → dq (row-block or query-centric; `packed` gathers K/V
+//   runs before dk/dv) → dq (row-block or query-centric; `packed` gathers K/V
 //   first and runs dq over the packed rows; with the key-centric dq: the
 //   shared-tile groups' select + gate and their dq on chip, bwd_shared.h) →
 //   per row batch: invert the plan → dk/dv (key-centric, segments + ordered
 //   partial reduction) [+ key-centric dq of the other rows and its
-//   reduction] → done_event → [sync].
+//   reduction | + the row-block dq from the dS dk/dv stored (choose_ds):
+//   then no dq before dk/dv] → done_event → [sync].
 // Deterministic: no float atomics anywhere; two runs are bitwise identical.
 //
 // Host synchronization happens where the forward has it (sync = 1, v1, the

@@ -50,6 +50,14 @@
 //      *invalid > 0, a device-counted invalid selection with sync = 0: NaN).
 // Shared memory (Dk = Dv = 128, kRows = 11): ring 5 x 32 KB, Q 48 KB, lists
 // ~8 KB: ~217 KB, one CTA of 12 warps per SM.
+//
+// The backward's dq from dS (kDS; nsa_cuda_bwd_t::ds, after dk/dv): the
+// same lists, union and ring, but a slot holds K only (12 slots of 16 KB),
+// no Q / dO is staged, and per own tile j the warp runs dQ += dS K with
+// dS's A fragments loaded from global memory (pair ds_pair_off[r] + j: the
+// inversion numbers a row's pairs in the ascending tile order that is also
+// this kernel's j), one tile ahead. Only rows of the launch's row batch
+// [ds_row0, ds_row1) count; a CTA without any returns at once.
 #include <stdlib.h>
 #include <string.h>
 

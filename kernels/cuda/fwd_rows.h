@@ -63,7 +63,11 @@ cudaError_t nsa_cuda_launch_fwd_rows(const nsa_cuda_attn_t *a, nsa_dtype_t dt, c
  * preprocess's a->delta / a->lsec; else (nsa_cuda_bwd_pre_vec_ok) it is the
  * preprocess: each warp computes its row's delta = rowsum(dO o) and lse
  * copy and writes them to delta_out / lsec_out ([rows * 16], for dk/dv).
- * H100, T = 16k h = 16: the preprocess kernel took ~0.19 ms of the backward. */
+ * H100, T = 16k h = 16: the preprocess kernel took ~0.19 ms of the backward.
+ * With a->ds != NULL (bwd_request.cu, after dk/dv) it is the dq from dS
+ * instead: dQ += dS K only, dS read from a->ds (the wgmma dk/dv kernel's
+ * store, bwd_internal.h), for the rows of the batch [a->ds_row0,
+ * a->ds_row1) only; delta_out / lsec_out must then be NULL. */
 int nsa_cuda_bwd_rows_plan(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, int sel_kind, int32_t block_size, int aligned,
                            nsa_cuda_fwd_rows_t *M);
 cudaError_t nsa_cuda_launch_bwd_dq_rows(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, const nsa_plan_t *plan,
