@@ -561,6 +561,88 @@ Test(cuda_bwd, row_block_dq_from_ds) {
   nsa_cuda_ctx_destroy(ctx);
 }
 
+/* The dq from dS under a workspace cap: a cap that holds the dS of half the
+ * rows but not of all halves its rows per batch (the run equals
+ * NSA_BWD_DQ_BATCH_ROWS = rows / 2 bitwise, with its workspace); a cap at
+ * NSA_CUDA_BWD_DS=0's workspace still runs, within it. Both within float64
+ * tolerance. */
+Test(cuda_bwd, ds_cap_halves_row_batches) {
+  NSA_REQUIRE_GPU();
+  nsa_cuda_ctx_t *ctx = mkctx(0);
+  nsa_tu_case_cfg_t cfg = base();
+  cfg.B = 1;
+  cfg.G = 2;
+  cfg.S = cfg.Skv = 512;
+  cfg.h = 16;
+  cfg.Dk = cfg.Dv = 128;
+  cfg.block_size = 64;
+  cfg.n = 8;
+  cfg.sel_flags = NSA_TU_SEL_UNUSED;
+  cfg.seed = 3800;
+  bx_t f;
+  bx_init(&f, &cfg, force_block0);
+  nsa_cuda_exec_t ex = {.sync = 1};
+  nsa_run_info_t info;
+  char msg[256];
+  cr_assert_eq(nsa_cuda_sel_bwd(ctx, &f.bwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg), NSA_OK, "%s",
+               msg);
+  const size_t w1 = info.workspace_bytes;
+  setenv("NSA_CUDA_BWD_DS", "0", 1);
+  cr_assert_eq(nsa_cuda_sel_bwd(ctx, &f.bwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg), NSA_OK, "%s",
+               msg);
+  unsetenv("NSA_CUDA_BWD_DS");
+  const size_t w0 = info.workspace_bytes;
+  char half[32];
+  snprintf(half, sizeof half, "%lld", (long long)(cfg.B * cfg.S * cfg.G / 2));
+  setenv("NSA_BWD_DQ_BATCH_ROWS", half, 1);
+  run_check(ctx, &f, NSA_PATH_VARLEN_V2);
+  cr_assert_eq(nsa_cuda_sel_bwd(ctx, &f.bwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg), NSA_OK, "%s",
+               msg);
+  unsetenv("NSA_BWD_DQ_BATCH_ROWS");
+  const size_t w2 = info.workspace_bytes;
+  bx_fetch(&f);
+  const nsa_tu_buf_t *g3[3] = {&f.c.dq, &f.c.dk, &f.c.dv};
+  void *a[3];
+  for (int i = 0; i < 3; i++) {
+    a[i] = malloc(g3[i]->bytes);
+    cr_assert(a[i]);
+    memcpy(a[i], g3[i]->mem, g3[i]->bytes);
+  }
+  cr_log_info("workspace: dS one batch %zu B, two batches %zu B, no dS %zu B", w1, w2, w0);
+  cr_assert_lt(w2, w1, "two batches of dS should need less workspace than one");
+  cr_assert_gt(w2, w0, "dS should need more workspace than the dq that recomputes it");
+
+  nsa_cuda_ctx_t *capped = mkctx(w2);
+  bx_poison(&f);
+  int rc = nsa_cuda_sel_bwd(capped, &f.bwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg);
+  cr_assert_eq(rc, NSA_OK, "capped at two batches' workspace: rc %d (%s)", rc, msg);
+  cr_expect_eq(info.workspace_bytes, w2, "capped run: workspace %zu B, two batches need %zu B", info.workspace_bytes,
+               w2);
+  bx_fetch(&f);
+  for (int i = 0; i < 3; i++)
+    cr_expect_eq(memcmp(a[i], g3[i]->mem, g3[i]->bytes), 0, "capped output %d differs from the two-batch run", i);
+  const double tol = tol_g(cfg.dtype);
+  cr_expect(nsa_tu_rel_err(f.gq, f.rq, f.nq) <= tol && nsa_tu_rel_err(f.gk, f.rk, f.nk) <= tol &&
+                nsa_tu_rel_err(f.gv, f.rv, f.nv) <= tol,
+            "capped at two batches: outside tolerance");
+  nsa_cuda_ctx_destroy(capped);
+
+  /* At the workspace of the dq that recomputes dS the halving goes on: each
+   * batch also shrinks the dk/dv segment partials (here ~2 KB per pair),
+   * so dS in smaller batches fits beside them (H200: 10.2 MB against
+   * 17.7 MB without dS). */
+  capped = mkctx(w0);
+  run_check(capped, &f, NSA_PATH_VARLEN_V2);
+  rc = nsa_cuda_sel_bwd(capped, &f.bwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg);
+  cr_assert_eq(rc, NSA_OK, "capped at the workspace without dS: rc %d (%s)", rc, msg);
+  cr_expect_leq(info.workspace_bytes, w0, "capped at %zu B: workspace %zu B", w0, info.workspace_bytes);
+  cr_log_info("capped at %zu B: workspace %zu B", w0, info.workspace_bytes);
+  nsa_cuda_ctx_destroy(capped);
+  for (int i = 0; i < 3; i++) free(a[i]);
+  bx_free(&f);
+  nsa_cuda_ctx_destroy(ctx);
+}
+
 /* A workspace cap that holds the key-centric dq's partials of half the rows
  * but not of all: the backward halves its rows per batch until they fit
  * instead of falling back to the query-centric dq. The capped run must use
