@@ -450,6 +450,19 @@ Test(cuda_bwd, dq_key_row_batches) {
   nsa_cuda_ctx_destroy(ctx);
 }
 
+/* One sync v2 backward with the knob `name` = val (name NULL: none set);
+ * returns its workspace bytes. */
+static size_t bwd_ws(nsa_cuda_ctx_t *ctx, bx_t *f, const char *name, const char *val) {
+  if (name) setenv(name, val, 1);
+  nsa_cuda_exec_t ex = {.sync = 1};
+  nsa_run_info_t info;
+  char msg[256];
+  const int rc = nsa_cuda_sel_bwd(ctx, &f->bwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg);
+  if (name) unsetenv(name);
+  cr_assert_eq(rc, NSA_OK, "%s", msg);
+  return info.workspace_bytes;
+}
+
 /* The row-block dq (fwd_rows.h; h = 16, Dk = Dv = 128, block ids): random
  * and blockwise selections, S not a multiple of the 10-row block, Skv not a
  * multiple of the tile, block sizes 64 and 32, duplicates, unused slots,
@@ -468,17 +481,7 @@ Test(cuda_bwd, row_block_dq) {
     nsa_tc_row_block_cfg(&cfg, k, NSA_TU_SEL_CORRELATED, 3600 + k);
     bx_t f;
     bx_init(&f, &cfg, NULL);
-    size_t ws[2];
-    for (int off = 0; off < 2; off++) {
-      if (off) setenv("NSA_CUDA_BWD_ROWS", "0", 1);
-      nsa_cuda_exec_t ex = {.sync = 1};
-      nsa_run_info_t info;
-      char msg[256];
-      cr_assert_eq(nsa_cuda_sel_bwd(ctx, &f.bwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg), NSA_OK,
-                   "%s", msg);
-      ws[off] = info.workspace_bytes;
-      unsetenv("NSA_CUDA_BWD_ROWS");
-    }
+    const size_t ws[2] = {bwd_ws(ctx, &f, NULL, NULL), bwd_ws(ctx, &f, "NSA_CUDA_BWD_ROWS", "0")};
     cr_expect_lt(ws[0] * 2, ws[1], "case %d: workspace %zu B, key-centric dq %zu B: row-block dq not run", k, ws[0],
                  ws[1]);
     run_check(ctx, &f, NSA_PATH_VARLEN_V2);
@@ -529,18 +532,10 @@ Test(cuda_bwd, row_block_dq_from_ds) {
     bx_t f;
     bx_init(&f, &cfg, NULL);
     const int64_t rows = cfg.B * cfg.S * cfg.G;
-    size_t ws[2];
-    for (int off = 0; off < 2; off++) {
-      if (off) setenv("NSA_CUDA_BWD_DS", "0", 1);
-      nsa_cuda_exec_t ex = {.sync = 1};
-      nsa_run_info_t info;
-      char msg[256];
-      cr_assert_eq(nsa_cuda_sel_bwd(ctx, &f.bwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg), NSA_OK,
-                   "%s", msg);
-      ws[off] = info.workspace_bytes;
-      run_check(ctx, &f, NSA_PATH_VARLEN_V2);
-      unsetenv("NSA_CUDA_BWD_DS");
-    }
+    const size_t ws[2] = {bwd_ws(ctx, &f, NULL, NULL), bwd_ws(ctx, &f, "NSA_CUDA_BWD_DS", "0")};
+    setenv("NSA_CUDA_BWD_DS", "0", 1);
+    run_check(ctx, &f, NSA_PATH_VARLEN_V2);
+    unsetenv("NSA_CUDA_BWD_DS");
     cr_expect_geq(ws[0], ws[1] + (size_t)rows * 2048, "case %d: workspace %zu B, without dS %zu B: dS not used", k,
                   ws[0], ws[1]);
     run_check(ctx, &f, NSA_PATH_VARLEN_V2);
@@ -561,14 +556,9 @@ Test(cuda_bwd, row_block_dq_from_ds) {
   nsa_cuda_ctx_destroy(ctx);
 }
 
-/* The dq from dS under a workspace cap: a cap that holds the dS of half the
- * rows but not of all halves its rows per batch (the run equals
- * NSA_BWD_DQ_BATCH_ROWS = rows / 2 bitwise, with its workspace); a cap at
- * NSA_CUDA_BWD_DS=0's workspace still runs, within it. Both within float64
- * tolerance. */
-Test(cuda_bwd, ds_cap_halves_row_batches) {
-  NSA_REQUIRE_GPU();
-  nsa_cuda_ctx_t *ctx = mkctx(0);
+/* The workspace-cap tests' case: h = 16 over 1024 rows (B = 1, G = 2,
+ * S = 512), 8 blocks of 64 per row, unused slots. */
+static nsa_tu_case_cfg_t cap_cfg(uint64_t seed) {
   nsa_tu_case_cfg_t cfg = base();
   cfg.B = 1;
   cfg.G = 2;
@@ -578,7 +568,19 @@ Test(cuda_bwd, ds_cap_halves_row_batches) {
   cfg.block_size = 64;
   cfg.n = 8;
   cfg.sel_flags = NSA_TU_SEL_UNUSED;
-  cfg.seed = 3800;
+  cfg.seed = seed;
+  return cfg;
+}
+
+/* The dq from dS under a workspace cap: a cap that holds the dS of half the
+ * rows but not of all halves its rows per batch (the run equals
+ * NSA_BWD_DQ_BATCH_ROWS = rows / 2 bitwise, with its workspace); a cap at
+ * NSA_CUDA_BWD_DS=0's workspace still runs, within it. Both within float64
+ * tolerance. */
+Test(cuda_bwd, ds_cap_halves_row_batches) {
+  NSA_REQUIRE_GPU();
+  nsa_cuda_ctx_t *ctx = mkctx(0);
+  const nsa_tu_case_cfg_t cfg = cap_cfg(3800);
   bx_t f;
   bx_init(&f, &cfg, force_block0);
   nsa_cuda_exec_t ex = {.sync = 1};
@@ -652,16 +654,7 @@ Test(cuda_bwd, cap_halves_row_batches) {
   NSA_REQUIRE_GPU();
   setenv("NSA_CUDA_BWD_ROWS", "0", 1); /* the key-centric dq: h = 16 would take the row-block dq */
   nsa_cuda_ctx_t *ctx = mkctx(0);
-  nsa_tu_case_cfg_t cfg = base();
-  cfg.B = 1;
-  cfg.G = 2;
-  cfg.S = cfg.Skv = 512;
-  cfg.h = 16;
-  cfg.Dk = cfg.Dv = 128;
-  cfg.block_size = 64;
-  cfg.n = 8;
-  cfg.sel_flags = NSA_TU_SEL_UNUSED;
-  cfg.seed = 3500;
+  const nsa_tu_case_cfg_t cfg = cap_cfg(3500);
   bx_t f;
   bx_init(&f, &cfg, force_block0);
   nsa_cuda_exec_t ex = {.sync = 1};
