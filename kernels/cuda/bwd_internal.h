@@ -47,8 +47,8 @@ typedef struct {
   const long long *invalid; /* device; > 0: kernels write NaN, read nothing (sync=0 only) */
   const float *delta;       /* [rows*h] rowsum(do∘o), from the preprocess */
   const float *lsec;        /* [rows*h] lse, contiguous copy */
-  /* The row-block dq from dS (bwd_request.cu; h = 16, one row batch), else
-   * both NULL: ds holds, per pair p of the inversion (row order), dS of the
+  /* The row-block dq from dS (bwd_request.cu choose_ds; h = 16), else all
+   * zero: ds holds, per pair p of the inversion (row order), dS of the
    * row's 16 heads x the tile's 64 keys in the input dtype as the m16n8k16
    * A fragments of dq += dS K: uint4 ((p*4 + kk)*32 + lane) = lane's a0..a3
    * of k-step kk (keys 16kk .. 16kk + 15), 2 KB per pair. The wgmma dk/dv

@@ -76,7 +76,7 @@ struct Layout {
   size_t inv, inv2, part, dqp, ds, acc, pplan, pscr, pscr_bytes, kp, vp, ppieces, pgcount, end;
   nsa_cuda_inv_layout_t il;  // the inversion of one row batch
   int64_t cap;               // pair bound of all rows
-  int64_t brows, bcap;       // rows per batch (all rows unless the key-centric dq is batched), its pair bound
+  int64_t brows, bcap;       // rows per batch (all rows unless the key-centric dq or dS is batched), its pair bound
   int64_t items_bound, NT;   // items_bound: for a batch of brows rows
   int seg_rows;
   nsa_cuda_fwd_shared_layout_t sh;  // shared-tile groups (bwd_shared.h); sh.on = 0 when not used
@@ -124,8 +124,9 @@ void layout1(const nsa_dims_t *d, int P, Layout *L) {
 // Part 2 once the pair capacity (and, for packed, the padded key slots of its
 // length buckets, nsa_cuda_pack_slots) is known. dq_rows: 0 = query-centric
 // dq; else the key-centric dq's rows per batch (== d->rows: one batch).
-// Several batches need block ids (cap = rows * per-row bound) and an f32
-// dk/dv accumulator (bwd_internal.h).
+// ds_rows (with dq_rows = 0): the row-block dq from dS's rows per batch, 0
+// without dS. Several batches need block ids (cap = rows * per-row bound)
+// and an f32 dk/dv accumulator (bwd_internal.h).
 void layout2(const nsa_dims_t *d, int64_t cap, int packed, int64_t slots, int64_t dq_rows, Layout *L,
              int64_t ds_rows = 0) {
   L->cap = cap;
@@ -222,20 +223,28 @@ void layout2(const nsa_dims_t *d, int64_t cap, int packed, int64_t slots, int64_
 // NSA_BWD_DQ_BUDGET_MB sets the budget (docs/OPERATIONS.md: fewer batches
 // are faster, for as much more workspace).
 constexpr double kDqPartBudget = 4.0 * 1024 * 1024 * 1024;
+double dq_budget(void) {
+  const char *me = getenv("NSA_BWD_DQ_BUDGET_MB");
+  return me && atof(me) > 0 ? atof(me) * 1024.0 * 1024.0 : kDqPartBudget;
+}
+
+// Rows per batch for per_row bytes of per-pair buffers per row within the
+// budget (NSA_BWD_DQ_BATCH_ROWS caps it), 0 when not even one row fits.
+int64_t rows_per_batch(const nsa_dims_t *d, double per_row) {
+  int64_t br = per_row > 0 ? (int64_t)(dq_budget() / per_row) : d->rows;
+  const char *be = getenv("NSA_BWD_DQ_BATCH_ROWS");
+  if (be && atoll(be) > 0 && atoll(be) < br) br = atoll(be);
+  if (br > d->rows) br = d->rows;
+  return br >= 1 ? br : 0;
+}
+
 int64_t choose_dq_rows(const nsa_dims_t *d, int64_t cap, int ranges, int tc_ok) {
   if (!tc_ok || !nsa_cuda_bwd_dq_key_ok(d->dtype, d->Dk, d->Dv) || d->rows <= 0) return 0;
   const char *e = getenv("NSA_BWD_DQ");
   if (e && strcmp(e, "query") == 0) return 0;
   const double per_row = (double)cap / (double)d->rows * (double)d->h * (double)d->Dk * 4.0;
-  double budget = kDqPartBudget;
-  const char *me = getenv("NSA_BWD_DQ_BUDGET_MB");
-  if (me && atof(me) > 0) budget = atof(me) * 1024.0 * 1024.0;
-  if (ranges) return per_row * (double)d->rows <= budget ? d->rows : 0;
-  int64_t br = per_row > 0 ? (int64_t)(budget / per_row) : d->rows;
-  const char *be = getenv("NSA_BWD_DQ_BATCH_ROWS");
-  if (be && atoll(be) > 0 && atoll(be) < br) br = atoll(be);
-  if (br > d->rows) br = d->rows;
-  return br >= 1 ? br : 0;
+  if (ranges) return per_row * (double)d->rows <= dq_budget() ? d->rows : 0;
+  return rows_per_batch(d, per_row);
 }
 
 // The row-block dq from dS (nsa_cuda_bwd_t::ds) where it runs: the wgmma
@@ -253,16 +262,8 @@ int64_t choose_ds(const nsa_dims_t *d, const nsa_cuda_bwd_t *view, int64_t cap, 
   const char *e = getenv("NSA_CUDA_BWD_DS");
   if (!rows_dq || (e && e[0] == '0') || d->h != 16 || d->rows <= 0) return 0;
   if (!nsa_cuda_dkdv_wgmma_ok(view, d->dtype)) return 0;
-  double budget = kDqPartBudget;
-  const char *me = getenv("NSA_BWD_DQ_BUDGET_MB");
-  if (me && atof(me) > 0) budget = atof(me) * 1024.0 * 1024.0;
-  const double per_row =
-      (double)cap / (double)d->rows * (double)d->h * NSA_BWD_TILE * (double)nsa_dtype_size(d->dtype);
-  int64_t br = per_row > 0 ? (int64_t)(budget / per_row) : d->rows;
-  const char *be = getenv("NSA_BWD_DQ_BATCH_ROWS");
-  if (be && atoll(be) > 0 && atoll(be) < br) br = atoll(be);
-  if (br > d->rows) br = d->rows;
-  return br >= 1 ? br : 0;
+  return rows_per_batch(d, (double)cap / (double)d->rows * (double)d->h * NSA_BWD_TILE *
+                               (double)nsa_dtype_size(d->dtype));
 }
 
 void summary_to_info(const nsa_cuda_summary_t *s, const nsa_dims_t *d, nsa_run_info_t *info) {
@@ -622,10 +623,10 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
       BCK(nsa_cuda_launch_bwd_shared_dq(&at, d.dtype, ws, &L.sh, stream), "shared-tile dq launch");
     }
   } else if (row_block_dq) {
-    if (!ds_dq)  // (from dS: after dk/dv below)
-    BCK(nsa_cuda_launch_bwd_dq_rows(&at, d.dtype, &plan, &rows_m, pre_in_dq ? (float *)(ws + L.delta) : NULL,
-                                    pre_in_dq ? (float *)(ws + L.lsec) : NULL, stream),
-        "row-block dq launch");
+    if (!ds_dq)  // (the dq from dS runs after each batch's dk/dv, below)
+      BCK(nsa_cuda_launch_bwd_dq_rows(&at, d.dtype, &plan, &rows_m, pre_in_dq ? (float *)(ws + L.delta) : NULL,
+                                      pre_in_dq ? (float *)(ws + L.lsec) : NULL, stream),
+          "row-block dq launch");
   } else if (mma_dims && qo_ok && kv_ok) {
     nsa_cuda_piece_t *pc = (nsa_cuda_piece_t *)(ws + L.pieces);
     int2 *gc = (int2 *)(ws + L.gcount);
@@ -712,9 +713,10 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
       fprintf(stderr, "nsa bwd phases (ms): preprocess %.3f dq %.3f invert %.3f dkdv %.3f | cap %lld seg_rows %d "
               "items_bound %lld path %s dq %s batches %lld\n", t[0], t[1], t[2], t[3], (long long)L.cap,
               L.seg_rows, (long long)L.items_bound, nsa_path_name(path),
-              dq_key ? "key-centric" : ds_dq ? "row-block from dS (after dk/dv)"
-                                     : rows_dq && !packed ? (pre_in_dq ? "row-block (with the preprocess)" : "row-block")
-                                                         : "query-centric",
+              dq_key                ? "key-centric"
+              : ds_dq               ? "row-block from dS (after dk/dv)"
+              : rows_dq && !packed  ? (pre_in_dq ? "row-block (with the preprocess)" : "row-block")
+                                    : "query-centric",
               (long long)((d.rows + L.brows - 1) / (L.brows > 0 ? L.brows : 1)));
     }
     cudaGetLastError();

@@ -104,7 +104,8 @@ template <int kRows, int DK, int DV, bool kBwd = false, bool kDS = false> struct
   static constexpr size_t ring_off = 0;                                   // [kNS][kSlotB] (1024-aligned base)
   static constexpr size_t q_off = ring_off + (size_t)kNS * kSlotB;        // [kRows][16][QS]
   static constexpr size_t do_off = q_off + (kDS ? 0 : (size_t)kRows * 16 * QS * 2);  // backward: [kRows][16][QS] dO
-  static constexpr size_t mk_off = do_off + (kBwd && !kDS ? (size_t)kRows * 16 * QS * 2 : 0);  // [kRows][kMaxT] u64 key masks
+  // [kRows][kMaxT] u64 key masks
+  static constexpr size_t mk_off = do_off + (kBwd && !kDS ? (size_t)kRows * 16 * QS * 2 : 0);
   static constexpr size_t rt_off = mk_off + (size_t)kRows * kMaxT * 8;    // [kRows][kMaxT] i32 own tiles
   static constexpr size_t ut_off = rt_off + (size_t)kRows * kMaxT * 4;    // [kRows * kMaxT] i32 union
   static constexpr size_t bm_off = ut_off + (size_t)kRows * kMaxT * 4;    // [kW] u32 tile bitmap
@@ -449,7 +450,10 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     walk_steps<kNS, L::kSlotB>(cnt, mystep, sTag, ring, full0, empty0, lane, [&](int j, unsigned slot, int, int) {
       unsigned da[4][4];
 #pragma unroll
-      for (int kk = 0; kk < 4; kk++) da[kk][0] = nx[kk].x, da[kk][1] = nx[kk].y, da[kk][2] = nx[kk].z, da[kk][3] = nx[kk].w;
+      for (int kk = 0; kk < 4; kk++) {
+        da[kk][0] = nx[kk].x, da[kk][1] = nx[kk].y;
+        da[kk][2] = nx[kk].z, da[kk][3] = nx[kk].w;
+      }
       if (j + 1 < cnt) {
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) nx[kk] = __ldcs(dsb + ((int64_t)(pb + j + 1) * 4 + kk) * 32);
