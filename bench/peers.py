@@ -301,14 +301,17 @@ def read_v2(path):
             out[key] = {k: float(r[k]) for k in ("fwd_ms", "plan_ms", "bwd_ms", "tflops", "bwd_tflops")
                         if r.get(k)}  # C prints NaN as nan or -nan: float() takes both
             out[key]["ws"] = int(r["workspace_bytes"])
+            if r.get("bwd_workspace_bytes"):
+                out[key]["bws"] = int(r["bwd_workspace_bytes"])
     return out
 
 
 def merged_table(results, v2):
     print("\n== merged table (ms, medians; targets: v2 fwd <= 0.5x peer B, v2 bwd <= 0.6x peer B; same run;"
-          " v2 TFLOP/s: bwd counts 2.5x the fwd FLOPs; A_GiB: peer A's packed K/V)")
+          " v2 TFLOP/s: bwd counts 2.5x the fwd FLOPs; v2_ws_MB / v2_bws_MB: forward / backward workspace;"
+          " A_GiB: peer A's packed K/V)")
     hdr = ("T", "h", "Dk", "Dv", "sel", "v2_fwd", "v2_bwd", "v2_TF_f", "v2_TF_b", "v2_plan", "v2_ws_MB",
-           "B_fwd", "B_bwd",
+           "v2_bws_MB", "B_fwd", "B_bwd",
            "fwd/B", "ok", "bwd/B", "ok", "A_pack", "A_attn", "A_GiB", "dense_f", "dense_b")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
@@ -331,7 +334,7 @@ def merged_table(results, v2):
         cells = ["%dk" % (r["T"] // 1024), str(r["h"]), str(r["Dk"]), str(r["Dv"]), r["sel"], f3(vf), f3(vb),
                  *["%.1f" % x if x == x else "-" for x in tf],
                  f3(w.get("plan_ms", float("nan"))), "%.1f" % (w["ws"] / 1e6) if "ws" in w else "-",
-                 f3(bf), f3(bb), "%.2f" % rf if rf == rf else "-", okf, "%.2f" % rb if rb == rb else "-", okb,
+                 "%.1f" % (w["bws"] / 1e6) if "bws" in w else "-", f3(bf), f3(bb), "%.2f" % rf if rf == rf else "-", okf, "%.2f" % rb if rb == rb else "-", okb,
                  f3(r.get("A_pack_ms", float("nan"))), f3(r.get("A_attn_ms", float("nan"))), a_gib,
                  f3(r.get("D_fwd_ms", float("nan"))), f3(r.get("D_bwd_ms", float("nan")))]
         print("| " + " | ".join(cells) + " |")
