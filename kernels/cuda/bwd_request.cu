@@ -410,34 +410,25 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   }
   void *arena = NULL;
   st = nsa_cuda_ctx_arena(ctx, L.end, 0, &arena, msg, msglen);
-  // dS over the workspace cap: halve its rows per batch, up to 5 times, then
-  // let the dq recompute dS (no dS at all).
-  for (int i = 0; i < 5 && st == NSA_ERR_BUSY && rows_ds > 1; i++) {
-    rows_ds /= 2;
+  // Over the workspace cap (or the device's memory) with per-pair buffers
+  // in row batches (the key-centric dq's f32 partials or the dq's dS; at
+  // most one of dq_rows0 / rows_ds is set): halve the rows per batch, up to
+  // 5 times (each batch costs a pass of dk/dv over every tile, yet 16
+  // batches of partials still beat the query-centric dq: H200, T = 64k h = 8
+  // random, 31.6 vs 46.5 ms), then size without them (the query-centric dq,
+  // or the row-block dq that recomputes dS).
+  int64_t *batched = rows_ds > 0 ? &rows_ds : dq_rows0 > 0 ? &dq_rows0 : NULL;
+  auto relayout = [&] {
     layout2(&d, cap, 0, 0, dq_rows0, &L, rows_ds);
-    st = nsa_cuda_ctx_arena(ctx, L.end, 0, &arena, msg, msglen);
+    return nsa_cuda_ctx_arena(ctx, L.end, 0, &arena, msg, msglen);
+  };
+  for (int i = 0; i < 5 && st == NSA_ERR_BUSY && batched && *batched > 1; i++) {
+    *batched /= 2;
+    st = relayout();
   }
-  if (st == NSA_ERR_BUSY && rows_ds) {
-    rows_ds = 0;
-    layout2(&d, cap, 0, 0, dq_rows0, &L);
-    st = nsa_cuda_ctx_arena(ctx, L.end, 0, &arena, msg, msglen);
-  }
-  // Over the workspace cap (or the device's memory) with the key-centric
-  // dq: halve its rows per batch, up to 5 times (each batch costs a pass of
-  // dk/dv over every tile, yet 16 batches still beat the query-centric dq:
-  // H200, T = 64k h = 8 random, 31.6 vs 46.5 ms), then size for the
-  // query-centric dq, which needs no partials.
-  for (int i = 0; i < 5 && st == NSA_ERR_BUSY && dq_rows0 > 1; i++) {
-    dq_rows0 /= 2;
-    layout2(&d, cap, 0, 0, dq_rows0, &L);
-    st = nsa_cuda_ctx_arena(ctx, L.end, 0, &arena, msg, msglen);
-  }
-  if (st == NSA_ERR_BUSY && !ranges && dq_rows0 > 0) {
-    // The key-centric dq's partials do not fit the workspace cap (or the
-    // device): size for the query-centric dq, which needs none.
-    dq_rows0 = 0;
-    layout2(&d, cap, 0, 0, 0, &L);
-    st = nsa_cuda_ctx_arena(ctx, L.end, 0, &arena, msg, msglen);
+  if (st == NSA_ERR_BUSY && batched && *batched > 0) {
+    *batched = 0;
+    st = relayout();
   }
   if (st) return st;
   char *ws = (char *)arena;

@@ -583,25 +583,14 @@ Test(cuda_bwd, ds_cap_halves_row_batches) {
   const nsa_tu_case_cfg_t cfg = cap_cfg(3800);
   bx_t f;
   bx_init(&f, &cfg, force_block0);
-  nsa_cuda_exec_t ex = {.sync = 1};
-  nsa_run_info_t info;
-  char msg[256];
-  cr_assert_eq(nsa_cuda_sel_bwd(ctx, &f.bwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg), NSA_OK, "%s",
-               msg);
-  const size_t w1 = info.workspace_bytes;
-  setenv("NSA_CUDA_BWD_DS", "0", 1);
-  cr_assert_eq(nsa_cuda_sel_bwd(ctx, &f.bwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg), NSA_OK, "%s",
-               msg);
-  unsetenv("NSA_CUDA_BWD_DS");
-  const size_t w0 = info.workspace_bytes;
+  const size_t w1 = bwd_ws(ctx, &f, NULL, NULL);
+  const size_t w0 = bwd_ws(ctx, &f, "NSA_CUDA_BWD_DS", "0");
   char half[32];
   snprintf(half, sizeof half, "%lld", (long long)(cfg.B * cfg.S * cfg.G / 2));
   setenv("NSA_BWD_DQ_BATCH_ROWS", half, 1);
   run_check(ctx, &f, NSA_PATH_VARLEN_V2);
-  cr_assert_eq(nsa_cuda_sel_bwd(ctx, &f.bwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg), NSA_OK, "%s",
-               msg);
   unsetenv("NSA_BWD_DQ_BATCH_ROWS");
-  const size_t w2 = info.workspace_bytes;
+  const size_t w2 = bwd_ws(ctx, &f, "NSA_BWD_DQ_BATCH_ROWS", half);
   bx_fetch(&f);
   const nsa_tu_buf_t *g3[3] = {&f.c.dq, &f.c.dk, &f.c.dv};
   void *a[3];
@@ -616,10 +605,8 @@ Test(cuda_bwd, ds_cap_halves_row_batches) {
 
   nsa_cuda_ctx_t *capped = mkctx(w2);
   bx_poison(&f);
-  int rc = nsa_cuda_sel_bwd(capped, &f.bwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg);
-  cr_assert_eq(rc, NSA_OK, "capped at two batches' workspace: rc %d (%s)", rc, msg);
-  cr_expect_eq(info.workspace_bytes, w2, "capped run: workspace %zu B, two batches need %zu B", info.workspace_bytes,
-               w2);
+  const size_t wc = bwd_ws(capped, &f, NULL, NULL);
+  cr_expect_eq(wc, w2, "capped run: workspace %zu B, two batches need %zu B", wc, w2);
   bx_fetch(&f);
   for (int i = 0; i < 3; i++)
     cr_expect_eq(memcmp(a[i], g3[i]->mem, g3[i]->bytes), 0, "capped output %d differs from the two-batch run", i);
@@ -635,10 +622,9 @@ Test(cuda_bwd, ds_cap_halves_row_batches) {
    * 17.7 MB without dS). */
   capped = mkctx(w0);
   run_check(capped, &f, NSA_PATH_VARLEN_V2);
-  rc = nsa_cuda_sel_bwd(capped, &f.bwd, NULL, NSA_PATH_VARLEN_V2, &ex, &info, msg, sizeof msg);
-  cr_assert_eq(rc, NSA_OK, "capped at the workspace without dS: rc %d (%s)", rc, msg);
-  cr_expect_leq(info.workspace_bytes, w0, "capped at %zu B: workspace %zu B", w0, info.workspace_bytes);
-  cr_log_info("capped at %zu B: workspace %zu B", w0, info.workspace_bytes);
+  const size_t wl = bwd_ws(capped, &f, NULL, NULL);
+  cr_expect_leq(wl, w0, "capped at %zu B: workspace %zu B", w0, wl);
+  cr_log_info("capped at %zu B: workspace %zu B", w0, wl);
   nsa_cuda_ctx_destroy(capped);
   for (int i = 0; i < 3; i++) free(a[i]);
   bx_free(&f);
