@@ -4,6 +4,12 @@
 //                     (16-byte loads/stores; larger than L2, so HBM-bound)
 //   l2_read_GBps    : bytes / time of 132*8 CTAs re-reading a 16 MiB buffer
 //                     (fits the 50 MB L2) many times
+//   l2_read_per_sm  : the same reads by one 1024-thread CTA per SM (its
+//                     shared memory keeps a second one off; four 16-byte
+//                     loads in flight per thread), on all SMs and
+//                     on half of them, as GB/s per SM: equal rates mean each
+//                     SM's own L2 -> SM path is the limit, a higher rate on
+//                     half the SMs means the shared L2 is
 //   mma_bf16_TFLOPs : m16n8k16 bf16 mma.sync issued back to back from
 //                     registers (8 independent accumulators per warp), the
 //                     instruction the project's kernels use
@@ -52,6 +58,26 @@ __global__ void l2_read_kernel(const int4 *__restrict__ src, size_t n, int iters
       acc ^= v.x ^ v.y ^ v.z ^ v.w;
     }
   if (acc == 0x7fffffff) *sink = acc;  // practically never; defeats dead-code elimination
+}
+
+// l2_read_kernel with four independent 16-byte loads in flight per thread
+// (one 1024-thread CTA per SM then keeps 64 KB of reads in flight).
+__global__ void l2_read4_kernel(const int4 *__restrict__ src, size_t n, int iters, int *__restrict__ sink) {
+  int acc = 0;
+  const size_t off = ((size_t)blockIdx.x * 4096) % n, q = n / 4;
+  for (int it = 0; it < iters; it++)
+    for (size_t i = threadIdx.x; i < q; i += blockDim.x) {
+      int4 v[4];
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        size_t k = i + j * q + off;
+        if (k >= n) k -= n;
+        v[j] = __ldcg(src + k);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; j++) acc ^= v[j].x ^ v[j].y ^ v[j].z ^ v[j].w;
+    }
+  if (acc == 0x7fffffff) *sink = acc;
 }
 
 __global__ void mma_kernel(int iters, float *__restrict__ sink) {
@@ -153,6 +179,18 @@ int main() {
   CK(cudaGetLastError());
   std::printf("l2_read_GBps %.0f  (%d CTAs x %d x 16 MiB in %.3f ms)\n",
               (double)ctas * iters * small / (tl * 1e-3) / 1e9, ctas, iters, tl);
+
+  // One CTA per SM (a 1024-thread CTA with 120 KB of dynamic shared memory
+  // cannot share an SM), on all SMs and on half of them.
+  CK(cudaFuncSetAttribute(l2_read4_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 120 << 10));
+  std::printf("l2_read_per_sm_GBps");
+  for (int part = 1; part <= 2; part++) {
+    const int nc = sms / part;
+    const float tp = median_ms([&] { l2_read4_kernel<<<nc, 1024, 120 << 10>>>(a, ns, iters, sink); });
+    CK(cudaGetLastError());
+    std::printf("  %d SMs %.1f", nc, (double)iters * small / (tp * 1e-3) / 1e9);
+  }
+  std::printf("  (each SM reads 16 x 16 MiB)\n");
 
   float *fs;
   CK(cudaMalloc(&fs, 4));

@@ -11,7 +11,11 @@
 #   those binaries (debug info stripped), libnsaclient, the shared libraries
 #   they link (deps/; only the ones the GPU machine lacks are used there) and
 #   COMMIT (git rev-parse --short HEAD, plus "-dirty" when tracked files differ).
-# run: on the device machine, from the repo root, with the pack carried:
+# run: on the device machine, from the repo root, with the pack carried
+#   (NSA_BENCHD_MPS=1: under CUDA MPS — a control daemon with its pipe and
+#   log directories under /tmp is started before nsad and quit after, as
+#   docs/OPERATIONS.md "GPU sharing" sets a node up; NSAD_SPIN_US and the
+#   other nsad variables pass through the environment):
 #     run(command="scripts/bench-daemon.sh run", carry=["build-benchd-carry"])
 #   Unpacks it (or, without a pack, builds from source into build-benchd when
 #   that machine has the build dependencies), starts `nsad --backend cuda` on a
@@ -103,6 +107,15 @@ run)
     done
     echo "libraries taken from the pack: $(ls "$P/need" | tr '\n' ' ')"
   fi
+  MPS=${NSA_BENCHD_MPS:-0}
+  if [ "$MPS" = 1 ]; then
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/nsa-benchd-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/nsa-benchd-mps/log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    nvidia-cuda-mps-control -d || { echo "nvidia-cuda-mps-control -d failed"; exit 1; }
+    echo "MPS control daemon started ($CUDA_MPS_PIPE_DIRECTORY)"
+    trap 'echo quit | nvidia-cuda-mps-control' EXIT
+  fi
+  echo "NSAD_SPIN_US=${NSAD_SPIN_US:-unset} MPS=$MPS" | tee -a "$OUT/gpu.txt"
   S=/tmp/nsad-benchd.sock
   rm -f "$S"
   "$P/bin/nsad" --backend cuda --socket "$S" --log-level info > "$OUT/nsad.log" 2>&1 &
