@@ -12,10 +12,12 @@
 #   they link (deps/; only the ones the GPU machine lacks are used there) and
 #   COMMIT (git rev-parse --short HEAD, plus "-dirty" when tracked files differ).
 # run: on the device machine, from the repo root, with the pack carried
-#   (NSA_BENCHD_MPS=1: under CUDA MPS — a control daemon with its pipe and
+#   (BENCHD_MPS=1: under CUDA MPS — a control daemon with its pipe and
 #   log directories under /tmp is started before nsad and quit after, as
 #   docs/OPERATIONS.md "GPU sharing" sets a node up; NSAD_SPIN_US and the
-#   other nsad variables pass through the environment):
+#   other nsad variables pass through the environment; the switch is not
+#   NSA_-prefixed because nsad takes every NSA_* variable as a flag and
+#   refuses to start on an unknown one):
 #     run(command="scripts/bench-daemon.sh run", carry=["build-benchd-carry"])
 #   Unpacks it (or, without a pack, builds from source into build-benchd when
 #   that machine has the build dependencies), starts `nsad --backend cuda` on a
@@ -107,7 +109,7 @@ run)
     done
     echo "libraries taken from the pack: $(ls "$P/need" | tr '\n' ' ')"
   fi
-  MPS=${NSA_BENCHD_MPS:-0}
+  MPS=${BENCHD_MPS:-0}
   if [ "$MPS" = 1 ]; then
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/nsa-benchd-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/nsa-benchd-mps/log
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
