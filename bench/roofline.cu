@@ -10,6 +10,13 @@
 //                     on half of them, as GB/s per SM: equal rates mean each
 //                     SM's own L2 -> SM path is the limit, a higher rate on
 //                     half the SMs means the shared L2 is
+//   tma_ring_per_sm : the row-block kernels' loads alone (fwd_rows.cu): one
+//                     CTA per SM, a ring of NS 32 KB slots, each step four
+//                     TMA boxes of 64 keys x 64 dims (128-byte rows 1 KB
+//                     apart, 128-byte swizzle) from random tiles of a
+//                     16 MiB L2-resident [16384 keys][4 heads][128] bf16
+//                     tensor; one thread waits for each slot and frees it.
+//                     GB/s per SM for NS = 5 and 6, on all and half the SMs
 //   mma_bf16_TFLOPs : m16n8k16 bf16 mma.sync issued back to back from
 //                     registers (8 independent accumulators per warp), the
 //                     instruction the project's kernels use
@@ -21,11 +28,17 @@
 //                     conflict-free ldmatrix stride), plain rows. A sector is
 //                     fetched whole and coalesced only when both its 16-byte
 //                     halves land in one 32-byte piece of shared memory
-//                     (bwd_dkdv_wgmma.cu's gathers, docs/PERF.md)
+//                     (bwd_dkdv_wgmma.cu's gathers, docs/PERF.md); and the
+//                     swizzle with each iteration's 8 KB group at random
+//                     (the row-block kernels' random tiles)
 // Median of 5 timed runs after a warm-up, CUDA events. No inputs beyond the
 // device; prints "no CUDA device" and exits 0 without one.
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+
+#include "mbar.cuh"
 
 #include <algorithm>
 #include <cstdio>
@@ -97,10 +110,106 @@ __global__ void mma_kernel(int iters, float *__restrict__ sink) {
   if (s == 1234.5f) *sink = s;
 }
 
+// The TMA ring alone (see the header): warp 0 lane 0 fills slot u % NS
+// with step u's four boxes (heads 2 (u & 1) and 2 (u & 1) + 1, standing for
+// K and V, of a pseudo-random 64-key tile), warp 1 lane 0 waits for the
+// slot, reads a word of it and frees it.
+// 16-byte cp.async copies of a 64-key x 256-byte half slot (one head of a
+// tile; src = the tile's first key row of that head, rows 1 KB apart) into
+// the slot's two swizzled 64-dim boxes at dst, by the 32 lanes of a warp
+// (lane l: 16-byte chunk l % 16 of keys l / 16 + 2 i), then an arrival on
+// bar when they have landed (count the lanes in the barrier's init).
+__device__ __forceinline__ void cp_async_half(unsigned dst, const char *src, int lane, unsigned bar) {
+  const int c = lane & 15, k0 = lane >> 4;
+#pragma unroll 8
+  for (int i = 0; i < 32; i++) {
+    const int key = k0 + 2 * i;
+    const unsigned d = dst + (c >> 3) * 8192 + key * 128 + (((c & 7) ^ (key & 7)) << 4);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src + (size_t)key * 1024 + c * 16)
+                 : "memory");
+  }
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+// mode 0: boxes of 64 dims x 64 keys (the kernels' shape); 1: 128 dims x
+// 32 keys (a map with 256-byte rows); 2: as 0 with the tiles in order;
+// 3: both halves by cp.async (cp_async_half) from the producer warp's 32
+// lanes; 4: K's half by TMA, V's by cp.async.
+template <int NS>
+__global__ void tma_ring_kernel(const __grid_constant__ CUtensorMap m, const char *__restrict__ kv, int steps,
+                                int ntiles, int mode, int *__restrict__ sink) {
+  extern __shared__ __align__(1024) unsigned char sm_raw[];
+  unsigned char *sm = sm_raw + ((1024 - ((unsigned)__cvta_generic_to_shared(sm_raw) & 1023)) & 1023);
+  const unsigned ring = (unsigned)__cvta_generic_to_shared(sm);
+  const unsigned full0 = ring + NS * 32768, empty0 = full0 + NS * 8;
+  const int tid = threadIdx.x;
+  const unsigned fullc = mode == 3 ? 64 : mode == 4 ? 33 : 1;  // mode 3: two halves' arrivals per lane
+  if (tid == 0) {
+    for (int s = 0; s < NS; s++) nsa_mbar::init(full0 + 8 * s, fullc), nsa_mbar::init(empty0 + 8 * s, 1);
+    nsa_mbar::init_fence();
+  }
+  __syncthreads();
+  if (mode >= 3 && tid < 32) {
+    for (int u = 0; u < steps; u++) {
+      const int s = u % NS;
+      if (u >= NS) nsa_mbar::wait(empty0 + 8 * s, ((u / NS) - 1) & 1);
+      const int kt = (int)(((unsigned)blockIdx.x * 7919u + (unsigned)u * 104729u) % (unsigned)ntiles);
+      const int h = 2 * (u & 1);
+      const unsigned dst = ring + s * 32768, bar = full0 + 8 * s;
+      const char *tile = kv + (size_t)kt * 64 * 1024;
+      if (mode == 4) {
+        if (tid == 0) {
+          nsa_mbar::arrive_expect_tx(bar, 16384);
+          nsa_mbar::tma_load_4d(dst, &m, 0, h, kt * 64, 0, bar);
+          nsa_mbar::tma_load_4d(dst + 8192, &m, 64, h, kt * 64, 0, bar);
+        }
+      } else {
+        cp_async_half(dst, tile + h * 256, tid, bar);
+      }
+      cp_async_half(dst + 16384, tile + (h + 1) * 256, tid, bar);
+    }
+  } else if (tid == 0) {
+    for (int u = 0; u < steps; u++) {
+      const int s = u % NS;
+      if (u >= NS) nsa_mbar::wait(empty0 + 8 * s, ((u / NS) - 1) & 1);
+      const int kt = mode == 2 ? (int)((blockIdx.x + (unsigned)u) % (unsigned)ntiles)
+                               : (int)(((unsigned)blockIdx.x * 7919u + (unsigned)u * 104729u) % (unsigned)ntiles);
+      const int h = 2 * (u & 1);
+      const unsigned dst = ring + s * 32768, bar = full0 + 8 * s;
+      nsa_mbar::arrive_expect_tx(bar, 32768);
+      const int d1 = mode == 1 ? 0 : 64, k1 = mode == 1 ? 32 : 0;  // the second box of each half
+      nsa_mbar::tma_load_4d(dst, &m, 0, h, kt * 64, 0, bar);
+      nsa_mbar::tma_load_4d(dst + 8192, &m, d1, h, kt * 64 + k1, 0, bar);
+      nsa_mbar::tma_load_4d(dst + 16384, &m, 0, h + 1, kt * 64, 0, bar);
+      nsa_mbar::tma_load_4d(dst + 24576, &m, d1, h + 1, kt * 64 + k1, 0, bar);
+    }
+  } else if (tid == 32) {
+    int acc = 0;
+    for (int u = 0; u < steps; u++) {
+      const int s = u % NS;
+      nsa_mbar::wait(full0 + 8 * s, (u / NS) & 1);
+      acc ^= *reinterpret_cast<volatile int *>(sm + s * 32768 + (u & 31) * 4);
+      nsa_mbar::arrive(empty0 + 8 * s);
+    }
+    if (acc == 0x7fffffff) *sink = acc;
+  }
+}
+
+// cuTensorMapEncodeTiled through the runtime (no libcuda link), as fwd_rows.cu.
+static PFN_cuTensorMapEncodeTiled_v12000 tma_encoder() {
+  void *p = nullptr;
+  cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+  if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+      q != cudaDriverEntryPointSuccess)
+    return nullptr;
+  return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+}
+
 // Each iteration: 32 rows x 256 bytes (16 pieces of 16 bytes) into shared
 // memory, a warp copying one 128-byte half of 4 rows (whole L2 lines).
 enum { kCM = 0, kSW128 = 1, kPad16 = 2, kPlain = 3 };
-template <int LAYOUT>
+// RND: each iteration's group pseudo-random instead of the next one.
+template <int LAYOUT, bool RND = false>
 __global__ void cp_async_kernel(const char *__restrict__ g, int groups, int iters, int *__restrict__ sink) {
   extern __shared__ __align__(1024) unsigned char sm[];
   const unsigned base = (unsigned)__cvta_generic_to_shared(sm);
@@ -108,7 +217,9 @@ __global__ void cp_async_kernel(const char *__restrict__ g, int groups, int iter
   const int r4 = ((warp & 1) << 2) + ((tid >> 3) & 3), pc = ((warp >> 1) << 3) + (tid & 7);
   int acc = 0;
   for (int it = 0; it < iters; it++) {
-    const char *gb = g + (size_t)((blockIdx.x * iters + it) % groups) * 32 * 1024;
+    const unsigned grp = RND ? ((unsigned)blockIdx.x * 7919u + (unsigned)it * 104729u) % (unsigned)groups
+                             : (unsigned)((blockIdx.x * iters + it) % groups);
+    const char *gb = g + (size_t)grp * 32 * 1024;
 #pragma unroll
     for (int rg = 0; rg < 4; rg++) {
       const int r = rg * 8 + r4;
@@ -212,7 +323,55 @@ int main() {
     CK(cudaGetLastError());
     std::printf("  %s %.0f", names[l], cbytes / (tcp * 1e-3) / 1e9);
   }
+  {
+    const float tcp = median_ms([&] { cp_async_kernel<kSW128, true><<<cctas, 128, 16384>>>((const char *)a, groups, ci, sink); });
+    CK(cudaGetLastError());
+    std::printf("  swizzle128_random_groups %.0f", cbytes / (tcp * 1e-3) / 1e9);
+  }
   std::printf("  (16-byte copies of 256-byte rows into shared memory, %d CTAs)\n", cctas);
+  // The TMA ring over the first 16 MiB of a: [16384 keys][4 heads][128] bf16.
+  PFN_cuTensorMapEncodeTiled_v12000 enc = tma_encoder();
+  if (p.major < 9 || enc == nullptr) {
+    std::printf("tma_ring_per_sm_GBps: no TMA on this device/driver\n");
+  } else {
+    struct {
+      const char *name;
+      int mode, box0, box2;
+      CUtensorMapSwizzle sw;
+      CUtensorMapL2promotion pr;
+    } cf[6] = {{"64x64 sw128 (kernels)", 0, 64, 64, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B},
+               {"cp.async, 32 lanes", 3, 64, 64, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B},
+               {"K by TMA, V by cp.async", 4, 64, 64, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B},
+               {"64x64 sw128 no promotion", 0, 64, 64, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE},
+               {"128x32 no swizzle (256-byte rows)", 1, 128, 32, CU_TENSOR_MAP_SWIZZLE_NONE,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B},
+               {"64x64 sw128 tiles in order", 2, 64, 64, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B}};
+    const int steps = 4096;
+    for (int c = 0; c < 6; c++) {
+      CUtensorMap tmap;
+      cuuint64_t dims[4] = {128, 4, 16384, 1}, gst[3] = {256, 1024, (cuuint64_t)16 << 20};
+      cuuint32_t box[4] = {(cuuint32_t)cf[c].box0, 1, (cuuint32_t)cf[c].box2, 1}, es[4] = {1, 1, 1, 1};
+      if (enc(&tmap, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, a, dims, gst, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
+              cf[c].sw, cf[c].pr, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS) {
+        std::printf("tma_ring_per_sm_GBps %s: encode failed\n", cf[c].name);
+        continue;
+      }
+      std::printf("tma_ring_per_sm_GBps %s:", cf[c].name);
+      for (int ns = 5; ns <= 6; ns++) {
+        const size_t bytes = (size_t)ns * 32768 + 2 * ns * 8 + 1024;
+        void (*k)(const CUtensorMap, const char *, int, int, int, int *) =
+            ns == 5 ? tma_ring_kernel<5> : tma_ring_kernel<6>;
+        CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+        for (int part = 1; part <= 2; part++) {
+          const int nc = sms / part;
+          const float tt = median_ms([&] { k<<<nc, 64, bytes>>>(tmap, (const char *)a, steps, 256, cf[c].mode, sink); });
+          CK(cudaGetLastError());
+          std::printf("  NS=%d %d SMs %.1f", ns, nc, (double)steps * 32768 / (tt * 1e-3) / 1e9);
+        }
+      }
+      std::printf("  (%d steps of 32 KB per SM)\n", steps);
+    }
+  }
   cudaFree(a);
   cudaFree(b);
   cudaFree(sink);
