@@ -16,7 +16,10 @@
 //                     apart, 128-byte swizzle) from random tiles of a
 //                     16 MiB L2-resident [16384 keys][4 heads][128] bf16
 //                     tensor; one thread waits for each slot and frees it.
-//                     GB/s per SM for NS = 5 and 6, on all and half the SMs
+//                     GB/s per SM for NS = 5 and 6, on all and half the SMs;
+//                     variants: no L2 promotion, 256-byte-row boxes, tiles
+//                     in order, the slot by one warp's 16-byte cp.async, K
+//                     by TMA and V by cp.async (tma_ring_kernel's modes)
 //   mma_bf16_TFLOPs : m16n8k16 bf16 mma.sync issued back to back from
 //                     registers (8 independent accumulators per warp), the
 //                     instruction the project's kernels use
