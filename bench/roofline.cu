@@ -113,10 +113,6 @@ __global__ void mma_kernel(int iters, float *__restrict__ sink) {
   if (s == 1234.5f) *sink = s;
 }
 
-// The TMA ring alone (see the header): warp 0 lane 0 fills slot u % NS
-// with step u's four boxes (heads 2 (u & 1) and 2 (u & 1) + 1, standing for
-// K and V, of a pseudo-random 64-key tile), warp 1 lane 0 waits for the
-// slot, reads a word of it and frees it.
 // 16-byte cp.async copies of a 64-key x 256-byte half slot (one head of a
 // tile; src = the tile's first key row of that head, rows 1 KB apart) into
 // the slot's two swizzled 64-dim boxes at dst, by the 32 lanes of a warp
@@ -134,6 +130,16 @@ __device__ __forceinline__ void cp_async_half(unsigned dst, const char *src, int
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
 
+// Step u's 64-key tile of CTA b: pseudo-random, or (in_order) the next one.
+__device__ __forceinline__ int ring_tile(unsigned b, int u, int ntiles, bool in_order) {
+  return in_order ? (int)((b + (unsigned)u) % (unsigned)ntiles)
+                  : (int)((b * 7919u + (unsigned)u * 104729u) % (unsigned)ntiles);
+}
+
+// The TMA ring alone (see the header): warp 0 lane 0 fills slot u % NS
+// with step u's four boxes (heads 2 (u & 1) and 2 (u & 1) + 1, standing for
+// K and V, of a pseudo-random 64-key tile), warp 1 lane 0 waits for the
+// slot, reads a word of it and frees it.
 // mode 0: boxes of 64 dims x 64 keys (the kernels' shape); 1: 128 dims x
 // 32 keys (a map with 256-byte rows); 2: as 0 with the tiles in order;
 // 3: both halves by cp.async (cp_async_half) from the producer warp's 32
@@ -156,7 +162,7 @@ __global__ void tma_ring_kernel(const __grid_constant__ CUtensorMap m, const cha
     for (int u = 0; u < steps; u++) {
       const int s = u % NS;
       if (u >= NS) nsa_mbar::wait(empty0 + 8 * s, ((u / NS) - 1) & 1);
-      const int kt = (int)(((unsigned)blockIdx.x * 7919u + (unsigned)u * 104729u) % (unsigned)ntiles);
+      const int kt = ring_tile(blockIdx.x, u, ntiles, false);
       const int h = 2 * (u & 1);
       const unsigned dst = ring + s * 32768, bar = full0 + 8 * s;
       const char *tile = kv + (size_t)kt * 64 * 1024;
@@ -175,8 +181,7 @@ __global__ void tma_ring_kernel(const __grid_constant__ CUtensorMap m, const cha
     for (int u = 0; u < steps; u++) {
       const int s = u % NS;
       if (u >= NS) nsa_mbar::wait(empty0 + 8 * s, ((u / NS) - 1) & 1);
-      const int kt = mode == 2 ? (int)((blockIdx.x + (unsigned)u) % (unsigned)ntiles)
-                               : (int)(((unsigned)blockIdx.x * 7919u + (unsigned)u * 104729u) % (unsigned)ntiles);
+      const int kt = ring_tile(blockIdx.x, u, ntiles, mode == 2);
       const int h = 2 * (u & 1);
       const unsigned dst = ring + s * 32768, bar = full0 + 8 * s;
       nsa_mbar::arrive_expect_tx(bar, 32768);
