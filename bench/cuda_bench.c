@@ -3,13 +3,15 @@
  *
  *   build/bin/nsa_bench_cuda [--quick] [--reps N] [--csv FILE] [--no-pack] [--small-h]
  *                            [--no-bwd] [--dump-sel DIR [--dump-only]] [--one T h corr]
- *                            [--fwd-key 0|1]
+ *                            [--fwd-key 0|1] [--dk 128|192]
  * --quick: T = 16k only; --small-h: h in {1, 4} only; --no-pack: one query per
  * MMA tile even when h < 16 (to measure what query packing buys); --qt1: one
  * 16-row query tile per CTA, --qt2: two where Dv <= 128 (default: auto);
  * --stages2: two-stage K/V ring; --nohint: no L2 cache policies;
  * --fwd-key 0|1: query-centric / key-block-centric forward forced (default auto);
  * --one T h corr: one config (corr -1 = both patterns; for A/B runs and ncu).
+ * --dk 128|192: time that Dk only, at every T (default: 128, and 192 at T = 16k
+ * in the full table; --one alone: 128).
  *
  * One sequence (B = 1), S = Skv = T, G = 4 KV heads, block 64, n = 16
  * selected blocks, bf16. Selections: "random" (block 0, the query's own block
@@ -196,7 +198,7 @@ static void tensor4(nsa_tensor_t *t, void *d, nsa_dtype_t dt, int64_t a, int64_t
 }
 
 int main(int argc, char **argv) {
-  int quick = 0, reps = 20, small_h = 0, one_corr = -1, do_bwd = 1;
+  int quick = 0, reps = 20, small_h = 0, one_corr = -1, do_bwd = 1, one_dk = 0;
   const char *dump_dir = NULL;
   int dump_only = 0; /* --dump-only: write --dump-sel's files for the configs, time nothing (no GPU needed) */
   long long one_T = 0, one_h = 0; /* --one T h corr: a single config (for profilers) */
@@ -215,6 +217,8 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--stages2")) setenv("NSA_CUDA_STAGES", "2", 1);
     else if (!strcmp(argv[i], "--nohint")) setenv("NSA_CUDA_L2HINT", "0", 1);
     else if (!strcmp(argv[i], "--fwd-key") && i + 1 < argc) setenv("NSA_CUDA_FWD_KEY", argv[++i], 1);
+    else if (!strcmp(argv[i], "--dk") && i + 1 < argc)
+      one_dk = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--one") && i + 3 < argc) {
       one_T = atoll(argv[++i]);
       one_h = atoll(argv[++i]);
@@ -300,7 +304,7 @@ int main(int argc, char **argv) {
     CKC(cudaMalloc(&dsel, sizeof(int32_t) * T * G * n));
     for (int dkv = 0; dkv < 2; dkv++) {
       const int64_t Dk = dkv ? 192 : 128, Dv = 128;
-      if (dkv && (T != 16384 || one_T)) continue; /* Dk = 192 at T = 16k only */
+      if (one_dk ? Dk != one_dk : dkv && (T != 16384 || one_T)) continue; /* Dk = 192 at T = 16k only */
       void *k = dev_random_bf16((size_t)T * G * Dk), *v = dev_random_bf16((size_t)T * G * Dv);
       for (size_t hi = 0; hi < (small_h ? 2 : 4); hi++) {
         const int64_t h = hs[hi], H = G * h;

@@ -594,7 +594,7 @@ extern "C" int nsa_cuda_sel_fwd(nsa_cuda_ctx_t *ctx, const nsa_fwd_args_t *a,
     // docs/PERF.md); it needs its inversion and one row batch of partials in
     // the arena. If they do not fit (cap, or out of device memory) the
     // query-centric kernel runs instead.
-    // Row-block forward (fwd_rows.h) at h = 16 (Dk = Dv = 128): no partials
+    // Row-block forward (fwd_rows.h) at h = 16 (Dk = 128 or 192, Dv = 128): no partials
     // and no workspace beyond the plan. Auto only while the forward kernel
     // is not forced (NSA_CUDA_FWD_KEY=0|1 keep the kernel they name: tests,
     // A/B); NSA_CUDA_FWD_ROWS=0|1 overrides per request.

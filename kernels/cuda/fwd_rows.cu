@@ -49,7 +49,8 @@
 //   5. o = O / l, lse = (m + log2 l) ln 2 (empty row: o = 0, lse = -inf;
 //      *invalid > 0, a device-counted invalid selection with sync = 0: NaN).
 // Shared memory (Dk = Dv = 128, kRows = 11): ring 5 x 32 KB, Q 48 KB, lists
-// ~8 KB: ~217 KB, one CTA of 12 warps per SM.
+// ~8 KB: ~217 KB, one CTA of 12 warps per SM. Dk = 192 (forward only): K is
+// three boxes, a slot 40 KB, Q 70 KB at 11 rows: 3 slots (4 at 9 rows).
 //
 // The backward's dq from dS (kDS; nsa_cuda_bwd_t::ds, after dk/dv): the
 // same lists, union and ring, but a slot holds K only (12 slots of 16 KB),
@@ -90,16 +91,19 @@ constexpr float kLn2 = 0.6931471805599453f;
 // Ring slot: K then V, each two swizzled boxes [64 keys][64 dims] of 8 KB
 // (d 0..63, then 64..127); 1024-byte aligned (the swizzle's period).
 constexpr int kBox = kT * 64 * 2;    // bytes per box
-constexpr int kSlot = 4 * kBox;      // K + V of one tile (Dk = Dv = 128)
 
 // kDS: the backward's dq from dS (nsa_cuda_bwd_t::ds), whose ring slots hold
 // K only and which stages no Q / dO.
+// The forward also takes Dk = 192 (three 64-dim K boxes; the NSA paper's
+// Dk / Dv): with Q's 48 -> 70 KB at 11 rows and 40 KB slots, 3 slots fit
+// (4 at 9 rows).
 template <int kRows, int DK, int DV, bool kBwd = false, bool kDS = false> struct RowsSmem {
-  static_assert(DK == 128 && DV == 128, "two 64-dim boxes per K and V tile");
+  static_assert((DK == 128 || (DK == 192 && !kBwd)) && DV == 128, "64-dim boxes: K 2 or 3, V 2");
   static_assert(kBwd || !kDS, "dS is the backward's");
+  static constexpr int kKB = DK / 64;                                     // K boxes per tile (V: 2)
   static constexpr int kThreads = (kRows + 1) * 32;
-  static constexpr int kSlotB = kDS ? 2 * kBox : kSlot;                   // bytes per ring slot
-  static constexpr int kNS = kDS ? 12 : kBwd ? 4 : kRows <= 11 ? 5 : 4;   // ring slots that fit
+  static constexpr int kSlotB = kDS ? 2 * kBox : (kKB + 2) * kBox;        // bytes per ring slot
+  static constexpr int kNS = kDS ? 12 : kBwd ? 4 : DK == 192 ? (kRows <= 9 ? 4 : 3) : kRows <= 11 ? 5 : 4;  // ring slots that fit
   static constexpr int QS = DK + 8;                                       // +16 bytes: conflict-free ldmatrix
   static constexpr size_t ring_off = 0;                                   // [kNS][kSlotB] (1024-aligned base)
   static constexpr size_t q_off = ring_off + (size_t)kNS * kSlotB;        // [kRows][16][QS]
@@ -122,13 +126,13 @@ template <int kRows, int DK, int DV, bool kBwd = false, bool kDS = false> struct
 // bwd_common.cuh with the swizzled B addresses. Key row kr = np*16 +
 // (lane & 7) + (lane >> 4)*8 (so kr & 7 = lane & 7), 16-byte chunk
 // c = 2*kstep + ((lane >> 3) & 1) of d: box c >> 3, chunk (c & 7) ^ (kr & 7).
-template <typename T, int QS>
+template <typename T, int QS, int DK = 128>
 __device__ __forceinline__ void qk_sw(const T *q_s, unsigned ks, int lane, float (&s)[8][4]) {
 #pragma unroll
   for (int i = 0; i < 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
   const unsigned rowb = ks + ((lane & 7) + (lane >> 4) * 8) * 128;
 #pragma unroll
-  for (int kk = 0; kk < 8; kk++) {
+  for (int kk = 0; kk < DK / 16; kk++) {
     unsigned af[4];
     ldsm_x4(smem_u32(q_s + (lane & 15) * QS + kk * 16 + (lane >> 4) * 8), af[0], af[1], af[2], af[3]);
     const int c = kk * 2 + ((lane >> 3) & 1);
@@ -412,14 +416,14 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
         const int k0 = sUt[u] * kT;
         const unsigned dst = ring + s * L::kSlotB, bar = full0 + 8 * s;
         nsa_mbar::flag_store(smem_u32(&sTag[s]), u);  // after the empty wait: releases what it acquired
-        nsa_mbar::arrive_expect_tx(bar, 2 * kBox);
-        nsa_mbar::tma_load_4d(dst, &tmk, 0, (int)g, k0, (int)b, bar);
-        nsa_mbar::tma_load_4d(dst + kBox, &tmk, 64, (int)g, k0, (int)b, bar);
+        nsa_mbar::arrive_expect_tx(bar, L::kKB * kBox);
+#pragma unroll
+        for (int x = 0; x < L::kKB; x++) nsa_mbar::tma_load_4d(dst + x * kBox, &tmk, 64 * x, (int)g, k0, (int)b, bar);
         if constexpr (!kDS) {
-          const unsigned barv = fullv0 + 8 * s;
+          const unsigned barv = fullv0 + 8 * s, vs = dst + L::kKB * kBox;
           nsa_mbar::arrive_expect_tx(barv, 2 * kBox);
-          nsa_mbar::tma_load_4d(dst + 2 * kBox, &tmv, 0, (int)g, k0, (int)b, barv);
-          nsa_mbar::tma_load_4d(dst + 3 * kBox, &tmv, 64, (int)g, k0, (int)b, barv);
+          nsa_mbar::tma_load_4d(vs, &tmv, 0, (int)g, k0, (int)b, barv);
+          nsa_mbar::tma_load_4d(vs + kBox, &tmv, 64, (int)g, k0, (int)b, barv);
         }
         // The rows that do not use this step release the slot now (their
         // warps never touch it), so a busy warp holds only its own steps.
@@ -523,12 +527,12 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     __syncwarp();  // every lane's Q pieces landed
     walk_steps<kNS, L::kSlotB>(cnt, mystep, sTag, ring, full0, empty0, lane, [&](int j, unsigned slot, int s, int u) {
       float sc[8][4];
-      qk_sw<T, L::QS>(q_s, slot, lane, sc);
+      qk_sw<T, L::QS, DK>(q_s, slot, lane, sc);
       softmax_tile<DV>(sc, mk[j], mk[j], cq, c2, mr0, mr1, l0, l1, o);  // one row: the same mask for both halves
       unsigned pa[4][4];
       p_to_a<T>(sc, pa);
       nsa_mbar::wait(fullv0 + 8 * s, (u / kNS) & 1);  // V may land after K
-      pv_sw<T>(pa, slot + 2 * kBox, lane, o);
+      pv_sw<T>(pa, slot + L::kKB * kBox, lane, o);
     });
     if (!row_ok) return;
     l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
@@ -542,18 +546,18 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
 
 // One launch of the kernel: A = nsa_cuda_attn_t (forward, R rows per CTA)
 // or nsa_cuda_bwd_t (kBwd: the backward's dq, R = kRowsBwd).
-template <typename T, int R, bool kBwd, typename A, bool kDS = false>
+template <typename T, int R, bool kBwd, typename A, bool kDS = false, int DK = 128>
 cudaError_t launch_rows(const A *a, const nsa_plan_t *plan, const nsa_cuda_fwd_rows_t *M, cudaStream_t st,
                         float *pre_delta = nullptr, float *pre_lsec = nullptr) {
-  using L = RowsSmem<R, 128, 128, kBwd, kDS>;
+  using L = RowsSmem<R, DK, 128, kBwd, kDS>;
   static unsigned long long set_on = 0;  // bwd_common.cuh: set once per device
   int dev = 0;
-  cudaError_t e = set_smem_once(fwd_rows_kernel<T, R, 128, 128, kBwd, kDS, A>, (int)L::bytes, &set_on, &dev);
+  cudaError_t e = set_smem_once(fwd_rows_kernel<T, R, DK, 128, kBwd, kDS, A>, (int)L::bytes, &set_on, &dev);
   if (e != cudaSuccess) return e;
   const int64_t NB = (a->S + R - 1) / R;
   const int64_t NT = (a->Skv + kT - 1) / kT;
   const int64_t grid = a->B * a->G * NB;
-  fwd_rows_kernel<T, R, 128, 128, kBwd, kDS, A><<<(unsigned)grid, L::kThreads, L::bytes, st>>>(
+  fwd_rows_kernel<T, R, DK, 128, kBwd, kDS, A><<<(unsigned)grid, L::kThreads, L::bytes, st>>>(
       *a, M->k, M->v, (const int2 *)plan->spans, plan->nspans, (int)plan->n, NB, (int)((NT + 31) / 32), M->gmaj,
       pre_delta, pre_lsec);
   return cudaGetLastError();
@@ -561,6 +565,9 @@ cudaError_t launch_rows(const A *a, const nsa_plan_t *plan, const nsa_cuda_fwd_r
 
 template <typename T>
 cudaError_t launch_t(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa_cuda_fwd_rows_t *M, cudaStream_t st) {
+  if (a->Dk == 192)
+    return M->rows == 9 ? launch_rows<T, 9, false, nsa_cuda_attn_t, false, 192>(a, plan, M, st)
+                        : launch_rows<T, 11, false, nsa_cuda_attn_t, false, 192>(a, plan, M, st);
   return M->rows == 15 ? launch_rows<T, 15, false>(a, plan, M, st) : launch_rows<T, 11, false>(a, plan, M, st);
 }
 
@@ -628,14 +635,14 @@ namespace {
 // (0 never, 1 wherever it can run).
 int rows_plan(int64_t h, int64_t Dk, int64_t Dv, int64_t n, int64_t B, int64_t S, int64_t G, int64_t Skv,
               const void *k, const int64_t *ks, const void *v, const int64_t *vs, nsa_dtype_t dt, int sel_kind,
-              int32_t block_size, int aligned, int mode, const char *env, nsa_cuda_fwd_rows_t *M) {
+              int32_t block_size, int aligned, int mode, const char *env, int dk192, nsa_cuda_fwd_rows_t *M) {
   memset(M, 0, sizeof(*M));
   const char *e = getenv(env);
   if (e && e[0] == '0') mode = 0;
   if (e && e[0] == '1') mode = 1;
   if (mode == 0 || !aligned || sel_kind != NSA_SEL_BLOCK_INDICES) return 0;
   if (dt != NSA_BF16 && dt != NSA_F16) return 0;
-  if (h != 16 || Dk != 128 || Dv != 128) return 0;
+  if (h != 16 || !(Dk == 128 || (dk192 && Dk == 192)) || Dv != 128) return 0;
   if (n < 1 || n > 32 || B <= 0 || S <= 0 || G <= 0 || Skv <= 0) return 0;
   const int64_t NT = (Skv + kT - 1) / kT;
   if (NT > kNTmax || Skv > 0x7fffffff - kT) return 0;
@@ -674,17 +681,19 @@ int rows_plan(int64_t h, int64_t Dk, int64_t Dv, int64_t n, int64_t B, int64_t S
 extern "C" int nsa_cuda_fwd_rows_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, int sel_kind, int32_t block_size,
                                       int aligned, int mode, nsa_cuda_fwd_rows_t *M) {
   if (!rows_plan(a->h, a->Dk, a->Dv, a->n, a->B, a->S, a->G, a->Skv, a->k, a->ks, a->v, a->vs, dt, sel_kind,
-                 block_size, aligned, mode, "NSA_CUDA_FWD_ROWS", M))
+                 block_size, aligned, mode, "NSA_CUDA_FWD_ROWS", 1, M))
     return 0;
-  const char *re = getenv("NSA_CUDA_FWD_ROWS_R");  // A/B: rows per CTA
-  M->rows = (re && atoi(re) == 15) ? 15 : kRowsDefault;
+  // A/B: rows per CTA, 11 or 15 (Dk = 128), 11 or 9 (Dk = 192)
+  const char *re = getenv("NSA_CUDA_FWD_ROWS_R");
+  const int r = re ? atoi(re) : 0;
+  M->rows = r == (a->Dk == 192 ? 9 : 15) ? r : kRowsDefault;
   return 1;
 }
 
 extern "C" int nsa_cuda_bwd_rows_plan(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, int sel_kind, int32_t block_size,
                                       int aligned, nsa_cuda_fwd_rows_t *M) {
   if (!rows_plan(a->h, a->Dk, a->Dv, a->n, a->B, a->S, a->G, a->Skv, a->k, a->ks, a->v, a->vs, dt, sel_kind,
-                 block_size, aligned, -1, "NSA_CUDA_BWD_ROWS", M))
+                 block_size, aligned, -1, "NSA_CUDA_BWD_ROWS", 0, M))
     return 0;
   M->rows = kRowsBwd;
   return 1;

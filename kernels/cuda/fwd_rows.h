@@ -35,12 +35,13 @@ extern "C" {
  * host for this request's pointers and strides) and the rows per CTA. */
 typedef struct {
   CUtensorMap k, v;
-  int rows; /* forward: 11 (default) or 15 (NSA_CUDA_FWD_ROWS_R=15, A/B); backward dq: 10 */
+  int rows; /* forward: 11 (default) or, for A/B (NSA_CUDA_FWD_ROWS_R), 15 at Dk = 128 / 9 at Dk = 192; backward dq: 10 */
   int gmaj; /* 1: row blocks of one (b, g) after another (K/V past L2), 0: g fastest */
 } nsa_cuda_fwd_rows_t;
 
 /* 1 when this request can run on the row-block kernel: bf16/f16, h = 16,
- * Dk = Dv = 128, q/k/v rows 16-byte aligned (`aligned`), block-index
+ * Dk = 128 or 192 (three 64-dim K boxes per tile) and Dv = 128, q/k/v rows
+ * 16-byte aligned (`aligned`), block-index
  * selections with at most 32 tiles per row (n * tiles per block) and n <= 32,
  * at most 8192 tiles per (b, g), a compute-capability >= 9.0 device, and K /
  * V strides a TMA tensor map accepts; fills *M. mode: 0 never, 1 wherever

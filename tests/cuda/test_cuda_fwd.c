@@ -352,23 +352,17 @@ static int64_t bit_diff(const double *a, const double *b, int64_t n) {
   return d;
 }
 
-/* Row-block forward (fwd_rows.h: h = 16, Dk = Dv = 128, block ids): random
- * and blockwise selections, S not a multiple of either row-block size,
- * Skv not a multiple of the 64-key tile (last tile zero-filled), block
- * sizes 64 and 32 (a block over two tiles), unused slots and empty rows,
- * G = 1 and 2, B = 2, K/V as [B, S, G, D] and [B, G, S, D], both dtypes,
- * v2 and v1 planners; each run against the
- * float64 reference. The default (11 rows per CTA) and NSA_CUDA_FWD_ROWS_R=15
- * must agree bitwise (a row's tiles are visited in the same order whatever
- * the blocking), and both must differ bitwise from NSA_CUDA_FWD_ROWS=0 (the
- * key-centric kernel rounds in another order), which shows the row-block
- * kernel ran. Then an invalid selection with sync = 0: every output NaN. */
-Test(cuda_fwd, row_block_kernel) {
-  NSA_REQUIRE_GPU();
-  nsa_cuda_ctx_t *ctx = mkctx(0);
+/* The row-block cases (nsa_tc_row_block_cfg) at Dk = dk: each run against
+ * the float64 reference; the default rows per CTA (11) and `alt_rows`
+ * (NSA_CUDA_FWD_ROWS_R) must agree bitwise (a row's tiles are visited in
+ * the same order whatever the blocking), so must the v1 and v2 planners,
+ * and both must differ bitwise from NSA_CUDA_FWD_ROWS=0 (the key-centric
+ * kernel rounds in another order), which shows the row-block kernel ran. */
+static void row_block_cases(nsa_cuda_ctx_t *ctx, int64_t dk, const char *alt_rows, uint64_t seed0) {
   for (int k = 0; k < 9; k++) {
     nsa_tu_case_cfg_t cfg = base();
-    nsa_tc_row_block_cfg(&cfg, k, NSA_TU_SEL_BLOCKWISE, 2100 + k);
+    nsa_tc_row_block_cfg(&cfg, k, NSA_TU_SEL_BLOCKWISE, seed0 + k);
+    cfg.Dk = dk;
     fx_t f;
     fx_init(&f, &cfg);
     double *o1 = malloc(sizeof(double) * (size_t)f.no), *l1 = malloc(sizeof(double) * (size_t)f.nl);
@@ -376,15 +370,34 @@ Test(cuda_fwd, row_block_kernel) {
     double *o3 = malloc(sizeof(double) * (size_t)f.no), *l3 = malloc(sizeof(double) * (size_t)f.nl);
     cr_assert(o1 && l1 && o2 && l2 && o3 && l3);
     run_env(ctx, &f, NSA_PATH_VARLEN_V2, NULL, NULL, o1, l1);
-    run_env(ctx, &f, NSA_PATH_VARLEN_V2, "NSA_CUDA_FWD_ROWS_R", "15", o2, l2);
-    cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0, "case %d: 11 and 15 rows per CTA differ", k);
+    run_env(ctx, &f, NSA_PATH_VARLEN_V2, "NSA_CUDA_FWD_ROWS_R", alt_rows, o2, l2);
+    cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0, "Dk %lld case %d: 11 and %s rows per CTA differ",
+                 (long long)dk, k, alt_rows);
     run_env(ctx, &f, NSA_PATH_VARLEN_V1, NULL, NULL, o2, l2);
-    cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0, "case %d: v1 and v2 planners differ", k);
+    cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0, "Dk %lld case %d: v1 and v2 planners differ",
+                 (long long)dk, k);
     run_env(ctx, &f, NSA_PATH_VARLEN_V2, "NSA_CUDA_FWD_ROWS", "0", o3, l3);
-    cr_expect_gt(bit_diff(o1, o3, f.no), 0, "case %d: row-block and key-centric outputs identical: not run", k);
+    cr_expect_gt(bit_diff(o1, o3, f.no), 0, "Dk %lld case %d: row-block and key-centric outputs identical: not run",
+                 (long long)dk, k);
     free(o1), free(l1), free(o2), free(l2), free(o3), free(l3);
     fx_free(&f);
   }
+}
+
+/* Row-block forward (fwd_rows.h: h = 16, Dv = 128, block ids): random
+ * and blockwise selections, S not a multiple of either row-block size,
+ * Skv not a multiple of the 64-key tile (last tile zero-filled), block
+ * sizes 64 and 32 (a block over two tiles), unused slots and empty rows,
+ * G = 1 and 2, B = 2, K/V as [B, S, G, D] and [B, G, S, D], both dtypes,
+ * v2 and v1 planners (row_block_cases): Dk = 128 with 11 and 15 rows per
+ * CTA, Dk = 192 (three K boxes per tile) with 11 rows and 3 ring slots and
+ * with 9 rows and 4. Then an invalid selection with sync = 0: every output
+ * NaN. */
+Test(cuda_fwd, row_block_kernel) {
+  NSA_REQUIRE_GPU();
+  nsa_cuda_ctx_t *ctx = mkctx(0);
+  row_block_cases(ctx, 128, "15", 2100);
+  row_block_cases(ctx, 192, "9", 2200);
   /* invalid selection, sync = 0: queued, nothing read, NaN out */
   nsa_tu_case_cfg_t cfg = base();
   cfg.h = 16;
