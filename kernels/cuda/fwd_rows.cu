@@ -24,8 +24,8 @@
 //      consumer lane j then maps its row's tile j to its union step and sets
 //      the warp's bit in um[step] (the rows that use the step);
 //   3. the producer (one lane) streams union tile u into ring slot u % kNS
-//      by TMA: K and V of the tile's 64 keys, each as two boxes of 64 keys x
-//      64 dims (128 bytes per key row, 128-byte swizzle: 16-byte chunk c of
+//      by TMA: K and V of the tile's 64 keys, each as boxes of 64 keys x
+//      64 dims (K: Dk / 64 of them, V: two; 128 bytes per key row, 128-byte swizzle: 16-byte chunk c of
 //      key row kr sits at chunk c ^ (kr & 7), so ldmatrix reads are
 //      conflict-free), keys past Skv zero-filled by the TMA unit, K's
 //      boxes completing on full[slot] and V's on fullv[slot] (mbar.cuh), so
@@ -88,8 +88,9 @@ constexpr int kW = kNTmax / 32;       // bitmap words
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// Ring slot: K then V, each two swizzled boxes [64 keys][64 dims] of 8 KB
-// (d 0..63, then 64..127); 1024-byte aligned (the swizzle's period).
+// Ring slot: K then V, each as swizzled boxes [64 keys][64 dims] of 8 KB
+// (d 0..63, then 64..127, ...: Dk / 64 for K, two for V); 1024-byte
+// aligned (the swizzle's period).
 constexpr int kBox = kT * 64 * 2;    // bytes per box
 
 // kDS: the backward's dq from dS (nsa_cuda_bwd_t::ds), whose ring slots hold
@@ -632,7 +633,8 @@ namespace {
 
 // What nsa_cuda_fwd_rows_plan and nsa_cuda_bwd_rows_plan share: the
 // conditions, the tensor maps and the row-block order. env: the A/B knob
-// (0 never, 1 wherever it can run).
+// (0 never, 1 wherever it can run). dk192: Dk = 192 is admitted (the
+// forward's; the backward's dq instances are built for Dk = 128 only).
 int rows_plan(int64_t h, int64_t Dk, int64_t Dv, int64_t n, int64_t B, int64_t S, int64_t G, int64_t Skv,
               const void *k, const int64_t *ks, const void *v, const int64_t *vs, nsa_dtype_t dt, int sel_kind,
               int32_t block_size, int aligned, int mode, const char *env, int dk192, nsa_cuda_fwd_rows_t *M) {
