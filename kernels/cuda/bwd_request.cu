@@ -385,8 +385,8 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   // sums each row's tiles on chip: no dq partials, so one batch.
   nsa_cuda_fwd_rows_t rows_m;
   int rows_dq = 0;
+  nsa_cuda_bwd_t view;  // the request's tensors, for the kernels' conditions (filled when rows_dq can be set)
   if (!ranges && !maybe_packed) {
-    nsa_cuda_bwd_t view;
     fill_bwd(&view, a, &d, NULL, NULL, NULL);
     rows_dq = nsa_cuda_bwd_rows_plan(&view, d.dtype, a->sel.kind, a->sel.block_size, tc_ok, &rows_m);
   }
@@ -395,11 +395,7 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
   if (!ranges) {
     cap = d.rows * nsa_cuda_inv_row_bound_blocks(d.n, a->sel.block_size, NT);
     dq_rows0 = rows_dq ? 0 : choose_dq_rows(&d, cap, 0, tc_ok);
-    if (rows_dq && tc_ok) {
-      nsa_cuda_bwd_t view;
-      fill_bwd(&view, a, &d, NULL, NULL, NULL);
-      rows_ds = choose_ds(&d, &view, cap, rows_dq);
-    }
+    if (rows_dq && tc_ok) rows_ds = choose_ds(&d, &view, cap, rows_dq);
     layout2(&d, cap, 0, 0, dq_rows0, &L, rows_ds);
   } else {
     L.end = L.end1;
