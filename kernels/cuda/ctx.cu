@@ -601,7 +601,29 @@ extern "C" int nsa_cuda_sel_fwd(nsa_cuda_ctx_t *ctx, const nsa_fwd_args_t *a,
     nsa_cuda_fwd_rows_t RM;
     const int rows_fwd = nsa_cuda_fwd_rows_plan(&at, d.dtype, a->sel.kind, a->sel.block_size, aligned,
                                                 ctx->fwd_key == -1 ? -1 : 0, &RM);
-    if (rows_fwd) CK(nsa_cuda_launch_fwd_rows(&at, d.dtype, &plan, &RM, ctx->stream), "row-block forward launch");
+    if (rows_fwd) {
+      // The row grouping's order (B * G * S int32) after the plan; without
+      // room for it the rows run in t order (same outputs, bitwise).
+      int32_t *ord = NULL;
+      const size_t ob = nsa_cuda_fwd_rows_ws_bytes(&at, &RM);
+      if (ob > 0) {
+        const size_t off = align256(used);
+        const int rs = arena_reserve(ctx, off + ob, L.end_plan, msg, msglen);
+        if (rs != NSA_OK) {
+          if (ctx->fatal) return rs;
+          cudaGetLastError();  // a failed cudaMalloc is not sticky
+          if (msg && msglen) msg[0] = 0;
+        } else {
+          ws = (char *)ctx->arena;
+          dsum = (nsa_cuda_summary_t *)(ws + L.sum);
+          nsa_plan_bind(&plan, ws + L.plan, d.rows, d.n);
+          at.invalid = &dsum->invalid;
+          ord = (int32_t *)(ws + off);
+          used = off + ob;
+        }
+      }
+      CK(nsa_cuda_launch_fwd_rows(&at, d.dtype, &plan, &RM, ord, ctx->stream), "row-block forward launch");
+    }
     nsa_cuda_fwd_key_layout_t KL;
     int key = !rows_fwd && nsa_cuda_fwd_key_plan(&at, d.dtype, a->sel.kind, a->sel.block_size, aligned,
                                                  ctx->fwd_key, used, &KL);

@@ -167,6 +167,38 @@ __device__ __forceinline__ void pv_sw(const unsigned (&pa)[4][4], unsigned vs, i
     }
 }
 
+// A row's distinct 64-key tiles from its spans, one span per lane (lane i
+// holds span i, xr, of the row's nsr): spans are sorted and disjoint, so a
+// tile is shared only by consecutive spans. Lane i's tiles are first..last
+// (ok: the span is in use and inside [0, Skv): a bad one must not index past
+// the tiles; the plan never has them), at positions p0, p0 + 1, ... of the
+// row's ascending tile list (when the previous span listed the first tile
+// already, p0 is that tile's position: it is written twice with one id);
+// cnt = the row's tile count, at most kMaxT. Every lane must call it.
+struct SpanTiles {
+  int first, last, p0, cnt;
+  bool ok;
+};
+__device__ __forceinline__ SpanTiles span_tiles(int2 xr, int nsr, int n, int64_t Skv, int lane) {
+  SpanTiles r;
+  const int nsp = min(nsr, n);
+  r.ok = lane < nsp && xr.y > xr.x && xr.x >= 0 && xr.y <= Skv;
+  r.first = r.ok ? xr.x / kT : -2, r.last = r.ok ? (xr.y - 1) / kT : -2;
+  int plast = __shfl_up_sync(0xffffffffu, r.last, 1);
+  if (lane == 0) plast = -3;
+  const bool shr = r.ok && r.first == plast;  // first tile already listed by the previous span
+  const int nnew = r.ok ? r.last - r.first + 1 - (shr ? 1 : 0) : 0;
+  int inc = nnew;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int v = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += v;
+  }
+  r.cnt = min(__shfl_sync(0xffffffffu, inc, 31), kMaxT);
+  r.p0 = inc - nnew - (shr ? 1 : 0);
+  return r;
+}
+
 // A consumer warp's walk over its own steps (the ring protocol of step 3):
 // for its j-th tile, union step u in ring slot s = u % kNS, it spins until
 // the slot's tag is u (the producer has started filling the slot for step u,
@@ -194,7 +226,7 @@ template <typename T, int kRows, int DK, int DV, bool kBwd, bool kDS, typename A
 __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     fwd_rows_kernel(A a, const __grid_constant__ CUtensorMap tmk, const __grid_constant__ CUtensorMap tmv,
                     const int2 *__restrict__ spans, const int32_t *__restrict__ nspans, int n, int64_t NB, int nw, int gmaj,
-                    float *__restrict__ pre_delta, float *__restrict__ pre_lsec) {
+                    float *__restrict__ pre_delta, float *__restrict__ pre_lsec, const int32_t *__restrict__ ord) {
   using L = RowsSmem<kRows, DK, DV, kBwd, kDS>;
   constexpr int kThreads = L::kThreads, kNS = L::kNS;
   constexpr int CK = DK / 8;  // 16-byte pieces per Q row
@@ -224,8 +256,11 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     tb = NB - 1 - rest % NB, b = rest / NB;
   }
   const int64_t t0 = tb * kRows;
-  const int64_t t = t0 + warp;  // this consumer warp's row (warp < kRows)
+  // This consumer warp's row (warp < kRows): position t0 + warp of the
+  // (b, g)'s rows, in t order or, with ord (group_rows_kernel), its grouping.
+  int64_t t = t0 + warp;
   bool row_ok = warp < kRows && t < a.S;
+  if (ord != nullptr && row_ok) t = ord[(b * a.G + g) * a.S + t];
   if constexpr (kDS) {
     // One row batch [ds_row0, ds_row1) per launch (the inversion's rows):
     // a block with none of them leaves at once; rows outside it list no tile.
@@ -326,28 +361,14 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     int *rt = sRt + warp * kMaxT;
     mk[lane] = 0ull;  // kMaxT == 32: one entry per lane
     if (row_ok) {
-      const int nsp = min(nsr, n);
-      const int2 x = lane < nsp ? xr : make_int2(0, 0);
-      // Spans outside [0, Skv) are skipped (the plan never has them; a bad one must not index past the tiles).
-      const bool ok = lane < nsp && x.y > x.x && x.x >= 0 && x.y <= a.Skv;
-      const int first = ok ? x.x / kT : -2, last = ok ? (x.y - 1) / kT : -2;
-      int plast = __shfl_up_sync(0xffffffffu, last, 1);
-      if (lane == 0) plast = -3;
-      const bool shr = ok && first == plast;  // first tile already listed by the previous span
-      const int nnew = ok ? last - first + 1 - (shr ? 1 : 0) : 0;
-      int inc = nnew;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int v = __shfl_up_sync(0xffffffffu, inc, o);
-        if (lane >= o) inc += v;
-      }
-      cnt = min(__shfl_sync(0xffffffffu, inc, 31), kMaxT);
+      const SpanTiles st = span_tiles(xr, nsr, n, a.Skv, lane);
+      cnt = st.cnt;
       __syncwarp();  // mk zeroed before the ORs
-      if (ok) {
-        int p = inc - nnew - (shr ? 1 : 0);
-        for (int kt = first; kt <= last; kt++, p++)
+      if (st.ok) {
+        int p = st.p0;
+        for (int kt = st.first; kt <= st.last; kt++, p++)
           if (p < kMaxT) {
-            atomicOr(&mk[p], tile_span_bits(x.x, x.y, kt));
+            atomicOr(&mk[p], tile_span_bits(xr.x, xr.y, kt));
             rt[p] = kt;  // a shared tile is written twice with the same id
             atomicOr(&sBm[kt >> 5], 1u << (kt & 31));
           }
@@ -548,7 +569,7 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
 // or nsa_cuda_bwd_t (kBwd: the backward's dq, R = kRowsBwd).
 template <typename T, int R, bool kBwd, typename A, bool kDS = false, int DK = 128>
 cudaError_t launch_rows(const A *a, const nsa_plan_t *plan, const nsa_cuda_fwd_rows_t *M, cudaStream_t st,
-                        float *pre_delta = nullptr, float *pre_lsec = nullptr) {
+                        float *pre_delta = nullptr, float *pre_lsec = nullptr, const int32_t *ord = nullptr) {
   using L = RowsSmem<R, DK, 128, kBwd, kDS>;
   static unsigned long long set_on = 0;  // bwd_common.cuh: set once per device
   int dev = 0;
@@ -559,16 +580,172 @@ cudaError_t launch_rows(const A *a, const nsa_plan_t *plan, const nsa_cuda_fwd_r
   const int64_t grid = a->B * a->G * NB;
   fwd_rows_kernel<T, R, DK, 128, kBwd, kDS, A><<<(unsigned)grid, L::kThreads, L::bytes, st>>>(
       *a, M->k, M->v, (const int2 *)plan->spans, plan->nspans, (int)plan->n, NB, (int)((NT + 31) / 32), M->gmaj,
-      pre_delta, pre_lsec);
+      pre_delta, pre_lsec, ord);
+  return cudaGetLastError();
+}
+
+// ---- Row grouping (fwd_rows.h, nsa_cuda_fwd_rows_t::group) ----
+// One CTA of kGWarps warps per window of kGB row blocks (W = kGB * R <= 96
+// positions) of one (b, g); thread j owns the window's row j (position p0 +
+// j, t = p0 + j) and holds its tiles as a bitmask (NW words, NT <= 32 NW).
+// It deals the rows into the window's kGB blocks greedily so that rows
+// sharing tiles share a block (a CTA of the forward loads each tile of its
+// rows' union once). Per block: the seed is the remaining row with the
+// largest t (the most keys); then R - 1 times the remaining row with the
+// fewest tiles outside the block's union so far (ties: larger t) joins and
+// its tiles enter the union. ord[(b*G + g)*S + position] = t; every t of
+// the window appears once whatever the spans (a bad span only lists fewer
+// tiles). A window whose blocks in t order already share most tiles keeps t
+// order (below).
+// Shared memory: the rows' masks ([96][nw] u32), the union ([nw]), the
+// rows' tile counts, the warps' keys.
+constexpr int kGB = 8;                   // row blocks per window
+constexpr int kGWarps = 3;               // warps per window
+constexpr int kGRowsMax = 32 * kGWarps;  // W <= 96 (R <= 12)
+constexpr int kGNT = 1024;               // tiles per (b, g) at most (masks of 32 words)
+
+__host__ __device__ constexpr size_t group_smem(int nw) {
+  return (size_t)(kGRowsMax + 1) * nw * 4 + 4 * kGRowsMax + 4 * kGWarps;
+}
+
+template <int NW>
+__global__ void __launch_bounds__(kGWarps * 32) group_rows_kernel(const int2 *__restrict__ spans,
+                                                                    const int32_t *__restrict__ nspans, int n,
+                                                                    int64_t B, int64_t S, int64_t G, int64_t Skv,
+                                                                    int R, int nw, int32_t *__restrict__ ord) {
+  extern __shared__ __align__(16) unsigned char gsm[];
+  unsigned *smask = reinterpret_cast<unsigned *>(gsm);  // [96][nw] the rows' tiles
+  unsigned *um = smask + kGRowsMax * nw;                // [nw] the block's union
+  int *scnt = reinterpret_cast<int *>(um + nw);         // [96] tile counts
+  unsigned *skey = reinterpret_cast<unsigned *>(scnt + kGRowsMax);  // [kGWarps]
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int W = kGB * R;
+  const int64_t nwin = (S + W - 1) / W;
+  const int64_t bg = blockIdx.x / nwin, p0 = (blockIdx.x % nwin) * W;  // bg = b * G + g
+  const int64_t b = bg / G, g = bg % G;
+  const int Wn = (int)min((int64_t)W, S - p0);  // rows in this window
+  for (int i = tid; i < kGRowsMax * nw; i += kGWarps * 32) smask[i] = 0u;
+  __syncthreads();
+  // Each warp lists its 32 rows' tiles into their masks, 8 rows at a time
+  // (their spans loaded together, so the global latencies overlap).
+  constexpr int kLB = 8;
+  for (int j0 = warp * 32; j0 < min(Wn, warp * 32 + 32); j0 += kLB) {
+    int2 xs[kLB];
+    int ns[kLB];
+#pragma unroll
+    for (int u = 0; u < kLB; u++) {
+      xs[u] = make_int2(0, 0), ns[u] = 0;
+      if (j0 + u < Wn) {
+        const int64_t r = (b * S + p0 + j0 + u) * G + g;
+        if (lane < n) xs[u] = spans[r * n + lane];
+        ns[u] = nspans[r];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kLB; u++) {
+      const int j = j0 + u;
+      if (j >= Wn) break;
+      const SpanTiles st = span_tiles(xs[u], ns[u], n, Skv, lane);
+      if (st.ok)
+        for (int kt = st.first, p = st.p0; kt <= st.last && p < kMaxT; kt++, p++)
+          atomicOr(&smask[j * nw + (kt >> 5)], 1u << (kt & 31));
+      if (lane == 0) scnt[j] = st.cnt;
+    }
+  }
+  __syncthreads();
+  // Rows in t order that already share most tiles (a trained model's
+  // neighbouring queries; the bench's corr) cannot gain: when the window's
+  // blocks in t order have unions under 2.5x their largest row's tile count
+  // in all, keep t order and skip the greedy. Warp w sums blocks w, w + 3, ...
+  {
+    int sum_u = 0, sum_max = 0;
+    for (int blk = warp; blk * R < Wn; blk += kGWarps) {
+      const int j1 = min(Wn, blk * R + R);
+      int pc = 0, mx = 0;
+      for (int w = lane; w < nw; w += 32) {
+        unsigned u = 0u;
+        for (int j = blk * R; j < j1; j++) u |= smask[j * nw + w];
+        pc += __popc(u);
+      }
+      for (int j = blk * R; j < j1; j++) mx = max(mx, scnt[j]);
+      sum_u += (int)__reduce_add_sync(0xffffffffu, (unsigned)pc);
+      sum_max += mx;
+    }
+    if (lane == 0) skey[warp] = (unsigned)sum_u << 16 | (unsigned)sum_max;
+    __syncthreads();
+    int tu = 0, tm = 0;
+#pragma unroll
+    for (int w = 0; w < kGWarps; w++) tu += (int)(skey[w] >> 16), tm += (int)(skey[w] & 0xffffu);
+    const int me = warp * 32 + lane;
+    if (2 * tu <= 5 * tm) {
+      if (me < Wn) ord[bg * S + p0 + me] = (int32_t)(p0 + me);
+      return;  // (block-uniform)
+    }
+    __syncthreads();  // skey read by all before the greedy reuses it
+  }
+  const int me = warp * 32 + lane;  // this thread's row
+  bool left = me < Wn;
+  unsigned rm[NW];  // its mask (words past nw are 0)
+#pragma unroll
+  for (int w = 0; w < NW; w++) rm[w] = w < nw ? smask[me * nw + w] : 0u;
+  for (int blk = 0; blk * R < Wn; blk++) {
+    for (int i = tid; i < nw; i += kGWarps * 32) um[i] = 0u;
+    __syncthreads();
+    const int take = min(R, Wn - blk * R);
+    for (int m = 0; m < take; m++) {
+      // key = (tiles outside the union) << 8 | (255 - j): the minimum is the
+      // fewest new tiles, then the largest j (= t); for the seed (m = 0)
+      // simply the largest remaining j.
+      unsigned key = 0xffffffffu;
+      if (left) {
+        int c = 0;
+        if (m > 0) {
+#pragma unroll
+          for (int w = 0; w < NW; w++) c += __popc(rm[w] & ~(w < nw ? um[w] : 0u));
+        }
+        key = ((unsigned)c << 8) | (unsigned)(255 - me);
+      }
+      key = __reduce_min_sync(0xffffffffu, key);
+      if (lane == 0) skey[warp] = key;
+      __syncthreads();
+#pragma unroll
+      for (int w = 0; w < kGWarps; w++) key = min(key, skey[w]);
+      const int j = 255 - (int)(key & 255u);
+      if (me == j) left = false;
+      if (warp == 0) {  // the winner's tiles enter the union (lane w: word w)
+        for (int w = lane; w < nw; w += 32) um[w] |= smask[j * nw + w];
+        if (lane == 0) ord[bg * S + p0 + blk * R + m] = (int32_t)(p0 + j);
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// Queues the grouping of the (b, g)'s rows into row blocks of R (ord: [B *
+// G * S] i32) on st. The caller checks kGB * R <= kGRowsMax and NT <= kGNT.
+cudaError_t launch_group(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, int R, int32_t *ord, cudaStream_t st) {
+  const int64_t NT = (a->Skv + kT - 1) / kT;
+  const int nw = (int)((NT + 31) / 32);
+  const int64_t nwin = a->B * a->G * ((a->S + kGB * R - 1) / (kGB * R));
+  static_assert(group_smem(kGNT / 32) <= 48 * 1024, "no opt-in shared memory");
+  auto *kern = nw <= 8 ? group_rows_kernel<8> : nw <= 16 ? group_rows_kernel<16> : group_rows_kernel<32>;
+  kern<<<(unsigned)nwin, kGWarps * 32, group_smem(nw), st>>>((const int2 *)plan->spans, plan->nspans, (int)plan->n,
+                                                              a->B, a->S, a->G, a->Skv, R, nw, ord);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch_t(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa_cuda_fwd_rows_t *M, cudaStream_t st) {
+cudaError_t launch_t(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa_cuda_fwd_rows_t *M, int32_t *ord,
+                     cudaStream_t st) {
+  if (ord != nullptr) {
+    const cudaError_t e = launch_group(a, plan, M->rows, ord, st);
+    if (e != cudaSuccess) return e;
+  }
   if (a->Dk == 192)
-    return M->rows == 9 ? launch_rows<T, 9, false, nsa_cuda_attn_t, false, 192>(a, plan, M, st)
-                        : launch_rows<T, 11, false, nsa_cuda_attn_t, false, 192>(a, plan, M, st);
-  return M->rows == 15 ? launch_rows<T, 15, false>(a, plan, M, st) : launch_rows<T, 11, false>(a, plan, M, st);
+    return M->rows == 9 ? launch_rows<T, 9, false, nsa_cuda_attn_t, false, 192>(a, plan, M, st, nullptr, nullptr, ord)
+                        : launch_rows<T, 11, false, nsa_cuda_attn_t, false, 192>(a, plan, M, st, nullptr, nullptr, ord);
+  return M->rows == 15 ? launch_rows<T, 15, false>(a, plan, M, st, nullptr, nullptr, ord)
+                       : launch_rows<T, 11, false>(a, plan, M, st, nullptr, nullptr, ord);
 }
 
 // cuTensorMapEncodeTiled through the runtime's driver entry point, so no
@@ -688,6 +865,9 @@ extern "C" int nsa_cuda_fwd_rows_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, 
   const char *re = getenv("NSA_CUDA_FWD_ROWS_R");
   const int r = re ? atoi(re) : 0;
   M->rows = r == (a->Dk == 192 ? 9 : 15) ? r : kRowsDefault;
+  // Row grouping (group_rows_kernel): on unless NSA_CUDA_FWD_ROWS_GROUP=0 (A/B).
+  const char *ge = getenv("NSA_CUDA_FWD_ROWS_GROUP");
+  M->group = !(ge && ge[0] == '0') && kGB * M->rows <= kGRowsMax && a->Skv <= (int64_t)kGNT * kT;
   return 1;
 }
 
@@ -700,11 +880,22 @@ extern "C" int nsa_cuda_bwd_rows_plan(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, i
   return 1;
 }
 
+extern "C" cudaError_t nsa_cuda_fwd_rows_group(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, int rows,
+                                               int32_t *ord, cudaStream_t st) {
+  if (rows < 1 || kGB * rows > kGRowsMax || a->Skv > (int64_t)kGNT * kT || a->n < 1 || a->n > 32)
+    return cudaErrorInvalidValue;
+  return launch_group(a, plan, rows, ord, st);
+}
+
+extern "C" size_t nsa_cuda_fwd_rows_ws_bytes(const nsa_cuda_attn_t *a, const nsa_cuda_fwd_rows_t *M) {
+  return M->group ? (size_t)a->B * (size_t)a->G * (size_t)a->S * sizeof(int32_t) : 0;
+}
+
 extern "C" cudaError_t nsa_cuda_launch_fwd_rows(const nsa_cuda_attn_t *a, nsa_dtype_t dt, const nsa_plan_t *plan,
-                                                const nsa_cuda_fwd_rows_t *M, cudaStream_t st) {
+                                                const nsa_cuda_fwd_rows_t *M, int32_t *ord, cudaStream_t st) {
   switch (dt) {
-    case NSA_BF16: return launch_t<__nv_bfloat16>(a, plan, M, st);
-    case NSA_F16: return launch_t<__half>(a, plan, M, st);
+    case NSA_BF16: return launch_t<__nv_bfloat16>(a, plan, M, ord, st);
+    case NSA_F16: return launch_t<__half>(a, plan, M, ord, st);
     default: return cudaErrorInvalidValue;
   }
 }

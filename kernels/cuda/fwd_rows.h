@@ -37,6 +37,7 @@ typedef struct {
   CUtensorMap k, v;
   int rows; /* forward: 11 (default) or, for A/B (NSA_CUDA_FWD_ROWS_R), 15 at Dk = 128 / 9 at Dk = 192; backward dq: 10 */
   int gmaj; /* 1: row blocks of one (b, g) after another (K/V past L2), 0: g fastest */
+  int group; /* forward: 1 = rows dealt into row blocks by shared tiles (group_rows_kernel), 0 = in t order */
 } nsa_cuda_fwd_rows_t;
 
 /* 1 when this request can run on the row-block kernel: bf16/f16, h = 16,
@@ -50,10 +51,26 @@ typedef struct {
 int nsa_cuda_fwd_rows_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, int sel_kind, int32_t block_size,
                            int aligned, int mode, nsa_cuda_fwd_rows_t *M);
 
-/* Enqueues the kernel on `st` (o and lse from the plan; no workspace, no
- * host synchronization). */
+/* Workspace of the row grouping: B * G * S int32 (the row order), or 0 when
+ * M->group is 0. */
+size_t nsa_cuda_fwd_rows_ws_bytes(const nsa_cuda_attn_t *a, const nsa_cuda_fwd_rows_t *M);
+
+/* The row grouping alone (the first launch of nsa_cuda_launch_fwd_rows with
+ * ord; uses a->B, S, G, Skv): for each (b, g), windows of 8 row blocks of
+ * `rows` positions (8 * rows <= 96), each window's rows dealt greedily into
+ * its blocks, rows sharing tiles together: ord[(b*G + g)*S + position] = t,
+ * a permutation of each window's t. */
+cudaError_t nsa_cuda_fwd_rows_group(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, int rows, int32_t *ord,
+                                    cudaStream_t st);
+
+/* Enqueues the kernel on `st` (o and lse from the plan; no host
+ * synchronization). ord: nsa_cuda_fwd_rows_ws_bytes of workspace for the
+ * row grouping, which then runs first; NULL: rows in t order. Either way
+ * the outputs are bitwise the same (each row's tiles are visited in
+ * ascending order by one warp); the grouping only changes which rows share
+ * a CTA's tile loads. */
 cudaError_t nsa_cuda_launch_fwd_rows(const nsa_cuda_attn_t *a, nsa_dtype_t dt, const nsa_plan_t *plan,
-                                     const nsa_cuda_fwd_rows_t *M, cudaStream_t st);
+                                     const nsa_cuda_fwd_rows_t *M, int32_t *ord, cudaStream_t st);
 
 /* The backward's dq on the same kernel (fwd_rows.cu, kBwd): a CTA streams
  * the union of 10 rows' tiles; warp w computes row t0 + w's dq = scale *

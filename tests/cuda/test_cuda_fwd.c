@@ -373,6 +373,9 @@ static void row_block_cases(nsa_cuda_ctx_t *ctx, int64_t dk, const char *alt_row
     run_env(ctx, &f, NSA_PATH_VARLEN_V2, "NSA_CUDA_FWD_ROWS_R", alt_rows, o2, l2);
     cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0, "Dk %lld case %d: 11 and %s rows per CTA differ",
                  (long long)dk, k, alt_rows);
+    run_env(ctx, &f, NSA_PATH_VARLEN_V2, "NSA_CUDA_FWD_ROWS_GROUP", "0", o2, l2);
+    cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0,
+                 "Dk %lld case %d: rows grouped and in t order differ", (long long)dk, k);
     run_env(ctx, &f, NSA_PATH_VARLEN_V1, NULL, NULL, o2, l2);
     cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0, "Dk %lld case %d: v1 and v2 planners differ",
                  (long long)dk, k);

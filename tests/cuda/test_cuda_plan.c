@@ -340,3 +340,93 @@ Test(cuda_plan, all_rows_unused) {
       check_plan(&cfg, INJ_ALL_UNUSED);
     }
 }
+
+/* Row grouping of the row-block forward (fwd_rows.h, nsa_cuda_fwd_rows_group):
+ * B = 2, G = 2, S = 300 rows per (b, g) in windows of 8 blocks x 11 rows
+ * (three full windows of 88 positions and one of 36), Skv = 1024 (16 tiles)
+ * or 64000 (1000 tiles), n = 4 span slots. Row t of (b, g) is in class c
+ * and selects tiles t0 + 3c .. t0 + 2 + 3c (one span); every 13th row also has an out-of-range
+ * second span, which lists no tile. ord (poisoned first) must deal each
+ * window's t exactly once, and:
+ *   mixed, c = (t + b + 3g) % 4: in t order every block of 11 rows mixes all
+ *     four classes (12-tile unions); the greedy must give every block of a
+ *     full window a single class (3 tiles; 22 rows per class per window);
+ *   runs, c = (t / 22 + b + g) % 4: blocks in t order hold at most two
+ *     classes (unions within 2.5x of a row's 3 tiles), so the window keeps t
+ *     order: ord[p] = p. */
+#include "fwd_rows.h"
+
+static void grouping_case(int runs, int64_t Skv, int64_t t0) {
+  const int64_t B = 2, G = 2, S = 300, n = 4, R = 11, W = 8 * R;
+  const int64_t rows = B * S * G;
+  int32_t *hs = calloc((size_t)(rows * n * 2), sizeof(int32_t)), *hn = calloc((size_t)rows, sizeof(int32_t));
+  int32_t *ho = malloc(sizeof(int32_t) * (size_t)rows);
+  cr_assert(hs && hn && ho);
+#define CLASS(t, b, g) (runs ? ((t) / 22 + (b) + (g)) % 4 : ((t) + (b) + 3 * (g)) % 4)
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t t = 0; t < S; t++)
+      for (int64_t g = 0; g < G; g++) {
+        const int64_t r = (b * S + t) * G + g, c = CLASS(t, b, g);
+        hs[r * n * 2 + 0] = (int32_t)(64 * (t0 + 3 * c));
+        hs[r * n * 2 + 1] = (int32_t)(64 * (t0 + 3 + 3 * c));
+        hn[r] = 1;
+        if (t % 13 == 0) {
+          hs[r * n * 2 + 2] = (int32_t)(Skv + 10), hs[r * n * 2 + 3] = (int32_t)(Skv + 20);
+          hn[r] = 2;
+        }
+      }
+  int32_t *ds = NULL, *dn = NULL, *dord = NULL;
+  cr_assert_eq(cudaMalloc((void **)&ds, sizeof(int32_t) * (size_t)(rows * n * 2)), cudaSuccess);
+  cr_assert_eq(cudaMalloc((void **)&dn, sizeof(int32_t) * (size_t)rows), cudaSuccess);
+  cr_assert_eq(cudaMalloc((void **)&dord, sizeof(int32_t) * (size_t)rows), cudaSuccess);
+  cr_assert_eq(cudaMemcpy(ds, hs, sizeof(int32_t) * (size_t)(rows * n * 2), cudaMemcpyHostToDevice), cudaSuccess);
+  cr_assert_eq(cudaMemcpy(dn, hn, sizeof(int32_t) * (size_t)rows, cudaMemcpyHostToDevice), cudaSuccess);
+  cr_assert_eq(cudaMemset(dord, 0xff, sizeof(int32_t) * (size_t)rows), cudaSuccess); /* poison: -1 */
+  nsa_plan_t plan;
+  memset(&plan, 0, sizeof plan);
+  plan.rows = rows, plan.n = n, plan.spans = ds, plan.nspans = dn;
+  nsa_cuda_attn_t a;
+  memset(&a, 0, sizeof a);
+  a.B = B, a.S = S, a.G = G, a.Skv = Skv, a.h = 16, a.Dk = a.Dv = 128, a.n = n;
+  cr_assert_eq(nsa_cuda_fwd_rows_group(&a, &plan, (int)R, dord, 0), cudaSuccess);
+  cr_assert_eq(cudaMemcpy(ho, dord, sizeof(int32_t) * (size_t)rows, cudaMemcpyDeviceToHost), cudaSuccess);
+  int pure = 0, kept = 0;
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t g = 0; g < G; g++) {
+      const int32_t *o = ho + (b * G + g) * S;
+      for (int64_t w0 = 0; w0 < S; w0 += W) {
+        const int64_t wn = S - w0 < W ? S - w0 : W;
+        int seen[88] = {0};
+        for (int64_t p = w0; p < w0 + wn; p++) {
+          cr_assert(o[p] >= w0 && o[p] < w0 + wn, "(b %lld g %lld) position %lld: t = %d outside its window",
+                    (long long)b, (long long)g, (long long)p, o[p]);
+          cr_assert_eq(seen[o[p] - w0]++, 0, "(b %lld g %lld) t = %d placed twice", (long long)b, (long long)g,
+                       o[p]);
+          kept += o[p] == p;
+        }
+        if (wn < W || runs) continue;
+        for (int64_t p = w0; p < w0 + wn; p += R) { /* every block of a full window: one class */
+          const int64_t c0 = CLASS(o[p], b, g);
+          for (int64_t m = 1; m < R; m++)
+            cr_expect_eq(CLASS(o[p + m], b, g), c0, "(b %lld g %lld) block at %lld mixes classes", (long long)b,
+                         (long long)g, (long long)p);
+          pure++;
+        }
+      }
+    }
+#undef CLASS
+  if (runs)
+    cr_expect_eq(kept, rows, "runs: %d of %lld rows kept their t-order position", kept, (long long)rows);
+  else
+    cr_expect_eq(pure, B * G * 3 * 8);
+  cudaFree(ds), cudaFree(dn), cudaFree(dord);
+  free(hs), free(hn), free(ho);
+}
+
+Test(cuda_plan, row_grouping) {
+  NSA_REQUIRE_GPU();
+  grouping_case(0, 1024, 1);        /* 16 tiles: one-word masks */
+  grouping_case(1, 1024, 1);
+  grouping_case(0, 64 * 1000, 985); /* 1000 tiles: 32-word masks, the classes in words 30 and 31 */
+  grouping_case(1, 64 * 1000, 985);
+}
