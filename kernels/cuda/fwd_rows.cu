@@ -10,8 +10,9 @@
 // against the staged dO in bwd_pre_vec_kernel's lanes and order, and delta
 // and the lse copy are written for dk/dv.
 //
-// fwd_rows_kernel: one CTA per (b, g, block of kRows consecutive rows);
-// kRows consumer warps (warp w = row t0 + w, its 16 heads = the 16 rows of
+// fwd_rows_kernel: one CTA per (b, g, block of kRows rows: consecutive, or as the row
+// grouping (group_rows_kernel, below) ordered them);
+// kRows consumer warps (warp w = the row at position t0 + w, its 16 heads = the 16 rows of
 // an m16n8k16 A tile) and one producer warp (warp kRows).
 //   1. each consumer warp lists its row's distinct 64-key tiles and its
 //      64-bit key mask in each (lane i takes span i; spans are sorted and

@@ -7,16 +7,21 @@
  * about half of the public kernel's time on random selections
  * (docs/PERF.md). The query-centric kernels pull every selected tile from L2
  * once per row. This kernel sits between: one CTA per block of kRows
- * consecutive rows of one (b, g) streams the *union* of the block's selected
+ * rows of one (b, g) streams the *union* of the block's selected
  * 64-key tiles through shared memory once (a producer warp, TMA boxes,
  * mbarriers), and each of the kRows consumer warps owns one row (its 16
  * heads are one m16 MMA tile) and computes only the tiles its row selected,
  * with the online softmax in registers: no partials, no merge, no inversion,
- * no workspace beyond the plan.
+ * no workspace beyond the plan and the row order (4 bytes per row).
+ *
+ * The cost of a CTA follows the size of its union, so which rows share a
+ * block matters: the row grouping (nsa_cuda_fwd_rows_group) deals each
+ * window of 8 blocks' rows greedily by shared tiles first (ord).
  *
  * Index maps: row r = ((b*S) + t)*G + g; CTA c -> g = c % G, row block
  * tb = NB - 1 - (c / G) % NB (the last, widest blocks first), b = c / (G*NB),
- * rows t = tb*kRows + w for consumer warp w. When the K/V of all (b, g)
+ * positions p = tb*kRows + w for consumer warp w, row t = ord[(b*G + g)*S +
+ * p] (ord NULL: t = p). When the K/V of all (b, g)
  * exceed L2 (gmaj): tb = NB - 1 - c % NB, g = (c / NB) % G, b = c / (NB*G).
  * Deterministic: each row's tiles are visited in ascending order by one warp.
  */
