@@ -354,6 +354,32 @@ static void req_layout(const nsa_dims_t *d, int Pg, req_layout_t *L) {
   L->end_plan = o;
 }
 
+// Grows the arena to `need` bytes for an optional buffer (the row
+// grouping's order, the key-centric forward's inversion and partials),
+// keeping its first `keep` bytes (the plan), and rebinds the request's
+// pointers into the new arena (*ws, *dsum, the plan, at->invalid). *got = 1
+// when it grew; 0 when the cap or the device memory refused it: the request
+// then goes on without the buffer, and only a sticky CUDA error (ctx->fatal)
+// fails it.
+static int arena_grow_optional(nsa_cuda_ctx_t *ctx, size_t need, size_t keep, char **ws, nsa_cuda_summary_t **dsum,
+                               nsa_plan_t *plan, const req_layout_t *L, const nsa_dims_t *d, nsa_cuda_attn_t *at,
+                               int *got, char *msg, size_t msglen) {
+  *got = 0;
+  const int rs = arena_reserve(ctx, need, keep, msg, msglen);
+  if (rs != NSA_OK) {
+    if (ctx->fatal) return rs;
+    cudaGetLastError();  // a failed cudaMalloc is not sticky
+    if (msg && msglen) msg[0] = 0;
+    return NSA_OK;
+  }
+  *ws = (char *)ctx->arena;
+  *dsum = (nsa_cuda_summary_t *)(*ws + L->sum);
+  nsa_plan_bind(plan, *ws + L->plan, d->rows, d->n);
+  at->invalid = &(*dsum)->invalid;
+  *got = 1;
+  return NSA_OK;
+}
+
 static void summary_to_info(const nsa_cuda_summary_t *s, const nsa_dims_t *d, nsa_run_info_t *info) {
   info->rows = d->rows;
   info->max_len = s->max_len;
@@ -608,16 +634,10 @@ extern "C" int nsa_cuda_sel_fwd(nsa_cuda_ctx_t *ctx, const nsa_fwd_args_t *a,
       const size_t ob = nsa_cuda_fwd_rows_ws_bytes(&at, &RM);
       if (ob > 0) {
         const size_t off = align256(used);
-        const int rs = arena_reserve(ctx, off + ob, L.end_plan, msg, msglen);
-        if (rs != NSA_OK) {
-          if (ctx->fatal) return rs;
-          cudaGetLastError();  // a failed cudaMalloc is not sticky
-          if (msg && msglen) msg[0] = 0;
-        } else {
-          ws = (char *)ctx->arena;
-          dsum = (nsa_cuda_summary_t *)(ws + L.sum);
-          nsa_plan_bind(&plan, ws + L.plan, d.rows, d.n);
-          at.invalid = &dsum->invalid;
+        int got = 0;
+        st = arena_grow_optional(ctx, off + ob, L.end_plan, &ws, &dsum, &plan, &L, &d, &at, &got, msg, msglen);
+        if (st) return st;
+        if (got) {
           ord = (int32_t *)(ws + off);
           used = off + ob;
         }
@@ -628,17 +648,11 @@ extern "C" int nsa_cuda_sel_fwd(nsa_cuda_ctx_t *ctx, const nsa_fwd_args_t *a,
     int key = !rows_fwd && nsa_cuda_fwd_key_plan(&at, d.dtype, a->sel.kind, a->sel.block_size, aligned,
                                                  ctx->fwd_key, used, &KL);
     if (key) {
-      st = arena_reserve(ctx, KL.end, L.end_plan, msg, msglen);
-      if (st != NSA_OK) {
-        if (ctx->fatal) return st;
-        cudaGetLastError();  // a failed cudaMalloc is not sticky
-        if (msg && msglen) msg[0] = 0;
-        key = 0;
-      } else {
-        ws = (char *)ctx->arena;
-        dsum = (nsa_cuda_summary_t *)(ws + L.sum);
-        nsa_plan_bind(&plan, ws + L.plan, d.rows, d.n);
-        at.invalid = &dsum->invalid;
+      int got = 0;
+      st = arena_grow_optional(ctx, KL.end, L.end_plan, &ws, &dsum, &plan, &L, &d, &at, &got, msg, msglen);
+      if (st) return st;
+      key = got;
+      if (key) {
         CK(nsa_cuda_launch_fwd_key(&at, d.dtype, &plan, ws, &KL, ctx->stream), "key-centric forward launch");
         used = KL.end;
       }
