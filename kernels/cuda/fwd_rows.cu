@@ -586,160 +586,224 @@ cudaError_t launch_rows(const A *a, const nsa_plan_t *plan, const nsa_cuda_fwd_r
 }
 
 // ---- Row grouping (fwd_rows.h, nsa_cuda_fwd_rows_t::group) ----
-// One CTA of kGWarps warps per window of kGB row blocks (W = kGB * R <= 96
-// positions) of one (b, g); thread j owns the window's row j (position p0 +
-// j, t = p0 + j) and holds its tiles as a bitmask (NW words, NT <= 32 NW).
-// It deals the rows into the window's kGB blocks greedily so that rows
-// sharing tiles share a block (a CTA of the forward loads each tile of its
-// rows' union once). Per block: the seed is the remaining row with the
-// largest t (the most keys); then R - 1 times the remaining row with the
-// fewest tiles outside the block's union so far (ties: larger t) joins and
-// its tiles enter the union. ord[(b*G + g)*S + position] = t; every t of
-// the window appears once whatever the spans (a bad span only lists fewer
-// tiles). A window whose blocks in t order already share most tiles keeps t
-// order (below).
-// Shared memory: the rows' masks ([96][nw] u32), the union ([nw]), the
-// rows' tile counts, the warps' keys.
-constexpr int kGB = 8;                   // row blocks per window
-constexpr int kGWarps = 3;               // warps per window
-constexpr int kGRowsMax = 32 * kGWarps;  // W <= 96 (R <= 12)
-constexpr int kGNT = 1024;               // tiles per (b, g) at most (masks of 32 words)
+// One warp per window of NBK row blocks (W = NBK * R positions, NBK = 8 or
+// 16, R <= 16) of one (b, g). It deals the window's rows into its blocks
+// greedily so that rows sharing tiles share a block (a CTA of the forward
+// loads each tile of its rows' union once). Per block: the seed is the
+// remaining row with the largest t (the most keys); then R - 1 times the
+// remaining row with the fewest tiles outside the block's union so far
+// (ties: larger t) joins and its tiles enter the union.
+// ord[(b*G + g)*S + position] = t; every t of the window appears once
+// whatever the spans (a bad span only lists fewer tiles). A window whose
+// blocks in t order already share most tiles keeps t order (below).
+//
+// Index maps. Window row j (t = p0 + j) has the bit bj = 16 (j / R) + j % R
+// (block j / R in its own 16-bit half of a word); lane l owns bits 32 k + l
+// (k < KW = NBK / 2), i.e. the rows of blocks 2k + (l >> 4) at position
+// l & 15 (< R), and holds their tiles as bitmasks in registers (NW words,
+// NT <= 32 NW tiles) with c = their tiles outside U, the union of the block
+// being built (in every lane's registers too). A round: one warp
+// min-reduction picks the row; its mask, broadcast from shared memory,
+// enters U, and each lane takes the new tiles off its rows' c (one popc per
+// word that gained tiles). No barrier.
+// H200, 8-block windows, Nsight Compute (docs/PERF.md): 16k / 64k h = 16
+// random 53 / 254 us, 16k corr (t-order exit) 15 us, against 53 / 293 / 23
+// for the previous version (3 warps, a row per thread, two barriers per
+// round). A round is latency-bound (~900 cycles for ~90 instructions at 16k),
+// so 16-block windows take about twice as long.
+// Shared memory: sm [W][NW] u32 the rows' masks; ub [NBK][NW] u32 the
+// t-order blocks' unions (the t-order check); cnt [W] u8 tile counts.
+constexpr int kGNT = 1024;  // tiles per (b, g) at most (NW <= 32)
 
-__host__ __device__ constexpr size_t group_smem(int nw) {
-  return (size_t)(kGRowsMax + 1) * nw * 4 + 4 * kGRowsMax + 4 * kGWarps;
+__host__ __device__ constexpr size_t group_smem(int nw, int blocks, int w) {
+  return ((size_t)w + blocks) * nw * 4 + (size_t)w;
 }
 
-template <int NW>
-__global__ void __launch_bounds__(kGWarps * 32) group_rows_kernel(const int2 *__restrict__ spans,
-                                                                    const int32_t *__restrict__ nspans, int n,
-                                                                    int64_t B, int64_t S, int64_t G, int64_t Skv,
-                                                                    int R, int nw, int32_t *__restrict__ ord) {
+template <int KW, int NW>
+__global__ void __launch_bounds__(32) group_rows_kernel(const int2 *__restrict__ spans,
+                                                          const int32_t *__restrict__ nspans, int n, int64_t S,
+                                                          int64_t G, int64_t Skv, int R, int32_t *__restrict__ ord) {
+  constexpr int NBK = 2 * KW;  // blocks per window
+  constexpr unsigned kFull = 0xffffffffu;
+  static_assert(NW % 4 == 0 && KW * NW <= 128, "masks in registers");
   extern __shared__ __align__(16) unsigned char gsm[];
-  unsigned *smask = reinterpret_cast<unsigned *>(gsm);  // [96][nw] the rows' tiles
-  unsigned *um = smask + kGRowsMax * nw;                // [nw] the block's union
-  int *scnt = reinterpret_cast<int *>(um + nw);         // [96] tile counts
-  unsigned *skey = reinterpret_cast<unsigned *>(scnt + kGRowsMax);  // [kGWarps]
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int W = kGB * R;
+  const int W = NBK * R;
+  unsigned *sm = reinterpret_cast<unsigned *>(gsm);                         // [W][NW]
+  unsigned *ub = sm + (size_t)W * NW;                                        // [NBK][NW]
+  unsigned char *cnt = reinterpret_cast<unsigned char *>(ub + NBK * NW);     // [W]
+  const int lane = threadIdx.x;
   const int64_t nwin = (S + W - 1) / W;
   const int64_t bg = blockIdx.x / nwin, p0 = (blockIdx.x % nwin) * W;  // bg = b * G + g
   const int64_t b = bg / G, g = bg % G;
   const int Wn = (int)min((int64_t)W, S - p0);  // rows in this window
-  for (int i = tid; i < kGRowsMax * nw; i += kGWarps * 32) smask[i] = 0u;
-  __syncthreads();
-  // Each warp lists its 32 rows' tiles into their masks, 8 rows at a time
-  // (their spans loaded together, so the global latencies overlap).
-  constexpr int kLB = 8;
-  for (int j0 = warp * 32; j0 < min(Wn, warp * 32 + 32); j0 += kLB) {
-    int2 xs[kLB];
-    int ns[kLB];
+  int32_t *ow = ord + bg * S + p0;
+  for (int i = lane; i < (W + NBK) * NW / 4; i += 32) reinterpret_cast<uint4 *>(sm)[i] = make_uint4(0u, 0u, 0u, 0u);
+  __syncwarp();
+
+  // 1. Lists, one row per lane: the row's bits in its mask (sm) and in its
+  // t-order block's union (ub), as shared-memory reductions (no value
+  // returned, so nothing waits on them). As span_tiles: spans in use and
+  // inside [0, Skv), a tile shared with the previous span listed once, at
+  // most kMaxT tiles. A lane's next row's nspans and first 16 spans are
+  // loaded while it lists the current one (spans past nspans are {0, 0} in
+  // the plan, and in-range: reading them is harmless).
+  constexpr int kPre = 16;
+  auto load_row = [&](int j, int2 (&x)[kPre], int &ns) {
+    const int64_t r = (b * S + p0 + j) * G + g;
+    ns = min(nspans[r], n);
 #pragma unroll
-    for (int u = 0; u < kLB; u++) {
-      xs[u] = make_int2(0, 0), ns[u] = 0;
-      if (j0 + u < Wn) {
-        const int64_t r = (b * S + p0 + j0 + u) * G + g;
-        if (lane < n) xs[u] = spans[r * n + lane];
-        ns[u] = nspans[r];
+    for (int u = 0; u < kPre; u++) x[u] = u < n ? spans[r * n + u] : make_int2(0, 0);
+  };
+  {
+    int2 nx[kPre];
+    int nsn = 0;
+    if (lane < Wn) load_row(lane, nx, nsn);
+    for (int j = lane; j < Wn; j += 32) {
+      int2 cur[kPre];
+      const int ns = nsn;
+#pragma unroll
+      for (int u = 0; u < kPre; u++) cur[u] = nx[u];
+      if (j + 32 < Wn) load_row(j + 32, nx, nsn);
+      unsigned *mj = sm + j * NW, *uj = ub + (j / R) * NW;
+      int c = 0, last = -1;
+      auto list = [&](int2 x) {
+        if (!(x.y > x.x && x.x >= 0 && x.y <= Skv)) return;
+        const int kl = (x.y - 1) / kT;
+        for (int kt = x.x / kT == last ? last + 1 : x.x / kT; kt <= kl && c < kMaxT; kt++, c++) {
+          const unsigned bt = 1u << (kt & 31);
+          atomicOr(mj + (kt >> 5), bt);
+          atomicOr(uj + (kt >> 5), bt);
+        }
+        last = kl;
+      };
+#pragma unroll
+      for (int u = 0; u < kPre; u++)
+        if (u < ns) list(cur[u]);
+      if (ns > kPre) {  // n > 16: the rest one by one
+        const int64_t r = (b * S + p0 + j) * G + g;
+        for (int u = kPre; u < ns; u++) list(spans[r * n + u]);
       }
-    }
-#pragma unroll
-    for (int u = 0; u < kLB; u++) {
-      const int j = j0 + u;
-      if (j >= Wn) break;
-      const SpanTiles st = span_tiles(xs[u], ns[u], n, Skv, lane);
-      if (st.ok)
-        for (int kt = st.first, p = st.p0; kt <= st.last && p < kMaxT; kt++, p++)
-          atomicOr(&smask[j * nw + (kt >> 5)], 1u << (kt & 31));
-      if (lane == 0) scnt[j] = st.cnt;
+      cnt[j] = (unsigned char)c;
     }
   }
-  __syncthreads();
-  // Rows in t order that already share most tiles (a trained model's
+  __syncwarp();
+
+  // This lane's rows: bit k of `left` = the row at bit 32 k + lane exists
+  // and is not placed yet; rm[k] its mask, cr[k] its tile count.
+  unsigned left = 0u;
+  unsigned rm[KW][NW];
+  int cr[KW];
+#pragma unroll
+  for (int k = 0; k < KW; k++) {
+    const int pos = lane & 15, j = (2 * k + (lane >> 4)) * R + pos;
+    const bool ex = pos < R && j < Wn;
+    cr[k] = ex ? cnt[j] : 0;
+    if (ex) left |= 1u << k;
+#pragma unroll
+    for (int h = 0; h < NW / 4; h++) {
+      const uint4 v = ex ? reinterpret_cast<const uint4 *>(sm + j * NW)[h] : make_uint4(0u, 0u, 0u, 0u);
+      rm[k][4 * h] = v.x, rm[k][4 * h + 1] = v.y, rm[k][4 * h + 2] = v.z, rm[k][4 * h + 3] = v.w;
+    }
+  }
+  // 2. Rows in t order that already share most tiles (a trained model's
   // neighbouring queries; the bench's corr) cannot gain: when the window's
   // blocks in t order have unions under 2.5x their largest row's tile count
-  // in all, keep t order and skip the greedy. Warp w sums blocks w, w + 3, ...
+  // in all, keep t order and skip the greedy.
   {
-    int sum_u = 0, sum_max = 0;
-    for (int blk = warp; blk * R < Wn; blk += kGWarps) {
-      const int j1 = min(Wn, blk * R + R);
-      int pc = 0, mx = 0;
-      for (int w = lane; w < nw; w += 32) {
-        unsigned u = 0u;
-        for (int j = blk * R; j < j1; j++) u |= smask[j * nw + w];
-        pc += __popc(u);
-      }
-      for (int j = blk * R; j < j1; j++) mx = max(mx, scnt[j]);
-      sum_u += (int)__reduce_add_sync(0xffffffffu, (unsigned)pc);
-      sum_max += mx;
-    }
-    if (lane == 0) skey[warp] = (unsigned)sum_u << 16 | (unsigned)sum_max;
-    __syncthreads();
-    int tu = 0, tm = 0;
+    int tm = 0, su = 0;
 #pragma unroll
-    for (int w = 0; w < kGWarps; w++) tu += (int)(skey[w] >> 16), tm += (int)(skey[w] & 0xffffu);
-    const int me = warp * 32 + lane;
-    if (2 * tu <= 5 * tm) {
-      if (me < Wn) ord[bg * S + p0 + me] = (int32_t)(p0 + me);
-      return;  // (block-uniform)
+    for (int k = 0; k < KW; k++) {
+      int m = cr[k];
+#pragma unroll
+      for (int o = 8; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(kFull, m, o));
+      if ((lane & 15) == 0) tm += m;
     }
-    __syncthreads();  // skey read by all before the greedy reuses it
+    for (int i = lane; i < NBK * NW; i += 32) su += __popc(ub[i]);
+    tm = (int)__reduce_add_sync(kFull, (unsigned)tm);
+    su = (int)__reduce_add_sync(kFull, (unsigned)su);
+    if (2 * su <= 5 * tm) {
+      for (int j = lane; j < Wn; j += 32) ow[j] = (int32_t)(p0 + j);
+      return;
+    }
   }
-  const int me = warp * 32 + lane;  // this thread's row
-  bool left = me < Wn;
-  unsigned rm[NW];  // its mask (words past nw are 0)
-#pragma unroll
-  for (int w = 0; w < NW; w++) rm[w] = w < nw ? smask[me * nw + w] : 0u;
+
+  // 3. The greedy, block by block. c[k] = the row's tiles outside U, kept
+  // up to date: a pick's new tiles (d = its mask & ~U, the same in every
+  // lane) are taken off, word by word where d has any.
   for (int blk = 0; blk * R < Wn; blk++) {
-    for (int i = tid; i < nw; i += kGWarps * 32) um[i] = 0u;
-    __syncthreads();
+    unsigned U[NW];
+    int c[KW];
+#pragma unroll
+    for (int w = 0; w < NW; w++) U[w] = 0u;
+#pragma unroll
+    for (int k = 0; k < KW; k++) c[k] = cr[k];
     const int take = min(R, Wn - blk * R);
     for (int m = 0; m < take; m++) {
-      // key = (tiles outside the union) << 8 | (255 - j): the minimum is the
-      // fewest new tiles, then the largest j (= t); for the seed (m = 0)
-      // simply the largest remaining j.
-      unsigned key = 0xffffffffu;
-      if (left) {
-        int c = 0;
-        if (m > 0) {
+      // key = (tiles outside U) << 8 | (255 - bit): the minimum is the
+      // fewest new tiles, then the largest bit (= the largest t); for the
+      // seed (m = 0) simply the largest remaining bit.
+      unsigned key = kFull;
 #pragma unroll
-          for (int w = 0; w < NW; w++) c += __popc(rm[w] & ~(w < nw ? um[w] : 0u));
+      for (int k = 0; k < KW; k++) {
+        const unsigned kk = ((unsigned)(m > 0 ? c[k] : 0) << 8) | (unsigned)(255 - (32 * k + lane));
+        if ((left >> k) & 1u) key = min(key, kk);
+      }
+      key = __reduce_min_sync(kFull, key);
+      const int bs = 255 - (int)(key & 255u), js = (bs >> 4) * R + (bs & 15);
+      if ((bs & 31) == lane) left &= ~(1u << (bs >> 5));
+      if (lane == 0) ow[blk * R + m] = (int32_t)(p0 + js);
+      if (m + 1 == take) break;
+      // The row's tiles enter U (a broadcast read of its mask).
+#pragma unroll
+      for (int h = 0; h < NW / 4; h++) {
+        const uint4 v = reinterpret_cast<const uint4 *>(sm + js * NW)[h];
+        const unsigned vw[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int w = 4 * h + e;
+          const unsigned d = vw[e] & ~U[w];
+          U[w] |= vw[e];
+          if (d != 0u) {
+#pragma unroll
+            for (int k = 0; k < KW; k++) c[k] -= __popc(rm[k][w] & d);
+          }
         }
-        key = ((unsigned)c << 8) | (unsigned)(255 - me);
       }
-      key = __reduce_min_sync(0xffffffffu, key);
-      if (lane == 0) skey[warp] = key;
-      __syncthreads();
-#pragma unroll
-      for (int w = 0; w < kGWarps; w++) key = min(key, skey[w]);
-      const int j = 255 - (int)(key & 255u);
-      if (me == j) left = false;
-      if (warp == 0) {  // the winner's tiles enter the union (lane w: word w)
-        for (int w = lane; w < nw; w += 32) um[w] |= smask[j * nw + w];
-        if (lane == 0) ord[bg * S + p0 + blk * R + m] = (int32_t)(p0 + j);
-      }
-      __syncthreads();
     }
   }
 }
 
-// Queues the grouping of the (b, g)'s rows into row blocks of R (ord: [B *
-// G * S] i32) on st. The caller checks kGB * R <= kGRowsMax and NT <= kGNT.
-cudaError_t launch_group(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, int R, int32_t *ord, cudaStream_t st) {
+// Whether the grouping takes this size: `blocks` (8 or 16) row blocks of R
+// <= 16 rows per window, at most 1024 tiles per (b, g), and 16-block windows
+// only up to 512 tiles (their masks, KW * NW words per lane, stay within
+// 128 registers).
+bool group_ok(int64_t Skv, int R, int blocks) {
+  const int64_t NT = (Skv + kT - 1) / kT;
+  const int64_t nw = (NT + 31) / 32 <= 8 ? 8 : (NT + 31) / 32 <= 16 ? 16 : 32;
+  return (blocks == 8 || blocks == 16) && R >= 1 && R <= 16 && NT >= 1 && NT <= kGNT && (blocks / 2) * nw <= 128;
+}
+
+// Queues the grouping of the (b, g)'s rows into row blocks of R, `blocks`
+// per window (ord: [B * G * S] i32) on st; group_ok holds.
+cudaError_t launch_group(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, int R, int blocks, int32_t *ord,
+                         cudaStream_t st) {
   const int64_t NT = (a->Skv + kT - 1) / kT;
-  const int nw = (int)((NT + 31) / 32);
-  const int64_t nwin = a->B * a->G * ((a->S + kGB * R - 1) / (kGB * R));
-  static_assert(group_smem(kGNT / 32) <= 48 * 1024, "no opt-in shared memory");
-  auto *kern = nw <= 8 ? group_rows_kernel<8> : nw <= 16 ? group_rows_kernel<16> : group_rows_kernel<32>;
-  kern<<<(unsigned)nwin, kGWarps * 32, group_smem(nw), st>>>((const int2 *)plan->spans, plan->nspans, (int)plan->n,
-                                                              a->B, a->S, a->G, a->Skv, R, nw, ord);
+  const int nw = (NT + 31) / 32 <= 8 ? 8 : (NT + 31) / 32 <= 16 ? 16 : 32;
+  const int64_t nwin = a->B * a->G * ((a->S + blocks * R - 1) / (blocks * R));
+  auto *kern = blocks == 16 ? (nw == 8 ? group_rows_kernel<8, 8> : group_rows_kernel<8, 16>)
+                            : (nw == 8 ? group_rows_kernel<4, 8> : nw == 16 ? group_rows_kernel<4, 16>
+                                                                              : group_rows_kernel<4, 32>);
+  kern<<<(unsigned)nwin, 32, group_smem(nw, blocks, blocks * R), st>>>(
+      (const int2 *)plan->spans, plan->nspans, (int)plan->n, a->S, a->G, a->Skv, R, ord);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_t(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa_cuda_fwd_rows_t *M, int32_t *ord,
                      cudaStream_t st) {
+  if (ord != nullptr && !group_ok(a->Skv, M->rows, M->group)) ord = nullptr;  // (M->group 0: t order)
   if (ord != nullptr) {
-    const cudaError_t e = launch_group(a, plan, M->rows, ord, st);
+    const cudaError_t e = launch_group(a, plan, M->rows, M->group, ord, st);
     if (e != cudaSuccess) return e;
   }
   if (a->Dk == 192)
@@ -866,9 +930,14 @@ extern "C" int nsa_cuda_fwd_rows_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, 
   const char *re = getenv("NSA_CUDA_FWD_ROWS_R");
   const int r = re ? atoi(re) : 0;
   M->rows = r == (a->Dk == 192 ? 9 : 15) ? r : kRowsDefault;
-  // Row grouping (group_rows_kernel): on unless NSA_CUDA_FWD_ROWS_GROUP=0 (A/B).
+  // Row grouping (group_rows_kernel) in windows of 8 row blocks;
+  // NSA_CUDA_FWD_ROWS_GROUP=0 turns it off, =16 takes 16-block windows
+  // where they fit (A/B: at 16k h = 16 random their forward kernel is 1.5 %
+  // faster, but their grouping takes 67 us more, docs/PERF.md).
   const char *ge = getenv("NSA_CUDA_FWD_ROWS_GROUP");
-  M->group = !(ge && ge[0] == '0') && kGB * M->rows <= kGRowsMax && a->Skv <= (int64_t)kGNT * kT;
+  M->group = ge && ge[0] == '0' ? 0 : ge && strcmp(ge, "16") == 0 ? 16 : 8;
+  if (M->group == 16 && !group_ok(a->Skv, M->rows, 16)) M->group = 8;
+  if (M->group != 0 && !group_ok(a->Skv, M->rows, M->group)) M->group = 0;
   return 1;
 }
 
@@ -882,10 +951,10 @@ extern "C" int nsa_cuda_bwd_rows_plan(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, i
 }
 
 extern "C" cudaError_t nsa_cuda_fwd_rows_group(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, int rows,
-                                               int32_t *ord, cudaStream_t st) {
-  if (rows < 1 || kGB * rows > kGRowsMax || a->Skv > (int64_t)kGNT * kT || a->n < 1 || a->n > 32)
-    return cudaErrorInvalidValue;
-  return launch_group(a, plan, rows, ord, st);
+                                               int blocks, int32_t *ord, cudaStream_t st) {
+  // plan->n: the span slots per row that the kernel reads.
+  if (!group_ok(a->Skv, rows, blocks) || plan->n < 1 || plan->n > 32) return cudaErrorInvalidValue;
+  return launch_group(a, plan, rows, blocks, ord, st);
 }
 
 extern "C" size_t nsa_cuda_fwd_rows_ws_bytes(const nsa_cuda_attn_t *a, const nsa_cuda_fwd_rows_t *M) {

@@ -16,7 +16,7 @@
  *
  * The cost of a CTA follows the size of its union, so which rows share a
  * block matters: the row grouping (nsa_cuda_fwd_rows_group) deals each
- * window of 8 blocks' rows greedily by shared tiles first (ord).
+ * window of 8 (or 16) blocks' rows greedily by shared tiles first (ord).
  *
  * Index maps: row r = ((b*S) + t)*G + g; CTA c -> g = c % G, row block
  * tb = NB - 1 - (c / G) % NB (the last, widest blocks first), b = c / (G*NB),
@@ -42,7 +42,8 @@ typedef struct {
   CUtensorMap k, v;
   int rows; /* forward: 11 (default) or, for A/B (NSA_CUDA_FWD_ROWS_R), 15 at Dk = 128 / 9 at Dk = 192; backward dq: 10 */
   int gmaj; /* 1: row blocks of one (b, g) after another (K/V past L2), 0: g fastest */
-  int group; /* forward: 1 = rows dealt into row blocks by shared tiles (group_rows_kernel), 0 = in t order */
+  int group; /* forward: row blocks per window of the row grouping (group_rows_kernel: 8, or 16 with
+               * NSA_CUDA_FWD_ROWS_GROUP=16 where they fit), 0 = rows in t order */
 } nsa_cuda_fwd_rows_t;
 
 /* 1 when this request can run on the row-block kernel: bf16/f16, h = 16,
@@ -61,12 +62,13 @@ int nsa_cuda_fwd_rows_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, int sel_kin
 size_t nsa_cuda_fwd_rows_ws_bytes(const nsa_cuda_attn_t *a, const nsa_cuda_fwd_rows_t *M);
 
 /* The row grouping alone (the first launch of nsa_cuda_launch_fwd_rows with
- * ord; uses a->B, S, G, Skv): for each (b, g), windows of 8 row blocks of
- * `rows` positions (8 * rows <= 96), each window's rows dealt greedily into
- * its blocks, rows sharing tiles together: ord[(b*G + g)*S + position] = t,
- * a permutation of each window's t. */
-cudaError_t nsa_cuda_fwd_rows_group(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, int rows, int32_t *ord,
-                                    cudaStream_t st);
+ * ord; uses a->B, S, G, Skv): for each (b, g), windows of `blocks` (8 or
+ * 16) row blocks of `rows` positions (rows <= 16, at most 1024 tiles per
+ * (b, g)), each window's rows dealt greedily into its blocks, rows sharing
+ * tiles together: ord[(b*G + g)*S + position] = t, a permutation of each
+ * window's t. cudaErrorInvalidValue for sizes it does not take. */
+cudaError_t nsa_cuda_fwd_rows_group(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, int rows, int blocks,
+                                    int32_t *ord, cudaStream_t st);
 
 /* Enqueues the kernel on `st` (o and lse from the plan; no host
  * synchronization). ord: nsa_cuda_fwd_rows_ws_bytes of workspace for the

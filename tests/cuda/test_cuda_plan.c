@@ -341,23 +341,126 @@ Test(cuda_plan, all_rows_unused) {
     }
 }
 
-/* Row grouping of the row-block forward (fwd_rows.h, nsa_cuda_fwd_rows_group):
- * B = 2, G = 2, S = 300 rows per (b, g) in windows of 8 blocks x 11 rows
- * (three full windows of 88 positions and one of 36), Skv = 1024 (16 tiles)
- * or 64000 (1000 tiles), n = 4 span slots. Row t of (b, g) is in class c
- * and selects tiles t0 + 3c .. t0 + 2 + 3c (one span); every 13th row also has an out-of-range
- * second span, which lists no tile. ord (poisoned first) must deal each
- * window's t exactly once, and:
+/* Row grouping of the row-block forward (fwd_rows.h, nsa_cuda_fwd_rows_group).
+ *
+ * grouping_case: B = 2, G = 2, S = 300 rows per (b, g) in windows of
+ * `blocks` blocks x 11 rows (8: three full windows of 88 positions and one
+ * of 36; 16: one of 176 and one of 124), Skv = 1024 (16 tiles) or 64000
+ * (1000 tiles; 500 for 16-block windows), n = 4 span slots. Row t of (b, g) is in class c and selects
+ * tiles t0 + 3c .. t0 + 2 + 3c (one span); every 13th row also has an
+ * out-of-range second span, which lists no tile. ord (poisoned first) must
+ * deal each window's t exactly once, and:
  *   mixed, c = (t + b + 3g) % 4: in t order every block of 11 rows mixes all
  *     four classes (12-tile unions); the greedy must give every block of a
- *     full window a single class (3 tiles; 22 rows per class per window);
+ *     full window a single class (3 tiles; 22 or 44 rows per class);
  *   runs, c = (t / 22 + b + g) % 4: blocks in t order hold at most two
  *     classes (unions within 2.5x of a row's 3 tiles), so the window keeps t
- *     order: ord[p] = p. */
+ *     order: ord[p] = p.
+ *
+ * grouping_exact: the bench's kind of selections (block 0, the row's own
+ * block clipped at t, random blocks below; some rows with a long span past
+ * the 32-tile cap, some with out-of-range spans, some runs of rows sharing
+ * their blocks so that windows take the t-order exit) at 256 and 1024
+ * tiles: ord must equal, position for position, group_ref's — an
+ * independent host version of the same rule. row_grouping_refused: the
+ * sizes it does not take (fwd_rows.h) fail with cudaErrorInvalidValue. */
 #include "fwd_rows.h"
 
-static void grouping_case(int runs, int64_t Skv, int64_t t0) {
-  const int64_t B = 2, G = 2, S = 300, n = 4, R = 11, W = 8 * R;
+/* The grouping rule on the host, for the rows of one (b, g) (hs / hn: the
+ * plan's spans and span counts, row r = (b*S + t)*G + g): windows of W =
+ * blocks * R rows; a row's tiles are those of its in-use spans inside [0,
+ * Skv) (a tile shared with the previous span once), at most 32; a window
+ * keeps t order when 2 * (sum of its t-order blocks' union sizes) <= 5 *
+ * (sum of their largest tile counts); else per block the largest remaining
+ * t, then R - 1 times the remaining row with the fewest tiles outside the
+ * union (ties: the larger t). */
+static void group_ref(const int32_t *hs, const int32_t *hn, int64_t n, int64_t S, int64_t G, int64_t b, int64_t g,
+                      int64_t Skv, int R, int blocks, int32_t *out) {
+  const int W = blocks * R;
+  uint32_t(*mask)[32] = calloc((size_t)W, sizeof *mask);
+  int *cnt = calloc((size_t)W, sizeof(int)), *placed = calloc((size_t)W, sizeof(int));
+  cr_assert(mask && cnt && placed);
+  for (int64_t p0 = 0; p0 < S; p0 += W) {
+    const int wn = S - p0 < W ? (int)(S - p0) : W;
+    for (int j = 0; j < wn; j++) {
+      const int64_t r = (b * S + p0 + j) * G + g;
+      const int64_t ns = hn[r] < n ? hn[r] : n;
+      memset(mask[j], 0, sizeof mask[j]);
+      int c = 0, last = -1;
+      for (int64_t s = 0; s < ns; s++) {
+        const int64_t x = hs[(r * n + s) * 2], y = hs[(r * n + s) * 2 + 1];
+        if (!(y > x && x >= 0 && y <= Skv)) continue;
+        const int kl = (int)((y - 1) / 64);
+        for (int kt = (int)(x / 64) == last ? last + 1 : (int)(x / 64); kt <= kl && c < 32; kt++, c++)
+          mask[j][kt >> 5] |= 1u << (kt & 31);
+        last = kl;
+      }
+      cnt[j] = c;
+      placed[j] = 0;
+    }
+    long su = 0, tm = 0;
+    for (int j0 = 0; j0 < wn; j0 += R) {
+      uint32_t u[32] = {0};
+      int mx = 0;
+      for (int j = j0; j < wn && j < j0 + R; j++) {
+        for (int w = 0; w < 32; w++) u[w] |= mask[j][w];
+        mx = cnt[j] > mx ? cnt[j] : mx;
+      }
+      for (int w = 0; w < 32; w++) su += __builtin_popcount(u[w]);
+      tm += mx;
+    }
+    if (2 * su <= 5 * tm) {
+      for (int j = 0; j < wn; j++) out[p0 + j] = (int32_t)(p0 + j);
+      continue;
+    }
+    for (int j0 = 0; j0 < wn; j0 += R) {
+      uint32_t u[32] = {0};
+      for (int m = 0; m < R && j0 + m < wn; m++) {
+        int best = -1, bc = 0;
+        for (int j = wn - 1; j >= 0; j--) {
+          if (placed[j]) continue;
+          int c = 0;
+          for (int w = 0; m > 0 && w < 32; w++) c += __builtin_popcount(mask[j][w] & ~u[w]);
+          if (best < 0 || c < bc) best = j, bc = c;
+        }
+        placed[best] = 1;
+        out[p0 + j0 + m] = (int32_t)(p0 + best);
+        for (int w = 0; w < 32; w++) u[w] |= mask[best][w];
+      }
+    }
+  }
+  free(mask), free(cnt), free(placed);
+}
+
+/* Runs nsa_cuda_fwd_rows_group on host spans (rows = B*S*G, n slots each)
+ * into ho; returns its status. */
+static cudaError_t run_group(const int32_t *hs, const int32_t *hn, int64_t B, int64_t S, int64_t G, int64_t n,
+                             int64_t Skv, int R, int blocks, int32_t *ho) {
+  const int64_t rows = B * S * G;
+  int32_t *ds = NULL, *dn = NULL, *dord = NULL;
+  cr_assert_eq(cudaMalloc((void **)&ds, sizeof(int32_t) * (size_t)(rows * n * 2)), cudaSuccess);
+  cr_assert_eq(cudaMalloc((void **)&dn, sizeof(int32_t) * (size_t)rows), cudaSuccess);
+  cr_assert_eq(cudaMalloc((void **)&dord, sizeof(int32_t) * (size_t)rows), cudaSuccess);
+  cr_assert_eq(cudaMemcpy(ds, hs, sizeof(int32_t) * (size_t)(rows * n * 2), cudaMemcpyHostToDevice), cudaSuccess);
+  cr_assert_eq(cudaMemcpy(dn, hn, sizeof(int32_t) * (size_t)rows, cudaMemcpyHostToDevice), cudaSuccess);
+  cr_assert_eq(cudaMemset(dord, 0xff, sizeof(int32_t) * (size_t)rows), cudaSuccess); /* poison: -1 */
+  nsa_plan_t plan;
+  memset(&plan, 0, sizeof plan);
+  plan.rows = rows, plan.n = n, plan.spans = ds, plan.nspans = dn;
+  nsa_cuda_attn_t a;
+  memset(&a, 0, sizeof a);
+  a.B = B, a.S = S, a.G = G, a.Skv = Skv, a.h = 16, a.Dk = a.Dv = 128, a.n = n;
+  const cudaError_t e = nsa_cuda_fwd_rows_group(&a, &plan, R, blocks, dord, 0);
+  if (e == cudaSuccess) {
+    cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+    cr_assert_eq(cudaMemcpy(ho, dord, sizeof(int32_t) * (size_t)rows, cudaMemcpyDeviceToHost), cudaSuccess);
+  }
+  cudaFree(ds), cudaFree(dn), cudaFree(dord);
+  return e;
+}
+
+static void grouping_case(int runs, int64_t Skv, int64_t t0, int blocks) {
+  const int64_t B = 2, G = 2, S = 300, n = 4, R = 11, W = blocks * R;
   const int64_t rows = B * S * G;
   int32_t *hs = calloc((size_t)(rows * n * 2), sizeof(int32_t)), *hn = calloc((size_t)rows, sizeof(int32_t));
   int32_t *ho = malloc(sizeof(int32_t) * (size_t)rows);
@@ -375,28 +478,14 @@ static void grouping_case(int runs, int64_t Skv, int64_t t0) {
           hn[r] = 2;
         }
       }
-  int32_t *ds = NULL, *dn = NULL, *dord = NULL;
-  cr_assert_eq(cudaMalloc((void **)&ds, sizeof(int32_t) * (size_t)(rows * n * 2)), cudaSuccess);
-  cr_assert_eq(cudaMalloc((void **)&dn, sizeof(int32_t) * (size_t)rows), cudaSuccess);
-  cr_assert_eq(cudaMalloc((void **)&dord, sizeof(int32_t) * (size_t)rows), cudaSuccess);
-  cr_assert_eq(cudaMemcpy(ds, hs, sizeof(int32_t) * (size_t)(rows * n * 2), cudaMemcpyHostToDevice), cudaSuccess);
-  cr_assert_eq(cudaMemcpy(dn, hn, sizeof(int32_t) * (size_t)rows, cudaMemcpyHostToDevice), cudaSuccess);
-  cr_assert_eq(cudaMemset(dord, 0xff, sizeof(int32_t) * (size_t)rows), cudaSuccess); /* poison: -1 */
-  nsa_plan_t plan;
-  memset(&plan, 0, sizeof plan);
-  plan.rows = rows, plan.n = n, plan.spans = ds, plan.nspans = dn;
-  nsa_cuda_attn_t a;
-  memset(&a, 0, sizeof a);
-  a.B = B, a.S = S, a.G = G, a.Skv = Skv, a.h = 16, a.Dk = a.Dv = 128, a.n = n;
-  cr_assert_eq(nsa_cuda_fwd_rows_group(&a, &plan, (int)R, dord, 0), cudaSuccess);
-  cr_assert_eq(cudaMemcpy(ho, dord, sizeof(int32_t) * (size_t)rows, cudaMemcpyDeviceToHost), cudaSuccess);
+  cr_assert_eq(run_group(hs, hn, B, S, G, n, Skv, (int)R, blocks, ho), cudaSuccess);
   int pure = 0, kept = 0;
   for (int64_t b = 0; b < B; b++)
     for (int64_t g = 0; g < G; g++) {
       const int32_t *o = ho + (b * G + g) * S;
       for (int64_t w0 = 0; w0 < S; w0 += W) {
         const int64_t wn = S - w0 < W ? S - w0 : W;
-        int seen[88] = {0};
+        int seen[256] = {0};
         for (int64_t p = w0; p < w0 + wn; p++) {
           cr_assert(o[p] >= w0 && o[p] < w0 + wn, "(b %lld g %lld) position %lld: t = %d outside its window",
                     (long long)b, (long long)g, (long long)p, o[p]);
@@ -418,15 +507,106 @@ static void grouping_case(int runs, int64_t Skv, int64_t t0) {
   if (runs)
     cr_expect_eq(kept, rows, "runs: %d of %lld rows kept their t-order position", kept, (long long)rows);
   else
-    cr_expect_eq(pure, B * G * 3 * 8);
-  cudaFree(ds), cudaFree(dn), cudaFree(dord);
+    cr_expect_eq(pure, B * G * (S / W) * blocks);
   free(hs), free(hn), free(ho);
 }
 
 Test(cuda_plan, row_grouping) {
   NSA_REQUIRE_GPU();
-  grouping_case(0, 1024, 1);        /* 16 tiles: one-word masks */
-  grouping_case(1, 1024, 1);
-  grouping_case(0, 64 * 1000, 985); /* 1000 tiles: 32-word masks, the classes in words 30 and 31 */
-  grouping_case(1, 64 * 1000, 985);
+  for (int blocks = 8; blocks <= 16; blocks += 8) {
+    /* 16-block windows take at most 512 tiles (fwd_rows.h) */
+    const int64_t nt = blocks == 8 ? 1000 : 500;
+    grouping_case(0, 1024, 1, blocks); /* 16 tiles */
+    grouping_case(1, 1024, 1, blocks);
+    grouping_case(0, 64 * nt, nt - 15, blocks); /* the classes in the last mask words */
+    grouping_case(1, 64 * nt, nt - 15, blocks);
+  }
+}
+
+/* One (b, g) = (0, 0 / 1) of the bench's kind, S = Skv = T rows (see above). */
+static void exact_case(int64_t T, int R, int blocks, uint64_t seed) {
+  const int64_t B = 1, G = 2, S = T, n = 16, rows = B * S * G;
+  int32_t *hs = calloc((size_t)(rows * n * 2), sizeof(int32_t)), *hn = calloc((size_t)rows, sizeof(int32_t));
+  int32_t *ho = malloc(sizeof(int32_t) * (size_t)rows), *ref = malloc(sizeof(int32_t) * (size_t)S);
+  cr_assert(hs && hn && ho && ref);
+  nsa_tu_rng_t rg;
+  nsa_tu_rng_seed(&rg, seed);
+  for (int64_t t = 0; t < S; t++)
+    for (int64_t g = 0; g < G; g++) {
+      const int64_t r = t * G + g, own = t / 64;
+      int32_t *sp = hs + r * n * 2;
+      int nb = 0;
+      int64_t blk[16];
+      if (t % 97 == 7 && own > 40) { /* one 40-tile span (past the 32-tile cap), then the own block */
+        sp[0] = 0, sp[1] = 64 * 40;
+        sp[2] = (int32_t)(64 * own), sp[3] = (int32_t)(t + 1);
+        hn[r] = 2;
+        continue;
+      }
+      blk[nb++] = 0;
+      if (own > 0) blk[nb++] = own;
+      /* In every other stretch of 1536 rows, the rows of one 48-row run
+       * draw the same random blocks (below the run's first own block), so
+       * those windows take the t-order exit; elsewhere random. */
+      const int shared = ((t / 1536) + g) % 2 == 0;
+      const int64_t top = shared ? (t / 48) * 48 / 64 : own;
+      nsa_tu_rng_t rr;
+      nsa_tu_rng_seed(&rr, shared ? seed * 1000003u + (uint64_t)(t / 48) * 7919u + (uint64_t)g : 0);
+      nsa_tu_rng_t *pr = shared ? &rr : &rg;
+      const int64_t avail = top + 1 + (own > top ? 1 : 0); /* distinct blocks there are to pick */
+      while (nb < (avail < 16 ? avail : 16)) {
+        const int64_t x = nsa_tu_rng_int(pr, 0, top);
+        int dup = 0;
+        for (int i = 0; i < nb; i++) dup |= blk[i] == x;
+        if (!dup) blk[nb++] = x;
+      }
+      for (int i = 1; i < nb; i++) /* ascending */
+        for (int k = i; k > 0 && blk[k - 1] > blk[k]; k--) {
+          const int64_t y = blk[k];
+          blk[k] = blk[k - 1], blk[k - 1] = y;
+        }
+      for (int i = 0; i < nb; i++) {
+        sp[2 * i] = (int32_t)(64 * blk[i]);
+        sp[2 * i + 1] = (int32_t)(64 * blk[i] + 64 < t + 1 ? 64 * blk[i] + 64 : t + 1);
+      }
+      hn[r] = nb;
+      if (t % 101 == 3 && nb < 16) { /* an out-of-range span: lists no tile */
+        sp[2 * nb] = (int32_t)(T + 64), sp[2 * nb + 1] = (int32_t)(T + 128);
+        hn[r] = nb + 1;
+      }
+    }
+  cr_assert_eq(run_group(hs, hn, B, S, G, n, T, R, blocks, ho), cudaSuccess);
+  for (int64_t g = 0; g < G; g++) {
+    group_ref(hs, hn, n, S, G, 0, g, T, R, blocks, ref);
+    int64_t moved = 0;
+    for (int64_t p = 0; p < S; p++) {
+      cr_assert_eq(ho[g * S + p], ref[p], "T %lld R %d blocks %d g %lld position %lld: ord %d, reference %d",
+                   (long long)T, R, blocks, (long long)g, (long long)p, ho[g * S + p], ref[p]);
+      moved += ref[p] != p;
+    }
+    cr_assert(moved > S / 4, "the greedy moved only %lld of %lld rows", (long long)moved, (long long)S);
+  }
+  free(hs), free(hn), free(ho), free(ref);
+}
+
+Test(cuda_plan, row_grouping_exact) {
+  NSA_REQUIRE_GPU();
+  exact_case(16384, 11, 16, 71); /* 256 tiles: masks of 8 words */
+  exact_case(16384, 11, 8, 72);
+  exact_case(16384, 15, 16, 73);
+  exact_case(32768, 11, 16, 74); /* 512: 16 words */
+  exact_case(65536, 11, 8, 75);  /* 1024: 32 words */
+  exact_case(65536, 15, 8, 76);
+}
+
+/* Sizes the grouping does not take are refused, not run. */
+Test(cuda_plan, row_grouping_refused) {
+  NSA_REQUIRE_GPU();
+  int32_t hs[2 * 4] = {0, 64}, hn[1] = {1}, ho[1];
+  cr_expect_eq(run_group(hs, hn, 1, 1, 1, 4, 64, 11, 12, ho), cudaErrorInvalidValue);       /* blocks 8 or 16 */
+  cr_expect_eq(run_group(hs, hn, 1, 1, 1, 4, 64, 17, 8, ho), cudaErrorInvalidValue);        /* R <= 16 */
+  cr_expect_eq(run_group(hs, hn, 1, 1, 1, 4, 64 * 1025, 11, 8, ho), cudaErrorInvalidValue); /* <= 1024 tiles */
+  cr_expect_eq(run_group(hs, hn, 1, 1, 1, 4, 64 * 513, 11, 16, ho), cudaErrorInvalidValue); /* 16 blocks: <= 512 */
+  cr_expect_eq(run_group(hs, hn, 1, 1, 1, 4, 64 * 512, 11, 16, ho), cudaSuccess);
+  cr_expect_eq(ho[0], 0);
 }
