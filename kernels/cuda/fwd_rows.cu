@@ -609,8 +609,8 @@ cudaError_t launch_rows(const A *a, const nsa_plan_t *plan, const nsa_cuda_fwd_r
 // H200, 8-block windows, Nsight Compute (docs/PERF.md): 16k / 64k h = 16
 // random 53 / 254 us, 16k corr (t-order exit) 15 us, against 53 / 293 / 23
 // for the previous version (3 warps, a row per thread, two barriers per
-// round). A round is latency-bound (~900 cycles for ~90 instructions at 16k),
-// so 16-block windows take about twice as long.
+// round). A round is latency-bound (~830 cycles at 16k), so 16-block
+// windows take about twice as long.
 // Shared memory: sm [W][NW] u32 the rows' masks; ub [NBK][NW] u32 the
 // t-order blocks' unions (the t-order check); cnt [W] u8 tile counts.
 constexpr int kGNT = 1024;  // tiles per (b, g) at most (NW <= 32)
