@@ -642,9 +642,10 @@ __global__ void __launch_bounds__(32) group_rows_kernel(const int2 *__restrict__
 
   // 1. Lists, one row per lane: the row's bits in its mask (sm) and in its
   // t-order block's union (ub), as shared-memory reductions (no value
-  // returned, so nothing waits on them). As span_tiles: spans in use and
-  // inside [0, Skv), a tile shared with the previous span listed once, at
-  // most kMaxT tiles. A lane's next row's nspans and first 16 spans are
+  // returned, so nothing waits on them). For a plan's spans, the tiles of
+  // span_tiles: spans in use and inside [0, Skv), a tile shared with the
+  // previous span listed once, at most kMaxT tiles (after an out-of-range
+  // span the two may differ; that changes only which rows share a block). A lane's next row's nspans and first 16 spans are
   // loaded while it lists the current one (spans past nspans are {0, 0} in
   // the plan, and in-range: reading them is harmless).
   constexpr int kPre = 16;
@@ -777,18 +778,20 @@ __global__ void __launch_bounds__(32) group_rows_kernel(const int2 *__restrict__
 // <= 16 rows per window, at most 1024 tiles per (b, g), and 16-block windows
 // only up to 512 tiles (their masks, KW * NW words per lane, stay within
 // 128 registers).
+// Mask words per row (the kernel's NW) for NT tiles: 8, 16 or 32.
+int group_nw(int64_t NT) { return (NT + 31) / 32 <= 8 ? 8 : (NT + 31) / 32 <= 16 ? 16 : 32; }
+
 bool group_ok(int64_t Skv, int R, int blocks) {
   const int64_t NT = (Skv + kT - 1) / kT;
-  const int64_t nw = (NT + 31) / 32 <= 8 ? 8 : (NT + 31) / 32 <= 16 ? 16 : 32;
-  return (blocks == 8 || blocks == 16) && R >= 1 && R <= 16 && NT >= 1 && NT <= kGNT && (blocks / 2) * nw <= 128;
+  return (blocks == 8 || blocks == 16) && R >= 1 && R <= 16 && NT >= 1 && NT <= kGNT &&
+         (blocks / 2) * group_nw(NT) <= 128;
 }
 
 // Queues the grouping of the (b, g)'s rows into row blocks of R, `blocks`
 // per window (ord: [B * G * S] i32) on st; group_ok holds.
 cudaError_t launch_group(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, int R, int blocks, int32_t *ord,
                          cudaStream_t st) {
-  const int64_t NT = (a->Skv + kT - 1) / kT;
-  const int nw = (NT + 31) / 32 <= 8 ? 8 : (NT + 31) / 32 <= 16 ? 16 : 32;
+  const int nw = group_nw((a->Skv + kT - 1) / kT);
   const int64_t nwin = a->B * a->G * ((a->S + blocks * R - 1) / (blocks * R));
   auto *kern = blocks == 16 ? (nw == 8 ? group_rows_kernel<8, 8> : group_rows_kernel<8, 16>)
                             : (nw == 8 ? group_rows_kernel<4, 8> : nw == 16 ? group_rows_kernel<4, 16>

@@ -346,10 +346,10 @@ Test(cuda_plan, all_rows_unused) {
  * grouping_case: B = 2, G = 2, S = 300 rows per (b, g) in windows of
  * `blocks` blocks x 11 rows (8: three full windows of 88 positions and one
  * of 36; 16: one of 176 and one of 124), Skv = 1024 (16 tiles) or 64000
- * (1000 tiles; 500 for 16-block windows), n = 4 span slots. Row t of (b, g) is in class c and selects
- * tiles t0 + 3c .. t0 + 2 + 3c (one span); every 13th row also has an
- * out-of-range second span, which lists no tile. ord (poisoned first) must
- * deal each window's t exactly once, and:
+ * (1000 tiles; 32000 and 500 for 16-block windows), n = 4 span slots. Row
+ * t of (b, g) is in class c and selects tiles t0 + 3c .. t0 + 2 + 3c (one
+ * span); every 13th row also has an out-of-range second span, which lists
+ * no tile. ord (poisoned first) must deal each window's t exactly once, and:
  *   mixed, c = (t + b + 3g) % 4: in t order every block of 11 rows mixes all
  *     four classes (12-tile unions); the greedy must give every block of a
  *     full window a single class (3 tiles; 22 or 44 rows per class);
@@ -360,8 +360,8 @@ Test(cuda_plan, all_rows_unused) {
  * grouping_exact: the bench's kind of selections (block 0, the row's own
  * block clipped at t, random blocks below; some rows with a long span past
  * the 32-tile cap, some with out-of-range spans, some runs of rows sharing
- * their blocks so that windows take the t-order exit) at 256 and 1024
- * tiles: ord must equal, position for position, group_ref's — an
+ * their blocks so that windows take the t-order exit) at 256, 512 and
+ * 1024 tiles: ord must equal, position for position, group_ref's — an
  * independent host version of the same rule. row_grouping_refused: the
  * sizes it does not take (fwd_rows.h) fail with cudaErrorInvalidValue. */
 #include "fwd_rows.h"
