@@ -20,6 +20,15 @@
 //                     variants: no L2 promotion, 256-byte-row boxes, tiles
 //                     in order, the slot by one warp's 16-byte cp.async, K
 //                     by TMA and V by cp.async (tma_ring_kernel's modes)
+//   dsmem_push_per_sm : whether tiles shared between two CTAs of a cluster
+//                     could come through distributed shared memory instead
+//                     of the L2: clusters of 2 CTAs (one per SM) each run
+//                     the ring above (4 slots, the kernels' boxes, random
+//                     tiles), and every P-th landed tile is also pushed to
+//                     the partner's 2 mirror slots by an SM -> SM bulk copy
+//                     (cp.async.bulk.shared::cluster.shared::cta); GB/s per
+//                     SM from the L2, pushed, and in all, for P = none, 8,
+//                     4, 2, 1, on all and half the SMs
 //   mma_bf16_TFLOPs : m16n8k16 bf16 mma.sync issued back to back from
 //                     registers (8 independent accumulators per warp), the
 //                     instruction the project's kernels use
@@ -44,6 +53,7 @@
 #include "mbar.cuh"
 
 #include <algorithm>
+#include <string>
 #include <cstdio>
 #include <vector>
 
@@ -201,6 +211,127 @@ __global__ void tma_ring_kernel(const __grid_constant__ CUtensorMap m, const cha
     }
     if (acc == 0x7fffffff) *sink = acc;
   }
+}
+
+// ---- dsmem_push_per_sm (see the header) ----
+// Cluster helpers (sm_90; no-ops below, where the host never launches this).
+__device__ __forceinline__ unsigned cl_rank() {
+  unsigned r = 0;
+#if __CUDA_ARCH__ >= 900
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+#endif
+  return r;
+}
+__device__ __forceinline__ void cl_sync() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+// The partner CTA's address of this CTA's shared address `a`.
+__device__ __forceinline__ unsigned cl_map(unsigned a, unsigned rank) {
+  unsigned r = 0;
+#if __CUDA_ARCH__ >= 900
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(a), "r"(rank));
+#endif
+  return r;
+}
+__device__ __forceinline__ void cl_arrive(unsigned caddr) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(caddr) : "memory");
+#endif
+}
+__device__ __forceinline__ void cl_wait(unsigned bar, unsigned parity) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{\n.reg .pred p;\nWCL_%=:\nmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra WCL_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+#endif
+}
+// `bytes` of this CTA's shared memory at src into the partner's at dst_c,
+// completing on the partner's barrier bar_c (both cl_map addresses).
+__device__ __forceinline__ void cl_push(unsigned dst_c, unsigned src, unsigned bytes, unsigned bar_c) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   dst_c),
+               "r"(src), "r"(bytes), "r"(bar_c)
+               : "memory");
+#endif
+}
+
+// Shared memory: ring [kDsNS][32 KB], mirror [kDsMS][32 KB], then barriers
+// full[kDsNS] (TMA), empty[kDsNS] (count 2: the local reader, and either
+// the reader again or, for a pushed tile, the partner once it has the copy),
+// mfull[kDsMS] (the partner's push lands), mfree[kDsMS] (the partner's
+// mirror slot is empty and armed). Thread 0: TMA producer; thread 32: reads
+// each landed slot and pushes every P-th one; thread 64: receives the
+// partner's pushes.
+constexpr int kDsNS = 4, kDsMS = 2;
+__global__ void __launch_bounds__(96, 1)
+    dsmem_kernel(const __grid_constant__ CUtensorMap m, int steps, int P, int ntiles, int *__restrict__ sink) {
+  extern __shared__ __align__(1024) unsigned char sm_raw[];
+  unsigned char *sm = sm_raw + ((1024 - ((unsigned)__cvta_generic_to_shared(sm_raw) & 1023)) & 1023);
+  const unsigned ring = (unsigned)__cvta_generic_to_shared(sm), mir = ring + kDsNS * 32768;
+  const unsigned full0 = mir + kDsMS * 32768, empty0 = full0 + 8 * kDsNS;
+  const unsigned mfull0 = empty0 + 8 * kDsNS, mfree0 = mfull0 + 8 * kDsMS;
+  const int tid = threadIdx.x;
+  const unsigned peer = cl_rank() ^ 1u;
+  if (tid == 0) {
+    for (int s = 0; s < kDsNS; s++) nsa_mbar::init(full0 + 8 * s, 1), nsa_mbar::init(empty0 + 8 * s, 2);
+    for (int s = 0; s < kDsMS; s++) nsa_mbar::init(mfull0 + 8 * s, 1), nsa_mbar::init(mfree0 + 8 * s, 1);
+    nsa_mbar::init_fence();
+  }
+  __syncthreads();
+  cl_sync();  // both CTAs' barriers exist before any remote arrival
+  const int npush = P > 0 ? (steps + P - 1) / P : 0;
+  int acc = 0;
+  if (tid == 0) {
+    for (int u = 0; u < steps; u++) {
+      const int s = u % kDsNS;
+      if (u >= kDsNS) nsa_mbar::wait(empty0 + 8 * s, ((u / kDsNS) - 1) & 1);
+      const int kt = ring_tile(blockIdx.x, u, ntiles, false), h = 2 * (u & 1);
+      const unsigned dst = ring + s * 32768, bar = full0 + 8 * s;
+      nsa_mbar::arrive_expect_tx(bar, 32768);
+      nsa_mbar::tma_load_4d(dst, &m, 0, h, kt * 64, 0, bar);
+      nsa_mbar::tma_load_4d(dst + 8192, &m, 64, h, kt * 64, 0, bar);
+      nsa_mbar::tma_load_4d(dst + 16384, &m, 0, h + 1, kt * 64, 0, bar);
+      nsa_mbar::tma_load_4d(dst + 24576, &m, 64, h + 1, kt * 64, 0, bar);
+    }
+  } else if (tid == 32) {
+    for (int u = 0, i = 0; u < steps; u++) {
+      const int s = u % kDsNS;
+      nsa_mbar::wait(full0 + 8 * s, (u / kDsNS) & 1);
+      acc ^= *reinterpret_cast<volatile int *>(sm + s * 32768 + (u & 31) * 4);
+      if (P > 0 && u % P == 0) {  // push i into the partner's mirror slot i % kDsMS
+        const int mm = i % kDsMS;
+        cl_wait(mfree0 + 8 * mm, (i / kDsMS) & 1);
+        cl_push(cl_map(mir + mm * 32768, peer), ring + s * 32768, 32768, cl_map(mfull0 + 8 * mm, peer));
+        i++;
+        nsa_mbar::arrive(empty0 + 8 * s);  // the partner's arrival frees the slot once the copy is in
+      } else {
+        nsa_mbar::arrive_n(empty0 + 8 * s, 2);
+      }
+    }
+  } else if (tid == 64) {
+    for (int i = 0; i < kDsMS && i < npush; i++) {  // arm the mirror slots, then offer them
+      nsa_mbar::arrive_expect_tx(mfull0 + 8 * i, 32768);
+      cl_arrive(cl_map(mfree0 + 8 * i, peer));
+    }
+    for (int i = 0; i < npush; i++) {
+      const int mm = i % kDsMS;
+      nsa_mbar::wait(mfull0 + 8 * mm, (i / kDsMS) & 1);
+      acc ^= *reinterpret_cast<volatile int *>(sm + (kDsNS + mm) * 32768 + (i & 31) * 4);
+      cl_arrive(cl_map(empty0 + 8 * ((i * P) % kDsNS), peer));  // the partner's source slot is copied
+      if (i + kDsMS < npush) {
+        nsa_mbar::arrive_expect_tx(mfull0 + 8 * mm, 32768);
+        cl_arrive(cl_map(mfree0 + 8 * mm, peer));
+      }
+    }
+  }
+  if (acc == 0x7fffffff) *sink = acc;
+  __syncthreads();
+  cl_sync();  // no CTA leaves while its partner may still arrive on its barriers
 }
 
 // cuTensorMapEncodeTiled through the runtime (no libcuda link), as fwd_rows.cu.
@@ -378,6 +509,43 @@ int main() {
         }
       }
       std::printf("  (%d steps of 32 KB per SM)\n", steps);
+    }
+  }
+  if (p.major >= 9 && enc != nullptr) {
+    CUtensorMap tmap;
+    cuuint64_t dims[4] = {128, 4, 16384, 1}, gst[3] = {256, 1024, (cuuint64_t)16 << 20};
+    cuuint32_t box[4] = {64, 1, 64, 1}, es[4] = {1, 1, 1, 1};
+    const size_t bytes = (size_t)(kDsNS + kDsMS) * 32768 + 8 * (2 * kDsNS + 2 * kDsMS) + 1024;
+    const int steps = 4096;
+    if (enc(&tmap, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, a, dims, gst, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS) {
+      std::printf("dsmem_push_per_sm_GBps: encode failed\n");
+    } else {
+      CK(cudaFuncSetAttribute(dsmem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+      std::printf("dsmem_push_per_sm_GBps (2-CTA clusters, %d-slot ring + %d mirror slots, %d steps of 32 KB per CTA; "
+                  "GB/s per SM: L2 + pushed = in):\n", kDsNS, kDsMS, steps);
+      for (int part = 1; part <= 2; part++) {
+        const int nc = (sms / part) & ~1;
+        for (int P : {0, 8, 4, 2, 1}) {
+          cudaLaunchConfig_t lc = {};
+          cudaLaunchAttribute at[1];
+          at[0].id = cudaLaunchAttributeClusterDimension;
+          at[0].val.clusterDim.x = 2, at[0].val.clusterDim.y = 1, at[0].val.clusterDim.z = 1;
+          lc.gridDim = dim3(nc), lc.blockDim = dim3(96), lc.dynamicSmemBytes = bytes, lc.attrs = at, lc.numAttrs = 1;
+          cudaError_t le = cudaSuccess;
+          const float tt = median_ms([&] {
+            const cudaError_t e = cudaLaunchKernelEx(&lc, dsmem_kernel, tmap, steps, P, 256, sink);
+            if (e != cudaSuccess) le = e;
+          });
+          CK(le);
+          CK(cudaGetLastError());
+          const double l2 = (double)steps * 32768 / (tt * 1e-3) / 1e9;
+          const double pu = P > 0 ? (double)((steps + P - 1) / P) * 32768 / (tt * 1e-3) / 1e9 : 0.0;
+          std::printf("  %d SMs, push every %s: %.1f + %.1f = %.1f\n", nc, P ? std::to_string(P).c_str() : "none", l2,
+                      pu, l2 + pu);
+        }
+      }
     }
   }
   cudaFree(a);
