@@ -21,7 +21,8 @@ loads, not of its time: docs/PERF.md has what each ratio bought on the GPU.
 
   python3 bench/grouping_model.py DIR --T 16384 --sel random --windows 8 16
 
-prints, per configuration, tile loads per row and the ratio to t order.
+prints, per configuration, tile loads per row and the ratio to t order;
+--pairs adds the tiles that blocks 2k and 2k + 1 of a window share.
 """
 import argparse
 import json
@@ -68,15 +69,20 @@ def union_sum(masks, blocks):
 
 
 def greedy(masks, R, W):
+    """The grouping's blocks, as the union bitmask of each (in window order)."""
     T = len(masks)
-    total = 0
+    out = []
     for p0 in range(0, T, W):
         rows = list(range(p0, min(T, p0 + W)))
         torder = [rows[i:i + R] for i in range(0, len(rows), R)]
         su = union_sum(masks, torder)
         tm = sum(max(bin(masks[r]).count("1") for r in blk) for blk in torder)
         if 2 * su <= 5 * tm:  # the t-order exit
-            total += su
+            for blk in torder:
+                u = 0
+                for r in blk:
+                    u |= masks[r]
+                out.append(u)
             continue
         left = set(rows)
         for _ in torder:
@@ -88,8 +94,20 @@ def greedy(masks, R, W):
                 left.discard(best)
                 u |= masks[best]
                 k += 1
-            total += bin(u).count("1")
-    return total
+            out.append(u)
+    return out
+
+
+def pair_shared(unions, W, R):
+    """Tiles that blocks 2k and 2k + 1 of a window both load (a 2-CTA
+    cluster that fetched each once would read this many fewer)."""
+    per = (W + R - 1) // R
+    s = 0
+    for w0 in range(0, len(unions), per):
+        win = unions[w0:w0 + per]
+        for i in range(0, len(win) - 1, 2):
+            s += bin(win[i] & win[i + 1]).count("1")
+    return s
 
 
 def main():
@@ -100,6 +118,8 @@ def main():
     ap.add_argument("--R", type=int, default=11, help="rows per CTA (the kernel's 11)")
     ap.add_argument("--windows", type=int, nargs="+", default=[8, 16], help="row blocks per grouping window")
     ap.add_argument("--heads", type=int, default=1, help="KV heads to model (they are alike)")
+    ap.add_argument("--pairs", action="store_true",
+                    help="also the tiles two neighbouring blocks share (what a 2-CTA cluster could load once)")
     a = ap.parse_args()
     ids, G, n, bs = load(a.dir, a.T, a.sel)
     for g in range(min(a.heads, G)):
@@ -108,9 +128,14 @@ def main():
         print("T %d %s g %d R %d: t order %.3f tiles per row (%.2f rows per loaded tile)"
               % (a.T, a.sel, g, a.R, c0 / a.T, sum(bin(m).count("1") for m in masks) / c0))
         for nb in a.windows:
-            c = greedy(masks, a.R, nb * a.R)
+            un = greedy(masks, a.R, nb * a.R)
+            c = sum(bin(u).count("1") for u in un)
             print("  grouped, windows of %d blocks (%d rows): %.3f tiles per row, %.3f of t order"
                   % (nb, nb * a.R, c / a.T, c / c0), flush=True)
+            if a.pairs:
+                ps = pair_shared(un, nb * a.R, a.R)
+                print("    blocks paired (2k, 2k + 1): %.3f tiles per row shared by the pair, %.1f %% of the loads"
+                      % (ps / a.T, 100.0 * ps / c), flush=True)
 
 
 if __name__ == "__main__":
