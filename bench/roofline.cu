@@ -213,53 +213,7 @@ __global__ void tma_ring_kernel(const __grid_constant__ CUtensorMap m, const cha
   }
 }
 
-// ---- dsmem_push_per_sm (see the header) ----
-// Cluster helpers (sm_90; no-ops below, where the host never launches this).
-__device__ __forceinline__ unsigned cl_rank() {
-  unsigned r = 0;
-#if __CUDA_ARCH__ >= 900
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-#endif
-  return r;
-}
-__device__ __forceinline__ void cl_sync() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-#endif
-}
-// The partner CTA's address of this CTA's shared address `a`.
-__device__ __forceinline__ unsigned cl_map(unsigned a, unsigned rank) {
-  unsigned r = 0;
-#if __CUDA_ARCH__ >= 900
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(a), "r"(rank));
-#endif
-  return r;
-}
-__device__ __forceinline__ void cl_arrive(unsigned caddr) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(caddr) : "memory");
-#endif
-}
-__device__ __forceinline__ void cl_wait(unsigned bar, unsigned parity) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile(
-      "{\n.reg .pred p;\nWCL_%=:\nmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%0], %1;\n"
-      "@!p bra WCL_%=;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-#endif
-}
-// `bytes` of this CTA's shared memory at src into the partner's at dst_c,
-// completing on the partner's barrier bar_c (both cl_map addresses).
-__device__ __forceinline__ void cl_push(unsigned dst_c, unsigned src, unsigned bytes, unsigned bar_c) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-                   dst_c),
-               "r"(src), "r"(bytes), "r"(bar_c)
-               : "memory");
-#endif
-}
-
+// ---- dsmem_push_per_sm (see the header; the cluster helpers are mbar.cuh's) ----
 // Shared memory: ring [kDsNS][32 KB], mirror [kDsMS][32 KB], then barriers
 // full[kDsNS] (TMA), empty[kDsNS] (count 2: the local reader, and either
 // the reader again or, for a pushed tile, the partner once it has the copy),
@@ -276,20 +230,21 @@ __global__ void __launch_bounds__(96, 1)
   const unsigned full0 = mir + kDsMS * 32768, empty0 = full0 + 8 * kDsNS;
   const unsigned mfull0 = empty0 + 8 * kDsNS, mfree0 = mfull0 + 8 * kDsMS;
   const int tid = threadIdx.x;
-  const unsigned peer = cl_rank() ^ 1u;
+  const unsigned peer = nsa_mbar::cluster_rank() ^ 1u;
   if (tid == 0) {
     for (int s = 0; s < kDsNS; s++) nsa_mbar::init(full0 + 8 * s, 1), nsa_mbar::init(empty0 + 8 * s, 2);
     for (int s = 0; s < kDsMS; s++) nsa_mbar::init(mfull0 + 8 * s, 1), nsa_mbar::init(mfree0 + 8 * s, 1);
     nsa_mbar::init_fence();
   }
   __syncthreads();
-  cl_sync();  // both CTAs' barriers exist before any remote arrival
+  nsa_mbar::cluster_sync();  // both CTAs' barriers exist before any remote arrival
   const int npush = P > 0 ? (steps + P - 1) / P : 0;
   int acc = 0;
   if (tid == 0) {
     for (int u = 0; u < steps; u++) {
       const int s = u % kDsNS;
-      if (u >= kDsNS) nsa_mbar::wait(empty0 + 8 * s, ((u / kDsNS) - 1) & 1);
+      // (cluster scope: the partner's arrival says its copy out of the slot is in)
+      if (u >= kDsNS) nsa_mbar::wait_cluster(empty0 + 8 * s, ((u / kDsNS) - 1) & 1);
       const int kt = ring_tile(blockIdx.x, u, ntiles, false), h = 2 * (u & 1);
       const unsigned dst = ring + s * 32768, bar = full0 + 8 * s;
       nsa_mbar::arrive_expect_tx(bar, 32768);
@@ -305,8 +260,9 @@ __global__ void __launch_bounds__(96, 1)
       acc ^= *reinterpret_cast<volatile int *>(sm + s * 32768 + (u & 31) * 4);
       if (P > 0 && u % P == 0) {  // push i into the partner's mirror slot i % kDsMS
         const int mm = i % kDsMS;
-        cl_wait(mfree0 + 8 * mm, (i / kDsMS) & 1);
-        cl_push(cl_map(mir + mm * 32768, peer), ring + s * 32768, 32768, cl_map(mfull0 + 8 * mm, peer));
+        nsa_mbar::wait_cluster(mfree0 + 8 * mm, (i / kDsMS) & 1);
+        const unsigned dst = nsa_mbar::map_rank(mir + mm * 32768, peer);
+        nsa_mbar::copy_to_rank(dst, ring + s * 32768, 32768, nsa_mbar::map_rank(mfull0 + 8 * mm, peer));
         i++;
         nsa_mbar::arrive(empty0 + 8 * s);  // the partner's arrival frees the slot once the copy is in
       } else {
@@ -316,22 +272,23 @@ __global__ void __launch_bounds__(96, 1)
   } else if (tid == 64) {
     for (int i = 0; i < kDsMS && i < npush; i++) {  // arm the mirror slots, then offer them
       nsa_mbar::arrive_expect_tx(mfull0 + 8 * i, 32768);
-      cl_arrive(cl_map(mfree0 + 8 * i, peer));
+      nsa_mbar::arrive_remote(nsa_mbar::map_rank(mfree0 + 8 * i, peer));
     }
     for (int i = 0; i < npush; i++) {
       const int mm = i % kDsMS;
       nsa_mbar::wait(mfull0 + 8 * mm, (i / kDsMS) & 1);
       acc ^= *reinterpret_cast<volatile int *>(sm + (kDsNS + mm) * 32768 + (i & 31) * 4);
-      cl_arrive(cl_map(empty0 + 8 * ((i * P) % kDsNS), peer));  // the partner's source slot is copied
+      // The partner's source slot (its step i * P) is copied: that frees it.
+      nsa_mbar::arrive_remote(nsa_mbar::map_rank(empty0 + 8 * ((i * P) % kDsNS), peer));
       if (i + kDsMS < npush) {
         nsa_mbar::arrive_expect_tx(mfull0 + 8 * mm, 32768);
-        cl_arrive(cl_map(mfree0 + 8 * mm, peer));
+        nsa_mbar::arrive_remote(nsa_mbar::map_rank(mfree0 + 8 * mm, peer));
       }
     }
   }
   if (acc == 0x7fffffff) *sink = acc;
   __syncthreads();
-  cl_sync();  // no CTA leaves while its partner may still arrive on its barriers
+  nsa_mbar::cluster_sync();  // no CTA leaves while its partner may still arrive on its barriers
 }
 
 // cuTensorMapEncodeTiled through the runtime (no libcuda link), as fwd_rows.cu.

@@ -93,4 +93,66 @@ __device__ __forceinline__ int flag_load(unsigned addr) {
   return v;
 }
 
+
+// ---- Clusters (nsa_bench_roofline's dsmem_push_per_sm) ----
+// This CTA's rank in its cluster.
+__device__ __forceinline__ unsigned cluster_rank() {
+  unsigned r = 0;
+#if __CUDA_ARCH__ >= 900
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+#endif
+  return r;
+}
+// Every thread of every CTA of the cluster: a block barrier across the
+// cluster, releasing each thread's earlier shared-memory writes (and
+// barrier inits, after init_fence) to the other CTAs' threads.
+__device__ __forceinline__ void cluster_sync() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+// The shared::cluster address of CTA `rank`'s copy of this CTA's shared
+// address `addr` (the CTAs run one kernel, so their layouts match).
+__device__ __forceinline__ unsigned map_rank(unsigned addr, unsigned rank) {
+  unsigned r = 0;
+#if __CUDA_ARCH__ >= 900
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
+#endif
+  return r;
+}
+// One arrival on another CTA's barrier (map_rank's address), releasing this
+// thread's earlier memory operations at cluster scope.
+__device__ __forceinline__ void arrive_remote(unsigned caddr) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(caddr) : "memory");
+#endif
+}
+// wait() for a barrier that other CTAs arrive on: acquire at cluster scope.
+__device__ __forceinline__ void wait_cluster(unsigned bar, unsigned parity) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "WAITC_%=:\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra WAITC_%=;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+#endif
+}
+// `bytes` (a multiple of 16) of this CTA's shared memory at `src` into
+// another CTA's at `dst_c`, completing on that CTA's barrier `bar_c` (both
+// map_rank addresses; the receiver arms the barrier with
+// arrive_expect_tx). The source may be overwritten only once the receiver
+// says the copy is in.
+__device__ __forceinline__ void copy_to_rank(unsigned dst_c, unsigned src, unsigned bytes, unsigned bar_c) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   dst_c),
+               "r"(src), "r"(bytes), "r"(bar_c)
+               : "memory");
+#endif
+}
+
 }  // namespace nsa_mbar
