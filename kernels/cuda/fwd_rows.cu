@@ -227,7 +227,8 @@ template <typename T, int kRows, int DK, int DV, bool kBwd, bool kDS, typename A
 __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     fwd_rows_kernel(A a, const __grid_constant__ CUtensorMap tmk, const __grid_constant__ CUtensorMap tmv,
                     const int2 *__restrict__ spans, const int32_t *__restrict__ nspans, int n, int64_t NB, int nw, int gmaj,
-                    float *__restrict__ pre_delta, float *__restrict__ pre_lsec, const int32_t *__restrict__ ord) {
+                    float *__restrict__ pre_delta, float *__restrict__ pre_lsec, const int32_t *__restrict__ ord,
+                    const unsigned *__restrict__ ubits) {
   using L = RowsSmem<kRows, DK, DV, kBwd, kDS>;
   constexpr int kThreads = L::kThreads, kNS = L::kNS;
   constexpr int CK = DK / 8;  // 16-byte pieces per Q row
@@ -343,19 +344,73 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     }
   }
 
-  // ---- 1. lists, bitmap ----
-  for (int i = tid; i < nw; i += kThreads) sBm[i] = 0u;
-  for (int i = tid; i < kRows * kMaxT; i += kThreads) sUm[i] = 0u;
-  if (tid < kNS) sTag[tid] = -1;
-  if (tid == 0) {
+  // Step u into ring slot u % kNS (the producer's lane 0): K's boxes on
+  // full[slot], V's on fullv[slot]. For u >= kNS it first waits until the
+  // slot's previous step has been released by all kRows rows.
+  auto issue = [&](int u) {
+    const int s = u % kNS, k = u / kNS;
+    if (k > 0) nsa_mbar::wait(empty0 + 8 * s, (k - 1) & 1);
+    const int k0 = sUt[u] * kT;
+    const unsigned dst = ring + s * L::kSlotB, bar = full0 + 8 * s;
+    nsa_mbar::flag_store(smem_u32(&sTag[s]), u);  // after the empty wait: releases what it acquired
+    nsa_mbar::arrive_expect_tx(bar, L::kKB * kBox);
+#pragma unroll
+    for (int x = 0; x < L::kKB; x++) nsa_mbar::tma_load_4d(dst + x * kBox, &tmk, 64 * x, (int)g, k0, (int)b, bar);
+    if constexpr (!kDS) {
+      const unsigned barv = fullv0 + 8 * s, vs = dst + L::kKB * kBox;
+      nsa_mbar::arrive_expect_tx(barv, 2 * kBox);
+      nsa_mbar::tma_load_4d(vs, &tmv, 0, (int)g, k0, (int)b, barv);
+      nsa_mbar::tma_load_4d(vs + kBox, &tmv, 64, (int)g, k0, (int)b, barv);
+    }
+  };
+  auto init_bars = [&]() {
     for (int s = 0; s < kNS; s++) {
       nsa_mbar::init(full0 + 8 * s, 1);  // the producer's arrive_expect_tx (K)
       nsa_mbar::init(fullv0 + 8 * s, 1);  // (V)
       nsa_mbar::init(empty0 + 8 * s, kRows);
+      sTag[s] = -1;
     }
     nsa_mbar::init_fence();
+  };
+
+  // ---- 1. lists, bitmap ----
+  // With ubits (the row grouping's union of this block's tiles, written
+  // beside ord), the producer warp does not wait for the lists: it loads
+  // the union's nw <= 32 words (one per lane), builds the ascending union
+  // from them and issues the first min(kNS, U) steps at once, so the first
+  // tiles land while the consumer warps still load their rows and list
+  // their tiles. (Each microsecond a CTA's first TMA starts later costs
+  // kernel time one to one: H200, T = 16k h = 16 random, +44 us for 45
+  // CTAs per SM; docs/PERF.md.)
+  const bool hint = ubits != nullptr;  // kernel-uniform
+  int early = 0;                       // steps issued before the lists (hint)
+  if (hint && warp == kRows) {
+    const unsigned wv = lane < nw ? ubits[((b * a.G + g) * NB + tb) * nw + lane] : 0u;
+    const int k = __popc(wv);
+    int inc = k;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, inc, o);
+      if (lane >= o) inc += v;
+    }
+    int u = inc - k;
+    if (lane < nw) sBm[lane] = wv, sPre[lane] = u;
+    for (unsigned m = wv; m != 0u; m &= m - 1, u++)
+      if (u < kRows * kMaxT) sUt[u] = lane * 32 + __ffs(m) - 1;
+    const int tot = min(__shfl_sync(0xffffffffu, inc, 31), kRows * kMaxT);
+    early = invalid > 0 ? 0 : min(tot, kNS);  // (an invalid request's block reads no K / V)
+    __syncwarp();                             // sUt of every lane
+    if (lane == 0) {
+      *sU = tot;
+      init_bars();
+      for (int e = 0; e < early; e++) issue(e);
+    }
+  } else if (!hint) {
+    for (int i = tid; i < nw; i += kThreads) sBm[i] = 0u;
+    if (tid == 0) init_bars();
   }
-  __syncthreads();
+  for (int i = tid; i < kRows * kMaxT; i += kRows * 32) sUm[i] = 0u;  // (consumer threads)
+  if (!hint) __syncthreads();  // the bitmap zeroed before the lists OR into it
   int cnt = 0;  // this row's tiles (warp-uniform)
   if (warp < kRows) {
     unsigned long long *mk = sMk + warp * kMaxT;
@@ -371,7 +426,7 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
           if (p < kMaxT) {
             atomicOr(&mk[p], tile_span_bits(xr.x, xr.y, kt));
             rt[p] = kt;  // a shared tile is written twice with the same id
-            atomicOr(&sBm[kt >> 5], 1u << (kt & 31));
+            if (!hint) atomicOr(&sBm[kt >> 5], 1u << (kt & 31));
           }
       }
     }
@@ -389,12 +444,12 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     return;
   }
 
-  // ---- 2. union: ascending tiles of the bitmap ----
+  // ---- 2. union: ascending tiles of the bitmap (with ubits: built above) ----
   // Lane l takes byte c = 32i + l of the bitmap in round i (8 tiles), so
   // the bits spread over the lanes whatever the tile count. (A lane per
   // 8 whole words, in order, left the 16k-key union of ~150 tiles to lane 0
   // alone: H100, T = 16k h = 16 random forward 2.82 -> 2.67 ms this way.)
-  if (warp == kRows) {
+  if (!hint && warp == kRows) {
     const int nb = nw * 4;  // bytes of the bitmap
     int base = 0;           // union steps before this round
     for (int c0 = 0; c0 < nb; c0 += 32) {
@@ -419,14 +474,24 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     }
     if (lane == 0) *sU = min(base, kRows * kMaxT);
   }
-  __syncthreads();
+  if (!hint) __syncthreads();
   const int U = *sU;
-  // Each own tile's union step (lane j < cnt: tile j), and the rows of each step.
+  // Each own tile's union step (lane j < cnt: tile j), and the rows of each
+  // step. With ubits a tile missing from the union (the grouping lists a
+  // row's tiles by the same rule, so only a corrupt workspace could do it)
+  // leaves its row out of the ring: it walks no step and stores NaN.
   int mystep = 0x7fffffff;
-  if (warp < kRows && lane < cnt) {
-    const int kt = sRt[warp * kMaxT + lane];
-    mystep = sPre[kt >> 5] + __popc(sBm[kt >> 5] & ((1u << (kt & 31)) - 1u));
-    atomicOr(&sUm[mystep], 1u << warp);
+  bool lost = false;
+  if (warp < kRows) {
+    bool in = true;
+    if (lane < cnt) {
+      const int kt = sRt[warp * kMaxT + lane];
+      in = (sBm[kt >> 5] >> (kt & 31)) & 1u;
+      mystep = sPre[kt >> 5] + __popc(sBm[kt >> 5] & ((1u << (kt & 31)) - 1u));
+    }
+    lost = hint && !__all_sync(0xffffffffu, in);
+    if (lost) cnt = 0;
+    if (lane < cnt) atomicOr(&sUm[mystep], 1u << warp);
   }
   __syncthreads();
 
@@ -434,24 +499,11 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
   if (warp == kRows) {
     if (lane == 0) {
       for (int u = 0; u < U; u++) {
-        const int s = u % kNS, k = u / kNS;
-        if (k > 0) nsa_mbar::wait(empty0 + 8 * s, (k - 1) & 1);
-        const int k0 = sUt[u] * kT;
-        const unsigned dst = ring + s * L::kSlotB, bar = full0 + 8 * s;
-        nsa_mbar::flag_store(smem_u32(&sTag[s]), u);  // after the empty wait: releases what it acquired
-        nsa_mbar::arrive_expect_tx(bar, L::kKB * kBox);
-#pragma unroll
-        for (int x = 0; x < L::kKB; x++) nsa_mbar::tma_load_4d(dst + x * kBox, &tmk, 64 * x, (int)g, k0, (int)b, bar);
-        if constexpr (!kDS) {
-          const unsigned barv = fullv0 + 8 * s, vs = dst + L::kKB * kBox;
-          nsa_mbar::arrive_expect_tx(barv, 2 * kBox);
-          nsa_mbar::tma_load_4d(vs, &tmv, 0, (int)g, k0, (int)b, barv);
-          nsa_mbar::tma_load_4d(vs + kBox, &tmv, 64, (int)g, k0, (int)b, barv);
-        }
+        if (u >= early) issue(u);  // (steps below `early` went out before the lists)
         // The rows that do not use this step release the slot now (their
         // warps never touch it), so a busy warp holds only its own steps.
         const int idle = kRows - __popc(sUm[u]);
-        if (idle > 0) nsa_mbar::arrive_n(empty0 + 8 * s, (unsigned)idle);
+        if (idle > 0) nsa_mbar::arrive_n(empty0 + 8 * (u % kNS), (unsigned)idle);
       }
     }
     return;
@@ -557,6 +609,10 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
       pv_sw<T>(pa, slot + L::kKB * kBox, lane, o);
     });
     if (!row_ok) return;
+    if (lost) {
+      store_row(o, NAN, NAN, NAN, NAN);
+      return;
+    }
     l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
     l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
@@ -570,7 +626,8 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
 // or nsa_cuda_bwd_t (kBwd: the backward's dq, R = kRowsBwd).
 template <typename T, int R, bool kBwd, typename A, bool kDS = false, int DK = 128>
 cudaError_t launch_rows(const A *a, const nsa_plan_t *plan, const nsa_cuda_fwd_rows_t *M, cudaStream_t st,
-                        float *pre_delta = nullptr, float *pre_lsec = nullptr, const int32_t *ord = nullptr) {
+                        float *pre_delta = nullptr, float *pre_lsec = nullptr, const int32_t *ord = nullptr,
+                        const unsigned *ubits = nullptr) {
   using L = RowsSmem<R, DK, 128, kBwd, kDS>;
   static unsigned long long set_on = 0;  // bwd_common.cuh: set once per device
   int dev = 0;
@@ -581,7 +638,7 @@ cudaError_t launch_rows(const A *a, const nsa_plan_t *plan, const nsa_cuda_fwd_r
   const int64_t grid = a->B * a->G * NB;
   fwd_rows_kernel<T, R, DK, 128, kBwd, kDS, A><<<(unsigned)grid, L::kThreads, L::bytes, st>>>(
       *a, M->k, M->v, (const int2 *)plan->spans, plan->nspans, (int)plan->n, NB, (int)((NT + 31) / 32), M->gmaj,
-      pre_delta, pre_lsec, ord);
+      pre_delta, pre_lsec, ord, ubits);
   return cudaGetLastError();
 }
 
@@ -619,10 +676,11 @@ __host__ __device__ constexpr size_t group_smem(int nw, int blocks, int w) {
   return ((size_t)w + blocks) * nw * 4 + (size_t)w;
 }
 
-template <int KW, int NW>
+template <int KW, int NW, bool kRecount = false>
 __global__ void __launch_bounds__(32) group_rows_kernel(const int2 *__restrict__ spans,
                                                           const int32_t *__restrict__ nspans, int n, int64_t S,
-                                                          int64_t G, int64_t Skv, int R, int32_t *__restrict__ ord) {
+                                                          int64_t G, int64_t Skv, int R, int32_t *__restrict__ ord,
+                                                          unsigned *__restrict__ ubits, int fnw) {
   constexpr int NBK = 2 * KW;  // blocks per window
   constexpr unsigned kFull = 0xffffffffu;
   static_assert(NW % 4 == 0 && KW * NW <= 128, "masks in registers");
@@ -637,6 +695,9 @@ __global__ void __launch_bounds__(32) group_rows_kernel(const int2 *__restrict__
   const int64_t b = bg / G, g = bg % G;
   const int Wn = (int)min((int64_t)W, S - p0);  // rows in this window
   int32_t *ow = ord + bg * S + p0;
+  // ubits: [B * G][NB = ceil(S / R)][fnw] u32, each row block's union (the
+  // forward's bitmap words); this window's blocks start at p0 / R.
+  unsigned *uw = ubits != nullptr ? ubits + (bg * ((S + R - 1) / R) + p0 / R) * fnw : nullptr;
   for (int i = lane; i < (W + NBK) * NW / 4; i += 32) reinterpret_cast<uint4 *>(sm)[i] = make_uint4(0u, 0u, 0u, 0u);
   __syncwarp();
 
@@ -724,6 +785,8 @@ __global__ void __launch_bounds__(32) group_rows_kernel(const int2 *__restrict__
     su = (int)__reduce_add_sync(kFull, (unsigned)su);
     if (2 * su <= 5 * tm) {
       for (int j = lane; j < Wn; j += 32) ow[j] = (int32_t)(p0 + j);
+      if (uw != nullptr)
+        for (int i = lane; i < (Wn + R - 1) / R * fnw; i += 32) uw[i] = ub[(i / fnw) * NW + i % fnw];
       return;
     }
   }
@@ -753,23 +816,53 @@ __global__ void __launch_bounds__(32) group_rows_kernel(const int2 *__restrict__
       const int bs = 255 - (int)(key & 255u), js = (bs >> 4) * R + (bs & 15);
       if ((bs & 31) == lane) left &= ~(1u << (bs >> 5));
       if (lane == 0) ow[blk * R + m] = (int32_t)(p0 + js);
-      if (m + 1 == take) break;
-      // The row's tiles enter U (a broadcast read of its mask).
+      const bool last = m + 1 == take;
+      if (last && uw == nullptr) break;
+      // The row's tiles enter U (a broadcast read of its mask); after the
+      // block's last row only U is still needed.
+      if constexpr (kRecount) {
+        // Each row's tiles outside U counted afresh: NW popcounts summed as
+        // a tree, no branch, no chain through the previous count.
 #pragma unroll
-      for (int h = 0; h < NW / 4; h++) {
-        const uint4 v = reinterpret_cast<const uint4 *>(sm + js * NW)[h];
-        const unsigned vw[4] = {v.x, v.y, v.z, v.w};
+        for (int h = 0; h < NW / 4; h++) {
+          const uint4 v = reinterpret_cast<const uint4 *>(sm + js * NW)[h];
+          U[4 * h] |= v.x, U[4 * h + 1] |= v.y, U[4 * h + 2] |= v.z, U[4 * h + 3] |= v.w;
+        }
+        if (last) break;
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const int w = 4 * h + e;
-          const unsigned d = vw[e] & ~U[w];
-          U[w] |= vw[e];
-          if (d != 0u) {
+        for (int k = 0; k < KW; k++) {
+          int q[NW];
 #pragma unroll
-            for (int k = 0; k < KW; k++) c[k] -= __popc(rm[k][w] & d);
+          for (int w = 0; w < NW; w++) q[w] = __popc(rm[k][w] & ~U[w]);
+#pragma unroll
+          for (int st = 1; st < NW; st <<= 1)
+#pragma unroll
+            for (int w = 0; w + st < NW; w += 2 * st) q[w] += q[w + st];
+          c[k] = q[0];
+        }
+      } else {
+#pragma unroll
+        for (int h = 0; h < NW / 4; h++) {
+          const uint4 v = reinterpret_cast<const uint4 *>(sm + js * NW)[h];
+          const unsigned vw[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            const int w = 4 * h + e;
+            const unsigned d = vw[e] & ~U[w];
+            U[w] |= vw[e];
+            if (!last && d != 0u) {
+#pragma unroll
+              for (int k = 0; k < KW; k++) c[k] -= __popc(rm[k][w] & d);
+            }
           }
         }
+        if (last) break;
       }
+    }
+    if (uw != nullptr) {  // lane w stores word w of the block's union
+#pragma unroll
+      for (int w = 0; w < NW; w++)
+        if (w == lane && w < fnw) uw[blk * fnw + w] = U[w];
     }
   }
 }
@@ -787,17 +880,35 @@ bool group_ok(int64_t Skv, int R, int blocks) {
          (blocks / 2) * group_nw(NT) <= 128;
 }
 
+// The forward's bitmap words per (b, g) row block: one bit per tile.
+int64_t fwd_nw(int64_t Skv) { return ((Skv + kT - 1) / kT + 31) / 32; }
+
+// The row blocks' unions (group_rows_kernel's ubits) in the grouping's
+// workspace: after ord's B * G * S int32, 16-byte aligned.
+unsigned *ubits_of(const nsa_cuda_attn_t *a, int32_t *ord) {
+  const size_t off = ((size_t)a->B * (size_t)a->G * (size_t)a->S * sizeof(int32_t) + 15) & ~(size_t)15;
+  return reinterpret_cast<unsigned *>(reinterpret_cast<char *>(ord) + off);
+}
+
 // Queues the grouping of the (b, g)'s rows into row blocks of R, `blocks`
-// per window (ord: [B * G * S] i32) on st; group_ok holds.
+// per window (ord: [B * G * S] i32; ubits, unless NULL: each block's union
+// of tiles, [B * G][ceil(S / R)][fwd_nw] u32) on st; group_ok holds.
 cudaError_t launch_group(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, int R, int blocks, int32_t *ord,
-                         cudaStream_t st) {
+                         unsigned *ubits, cudaStream_t st) {
   const int nw = group_nw((a->Skv + kT - 1) / kT);
   const int64_t nwin = a->B * a->G * ((a->S + blocks * R - 1) / (blocks * R));
-  auto *kern = blocks == 16 ? (nw == 8 ? group_rows_kernel<8, 8> : group_rows_kernel<8, 16>)
-                            : (nw == 8 ? group_rows_kernel<4, 8> : nw == 16 ? group_rows_kernel<4, 16>
-                                                                              : group_rows_kernel<4, 32>);
+  static const int recount = [] {
+    const char *e = getenv("NSA_CUDA_GROUP_RECOUNT");
+    return e ? atoi(e) : 1;
+  }();
+  auto *kern = blocks == 16 ? (nw == 8 ? (recount ? group_rows_kernel<8, 8, true> : group_rows_kernel<8, 8>)
+                                       : group_rows_kernel<8, 16>)
+                            : (nw == 8    ? (recount ? group_rows_kernel<4, 8, true> : group_rows_kernel<4, 8>)
+                               : nw == 16 ? group_rows_kernel<4, 16>
+                                          : group_rows_kernel<4, 32>);
   kern<<<(unsigned)nwin, 32, group_smem(nw, blocks, blocks * R), st>>>(
-      (const int2 *)plan->spans, plan->nspans, (int)plan->n, a->S, a->G, a->Skv, R, ord);
+      (const int2 *)plan->spans, plan->nspans, (int)plan->n, a->S, a->G, a->Skv, R, ord, ubits,
+      (int)fwd_nw(a->Skv));
   return cudaGetLastError();
 }
 
@@ -805,15 +916,18 @@ template <typename T>
 cudaError_t launch_t(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa_cuda_fwd_rows_t *M, int32_t *ord,
                      cudaStream_t st) {
   if (ord != nullptr && !group_ok(a->Skv, M->rows, M->group)) ord = nullptr;  // (M->group 0: t order)
+  unsigned *ub = nullptr;
   if (ord != nullptr) {
-    const cudaError_t e = launch_group(a, plan, M->rows, M->group, ord, st);
+    ub = M->early ? ubits_of(a, ord) : nullptr;
+    const cudaError_t e = launch_group(a, plan, M->rows, M->group, ord, ub, st);
     if (e != cudaSuccess) return e;
   }
   if (a->Dk == 192)
-    return M->rows == 9 ? launch_rows<T, 9, false, nsa_cuda_attn_t, false, 192>(a, plan, M, st, nullptr, nullptr, ord)
-                        : launch_rows<T, 11, false, nsa_cuda_attn_t, false, 192>(a, plan, M, st, nullptr, nullptr, ord);
-  return M->rows == 15 ? launch_rows<T, 15, false>(a, plan, M, st, nullptr, nullptr, ord)
-                       : launch_rows<T, 11, false>(a, plan, M, st, nullptr, nullptr, ord);
+    return M->rows == 9
+               ? launch_rows<T, 9, false, nsa_cuda_attn_t, false, 192>(a, plan, M, st, nullptr, nullptr, ord, ub)
+               : launch_rows<T, 11, false, nsa_cuda_attn_t, false, 192>(a, plan, M, st, nullptr, nullptr, ord, ub);
+  return M->rows == 15 ? launch_rows<T, 15, false>(a, plan, M, st, nullptr, nullptr, ord, ub)
+                       : launch_rows<T, 11, false>(a, plan, M, st, nullptr, nullptr, ord, ub);
 }
 
 // cuTensorMapEncodeTiled through the runtime's driver entry point, so no
@@ -941,6 +1055,11 @@ extern "C" int nsa_cuda_fwd_rows_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, 
   M->group = ge && ge[0] == '0' ? 0 : ge && strcmp(ge, "16") == 0 ? 16 : 8;
   if (M->group == 16 && !group_ok(a->Skv, M->rows, 16)) M->group = 8;
   if (M->group != 0 && !group_ok(a->Skv, M->rows, M->group)) M->group = 0;
+  // With the grouping, its union per row block lets each CTA's producer
+  // start streaming before the lists (fwd_rows_kernel, ubits);
+  // NSA_CUDA_FWD_ROWS_EARLY=0 turns that off (A/B).
+  const char *ee = getenv("NSA_CUDA_FWD_ROWS_EARLY");
+  M->early = M->group != 0 && !(ee && ee[0] == '0');
   return 1;
 }
 
@@ -954,14 +1073,20 @@ extern "C" int nsa_cuda_bwd_rows_plan(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, i
 }
 
 extern "C" cudaError_t nsa_cuda_fwd_rows_group(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, int rows,
-                                               int blocks, int32_t *ord, cudaStream_t st) {
+                                               int blocks, int32_t *ord, unsigned *ubits, cudaStream_t st) {
   // plan->n: the span slots per row that the kernel reads.
   if (!group_ok(a->Skv, rows, blocks) || plan->n < 1 || plan->n > 32) return cudaErrorInvalidValue;
-  return launch_group(a, plan, rows, blocks, ord, st);
+  return launch_group(a, plan, rows, blocks, ord, ubits, st);
 }
 
 extern "C" size_t nsa_cuda_fwd_rows_ws_bytes(const nsa_cuda_attn_t *a, const nsa_cuda_fwd_rows_t *M) {
-  return M->group ? (size_t)a->B * (size_t)a->G * (size_t)a->S * sizeof(int32_t) : 0;
+  if (!M->group) return 0;
+  size_t bytes = (size_t)a->B * (size_t)a->G * (size_t)a->S * sizeof(int32_t);
+  if (M->early) {
+    const size_t nb = (size_t)((a->S + M->rows - 1) / M->rows);
+    bytes = ((bytes + 15) & ~(size_t)15) + (size_t)a->B * (size_t)a->G * nb * (size_t)fwd_nw(a->Skv) * 4;
+  }
+  return bytes;
 }
 
 extern "C" cudaError_t nsa_cuda_launch_fwd_rows(const nsa_cuda_attn_t *a, nsa_dtype_t dt, const nsa_plan_t *plan,

@@ -44,6 +44,8 @@ typedef struct {
   int gmaj; /* 1: row blocks of one (b, g) after another (K/V past L2), 0: g fastest */
   int group; /* forward: row blocks per window of the row grouping (group_rows_kernel: 8, or 16 with
                * NSA_CUDA_FWD_ROWS_GROUP=16 where they fit), 0 = rows in t order */
+  int early; /* forward with the grouping: it also writes each row block's union of tiles, so the
+              * kernel's producer streams before the rows are listed (NSA_CUDA_FWD_ROWS_EARLY=0: off) */
 } nsa_cuda_fwd_rows_t;
 
 /* 1 when this request can run on the row-block kernel: bf16/f16, h = 16,
@@ -57,8 +59,11 @@ typedef struct {
 int nsa_cuda_fwd_rows_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, int sel_kind, int32_t block_size,
                            int aligned, int mode, nsa_cuda_fwd_rows_t *M);
 
-/* Workspace of the row grouping: B * G * S int32 (the row order), or 0 when
- * M->group is 0. */
+/* Workspace of the row grouping: B * G * S int32 (the row order) and, with
+ * M->early, 16-byte aligned after it, each row block's union of tiles
+ * (B * G * ceil(S / rows) blocks of ceil(ceil(Skv / 64) / 32) u32 words:
+ * at most 4 bytes per row, as the grouping takes at most 1024 tiles); 0
+ * when M->group is 0. */
 size_t nsa_cuda_fwd_rows_ws_bytes(const nsa_cuda_attn_t *a, const nsa_cuda_fwd_rows_t *M);
 
 /* The row grouping alone (the first launch of nsa_cuda_launch_fwd_rows with
@@ -66,9 +71,12 @@ size_t nsa_cuda_fwd_rows_ws_bytes(const nsa_cuda_attn_t *a, const nsa_cuda_fwd_r
  * 16) row blocks of `rows` positions (rows <= 16, at most 1024 tiles per
  * (b, g)), each window's rows dealt greedily into its blocks, rows sharing
  * tiles together: ord[(b*G + g)*S + position] = t, a permutation of each
- * window's t. cudaErrorInvalidValue for sizes it does not take. */
+ * window's t. ubits, unless NULL: [B * G][ceil(S / rows)][nw] u32, nw =
+ * ceil(ceil(Skv / 64) / 32), bit k of block p's words = tile k is listed
+ * by a row at positions p * rows .. p * rows + rows - 1 (the union the
+ * kernel streams). cudaErrorInvalidValue for sizes it does not take. */
 cudaError_t nsa_cuda_fwd_rows_group(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, int rows, int blocks,
-                                    int32_t *ord, cudaStream_t st);
+                                    int32_t *ord, unsigned *ubits, cudaStream_t st);
 
 /* Enqueues the kernel on `st` (o and lse from the plan; no host
  * synchronization). ord: nsa_cuda_fwd_rows_ws_bytes of workspace for the

@@ -356,7 +356,9 @@ static int64_t bit_diff(const double *a, const double *b, int64_t n) {
  * the float64 reference; the default rows per CTA (11) and `alt_rows`
  * (NSA_CUDA_FWD_ROWS_R) must agree bitwise (a row's tiles are visited in
  * the same order whatever the blocking), so must the row grouping's
- * windows of 8 blocks (default), of 16 and t order, so must the v1 and v2 planners,
+ * windows of 8 blocks (default), of 16 and t order, the producer starting
+ * from the grouping's unions (default) or from the rows' lists
+ * (NSA_CUDA_FWD_ROWS_EARLY=0), so must the v1 and v2 planners,
  * and both must differ bitwise from NSA_CUDA_FWD_ROWS=0 (the key-centric
  * kernel rounds in another order), which shows the row-block kernel ran. */
 static void row_block_cases(nsa_cuda_ctx_t *ctx, int64_t dk, const char *alt_rows, uint64_t seed0) {
@@ -377,6 +379,9 @@ static void row_block_cases(nsa_cuda_ctx_t *ctx, int64_t dk, const char *alt_row
     run_env(ctx, &f, NSA_PATH_VARLEN_V2, "NSA_CUDA_FWD_ROWS_GROUP", "0", o2, l2);
     cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0,
                  "Dk %lld case %d: rows grouped and in t order differ", (long long)dk, k);
+    run_env(ctx, &f, NSA_PATH_VARLEN_V2, "NSA_CUDA_FWD_ROWS_EARLY", "0", o2, l2);
+    cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0,
+                 "Dk %lld case %d: streaming from the grouping's unions and from the lists differ", (long long)dk, k);
     run_env(ctx, &f, NSA_PATH_VARLEN_V2, "NSA_CUDA_FWD_ROWS_GROUP", "16", o2, l2);
     cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0,
                  "Dk %lld case %d: rows grouped in windows of 8 and of 16 blocks differ", (long long)dk, k);

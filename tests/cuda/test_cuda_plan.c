@@ -374,6 +374,23 @@ Test(cuda_plan, all_rows_unused) {
  * (sum of their largest tile counts); else per block the largest remaining
  * t, then R - 1 times the remaining row with the fewest tiles outside the
  * union (ties: the larger t). */
+/* Row r's tiles as the grouping (and the kernel) list them: a bitmask of
+ * 32 words; returns the tile count. */
+static int row_tiles(const int32_t *hs, const int32_t *hn, int64_t n, int64_t r, int64_t Skv, uint32_t mask[32]) {
+  const int64_t ns = hn[r] < n ? hn[r] : n;
+  memset(mask, 0, 32 * sizeof(uint32_t));
+  int c = 0, last = -1;
+  for (int64_t s = 0; s < ns; s++) {
+    const int64_t x = hs[(r * n + s) * 2], y = hs[(r * n + s) * 2 + 1];
+    if (!(y > x && x >= 0 && y <= Skv)) continue;
+    const int kl = (int)((y - 1) / 64);
+    for (int kt = (int)(x / 64) == last ? last + 1 : (int)(x / 64); kt <= kl && c < 32; kt++, c++)
+      mask[kt >> 5] |= 1u << (kt & 31);
+    last = kl;
+  }
+  return c;
+}
+
 static void group_ref(const int32_t *hs, const int32_t *hn, int64_t n, int64_t S, int64_t G, int64_t b, int64_t g,
                       int64_t Skv, int R, int blocks, int32_t *out) {
   const int W = blocks * R;
@@ -383,19 +400,7 @@ static void group_ref(const int32_t *hs, const int32_t *hn, int64_t n, int64_t S
   for (int64_t p0 = 0; p0 < S; p0 += W) {
     const int wn = S - p0 < W ? (int)(S - p0) : W;
     for (int j = 0; j < wn; j++) {
-      const int64_t r = (b * S + p0 + j) * G + g;
-      const int64_t ns = hn[r] < n ? hn[r] : n;
-      memset(mask[j], 0, sizeof mask[j]);
-      int c = 0, last = -1;
-      for (int64_t s = 0; s < ns; s++) {
-        const int64_t x = hs[(r * n + s) * 2], y = hs[(r * n + s) * 2 + 1];
-        if (!(y > x && x >= 0 && y <= Skv)) continue;
-        const int kl = (int)((y - 1) / 64);
-        for (int kt = (int)(x / 64) == last ? last + 1 : (int)(x / 64); kt <= kl && c < 32; kt++, c++)
-          mask[j][kt >> 5] |= 1u << (kt & 31);
-        last = kl;
-      }
-      cnt[j] = c;
+      cnt[j] = row_tiles(hs, hn, n, (b * S + p0 + j) * G + g, Skv, mask[j]);
       placed[j] = 0;
     }
     long su = 0, tm = 0;
@@ -433,11 +438,19 @@ static void group_ref(const int32_t *hs, const int32_t *hn, int64_t n, int64_t S
 }
 
 /* Runs nsa_cuda_fwd_rows_group on host spans (rows = B*S*G, n slots each)
- * into ho; returns its status. */
+ * into ho; returns its status. It also asks for the row blocks' unions
+ * (ubits, poisoned first) and checks every word against the union of the
+ * block's rows (ho) as row_tiles lists them. */
 static cudaError_t run_group(const int32_t *hs, const int32_t *hn, int64_t B, int64_t S, int64_t G, int64_t n,
                              int64_t Skv, int R, int blocks, int32_t *ho) {
   const int64_t rows = B * S * G;
+  const int64_t NB = (S + R - 1) / R, nw = ((Skv + 63) / 64 + 31) / 32;
+  const size_t ubn = (size_t)(B * G * NB * nw);
   int32_t *ds = NULL, *dn = NULL, *dord = NULL;
+  uint32_t *dub = NULL, *hub = malloc(ubn * sizeof(uint32_t));
+  cr_assert(hub);
+  cr_assert_eq(cudaMalloc((void **)&dub, ubn * sizeof(uint32_t)), cudaSuccess);
+  cr_assert_eq(cudaMemset(dub, 0xa5, ubn * sizeof(uint32_t)), cudaSuccess);
   cr_assert_eq(cudaMalloc((void **)&ds, sizeof(int32_t) * (size_t)(rows * n * 2)), cudaSuccess);
   cr_assert_eq(cudaMalloc((void **)&dn, sizeof(int32_t) * (size_t)rows), cudaSuccess);
   cr_assert_eq(cudaMalloc((void **)&dord, sizeof(int32_t) * (size_t)rows), cudaSuccess);
@@ -450,12 +463,27 @@ static cudaError_t run_group(const int32_t *hs, const int32_t *hn, int64_t B, in
   nsa_cuda_attn_t a;
   memset(&a, 0, sizeof a);
   a.B = B, a.S = S, a.G = G, a.Skv = Skv, a.h = 16, a.Dk = a.Dv = 128, a.n = n;
-  const cudaError_t e = nsa_cuda_fwd_rows_group(&a, &plan, R, blocks, dord, 0);
+  const cudaError_t e = nsa_cuda_fwd_rows_group(&a, &plan, R, blocks, dord, dub, 0);
   if (e == cudaSuccess) {
     cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
     cr_assert_eq(cudaMemcpy(ho, dord, sizeof(int32_t) * (size_t)rows, cudaMemcpyDeviceToHost), cudaSuccess);
+    cr_assert_eq(cudaMemcpy(hub, dub, ubn * sizeof(uint32_t), cudaMemcpyDeviceToHost), cudaSuccess);
+    for (int64_t bg = 0; bg < B * G; bg++)
+      for (int64_t p = 0; p < NB; p++) {
+        uint32_t u[32] = {0}, m[32];
+        for (int64_t q = p * R; q < S && q < p * R + R; q++) {
+          const int64_t t = ho[bg * S + q];
+          cr_assert(t >= 0 && t < S);
+          row_tiles(hs, hn, n, ((bg / G) * S + t) * G + bg % G, Skv, m);
+          for (int w = 0; w < 32; w++) u[w] |= m[w];
+        }
+        for (int64_t w = 0; w < nw; w++)
+          cr_assert_eq(hub[(bg * NB + p) * nw + w], u[w], "(b, g) %lld block %lld word %lld: union %08x, expected %08x",
+                       (long long)bg, (long long)p, (long long)w, hub[(bg * NB + p) * nw + w], u[w]);
+      }
   }
-  cudaFree(ds), cudaFree(dn), cudaFree(dord);
+  cudaFree(ds), cudaFree(dn), cudaFree(dord), cudaFree(dub);
+  free(hub);
   return e;
 }
 
