@@ -46,6 +46,8 @@ typedef struct {
                * NSA_CUDA_FWD_ROWS_GROUP=16 where they fit), 0 = rows in t order */
   int early; /* forward with the grouping: it also writes each row block's union of tiles, so the
               * kernel's producer streams before the rows are listed (NSA_CUDA_FWD_ROWS_EARLY=0: off) */
+  int persist; /* forward, with early and Dk = 128: 1 = one CTA per SM walks the row blocks, N > 1 = N
+                * CTAs (NSA_CUDA_FWD_ROWS_PERSIST=N; 0 = a CTA per row block) */
 } nsa_cuda_fwd_rows_t;
 
 /* 1 when this request can run on the row-block kernel: bf16/f16, h = 16,

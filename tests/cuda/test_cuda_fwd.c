@@ -382,6 +382,11 @@ static void row_block_cases(nsa_cuda_ctx_t *ctx, int64_t dk, const char *alt_row
     run_env(ctx, &f, NSA_PATH_VARLEN_V2, "NSA_CUDA_FWD_ROWS_EARLY", "0", o2, l2);
     cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0,
                  "Dk %lld case %d: streaming from the grouping's unions and from the lists differ", (long long)dk, k);
+    if (dk == 128) {
+      run_env(ctx, &f, NSA_PATH_VARLEN_V2, "NSA_CUDA_FWD_ROWS_PERSIST", "3", o2, l2);
+      cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0,
+                   "Dk %lld case %d: persistent (3 CTAs) and one CTA per row block differ", (long long)dk, k);
+    }
     run_env(ctx, &f, NSA_PATH_VARLEN_V2, "NSA_CUDA_FWD_ROWS_GROUP", "16", o2, l2);
     cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0,
                  "Dk %lld case %d: rows grouped in windows of 8 and of 16 blocks differ", (long long)dk, k);
