@@ -10,6 +10,11 @@
 // against the staged dO in bwd_pre_vec_kernel's lanes and order, and delta
 // and the lse copy are written for dk/dv.
 //
+// What the kernels share (tile constants, shared-memory layout, the
+// swizzled products, span lists, a warp's walk over its ring steps) is in
+// fwd_rows.cuh; the persistent forward, which the forward runs by default
+// wherever the grouping's unions exist, is fwd_rows_persist.cu.
+//
 // fwd_rows_kernel: one CTA per (b, g, block of kRows rows: consecutive, or as the row
 // grouping (group_rows_kernel, below) ordered them);
 // kRows consumer warps (warp w = the row at position t0 + w, its 16 heads = the 16 rows of
@@ -66,15 +71,13 @@
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
-#include "bwd_common.cuh"
-#include "fwd_rows.h"
-#include "mbar.cuh"
+#include "fwd_rows.cuh"
 
-using namespace nsa_bwd;
+using namespace nsa_rows;
 
 namespace {
 
-constexpr int kT = NSA_BWD_TILE;      // keys per tile (64)
+// keys per tile (64)
 // Rows (consumer warps) per CTA: 11 (+ the producer: 12 warps, 3 per SM
 // sub-partition, so 168 registers and no spills) or 15 (16 warps at 128
 // registers, more rows sharing each loaded tile); NSA_CUDA_FWD_ROWS_R for A/B.
@@ -83,145 +86,6 @@ constexpr int kRowsDefault = 11;
 constexpr int kRowsBwd = 10;
 // Backward dq from dS (K-only ring slots of 16 KB, 12 of them): 11 rows.
 constexpr int kRowsDS = 11;
-constexpr int kMaxT = 32;             // tiles per row (host-checked bound)
-constexpr int kNTmax = 8192;          // tiles per (b, g): bitmap of kNTmax / 32 words
-constexpr int kW = kNTmax / 32;       // bitmap words
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
-// Ring slot: K then V, each as swizzled boxes [64 keys][64 dims] of 8 KB
-// (d 0..63, then 64..127, ...: Dk / 64 for K, two for V); 1024-byte
-// aligned (the swizzle's period).
-constexpr int kBox = kT * 64 * 2;    // bytes per box
-
-// kDS: the backward's dq from dS (nsa_cuda_bwd_t::ds), whose ring slots hold
-// K only and which stages no Q / dO.
-// The forward also takes Dk = 192 (three 64-dim K boxes; the NSA paper's
-// Dk / Dv): with Q's 48 -> 70 KB at 11 rows and 40 KB slots, 3 slots fit
-// (4 at 9 rows).
-template <int kRows, int DK, int DV, bool kBwd = false, bool kDS = false> struct RowsSmem {
-  static_assert((DK == 128 || (DK == 192 && !kBwd)) && DV == 128, "64-dim boxes: K 2 or 3, V 2");
-  static_assert(kBwd || !kDS, "dS is the backward's");
-  static constexpr int kKB = DK / 64;                                     // K boxes per tile (V: 2)
-  static constexpr int kThreads = (kRows + 1) * 32;
-  static constexpr int kSlotB = kDS ? 2 * kBox : (kKB + 2) * kBox;        // bytes per ring slot
-  static constexpr int kNS = kDS ? 12 : kBwd ? 4 : DK == 192 ? (kRows <= 9 ? 4 : 3) : kRows <= 11 ? 5 : 4;  // ring slots that fit
-  static constexpr int QS = DK + 8;                                       // +16 bytes: conflict-free ldmatrix
-  static constexpr size_t ring_off = 0;                                   // [kNS][kSlotB] (1024-aligned base)
-  static constexpr size_t q_off = ring_off + (size_t)kNS * kSlotB;        // [kRows][16][QS]
-  static constexpr size_t do_off = q_off + (kDS ? 0 : (size_t)kRows * 16 * QS * 2);  // backward: [kRows][16][QS] dO
-  // [kRows][kMaxT] u64 key masks
-  static constexpr size_t mk_off = do_off + (kBwd && !kDS ? (size_t)kRows * 16 * QS * 2 : 0);
-  static constexpr size_t rt_off = mk_off + (size_t)kRows * kMaxT * 8;    // [kRows][kMaxT] i32 own tiles
-  static constexpr size_t ut_off = rt_off + (size_t)kRows * kMaxT * 4;    // [kRows * kMaxT] i32 union
-  static constexpr size_t bm_off = ut_off + (size_t)kRows * kMaxT * 4;    // [kW] u32 tile bitmap
-  static constexpr size_t pre_off = bm_off + (size_t)kW * 4;              // [kW] i32 union steps before word
-  static constexpr size_t um_off = pre_off + (size_t)kW * 4;              // [kRows * kMaxT] u32 rows per step
-  static constexpr size_t tag_off = um_off + (size_t)kRows * kMaxT * 4;   // [kNS] i32 step last put in a slot
-  static constexpr size_t u_off = tag_off + (size_t)kNS * 4;              // i32 U
-  static constexpr size_t bar_off = (u_off + 4 + 7) & ~(size_t)7;         // full[kNS] (K), empty[kNS], fullv[kNS] (V) u64
-  static constexpr size_t bytes = bar_off + 3 * kNS * 8 + 1024;           // + alignment slack
-};
-
-// S (16 heads x 64 keys) = Q (16 x 128 at q_s, row stride QS) . K^T with K
-// in a ring slot at shared address ks (two swizzled boxes): qk_tile of
-// bwd_common.cuh with the swizzled B addresses. Key row kr = np*16 +
-// (lane & 7) + (lane >> 4)*8 (so kr & 7 = lane & 7), 16-byte chunk
-// c = 2*kstep + ((lane >> 3) & 1) of d: box c >> 3, chunk (c & 7) ^ (kr & 7).
-template <typename T, int QS, int DK = 128>
-__device__ __forceinline__ void qk_sw(const T *q_s, unsigned ks, int lane, float (&s)[8][4]) {
-#pragma unroll
-  for (int i = 0; i < 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-  const unsigned rowb = ks + ((lane & 7) + (lane >> 4) * 8) * 128;
-#pragma unroll
-  for (int kk = 0; kk < DK / 16; kk++) {
-    unsigned af[4];
-    ldsm_x4(smem_u32(q_s + (lane & 15) * QS + kk * 16 + (lane >> 4) * 8), af[0], af[1], af[2], af[3]);
-    const int c = kk * 2 + ((lane >> 3) & 1);
-    const unsigned cb = rowb + (c >> 3) * kBox + (((c & 7) ^ (lane & 7)) << 4);
-#pragma unroll
-    for (int np = 0; np < 4; np++) {
-      unsigned b0, b1, b2, b3;
-      ldsm_x4(cb + np * 16 * 128, b0, b1, b2, b3);
-      Mma<T>::run(s[2 * np], af, b0, b1);
-      Mma<T>::run(s[2 * np + 1], af, b2, b3);
-    }
-  }
-}
-
-// O (16 x 128) += P (16 x 64, p_to_a's fragments) . V with V in a ring slot
-// at shared address vs (swizzled as K): pv_tile of bwd_common.cuh with the
-// swizzled ldmatrix.trans addresses. Key row kr = kk*16 + (lane & 7) +
-// ((lane >> 3) & 1)*8, chunk c = 2*dp + (lane >> 4) of d.
-template <typename T>
-__device__ __forceinline__ void pv_sw(const unsigned (&pa)[4][4], unsigned vs, int lane, float (&o)[16][4]) {
-  const unsigned rowb = vs + ((lane & 7) + ((lane >> 3) & 1) * 8) * 128;
-#pragma unroll
-  for (int kk = 0; kk < 4; kk++)
-#pragma unroll
-    for (int dp = 0; dp < 8; dp++) {
-      const int c = dp * 2 + (lane >> 4);
-      unsigned b0, b1, b2, b3;
-      ldsm_x4_t(rowb + kk * 16 * 128 + (c >> 3) * kBox + (((c & 7) ^ (lane & 7)) << 4), b0, b1, b2, b3);
-      Mma<T>::run(o[2 * dp], pa[kk], b0, b1);
-      Mma<T>::run(o[2 * dp + 1], pa[kk], b2, b3);
-    }
-}
-
-// A row's distinct 64-key tiles from its spans, one span per lane (lane i
-// holds span i, xr, of the row's nsr): spans are sorted and disjoint, so a
-// tile is shared only by consecutive spans. Lane i's tiles are first..last
-// (ok: the span is in use and inside [0, Skv): a bad one must not index past
-// the tiles; the plan never has them), at positions p0, p0 + 1, ... of the
-// row's ascending tile list (when the previous span listed the first tile
-// already, p0 is that tile's position: it is written twice with one id);
-// cnt = the row's tile count, at most kMaxT. Every lane must call it.
-struct SpanTiles {
-  int first, last, p0, cnt;
-  bool ok;
-};
-__device__ __forceinline__ SpanTiles span_tiles(int2 xr, int nsr, int n, int64_t Skv, int lane) {
-  SpanTiles r;
-  const int nsp = min(nsr, n);
-  r.ok = lane < nsp && xr.y > xr.x && xr.x >= 0 && xr.y <= Skv;
-  r.first = r.ok ? xr.x / kT : -2, r.last = r.ok ? (xr.y - 1) / kT : -2;
-  int plast = __shfl_up_sync(0xffffffffu, r.last, 1);
-  if (lane == 0) plast = -3;
-  const bool shr = r.ok && r.first == plast;  // first tile already listed by the previous span
-  const int nnew = r.ok ? r.last - r.first + 1 - (shr ? 1 : 0) : 0;
-  int inc = nnew;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int v = __shfl_up_sync(0xffffffffu, inc, o);
-    if (lane >= o) inc += v;
-  }
-  r.cnt = min(__shfl_sync(0xffffffffu, inc, 31), kMaxT);
-  r.p0 = inc - nnew - (shr ? 1 : 0);
-  return r;
-}
-
-// A consumer warp's walk over its own steps (the ring protocol of step 3):
-// for its j-th tile, union step u in ring slot s = u % kNS, it spins until
-// the slot's tag is u (the producer has started filling the slot for step u,
-// so the fill of step u - kNS has landed and the parity wait names the right
-// phase), waits for K (full[s]), runs tile(j, slot address, s, u) (which
-// waits for V, fullv[s], itself), and releases the slot (empty[s]).
-template <int kNS, int kSlotB, typename F>
-__device__ __forceinline__ void walk_steps(int cnt, int mystep, const int *sTag, unsigned ring, unsigned full0,
-                                           unsigned empty0, int lane, F &&tile) {
-  int j = 0;
-  int next = __shfl_sync(0xffffffffu, mystep, 0);
-  for (int u = next; j < cnt; u = next) {
-    const int s = u % kNS;
-    while (nsa_mbar::flag_load(smem_u32(&sTag[s])) != u) __nanosleep(20);
-    nsa_mbar::wait(full0 + 8 * s, (u / kNS) & 1);
-    tile(j, ring + s * kSlotB, s, u);
-    j++;
-    next = __shfl_sync(0xffffffffu, mystep, j & 31);  // (unused once j == cnt)
-    __syncwarp();  // every lane is done with the slot
-    if (lane == 0) nsa_mbar::arrive(empty0 + 8 * s);
-  }
-}
 
 template <typename T, int kRows, int DK, int DV, bool kBwd, bool kDS, typename A>
 __global__ void __launch_bounds__((kRows + 1) * 32, 1)
@@ -642,291 +506,6 @@ cudaError_t launch_rows(const A *a, const nsa_plan_t *plan, const nsa_cuda_fwd_r
   return cudaGetLastError();
 }
 
-// ---- Persistent forward (NSA_CUDA_FWD_ROWS_PERSIST=1; needs the grouping's unions) ----
-// One CTA per SM walks the row blocks ("items") blockIdx.x, + gridDim.x,
-// ... in the launch's block order; the ring's step count runs on across
-// items (global step gs: slot gs % kNS, tag gs), so the producer streams
-// item k + 1's first kNS steps while item k's last users still compute, and
-// no CTA launch, barrier setup or union load sits between two items. Per
-// item the producer scans the grouping's union (loaded an item ahead) into
-// one of two union sets, arrives on uready[set]; each consumer warp lists
-// its row, waits for uready, maps its tiles to steps, ORs its bit into the
-// set's rows-per-step and arrives on listed[set]; the producer waits for
-// listed before the idle rows' arrivals that let a slot refill.
-template <int kRows>
-struct PersistSmem {
-  using L = RowsSmem<kRows, 128, 128>;
-  static constexpr int kNS = L::kNS;
-  static constexpr int kUT = kRows * kMaxT;                               // union steps per item at most
-  static constexpr size_t ring_off = 0;
-  static constexpr size_t q_off = (size_t)kNS * L::kSlotB;                // [kRows][16][QS]
-  static constexpr size_t mk_off = q_off + (size_t)kRows * 16 * L::QS * 2;  // [kRows][kMaxT] u64
-  static constexpr size_t rt_off = mk_off + (size_t)kRows * kMaxT * 8;    // [kRows][kMaxT] i32
-  static constexpr size_t ut_off = rt_off + (size_t)kRows * kMaxT * 4;    // [2][kUT] i32 union tiles
-  static constexpr size_t um_off = ut_off + 2 * (size_t)kUT * 4;          // [2][kUT] u32 rows per step
-  static constexpr size_t bm_off = um_off + 2 * (size_t)kUT * 4;          // [2][32] u32 union bitmap
-  static constexpr size_t pre_off = bm_off + 2 * 32 * 4;                  // [2][32] i32 steps before word
-  static constexpr size_t tag_off = pre_off + 2 * 32 * 4;                 // [kNS] i32
-  static constexpr size_t base_off = tag_off + kNS * 4;                   // [2] i32 first global step
-  static constexpr size_t bar_off = (base_off + 8 + 7) & ~(size_t)7;      // full, empty, fullv [kNS], uready, listed [2]
-  static constexpr size_t bytes = bar_off + (3 * kNS + 4) * 8 + 1024;
-};
-
-template <typename T, int kRows>
-__global__ void __launch_bounds__((kRows + 1) * 32, 1)
-    fwd_rows_persist_kernel(nsa_cuda_attn_t a, const __grid_constant__ CUtensorMap tmk,
-                            const __grid_constant__ CUtensorMap tmv, const int2 *__restrict__ spans,
-                            const int32_t *__restrict__ nspans, int n, int64_t NB, int nw, int gmaj,
-                            const int32_t *__restrict__ ord, const unsigned *__restrict__ ubits, int64_t nitems) {
-  using L = RowsSmem<kRows, 128, 128>;
-  using P = PersistSmem<kRows>;
-  constexpr int kNS = P::kNS, kUT = P::kUT, DV = 128, CK = 16;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  unsigned char *smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
-  const unsigned ring = smem_u32(smem + P::ring_off);
-  T *sQ = reinterpret_cast<T *>(smem + P::q_off);
-  unsigned long long *sMk = reinterpret_cast<unsigned long long *>(smem + P::mk_off);
-  int *sRt = reinterpret_cast<int *>(smem + P::rt_off);
-  int *sUt = reinterpret_cast<int *>(smem + P::ut_off);
-  unsigned *sUm = reinterpret_cast<unsigned *>(smem + P::um_off);
-  unsigned *sBm = reinterpret_cast<unsigned *>(smem + P::bm_off);
-  int *sPre = reinterpret_cast<int *>(smem + P::pre_off);
-  int *sTag = reinterpret_cast<int *>(smem + P::tag_off);
-  int *sBase = reinterpret_cast<int *>(smem + P::base_off);
-  const unsigned full0 = smem_u32(smem + P::bar_off), empty0 = full0 + kNS * 8, fullv0 = empty0 + kNS * 8,
-                 uready0 = fullv0 + kNS * 8, listed0 = uready0 + 16;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  auto item_at = [&](int64_t item, int64_t &b, int64_t &g, int64_t &tb) {  // fwd_rows_kernel's map
-    if (gmaj) {
-      tb = NB - 1 - item % NB;
-      const int64_t rest = item / NB;
-      g = rest % a.G, b = rest / a.G;
-    } else {
-      g = item % a.G;
-      const int64_t rest = item / a.G;
-      tb = NB - 1 - rest % NB, b = rest / NB;
-    }
-  };
-  const int invalid = a.invalid != nullptr ? *a.invalid : 0;
-  if (tid == 0) {
-    for (int s = 0; s < kNS; s++) {
-      nsa_mbar::init(full0 + 8 * s, 1);
-      nsa_mbar::init(fullv0 + 8 * s, 1);
-      nsa_mbar::init(empty0 + 8 * s, kRows);
-      sTag[s] = -1;
-    }
-    for (int x = 0; x < 2; x++) {
-      nsa_mbar::init(uready0 + 8 * x, 1);
-      nsa_mbar::init(listed0 + 8 * x, kRows);
-    }
-    nsa_mbar::init_fence();
-  }
-  __syncthreads();
-
-  if (warp == kRows) {  // ---- producer ----
-    if (invalid > 0) return;  // (the consumers store NaN and touch no barrier)
-    // Step gs into slot gs % kNS: K's boxes on full, V's on fullv, after the
-    // slot's previous step has been released by all kRows rows.
-    auto issue = [&](int gs, int tile, int64_t g, int64_t b) {
-      const int s = gs % kNS, k = gs / kNS;
-      if (k > 0) nsa_mbar::wait(empty0 + 8 * s, (k - 1) & 1);
-      const int k0 = tile * kT;
-      const unsigned dst = ring + s * L::kSlotB, bar = full0 + 8 * s, barv = fullv0 + 8 * s;
-      nsa_mbar::flag_store(smem_u32(&sTag[s]), gs);
-      nsa_mbar::arrive_expect_tx(bar, 2 * kBox);
-      nsa_mbar::tma_load_4d(dst, &tmk, 0, (int)g, k0, (int)b, bar);
-      nsa_mbar::tma_load_4d(dst + kBox, &tmk, 64, (int)g, k0, (int)b, bar);
-      nsa_mbar::arrive_expect_tx(barv, 2 * kBox);
-      nsa_mbar::tma_load_4d(dst + 2 * kBox, &tmv, 0, (int)g, k0, (int)b, barv);
-      nsa_mbar::tma_load_4d(dst + 3 * kBox, &tmv, 64, (int)g, k0, (int)b, barv);
-    };
-    auto idle = [&](int set, int u, int gs) {  // the rows that do not use the step release it
-      const int x = kRows - __popc(sUm[set * kUT + u]);
-      if (x > 0) nsa_mbar::arrive_n(empty0 + 8 * (gs % kNS), (unsigned)x);
-    };
-    int gu = 0, it = 0;
-    int64_t item = blockIdx.x, b = 0, g = 0, tb = 0;
-    unsigned wv = 0u;
-    if (item < nitems) {
-      item_at(item, b, g, tb);
-      wv = lane < nw ? ubits[((b * a.G + g) * NB + tb) * nw + lane] : 0u;
-    }
-    for (; item < nitems; item += gridDim.x, it++) {
-      const int set = it & 1;
-      item_at(item, b, g, tb);
-      const unsigned cur = wv;
-      if (item + gridDim.x < nitems) {  // the next item's union, loaded under this one
-        int64_t b2, g2, tb2;
-        item_at(item + gridDim.x, b2, g2, tb2);
-        wv = lane < nw ? ubits[((b2 * a.G + g2) * NB + tb2) * nw + lane] : 0u;
-      }
-      const int k = __popc(cur);
-      int inc = k;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int v = __shfl_up_sync(0xffffffffu, inc, o);
-        if (lane >= o) inc += v;
-      }
-      int u = inc - k;
-      sBm[set * 32 + lane] = cur, sPre[set * 32 + lane] = u;
-      for (unsigned m = cur; m != 0u; m &= m - 1, u++)
-        if (u < kUT) sUt[set * kUT + u] = lane * 32 + __ffs(m) - 1;
-      for (int i = lane; i < kUT; i += 32) sUm[set * kUT + i] = 0u;
-      const int U = min(__shfl_sync(0xffffffffu, inc, 31), kUT);
-      if (lane == 0) sBase[set] = gu;
-      __syncwarp();
-      if (lane == 0) {
-        nsa_mbar::arrive(uready0 + 8 * set);  // releases the set's union to the consumers
-        const int early = min(U, kNS);
-        for (int v = 0; v < U; v++) {
-          if (v == early) {  // the rows' steps are known: the first steps' idle rows
-            nsa_mbar::wait(listed0 + 8 * set, (it >> 1) & 1);
-            for (int e = 0; e < early; e++) idle(set, e, gu + e);
-          }
-          issue(gu + v, sUt[set * kUT + v], g, b);
-          if (v >= early) idle(set, v, gu + v);
-        }
-        if (U <= kNS) {
-          nsa_mbar::wait(listed0 + 8 * set, (it >> 1) & 1);
-          for (int e = 0; e < U; e++) idle(set, e, gu + e);
-        }
-      }
-      __syncwarp();
-      gu += U;
-    }
-    // No bulk copy may be in flight when the CTA exits: wait for each
-    // slot's last step to land.
-    if (lane == 0)
-      for (int s = 0; s < kNS && s < gu; s++) {
-        const int x = gu - 1 - ((gu - 1 - s) % kNS);
-        nsa_mbar::wait(full0 + 8 * s, (x / kNS) & 1);
-        nsa_mbar::wait(fullv0 + 8 * s, (x / kNS) & 1);
-      }
-    return;
-  }
-
-  // ---- consumers: warp = the item's row position ----
-  const int r0 = lane >> 2, cq = lane & 3;
-  const float c2 = a.scale * kLog2e;
-  T *q_s = sQ + warp * 16 * L::QS;
-  unsigned long long *mk = sMk + warp * kMaxT;
-  int *rt = sRt + warp * kMaxT;
-  int it = 0;
-  for (int64_t item = blockIdx.x; item < nitems; item += gridDim.x, it++) {
-    const int set = it & 1;
-    int64_t b, g, tb;
-    item_at(item, b, g, tb);
-    int64_t t = tb * kRows + warp;
-    const bool row_ok = t < a.S;
-    if (row_ok) t = ord[(b * a.G + g) * a.S + t];
-    auto store_row = [&](const float (&o)[DV / 8][4], float i0, float i1, float lse0, float lse1) {
-#pragma unroll
-      for (int half = 0; half < 2; half++) {
-        const int64_t j = r0 + half * 8;
-        T *orow = reinterpret_cast<T *>(a.o) + b * a.os[0] + t * a.os[1] + (g * 16 + j) * a.os[2];
-        store_o_row<T, DV>(orow, a.os[3], o, half, half ? i1 : i0, cq);
-        if (a.lse != nullptr && cq == 0) a.lse[b * a.ls[0] + t * a.ls[1] + (g * 16 + j) * a.ls[2]] = half ? lse1 : lse0;
-      }
-    };
-    float o[DV / 8][4];
-#pragma unroll
-    for (int i = 0; i < DV / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    if (invalid > 0) {
-      if (row_ok) store_row(o, NAN, NAN, NAN, NAN);
-      continue;
-    }
-    int2 xr = make_int2(0, 0);
-    int nsr = 0;
-    if (row_ok) {
-      const int64_t r = (b * a.S + t) * a.G + g;
-      const T *qrow = reinterpret_cast<const T *>(a.q) + b * a.qs[0] + t * a.qs[1] + g * 16 * a.qs[2];
-      for (int c = lane; c < 16 * CK; c += 32) {
-        const int j = c / CK, pt = c % CK;
-        cp_async16(smem_u32(q_s + j * L::QS + pt * 8), qrow + j * a.qs[2] + pt * 8, 16);
-      }
-      cp_commit();
-      if (lane < n) xr = spans[r * n + lane];
-      nsr = nspans[r];
-    }
-    mk[lane] = 0ull;
-    int cnt = 0;
-    if (row_ok) {
-      const SpanTiles st = span_tiles(xr, nsr, n, a.Skv, lane);
-      cnt = st.cnt;
-      __syncwarp();
-      if (st.ok) {
-        int p = st.p0;
-        for (int kt = st.first; kt <= st.last; kt++, p++)
-          if (p < kMaxT) {
-            atomicOr(&mk[p], tile_span_bits(xr.x, xr.y, kt));
-            rt[p] = kt;
-          }
-      }
-    }
-    __syncwarp();
-    nsa_mbar::wait(uready0 + 8 * set, (it >> 1) & 1);
-    int mystep = 0x7fffffff;
-    bool in = true;
-    if (lane < cnt) {
-      const int kt = rt[lane];
-      const unsigned wbits = sBm[set * 32 + (kt >> 5)];
-      in = (wbits >> (kt & 31)) & 1u;
-      mystep = sPre[set * 32 + (kt >> 5)] + __popc(wbits & ((1u << (kt & 31)) - 1u));
-    }
-    const bool lost = !__all_sync(0xffffffffu, in);
-    if (lost) cnt = 0;
-    if (lane < cnt) atomicOr(&sUm[set * kUT + mystep], 1u << warp);
-    const int base = sBase[set];
-    __syncwarp();
-    if (lane == 0) nsa_mbar::arrive(listed0 + 8 * set);
-    const int gstep = lane < cnt ? base + mystep : 0x7fffffff;
-    float mr0 = -INFINITY, mr1 = -INFINITY, l0 = 0.f, l1 = 0.f;
-    cp_wait<0>();
-    __syncwarp();
-    walk_steps<kNS, L::kSlotB>(cnt, gstep, sTag, ring, full0, empty0, lane, [&](int j, unsigned slot, int s, int u) {
-      float sc[8][4];
-      qk_sw<T, L::QS, 128>(q_s, slot, lane, sc);
-      softmax_tile<DV>(sc, mk[j], mk[j], cq, c2, mr0, mr1, l0, l1, o);
-      unsigned pa[4][4];
-      p_to_a<T>(sc, pa);
-      nsa_mbar::wait(fullv0 + 8 * s, (u / kNS) & 1);
-      pv_sw<T>(pa, slot + 2 * kBox, lane, o);
-    });
-    if (!row_ok) continue;
-    if (lost) {
-      store_row(o, NAN, NAN, NAN, NAN);
-      continue;
-    }
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    store_row(o, l0 > 0.f ? 1.f / l0 : 0.f, l1 > 0.f ? 1.f / l1 : 0.f,
-              l0 > 0.f ? (mr0 + log2f(l0)) * kLn2 : -INFINITY, l1 > 0.f ? (mr1 + log2f(l1)) * kLn2 : -INFINITY);
-  }
-}
-
-template <typename T>
-cudaError_t launch_persist(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa_cuda_fwd_rows_t *M,
-                           cudaStream_t st, const int32_t *ord, const unsigned *ubits) {
-  constexpr int R = 11;
-  using P = PersistSmem<R>;
-  static unsigned long long set_on = 0;
-  int dev = 0;
-  cudaError_t e = set_smem_once(fwd_rows_persist_kernel<T, R>, (int)P::bytes, &set_on, &dev);
-  if (e != cudaSuccess) return e;
-  int sms = 0;
-  if ((e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess) return e;
-  const int64_t NB = (a->S + R - 1) / R, NT = (a->Skv + kT - 1) / kT;
-  const int64_t nitems = a->B * a->G * NB;
-  const int64_t want = M->persist > 1 ? M->persist : sms;
-  const int64_t grid = nitems < want ? nitems : want;
-  fwd_rows_persist_kernel<T, R><<<(unsigned)grid, (R + 1) * 32, P::bytes, st>>>(
-      *a, M->k, M->v, (const int2 *)plan->spans, plan->nspans, (int)plan->n, NB, (int)((NT + 31) / 32), M->gmaj, ord,
-      ubits, nitems);
-  return cudaGetLastError();
-}
-
 // ---- Row grouping (fwd_rows.h, nsa_cuda_fwd_rows_t::group) ----
 // One warp per window of NBK row blocks (W = NBK * R positions, NBK = 8 or
 // 16, R <= 16) of one (b, g). It deals the window's rows into its blocks
@@ -1175,6 +754,16 @@ unsigned *ubits_of(const nsa_cuda_attn_t *a, int32_t *ord) {
   return reinterpret_cast<unsigned *>(reinterpret_cast<char *>(ord) + off);
 }
 
+// The persistent forward's item counter: one int after the unions,
+// 16-byte aligned (nsa_cuda_fwd_rows_ws_bytes).
+size_t ubits_bytes(const nsa_cuda_attn_t *a, int R) {
+  return (size_t)a->B * (size_t)a->G * (size_t)((a->S + R - 1) / R) * (size_t)fwd_nw(a->Skv) * 4;
+}
+int *claim_of(const nsa_cuda_attn_t *a, const nsa_cuda_fwd_rows_t *M, int32_t *ord) {
+  const size_t off = (ubits_bytes(a, M->rows) + 15) & ~(size_t)15;
+  return reinterpret_cast<int *>(reinterpret_cast<char *>(ubits_of(a, ord)) + off);
+}
+
 // Queues the grouping of the (b, g)'s rows into row blocks of R, `blocks`
 // per window (ord: [B * G * S] i32; ubits, unless NULL: each block's union
 // of tiles, [B * G][ceil(S / R)][fwd_nw] u32) on st; group_ok holds.
@@ -1197,6 +786,10 @@ cudaError_t launch_group(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, int R
   return cudaGetLastError();
 }
 
+// The request dtype of a 16-bit element type.
+inline nsa_dtype_t dtype_of(const __half *) { return NSA_F16; }
+inline nsa_dtype_t dtype_of(const __nv_bfloat16 *) { return NSA_BF16; }
+
 template <typename T>
 cudaError_t launch_t(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa_cuda_fwd_rows_t *M, int32_t *ord,
                      cudaStream_t st) {
@@ -1211,7 +804,8 @@ cudaError_t launch_t(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa
     return M->rows == 9
                ? launch_rows<T, 9, false, nsa_cuda_attn_t, false, 192>(a, plan, M, st, nullptr, nullptr, ord, ub)
                : launch_rows<T, 11, false, nsa_cuda_attn_t, false, 192>(a, plan, M, st, nullptr, nullptr, ord, ub);
-  if (ub != nullptr && M->persist && M->rows == 11) return launch_persist<T>(a, plan, M, st, ord, ub);
+  if (ub != nullptr && M->persist && M->rows == 11 && a->Dk == 128)
+    return launch_fwd_rows_persist(a, dtype_of(static_cast<const T *>(nullptr)), plan, M, ord, ub, claim_of(a, M, ord), st);
   return M->rows == 15 ? launch_rows<T, 15, false>(a, plan, M, st, nullptr, nullptr, ord, ub)
                        : launch_rows<T, 11, false>(a, plan, M, st, nullptr, nullptr, ord, ub);
 }
@@ -1346,9 +940,13 @@ extern "C" int nsa_cuda_fwd_rows_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, 
   // NSA_CUDA_FWD_ROWS_EARLY=0 turns that off (A/B).
   const char *ee = getenv("NSA_CUDA_FWD_ROWS_EARLY");
   M->early = M->group != 0 && !(ee && ee[0] == '0');
+  // With them, at Dk = 128 and 11 rows, the persistent forward
+  // (fwd_rows_persist.cu; H200, T = 16k h = 16 random -3 %, corr -6 %,
+  // docs/PERF.md). NSA_CUDA_FWD_ROWS_PERSIST=0 turns it off, =N > 1 runs N
+  // CTAs (the tests: many row blocks per CTA).
   const char *pe = getenv("NSA_CUDA_FWD_ROWS_PERSIST");
-  // (=1: a CTA per SM; =N > 1: N CTAs, so the tests give each CTA many row blocks)
-  M->persist = M->early && a->Dk == 128 && pe ? (atoi(pe) > 0 ? atoi(pe) : 0) : 0;
+  const int pn = pe ? atoi(pe) : 1;
+  M->persist = M->early && a->Dk == 128 && M->rows == 11 && pn > 0 ? pn : 0;
   return 1;
 }
 
@@ -1371,10 +969,7 @@ extern "C" cudaError_t nsa_cuda_fwd_rows_group(const nsa_cuda_attn_t *a, const n
 extern "C" size_t nsa_cuda_fwd_rows_ws_bytes(const nsa_cuda_attn_t *a, const nsa_cuda_fwd_rows_t *M) {
   if (!M->group) return 0;
   size_t bytes = (size_t)a->B * (size_t)a->G * (size_t)a->S * sizeof(int32_t);
-  if (M->early) {
-    const size_t nb = (size_t)((a->S + M->rows - 1) / M->rows);
-    bytes = ((bytes + 15) & ~(size_t)15) + (size_t)a->B * (size_t)a->G * nb * (size_t)fwd_nw(a->Skv) * 4;
-  }
+  if (M->early) bytes = ((bytes + 15) & ~(size_t)15) + ((ubits_bytes(a, M->rows) + 15) & ~(size_t)15) + 16;
   return bytes;
 }
 

@@ -46,8 +46,9 @@ typedef struct {
                * NSA_CUDA_FWD_ROWS_GROUP=16 where they fit), 0 = rows in t order */
   int early; /* forward with the grouping: it also writes each row block's union of tiles, so the
               * kernel's producer streams before the rows are listed (NSA_CUDA_FWD_ROWS_EARLY=0: off) */
-  int persist; /* forward, with early and Dk = 128: 1 = one CTA per SM walks the row blocks, N > 1 = N
-                * CTAs (NSA_CUDA_FWD_ROWS_PERSIST=N; 0 = a CTA per row block) */
+  int persist; /* forward, with early, Dk = 128 and 11 rows (the default): the persistent kernel
+                * (fwd_rows_persist.cu), 1 = one CTA per SM, N > 1 = N CTAs; 0 = a CTA per row block
+                * (NSA_CUDA_FWD_ROWS_PERSIST=N overrides) */
 } nsa_cuda_fwd_rows_t;
 
 /* 1 when this request can run on the row-block kernel: bf16/f16, h = 16,
@@ -64,8 +65,8 @@ int nsa_cuda_fwd_rows_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, int sel_kin
 /* Workspace of the row grouping: B * G * S int32 (the row order) and, with
  * M->early, 16-byte aligned after it, each row block's union of tiles
  * (B * G * ceil(S / rows) blocks of ceil(ceil(Skv / 64) / 32) u32 words:
- * at most 4 bytes per row, as the grouping takes at most 1024 tiles); 0
- * when M->group is 0. */
+ * at most 4 bytes per row, as the grouping takes at most 1024 tiles) and
+ * the persistent kernel's item counter (16 bytes); 0 when M->group is 0. */
 size_t nsa_cuda_fwd_rows_ws_bytes(const nsa_cuda_attn_t *a, const nsa_cuda_fwd_rows_t *M);
 
 /* The row grouping alone (the first launch of nsa_cuda_launch_fwd_rows with
