@@ -246,7 +246,7 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
   // their tiles. (Each microsecond a CTA's first TMA starts later costs
   // kernel time one to one: H200, T = 16k h = 16 random, +44 us for 45
   // CTAs per SM; docs/PERF.md.)
-  const bool hint = ubits != nullptr;  // kernel-uniform
+  const bool hint = !kBwd && ubits != nullptr;  // kernel-uniform (the forward's only)
   int early = 0;                       // steps issued before the lists (hint)
   if (hint && warp == kRows) {
     const unsigned wv = lane < nw ? ubits[((b * a.G + g) * NB + tb) * nw + lane] : 0u;
