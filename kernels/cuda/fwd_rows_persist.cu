@@ -327,7 +327,11 @@ cudaError_t launch_t(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa
   const int64_t nitems = a->B * a->G * NB;
   const int64_t want = M->persist > 1 ? M->persist : sms;
   const int64_t grid = nitems < want ? nitems : want;
-  if (nitems >= 0x7fffffff - grid) return cudaErrorInvalidValue;  // (item ids and claims are int)
+  // Item ids and claims are int, and a CTA claims at most two past nitems,
+  // so nitems + 2 * grid must stay below 2^31. This check covers nitems +
+  // grid only; a request near either bound would hold ~2^31 rows' Q
+  // (> 8 TB), past any device's memory.
+  if (nitems >= 0x7fffffff - grid) return cudaErrorInvalidValue;
   if ((e = cudaMemsetAsync(claim, 0, sizeof(int), st)) != cudaSuccess) return e;
   fwd_rows_persist_kernel<T, R><<<(unsigned)grid, (R + 1) * 32, P::bytes, st>>>(
       *a, M->k, M->v, (const int2 *)plan->spans, plan->nspans, (int)plan->n, NB, (int)((NT + 31) / 32), M->gmaj, ord,

@@ -362,7 +362,10 @@ Test(cuda_plan, all_rows_unused) {
  * the 32-tile cap, some with out-of-range spans, some runs of rows sharing
  * their blocks so that windows take the t-order exit) at 256, 512 and
  * 1024 tiles: ord must equal, position for position, group_ref's — an
- * independent host version of the same rule. row_grouping_refused: the
+ * independent host version of the same rule. In every case the grouping
+ * also writes each row block's union of tiles (ubits, poisoned first),
+ * which run_group checks word by word against the union of the block's
+ * rows as ord placed them. row_grouping_refused: the
  * sizes it does not take (fwd_rows.h) fail with cudaErrorInvalidValue. */
 #include "fwd_rows.h"
 
