@@ -477,12 +477,7 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
       store_row(o, NAN, NAN, NAN, NAN);
       return;
     }
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    store_row(o, l0 > 0.f ? 1.f / l0 : 0.f, l1 > 0.f ? 1.f / l1 : 0.f,
-              l0 > 0.f ? (mr0 + log2f(l0)) * kLn2 : -INFINITY, l1 > 0.f ? (mr1 + log2f(l1)) * kLn2 : -INFINITY);
+    finish_row(l0, l1, mr0, mr1, [&](float i0, float i1, float s0, float s1) { store_row(o, i0, i1, s0, s1); });
   }
 }
 

@@ -155,6 +155,20 @@ __device__ __forceinline__ void walk_steps(int cnt, int mystep, const int *sTag,
   }
 }
 
+// A consumer warp's row at the end (lane: heads r0 = lane / 4 and r0 + 8,
+// thread-partial sums l0 / l1 of its quad, running maxima m0 / m1 in log2
+// units): store(1 / l0, 1 / l1, lse0, lse1) with lse = (m + log2 l) ln 2;
+// an empty row (l = 0) gets 0 and -inf.
+template <typename F>
+__device__ __forceinline__ void finish_row(float l0, float l1, float m0, float m1, F &&store) {
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  store(l0 > 0.f ? 1.f / l0 : 0.f, l1 > 0.f ? 1.f / l1 : 0.f, l0 > 0.f ? (m0 + log2f(l0)) * kLn2 : -INFINITY,
+        l1 > 0.f ? (m1 + log2f(l1)) * kLn2 : -INFINITY);
+}
+
 // The persistent forward (fwd_rows_persist.cu) on `st`: the row blocks of
 // the launch's order, walked by one CTA per SM (or M->persist CTAs when >
 // 1), taking items from *claim (an int of the workspace, zeroed here); ord
