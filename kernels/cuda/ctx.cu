@@ -471,6 +471,14 @@ extern "C" int nsa_cuda_plan_v2(nsa_cuda_ctx_t *ctx, const nsa_selection_t *sel,
   return NSA_OK;
 }
 
+// The v2 planner of a request into its arena (layout L) on st.
+static cudaError_t launch_planner(const nsa_cuda_selview_t *sv, const nsa_dims_t *d, nsa_plan_t *plan,
+                                  nsa_cuda_summary_t *dsum, char *ws, const req_layout_t *L, int need_row_off,
+                                  cudaStream_t st) {
+  return nsa_cuda_launch_plan_v2(sv, d->B, d->S, d->Skv, d->G, d->n, plan, dsum, (int64_t *)(ws + L->len64),
+                                 ws + L->temp, L->temp_bytes, need_row_off, st);
+}
+
 extern "C" int nsa_cuda_sel_fwd(nsa_cuda_ctx_t *ctx, const nsa_fwd_args_t *a,
                                 const nsa_path_flags_t *flags, nsa_path_t force_path,
                                 const nsa_cuda_exec_t *ex, nsa_run_info_t *info, char *msg,
@@ -523,17 +531,22 @@ extern "C" int nsa_cuda_sel_fwd(nsa_cuda_ctx_t *ctx, const nsa_fwd_args_t *a,
   nsa_cuda_summary_t hsum;
   memset(&hsum, 0, sizeof(hsum));
   double plan_t0 = now_us();
+  const nsa_cuda_selview_t sv = selview(&a->sel);
+  // With no summary to wait for (v2, sync = 0, packed impossible) the path
+  // is v2 whatever the plan says, so the planner is launched below, where
+  // the kernel is chosen: beside the row grouping (on the side stream) when
+  // the row-block forward runs, else on the stream before the kernel.
+  int plan_deferred = 0;
   if (planner == NSA_PATH_VARLEN_V1) {
     st = plan_v1(ctx, &a->sel, &d, &plan, ws + L.plan, &hsum, msg, msglen);
     if (st) return st;
     CK(cudaMemcpyAsync(dsum, &hsum, sizeof(hsum), cudaMemcpyHostToDevice, ctx->stream), "summary copy");
     CK(cudaStreamSynchronize(ctx->stream), "v1 plan copy");  // hsum is on the stack
     info->plan_us = now_us() - plan_t0;
+  } else if (!need_summary) {
+    plan_deferred = 1;
   } else {
-    nsa_cuda_selview_t sv = selview(&a->sel);
-    CK(nsa_cuda_launch_plan_v2(&sv, d.B, d.S, d.Skv, d.G, d.n, &plan, dsum, (int64_t *)(ws + L.len64),
-                               ws + L.temp, L.temp_bytes, maybe_packed, ctx->stream),
-       "v2 planner launch");
+    CK(launch_planner(&sv, &d, &plan, dsum, ws, &L, maybe_packed, ctx->stream), "v2 planner launch");
     // packed sizes its padded K/V by the bucket counts: count them into the
     // summary before its (one) copy to the host.
     if (maybe_packed) CK(nsa_cuda_launch_pack_hist(&plan, dsum, ctx->stream), "packed histogram launch");
@@ -642,8 +655,28 @@ extern "C" int nsa_cuda_sel_fwd(nsa_cuda_ctx_t *ctx, const nsa_fwd_args_t *a,
           used = off + ob;
         }
       }
-      CK(nsa_cuda_launch_fwd_rows(&at, d.dtype, &plan, &RM, ord, ctx->stream), "row-block forward launch");
+      // The grouping lists the rows' tiles from the selection itself, so a
+      // deferred planner runs beside it on the side stream (forked and
+      // joined by events: capturable), off the kernel's critical path.
+      cudaEvent_t plan_ready = NULL;
+      if (plan_deferred) {
+        const int beside = ord != NULL;  // the grouping runs
+        if (beside) {
+          CK(cudaEventRecord(ctx->fork_ev, ctx->stream), "fork");
+          CK(cudaStreamWaitEvent(ctx->side, ctx->fork_ev, 0), "fork");
+        }
+        CK(launch_planner(&sv, &d, &plan, dsum, ws, &L, 0, beside ? ctx->side : ctx->stream), "v2 planner launch");
+        if (beside) {
+          CK(cudaEventRecord(ctx->join_ev, ctx->side), "join");
+          plan_ready = ctx->join_ev;
+        }
+        plan_deferred = 0;
+      }
+      CK(nsa_cuda_launch_fwd_rows(&at, d.dtype, &plan, &RM, ord, &sv, plan_ready, ctx->stream),
+         "row-block forward launch");
     }
+    if (plan_deferred)  // the other kernels read the plan: planner first, on the stream
+      CK(launch_planner(&sv, &d, &plan, dsum, ws, &L, 0, ctx->stream), "v2 planner launch");
     nsa_cuda_fwd_key_layout_t KL;
     int key = !rows_fwd && nsa_cuda_fwd_key_plan(&at, d.dtype, a->sel.kind, a->sel.block_size, aligned,
                                                  ctx->fwd_key, used, &KL);

@@ -72,6 +72,7 @@
 #include <cudaTypedefs.h>
 
 #include "fwd_rows.cuh"
+#include "sel_slot.cuh"
 
 using namespace nsa_rows;
 
@@ -535,11 +536,12 @@ __host__ __device__ constexpr size_t group_smem(int nw, int blocks, int w) {
   return ((size_t)w + blocks) * nw * 4 + (size_t)w;
 }
 
-template <int KW, int NW, bool kRecount = false>
+template <int KW, int NW, bool kRecount = false, bool kSel = false>
 __global__ void __launch_bounds__(32) group_rows_kernel(const int2 *__restrict__ spans,
-                                                          const int32_t *__restrict__ nspans, int n, int64_t S,
-                                                          int64_t G, int64_t Skv, int R, int32_t *__restrict__ ord,
-                                                          unsigned *__restrict__ ubits, int fnw) {
+                                                          const int32_t *__restrict__ nspans, nsa_cuda_selview_t sel,
+                                                          int n, int64_t S, int64_t G, int64_t Skv, int R,
+                                                          int32_t *__restrict__ ord, unsigned *__restrict__ ubits,
+                                                          int fnw, int *__restrict__ claim) {
   constexpr int NBK = 2 * KW;  // blocks per window
   constexpr unsigned kFull = 0xffffffffu;
   static_assert(NW % 4 == 0 && KW * NW <= 128, "masks in registers");
@@ -558,6 +560,9 @@ __global__ void __launch_bounds__(32) group_rows_kernel(const int2 *__restrict__
   // forward's bitmap words); this window's blocks start at p0 / R.
   unsigned *uw = ubits != nullptr ? ubits + (bg * ((S + R - 1) / R) + p0 / R) * fnw : nullptr;
   for (int i = lane; i < (W + NBK) * NW / 4; i += 32) reinterpret_cast<uint4 *>(sm)[i] = make_uint4(0u, 0u, 0u, 0u);
+  // The persistent forward's item counter, zeroed here (it runs after this
+  // kernel on the same stream) rather than by a memset of its own.
+  if (claim != nullptr && blockIdx.x == 0 && lane == 0) *claim = 0;
   __syncwarp();
 
   // 1. Lists, one row per lane: the row's bits in its mask (sm) and in its
@@ -569,44 +574,88 @@ __global__ void __launch_bounds__(32) group_rows_kernel(const int2 *__restrict__
   // loaded while it lists the current one (spans past nspans are {0, 0} in
   // the plan, and in-range: reading them is harmless).
   constexpr int kPre = 16;
-  auto load_row = [&](int j, int2 (&x)[kPre], int &ns) {
-    const int64_t r = (b * S + p0 + j) * G + g;
-    ns = min(nspans[r], n);
-#pragma unroll
-    for (int u = 0; u < kPre; u++) x[u] = u < n ? spans[r * n + u] : make_int2(0, 0);
-  };
-  {
-    int2 nx[kPre];
-    int nsn = 0;
-    if (lane < Wn) load_row(lane, nx, nsn);
+  if constexpr (kSel) {
+    // 1'. From the selection's slots instead (kSel: the planner may still be
+    // running): sel_slot.cuh's validity and clipping, so a row lists exactly
+    // the tiles of the spans the plan will hold (a tile of two slots once);
+    // its count is its mask's popcount, read back after the warp's ORs.
+    const int64_t nblk = sel.kind == NSA_SEL_BLOCK_INDICES ? (Skv + sel.block_size - 1) / sel.block_size : 0;
     for (int j = lane; j < Wn; j += 32) {
-      int2 cur[kPre];
-      const int ns = nsn;
-#pragma unroll
-      for (int u = 0; u < kPre; u++) cur[u] = nx[u];
-      if (j + 32 < Wn) load_row(j + 32, nx, nsn);
+      const int64_t t = p0 + j;
+      const long long limit = nsa_sel::row_limit(t, S, Skv);
       unsigned *mj = sm + j * NW, *uj = ub + (j / R) * NW;
-      int c = 0, last = -1;
-      auto list = [&](int2 x) {
-        if (!(x.y > x.x && x.x >= 0 && x.y <= Skv)) return;
-        const int kl = (x.y - 1) / kT;
-        for (int kt = x.x / kT == last ? last + 1 : x.x / kT; kt <= kl && c < kMaxT; kt++, c++) {
+      auto list = [&](int k, long long lo, long long hi) {
+        if (k <= 0) return;  // unused or invalid (the planner counts those)
+        if (hi > limit) hi = limit;
+        if (lo >= hi) return;  // clipped away (lo >= 0 for every kept slot)
+        for (int kt = (int)(lo / kT); kt <= (int)((hi - 1) / kT); kt++) {
           const unsigned bt = 1u << (kt & 31);
           atomicOr(mj + (kt >> 5), bt);
           atomicOr(uj + (kt >> 5), bt);
         }
-        last = kl;
       };
+      long long lo[kPre], hi[kPre];
+      int k[kPre];
 #pragma unroll
-      for (int u = 0; u < kPre; u++)
-        if (u < ns) list(cur[u]);
-      if (ns > kPre) {  // n > 16: the rest one by one
-        const int64_t r = (b * S + p0 + j) * G + g;
-        for (int u = kPre; u < ns; u++) list(spans[r * n + u]);
+      for (int u = 0; u < kPre; u++) k[u] = u < n ? nsa_sel::load_slot(sel, b, t, g, u, nblk, &lo[u], &hi[u]) : 0;
+#pragma unroll
+      for (int u = 0; u < kPre; u++) list(k[u], lo[u], hi[u]);
+      for (int u = kPre; u < n; u++) {  // n > 16: the rest one by one
+        long long l1 = 0, h1 = 0;
+        const int k1 = nsa_sel::load_slot(sel, b, t, g, u, nblk, &l1, &h1);
+        list(k1, l1, h1);
       }
-      cnt[j] = (unsigned char)c;
     }
-  }
+    __syncwarp();
+    for (int j = lane; j < Wn; j += 32) {
+      int c = 0;
+#pragma unroll
+      for (int h = 0; h < NW / 4; h++) {
+        const uint4 v = reinterpret_cast<const uint4 *>(sm + j * NW)[h];
+        c += __popc(v.x) + __popc(v.y) + __popc(v.z) + __popc(v.w);
+      }
+      cnt[j] = (unsigned char)min(c, 255);
+    }
+  } else {
+    auto load_row = [&](int j, int2 (&x)[kPre], int &ns) {
+      const int64_t r = (b * S + p0 + j) * G + g;
+      ns = min(nspans[r], n);
+#pragma unroll
+      for (int u = 0; u < kPre; u++) x[u] = u < n ? spans[r * n + u] : make_int2(0, 0);
+    };
+    {
+      int2 nx[kPre];
+      int nsn = 0;
+      if (lane < Wn) load_row(lane, nx, nsn);
+      for (int j = lane; j < Wn; j += 32) {
+        int2 cur[kPre];
+        const int ns = nsn;
+#pragma unroll
+        for (int u = 0; u < kPre; u++) cur[u] = nx[u];
+        if (j + 32 < Wn) load_row(j + 32, nx, nsn);
+        unsigned *mj = sm + j * NW, *uj = ub + (j / R) * NW;
+        int c = 0, last = -1;
+        auto list = [&](int2 x) {
+          if (!(x.y > x.x && x.x >= 0 && x.y <= Skv)) return;
+          const int kl = (x.y - 1) / kT;
+          for (int kt = x.x / kT == last ? last + 1 : x.x / kT; kt <= kl && c < kMaxT; kt++, c++) {
+            const unsigned bt = 1u << (kt & 31);
+            atomicOr(mj + (kt >> 5), bt);
+            atomicOr(uj + (kt >> 5), bt);
+          }
+          last = kl;
+        };
+#pragma unroll
+        for (int u = 0; u < kPre; u++)
+          if (u < ns) list(cur[u]);
+        if (ns > kPre) {  // n > 16: the rest one by one
+          const int64_t r = (b * S + p0 + j) * G + g;
+          for (int u = kPre; u < ns; u++) list(spans[r * n + u]);
+        }
+        cnt[j] = (unsigned char)c;
+      }
+    }
+  }  // spans
   __syncwarp();
 
   // This lane's rows: bit k of `left` = the row at bit 32 k + lane exists
@@ -761,23 +810,32 @@ int *claim_of(const nsa_cuda_attn_t *a, const nsa_cuda_fwd_rows_t *M, int32_t *o
 
 // Queues the grouping of the (b, g)'s rows into row blocks of R, `blocks`
 // per window (ord: [B * G * S] i32; ubits, unless NULL: each block's union
-// of tiles, [B * G][ceil(S / R)][fwd_nw] u32) on st; group_ok holds.
-cudaError_t launch_group(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, int R, int blocks, int32_t *ord,
-                         unsigned *ubits, cudaStream_t st) {
+// of tiles, [B * G][ceil(S / R)][fwd_nw] u32) on st; group_ok holds. The
+// rows' tiles come from sel (its slots, by the planner's rules) when it is
+// not NULL, else from the plan's spans. claim, unless NULL, is zeroed.
+cudaError_t launch_group(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa_cuda_selview_t *sel, int R,
+                         int blocks, int32_t *ord, unsigned *ubits, int *claim, cudaStream_t st) {
   const int nw = group_nw((a->Skv + kT - 1) / kT);
   const int64_t nwin = a->B * a->G * ((a->S + blocks * R - 1) / (blocks * R));
   static const int recount = [] {
     const char *e = getenv("NSA_CUDA_GROUP_RECOUNT");
     return e ? atoi(e) : 1;
   }();
-  auto *kern = blocks == 16 ? (nw == 8 ? (recount ? group_rows_kernel<8, 8, true> : group_rows_kernel<8, 8>)
-                                       : group_rows_kernel<8, 16>)
-                            : (nw == 8    ? (recount ? group_rows_kernel<4, 8, true> : group_rows_kernel<4, 8>)
-                               : nw == 16 ? group_rows_kernel<4, 16>
-                                          : group_rows_kernel<4, 32>);
+  auto pick = [&](auto spans_kern, auto sel_kern) { return sel != nullptr ? sel_kern : spans_kern; };
+  auto *kern = blocks == 16 ? (nw == 8 ? (recount ? pick(group_rows_kernel<8, 8, true>, group_rows_kernel<8, 8, true, true>)
+                                                  : pick(group_rows_kernel<8, 8>, group_rows_kernel<8, 8, false, true>))
+                                       : pick(group_rows_kernel<8, 16>, group_rows_kernel<8, 16, false, true>))
+                            : (nw == 8    ? (recount ? pick(group_rows_kernel<4, 8, true>, group_rows_kernel<4, 8, true, true>)
+                                                     : pick(group_rows_kernel<4, 8>, group_rows_kernel<4, 8, false, true>))
+                               : nw == 16 ? pick(group_rows_kernel<4, 16>, group_rows_kernel<4, 16, false, true>)
+                                          : pick(group_rows_kernel<4, 32>, group_rows_kernel<4, 32, false, true>));
+  nsa_cuda_selview_t sv;
+  memset(&sv, 0, sizeof sv);
+  if (sel != nullptr) sv = *sel;
+  const int n = sel != nullptr ? (int)a->n : (int)plan->n;
   kern<<<(unsigned)nwin, 32, group_smem(nw, blocks, blocks * R), st>>>(
-      (const int2 *)plan->spans, plan->nspans, (int)plan->n, a->S, a->G, a->Skv, R, ord, ubits,
-      (int)fwd_nw(a->Skv));
+      plan != nullptr ? (const int2 *)plan->spans : nullptr, plan != nullptr ? plan->nspans : nullptr, sv, n, a->S,
+      a->G, a->Skv, R, ord, ubits, (int)fwd_nw(a->Skv), claim);
   return cudaGetLastError();
 }
 
@@ -787,19 +845,26 @@ inline nsa_dtype_t dtype_of(const __nv_bfloat16 *) { return NSA_BF16; }
 
 template <typename T>
 cudaError_t launch_t(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa_cuda_fwd_rows_t *M, int32_t *ord,
-                     cudaStream_t st) {
+                     const nsa_cuda_selview_t *sel, cudaEvent_t plan_ready, cudaStream_t st) {
   if (ord != nullptr && !group_ok(a->Skv, M->rows, M->group)) ord = nullptr;  // (M->group 0: t order)
   unsigned *ub = nullptr;
+  const bool persist = ord != nullptr && M->early && M->persist && M->rows == 11 && a->Dk == 128;
   if (ord != nullptr) {
     ub = M->early ? ubits_of(a, ord) : nullptr;
-    const cudaError_t e = launch_group(a, plan, M->rows, M->group, ord, ub, st);
+    const cudaError_t e =
+        launch_group(a, sel != nullptr ? nullptr : plan, sel, M->rows, M->group, ord, ub,
+                     persist ? claim_of(a, M, ord) : nullptr, st);
+    if (e != cudaSuccess) return e;
+  }
+  if (plan_ready != nullptr) {  // the planner ran beside the grouping (ctx.cu)
+    const cudaError_t e = cudaStreamWaitEvent(st, plan_ready, 0);
     if (e != cudaSuccess) return e;
   }
   if (a->Dk == 192)
     return M->rows == 9
                ? launch_rows<T, 9, false, nsa_cuda_attn_t, false, 192>(a, plan, M, st, nullptr, nullptr, ord, ub)
                : launch_rows<T, 11, false, nsa_cuda_attn_t, false, 192>(a, plan, M, st, nullptr, nullptr, ord, ub);
-  if (ub != nullptr && M->persist && M->rows == 11 && a->Dk == 128)
+  if (persist)
     return launch_fwd_rows_persist(a, dtype_of(static_cast<const T *>(nullptr)), plan, M, ord, ub, claim_of(a, M, ord), st);
   return M->rows == 15 ? launch_rows<T, 15, false>(a, plan, M, st, nullptr, nullptr, ord, ub)
                        : launch_rows<T, 11, false>(a, plan, M, st, nullptr, nullptr, ord, ub);
@@ -954,11 +1019,16 @@ extern "C" int nsa_cuda_bwd_rows_plan(const nsa_cuda_bwd_t *a, nsa_dtype_t dt, i
   return 1;
 }
 
-extern "C" cudaError_t nsa_cuda_fwd_rows_group(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, int rows,
-                                               int blocks, int32_t *ord, unsigned *ubits, cudaStream_t st) {
-  // plan->n: the span slots per row that the kernel reads.
-  if (!group_ok(a->Skv, rows, blocks) || plan->n < 1 || plan->n > 32) return cudaErrorInvalidValue;
-  return launch_group(a, plan, rows, blocks, ord, ubits, st);
+extern "C" cudaError_t nsa_cuda_fwd_rows_group(const nsa_cuda_attn_t *a, const nsa_plan_t *plan,
+                                               const nsa_cuda_selview_t *sel, int rows, int blocks, int32_t *ord,
+                                               unsigned *ubits, cudaStream_t st) {
+  // The slots per row that the kernel reads: a->n of sel, plan->n of spans.
+  const int64_t n = sel != nullptr ? a->n : plan != nullptr ? plan->n : 0;
+  if (!group_ok(a->Skv, rows, blocks) || n < 1 || n > 32) return cudaErrorInvalidValue;
+  if (sel != nullptr && (sel->data == nullptr || (sel->kind != NSA_SEL_BLOCK_INDICES && sel->kind != NSA_SEL_RANGES) ||
+                         (sel->kind == NSA_SEL_BLOCK_INDICES && sel->block_size < 1)))
+    return cudaErrorInvalidValue;
+  return launch_group(a, sel != nullptr ? nullptr : plan, sel, rows, blocks, ord, ubits, nullptr, st);
 }
 
 extern "C" size_t nsa_cuda_fwd_rows_ws_bytes(const nsa_cuda_attn_t *a, const nsa_cuda_fwd_rows_t *M) {
@@ -969,10 +1039,12 @@ extern "C" size_t nsa_cuda_fwd_rows_ws_bytes(const nsa_cuda_attn_t *a, const nsa
 }
 
 extern "C" cudaError_t nsa_cuda_launch_fwd_rows(const nsa_cuda_attn_t *a, nsa_dtype_t dt, const nsa_plan_t *plan,
-                                                const nsa_cuda_fwd_rows_t *M, int32_t *ord, cudaStream_t st) {
+                                                const nsa_cuda_fwd_rows_t *M, int32_t *ord,
+                                                const nsa_cuda_selview_t *sel, cudaEvent_t plan_ready,
+                                                cudaStream_t st) {
   switch (dt) {
-    case NSA_BF16: return launch_t<__nv_bfloat16>(a, plan, M, ord, st);
-    case NSA_F16: return launch_t<__half>(a, plan, M, ord, st);
+    case NSA_BF16: return launch_t<__nv_bfloat16>(a, plan, M, ord, sel, plan_ready, st);
+    case NSA_F16: return launch_t<__half>(a, plan, M, ord, sel, plan_ready, st);
     default: return cudaErrorInvalidValue;
   }
 }

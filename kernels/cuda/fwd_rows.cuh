@@ -171,8 +171,9 @@ __device__ __forceinline__ void finish_row(float l0, float l1, float m0, float m
 
 // The persistent forward (fwd_rows_persist.cu) on `st`: the row blocks of
 // the launch's order, walked by one CTA per SM (or M->persist CTAs when >
-// 1), taking items from *claim (an int of the workspace, zeroed here); ord
-// and ubits from the grouping (both required). Dk = Dv = 128, 11 rows.
+// 1), taking items from *claim (an int of the workspace that the grouping
+// zeroed: group_rows_kernel's claim); ord and ubits from the grouping (both
+// required). Dk = Dv = 128, 11 rows.
 cudaError_t launch_fwd_rows_persist(const nsa_cuda_attn_t *a, nsa_dtype_t dt, const nsa_plan_t *plan,
                                     const nsa_cuda_fwd_rows_t *M, const int32_t *ord, const unsigned *ubits,
                                     int *claim, cudaStream_t st);

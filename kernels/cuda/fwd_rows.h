@@ -77,18 +77,27 @@ size_t nsa_cuda_fwd_rows_ws_bytes(const nsa_cuda_attn_t *a, const nsa_cuda_fwd_r
  * window's t. ubits, unless NULL: [B * G][ceil(S / rows)][nw] u32, nw =
  * ceil(ceil(Skv / 64) / 32), bit k of block p's words = tile k is listed
  * by a row at positions p * rows .. p * rows + rows - 1 (the union the
- * kernel streams). cudaErrorInvalidValue for sizes it does not take. */
-cudaError_t nsa_cuda_fwd_rows_group(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, int rows, int blocks,
-                                    int32_t *ord, unsigned *ubits, cudaStream_t st);
+ * kernel streams). A row's tiles come from sel when it is not NULL (its
+ * a->n slots, valid and clipped by the planner's rules, sel_slot.cuh: so
+ * the grouping needs no plan and can run beside the planner), else from
+ * plan's spans (tests: hand-made spans). For selections of at most 32
+ * tiles per row (all the row-block forward takes) both give the same ord
+ * and ubits. cudaErrorInvalidValue for sizes it does not take. */
+cudaError_t nsa_cuda_fwd_rows_group(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa_cuda_selview_t *sel,
+                                    int rows, int blocks, int32_t *ord, unsigned *ubits, cudaStream_t st);
 
 /* Enqueues the kernel on `st` (o and lse from the plan; no host
  * synchronization). ord: nsa_cuda_fwd_rows_ws_bytes of workspace for the
- * row grouping, which then runs first; NULL: rows in t order. Either way
+ * row grouping, which then runs first (from sel's slots when sel is not
+ * NULL, else from the plan's spans); NULL: rows in t order. Either way
  * the outputs are bitwise the same (each row's tiles are visited in
  * ascending order by one warp); the grouping only changes which rows share
- * a CTA's tile loads. */
+ * a CTA's tile loads. plan_ready, unless NULL, is waited for on st after
+ * the grouping and before the kernel: the caller's planner ran on another
+ * stream beside the grouping (which then must read sel). */
 cudaError_t nsa_cuda_launch_fwd_rows(const nsa_cuda_attn_t *a, nsa_dtype_t dt, const nsa_plan_t *plan,
-                                     const nsa_cuda_fwd_rows_t *M, int32_t *ord, cudaStream_t st);
+                                     const nsa_cuda_fwd_rows_t *M, int32_t *ord, const nsa_cuda_selview_t *sel,
+                                     cudaEvent_t plan_ready, cudaStream_t st);
 
 /* The backward's dq on the same kernel (fwd_rows.cu, kBwd): a CTA streams
  * the union of 10 rows' tiles; warp w computes row t0 + w's dq = scale *

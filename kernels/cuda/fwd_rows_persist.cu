@@ -141,7 +141,7 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
       if (x > 0) nsa_mbar::arrive_n(empty0 + 8 * (gs % kNS), (unsigned)x);
     };
     // Items after the first (blockIdx.x) are claimed from *claim (zeroed
-    // before the launch) as gridDim.x + ticket, two ahead, so neither the
+    // by the grouping) as gridDim.x + ticket, two ahead, so neither the
     // atomic's nor the union's latency sits before an item's first steps.
     int gu = 0, it = 0;
     int item = blockIdx.x, nxt = nitems, nxt2 = nitems;
@@ -327,7 +327,7 @@ cudaError_t launch_t(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa
   // grid only; a request near either bound would hold ~2^31 rows' Q
   // (> 8 TB), past any device's memory.
   if (nitems >= 0x7fffffff - grid) return cudaErrorInvalidValue;
-  if ((e = cudaMemsetAsync(claim, 0, sizeof(int), st)) != cudaSuccess) return e;
+  // *claim is 0: the grouping, earlier on st, zeroed it (no memset node).
   fwd_rows_persist_kernel<T, R><<<(unsigned)grid, (R + 1) * 32, P::bytes, st>>>(
       *a, M->k, M->v, (const int2 *)plan->spans, plan->nspans, (int)plan->n, NB, (int)((NT + 31) / 32), M->gmaj, ord,
       ubits, (int)nitems, claim);

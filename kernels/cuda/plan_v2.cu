@@ -57,6 +57,7 @@
 #include <string.h>
 
 #include "cuda_internal.h"
+#include "sel_slot.cuh"
 
 namespace {
 
@@ -77,37 +78,12 @@ __device__ __forceinline__ int hist_bucket(int len, const HistBounds &hb) {
   return bk;
 }
 
-// Exclusive key limit of query t: min(p(t)+1, Skv), at least 0.
-__device__ __forceinline__ int row_limit(int64_t t, int64_t S, int64_t Skv) {
-  long long limit = (long long)t + (Skv - S) + 1;  // p(t) + 1
-  if (limit > Skv) limit = Skv;
-  if (limit < 0) limit = 0;
-  return (int)limit;  // Skv < 2^27 (check_limits)
-}
+// A query's key limit and a slot's span: sel_slot.cuh (the row grouping in
+// fwd_rows.cu lists tiles by the same rules).
+using nsa_sel::load_slot;
+using nsa_sel::row_limit;
 
 // ------------------------------------------------------ one thread per row --
-
-// Slot i of row (b,t,g) as a token span in int64 (no overflow for any i32
-// input). Returns 0 = unused, 1 = span, -1 = invalid.
-__device__ __forceinline__ int load_slot(const nsa_cuda_selview_t &s, int64_t b, int64_t t,
-                                         int64_t g, int64_t i, int64_t nblk, long long *lo,
-                                         long long *hi) {
-  const int32_t *p = s.data + b * s.st[0] + t * s.st[1] + g * s.st[2] + i * s.st[3];
-  if (s.kind == NSA_SEL_BLOCK_INDICES) {
-    int32_t id = __ldg(p);
-    if (id == -1) return 0;
-    if (id < -1 || (int64_t)id >= nblk) return -1;
-    *lo = (long long)id * s.block_size;
-    *hi = *lo + s.block_size;
-    return 1;
-  }
-  int32_t a = __ldg(p), e = __ldg(p + s.st[4]);
-  if (a == 0 && e == 0) return 0;
-  if (a < 0 || a > e) return -1;
-  *lo = a;
-  *hi = e;
-  return 1;
-}
 
 __global__ void plan_rows_thread_kernel(nsa_cuda_selview_t sel, int64_t B, int64_t S,
                                         int64_t Skv, int64_t G, int64_t n,

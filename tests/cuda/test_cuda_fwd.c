@@ -346,6 +346,31 @@ static void run_env(nsa_cuda_ctx_t *ctx, fx_t *f, nsa_path_t path, const char *v
   memcpy(outl, f->gl, sizeof(double) * (size_t)f->nl);
 }
 
+static int issue_fwd_v2(nsa_cuda_ctx_t *ctx, void *arg, nsa_cuda_exec_t *ex, char *msg, size_t msglen) {
+  nsa_run_info_t info;
+  return nsa_cuda_sel_fwd(ctx, (const nsa_fwd_args_t *)arg, NULL, NSA_PATH_VARLEN_V2, ex, &info, msg, msglen);
+}
+
+/* The v2 request with sync = 0 (no summary to wait for: its planner runs
+ * beside the row grouping, on the context's side stream) or, with graph,
+ * captured in a CUDA graph and replayed; outputs (poisoned first) into
+ * out / outl as run_env. */
+static void run_async(nsa_cuda_ctx_t *ctx, fx_t *f, int graph, double *out, double *outl) {
+  char msg[320];
+  nsa_tc_poison(&f->dv, &f->c);
+  if (graph) {
+    cr_assert_eq(nsa_tc_graph_replay(ctx, issue_fwd_v2, &f->dv.fwd, msg, sizeof msg), 0, "%s", msg);
+  } else {
+    nsa_cuda_exec_t ex = {.sync = 0};
+    cr_assert_eq(nsa_cuda_sel_fwd(ctx, &f->dv.fwd, NULL, NSA_PATH_VARLEN_V2, &ex, NULL, msg, sizeof msg), NSA_OK,
+                 "%s", msg);
+  }
+  cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+  nsa_tc_fetch(&f->dv, &f->c);
+  nsa_tu_to_f64(&f->c.o.t, out);
+  nsa_tu_to_f64(&f->c.lse.t, outl);
+}
+
 static int64_t bit_diff(const double *a, const double *b, int64_t n) {
   int64_t d = 0;
   for (int64_t e = 0; e < n; e++) d += memcmp(&a[e], &b[e], sizeof(double)) != 0;
@@ -358,8 +383,10 @@ static int64_t bit_diff(const double *a, const double *b, int64_t n) {
  * the same order whatever the blocking), so must the row grouping's
  * windows of 8 blocks (default), of 16 and t order, the producer starting
  * from the grouping's unions (default) or from the rows' lists
- * (NSA_CUDA_FWD_ROWS_EARLY=0), so must the v1 and v2 planners,
- * and both must differ bitwise from NSA_CUDA_FWD_ROWS=0 (the key-centric
+ * (NSA_CUDA_FWD_ROWS_EARLY=0), so must the v1 and v2 planners, and so
+ * must sync = 0 (the planner beside the grouping, which then reads the
+ * selection) run directly and in a CUDA graph,
+ * and all must differ bitwise from NSA_CUDA_FWD_ROWS=0 (the key-centric
  * kernel rounds in another order), which shows the row-block kernel ran. */
 static void row_block_cases(nsa_cuda_ctx_t *ctx, int64_t dk, const char *alt_rows, uint64_t seed0) {
   for (int k = 0; k < 9; k++) {
@@ -373,6 +400,12 @@ static void row_block_cases(nsa_cuda_ctx_t *ctx, int64_t dk, const char *alt_row
     double *o3 = malloc(sizeof(double) * (size_t)f.no), *l3 = malloc(sizeof(double) * (size_t)f.nl);
     cr_assert(o1 && l1 && o2 && l2 && o3 && l3);
     run_env(ctx, &f, NSA_PATH_VARLEN_V2, NULL, NULL, o1, l1);
+    for (int graph = 0; graph < 2; graph++) {
+      run_async(ctx, &f, graph, o2, l2);
+      cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0,
+                   "Dk %lld case %d: sync = 0%s (planner beside the grouping) and sync = 1 differ", (long long)dk, k,
+                   graph ? " in a CUDA graph" : "");
+    }
     run_env(ctx, &f, NSA_PATH_VARLEN_V2, "NSA_CUDA_FWD_ROWS_R", alt_rows, o2, l2);
     cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0, "Dk %lld case %d: 11 and %s rows per CTA differ",
                  (long long)dk, k, alt_rows);
@@ -570,11 +603,6 @@ Test(cuda_fwd, invalid_selection) {
     fx_free(&f);
   }
   nsa_cuda_ctx_destroy(ctx);
-}
-
-static int issue_fwd_v2(nsa_cuda_ctx_t *ctx, void *arg, nsa_cuda_exec_t *ex, char *msg, size_t msglen) {
-  nsa_run_info_t info;
-  return nsa_cuda_sel_fwd(ctx, (const nsa_fwd_args_t *)arg, NULL, NSA_PATH_VARLEN_V2, ex, &info, msg, msglen);
 }
 
 /* sync = 0 with wait/done events; CUDA graph capture of the v2 path;

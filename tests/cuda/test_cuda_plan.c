@@ -466,7 +466,7 @@ static cudaError_t run_group(const int32_t *hs, const int32_t *hn, int64_t B, in
   nsa_cuda_attn_t a;
   memset(&a, 0, sizeof a);
   a.B = B, a.S = S, a.G = G, a.Skv = Skv, a.h = 16, a.Dk = a.Dv = 128, a.n = n;
-  const cudaError_t e = nsa_cuda_fwd_rows_group(&a, &plan, R, blocks, dord, dub, 0);
+  const cudaError_t e = nsa_cuda_fwd_rows_group(&a, &plan, NULL, R, blocks, dord, dub, 0);
   if (e == cudaSuccess) {
     cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
     cr_assert_eq(cudaMemcpy(ho, dord, sizeof(int32_t) * (size_t)rows, cudaMemcpyDeviceToHost), cudaSuccess);
@@ -628,6 +628,114 @@ Test(cuda_plan, row_grouping_exact) {
   exact_case(32768, 11, 16, 74); /* 512: 16 words */
   exact_case(65536, 11, 8, 75);  /* 1024: 32 words */
   exact_case(65536, 15, 8, 76);
+}
+
+/* The grouping the forward runs: from the selection's slots (beside the
+ * planner), against the grouping from the v2 planner's plan of the same
+ * selection (checked above against group_ref and the unions): ord and
+ * ubits must be equal word for word (both poisoned first). The selections
+ * are the bench's kind (block 0, the row's own block, random blocks below
+ * it) plus what the plan's clipping and validation remove: blocks past the
+ * row's own (clipped away, or cut at t), duplicates, unused slots, invalid
+ * ids of every kind; block sizes 64, 32, 48 (blocks over two tiles) and
+ * 128; S = Skv and S < Skv (the queries the last S positions); B = G = 2;
+ * contiguous and gapped selection tensors. */
+static void sel_grouping_case(int64_t S, int64_t Skv, int32_t bs, int gapped, int blocks, uint64_t seed) {
+  const int R = 11;
+  nsa_tu_case_cfg_t cfg = {.B = 2, .S = S, .Skv = Skv, .G = 2, .h = 1, .Dk = 8, .Dv = 8, .n = 16,
+                           .dtype = NSA_F32, .block_size = bs, .sel_flags = NSA_TU_SEL_ALL, .gapped = gapped,
+                           .seed = seed};
+  nsa_tu_case_t c;
+  cr_assert_eq(nsa_tu_case_init(&c, &cfg), 0, "case init");
+  const int64_t nblk = (Skv + bs - 1) / bs, n = cfg.n, rows = cfg.B * S * cfg.G;
+  nsa_tu_rng_t rg;
+  nsa_tu_rng_seed(&rg, seed);
+  for (int64_t r = 0; r < rows; r++) { /* sel_raw: [B][S][G][n], r = (b*S + t)*G + g */
+    const int64_t t = (r / cfg.G) % S, own = (t + (Skv - S)) / bs;
+    int32_t *row = c.sel_raw + r * n;
+    for (int64_t i = 0; i < n; i++) {
+      const int64_t u = nsa_tu_rng_int(&rg, 0, 99);
+      row[i] = i == 0 ? 0
+               : i == 1 ? (int32_t)own
+               : u < 8  ? -1                                              /* unused */
+               : u < 14 ? row[nsa_tu_rng_int(&rg, 0, i - 1)]              /* a duplicate */
+               : u < 20 ? (int32_t)nsa_tu_rng_int(&rg, own, nblk - 1)     /* at or past t: clipped */
+                        : (int32_t)nsa_tu_rng_int(&rg, 0, own);           /* below: the bench's kind */
+    }
+    if (r % 37 == 5) make_invalid(&c, &cfg, r * n + nsa_tu_rng_int(&rg, 2, n - 1), (int)(r / 37));
+  }
+  nsa_tu_case_sync_sel(&c);
+  nsa_tc_dev_t dv;
+  cr_assert_eq(nsa_tc_dev_init(&dv, &c), 0);
+  nsa_dims_t d;
+  char msg[256];
+  cr_assert_eq(nsa_fwd_check(&c.fwd, &d, msg, sizeof msg), NSA_OK, "%s", msg);
+  nsa_plan_layout_t lay;
+  const size_t pbytes = nsa_plan_layout(d.rows, d.n, &lay);
+  void *dbuf = NULL;
+  cr_assert_eq(cudaMalloc(&dbuf, pbytes), cudaSuccess);
+  nsa_cuda_ctx_t *ctx;
+  cr_assert_eq(nsa_cuda_ctx_create(0, 0, &ctx, msg, sizeof msg), NSA_OK, "%s", msg);
+  nsa_plan_t dp;
+  nsa_plan_bind(&dp, dbuf, d.rows, d.n);
+  cr_assert_eq(nsa_cuda_plan_v2(ctx, &dv.fwd.sel, &d, &dp, 1, msg, sizeof msg), NSA_OK, "%s", msg);
+  cr_assert_gt(dp.invalid, 0, "the case has invalid entries");
+  cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+
+  nsa_cuda_selview_t sv;
+  memset(&sv, 0, sizeof sv);
+  sv.data = (const int32_t *)dv.fwd.sel.t.data;
+  sv.kind = dv.fwd.sel.kind;
+  sv.block_size = dv.fwd.sel.block_size;
+  for (int i = 0; i < dv.fwd.sel.t.ndim && i < 5; i++) sv.st[i] = dv.fwd.sel.t.stride[i];
+  nsa_cuda_attn_t a;
+  memset(&a, 0, sizeof a);
+  a.B = cfg.B, a.S = S, a.G = cfg.G, a.Skv = Skv, a.h = 16, a.Dk = a.Dv = 128, a.n = n;
+  const int64_t NB = (S + R - 1) / R, nw = ((Skv + 63) / 64 + 31) / 32;
+  const size_t ob = sizeof(int32_t) * (size_t)rows, ubb = sizeof(uint32_t) * (size_t)(cfg.B * cfg.G * NB * nw);
+  int32_t *dord[2];
+  uint32_t *dub[2];
+  int32_t *ho[2];
+  uint32_t *hub[2];
+  for (int k = 0; k < 2; k++) { /* k = 0: from the plan, 1: from the selection */
+    cr_assert_eq(cudaMalloc((void **)&dord[k], ob), cudaSuccess);
+    cr_assert_eq(cudaMalloc((void **)&dub[k], ubb), cudaSuccess);
+    cr_assert_eq(cudaMemset(dord[k], 0xff, ob), cudaSuccess);
+    cr_assert_eq(cudaMemset(dub[k], 0xa5, ubb), cudaSuccess);
+    cr_assert_eq(nsa_cuda_fwd_rows_group(&a, k ? NULL : &dp, k ? &sv : NULL, R, blocks, dord[k], dub[k], 0),
+                 cudaSuccess);
+    ho[k] = malloc(ob), hub[k] = malloc(ubb);
+    cr_assert(ho[k] && hub[k]);
+    cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+    cr_assert_eq(cudaMemcpy(ho[k], dord[k], ob, cudaMemcpyDeviceToHost), cudaSuccess);
+    cr_assert_eq(cudaMemcpy(hub[k], dub[k], ubb, cudaMemcpyDeviceToHost), cudaSuccess);
+  }
+  int64_t moved = 0;
+  for (int64_t i = 0; i < rows; i++) {
+    cr_assert_eq(ho[1][i], ho[0][i], "S %lld Skv %lld bs %d: ord[%lld] from the selection %d, from the plan %d",
+                 (long long)S, (long long)Skv, bs, (long long)i, ho[1][i], ho[0][i]);
+    moved += ho[0][i] != i % S;
+  }
+  cr_assert_gt(moved, 0, "the greedy moved no row");
+  for (size_t w = 0; w < ubb / 4; w++)
+    cr_assert_eq(hub[1][w], hub[0][w], "S %lld Skv %lld bs %d: union word %zu from the selection %08x, plan %08x",
+                 (long long)S, (long long)Skv, bs, w, hub[1][w], hub[0][w]);
+  for (int k = 0; k < 2; k++) cudaFree(dord[k]), cudaFree(dub[k]), free(ho[k]), free(hub[k]);
+  nsa_cuda_ctx_destroy(ctx);
+  cudaFree(dbuf);
+  nsa_tc_dev_free(&dv);
+  nsa_tu_case_teardown(&c);
+}
+
+Test(cuda_plan, row_grouping_from_selection) {
+  NSA_REQUIRE_GPU();
+  /* enough tiles per (b, g) that most windows run the greedy (fewer take
+   * the t-order exit: the unions of 11 random rows cover most tiles) */
+  sel_grouping_case(4000, 4000, 64, 0, 8, 81);
+  sel_grouping_case(1500, 4100, 32, 1, 8, 82); /* queries the last 1500 of 4100 positions */
+  sel_grouping_case(6000, 6000, 48, 0, 16, 83);
+  sel_grouping_case(8192, 8192, 128, 1, 8, 84);
+  sel_grouping_case(4096, 16384, 64, 0, 8, 85); /* 256 tiles: 8-word masks */
 }
 
 /* Sizes the grouping does not take are refused, not run. */
