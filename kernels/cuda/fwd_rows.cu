@@ -66,6 +66,7 @@
 // this kernel's j), one tile ahead. Only rows of the launch's row batch
 // [ds_row0, ds_row1) count; a CTA without any returns at once.
 #include <stdlib.h>
+#include <type_traits>
 #include <string.h>
 
 #include <cuda.h>
@@ -514,30 +515,32 @@ cudaError_t launch_rows(const A *a, const nsa_plan_t *plan, const nsa_cuda_fwd_r
 // whatever the spans (a bad span only lists fewer tiles). A window whose
 // blocks in t order already share most tiles keeps t order (below).
 //
-// Index maps. Window row j (t = p0 + j) has the bit bj = 16 (j / R) + j % R
-// (block j / R in its own 16-bit half of a word); lane l owns bits 32 k + l
-// (k < KW = NBK / 2), i.e. the rows of blocks 2k + (l >> 4) at position
-// l & 15 (< R), and holds their tiles as bitmasks in registers (NW words,
-// NT <= 32 NW tiles) with c = their tiles outside U, the union of the block
-// being built (in every lane's registers too). A round: one warp
-// min-reduction picks the row; its mask, broadcast from shared memory,
-// enters U, and each lane takes the new tiles off its rows' c (one popc per
-// word that gained tiles). No barrier.
+// Index maps. Window row j (t = p0 + j, j < W <= 256); its tiles are a
+// bitmask of NW words (NT <= 32 NW tiles) in shared memory. The greedy
+// (step 3) holds the rows not placed yet densely in lanes: before each
+// block, remaining row number i (of nrem) sits in lane i % 32, slot i / 32
+// (< KW = NBK / 2), with its mask in registers and c = its tiles outside U,
+// the union of the block being built (in every lane's registers too). A
+// round: one warp min-reduction picks the row; its mask, broadcast from
+// shared memory, enters U, and each lane recounts its live slots' c. No
+// barrier. The slots in use shrink as the window fills (ceil(nrem / 32)).
 // H200, 8-block windows, Nsight Compute (docs/PERF.md): 16k / 64k h = 16
-// random 53 / 254 us, 16k corr (t-order exit) 15 us, against 53 / 293 / 23
-// for the previous version (3 warps, a row per thread, two barriers per
-// round). A round is latency-bound (~830 cycles at 16k), so 16-block
-// windows take about twice as long.
+// random 53 / 254 us with a fixed slot per row (bit 16 (j / R) + j % R),
+// 16k corr (t-order exit) 15 us, against 53 / 293 / 23 for the version
+// before (3 warps, a row per thread, two barriers per round). A round is
+// latency-bound (~830 cycles at 16k), so 16-block windows take about twice
+// as long.
 // Shared memory: sm [W][NW] u32 the rows' masks; ub [NBK][NW] u32 the
-// t-order blocks' unions (the t-order check); cnt [W] u8 tile counts.
+// t-order blocks' unions (the t-order check); cnt [W] u8 tile counts; idx
+// [W] u8 the remaining rows, packed (step 3).
 constexpr int kGNT = 1024;  // tiles per (b, g) at most (NW <= 32)
 
 __host__ __device__ constexpr size_t group_smem(int nw, int blocks, int w) {
-  return ((size_t)w + blocks) * nw * 4 + (size_t)w;
+  return ((size_t)w + blocks) * nw * 4 + 2 * (size_t)w;
 }
 
 template <int KW, int NW, bool kRecount = false, bool kSel = false>
-__global__ void __launch_bounds__(32) group_rows_kernel(const int2 *__restrict__ spans,
+__global__ void __launch_bounds__(32, 1) group_rows_kernel(const int2 *__restrict__ spans,
                                                           const int32_t *__restrict__ nspans, nsa_cuda_selview_t sel,
                                                           int n, int64_t S, int64_t G, int64_t Skv, int R,
                                                           int32_t *__restrict__ ord, unsigned *__restrict__ ubits,
@@ -579,31 +582,41 @@ __global__ void __launch_bounds__(32) group_rows_kernel(const int2 *__restrict__
     // running): sel_slot.cuh's validity and clipping, so a row lists exactly
     // the tiles of the spans the plan will hold (a tile of two slots once);
     // its count is its mask's popcount, read back after the warp's ORs.
+    // A lane's next row's first 16 slots are loaded (and clipped to the
+    // row's limit, so they fit in int) while it lists the current one.
     const int64_t nblk = sel.kind == NSA_SEL_BLOCK_INDICES ? (Skv + sel.block_size - 1) / sel.block_size : 0;
+    auto slot = [&](int64_t t, int u, long long limit) {  // {lo, hi}; unused, invalid, clipped: empty
+      long long l = 0, h = 0;
+      const int k = nsa_sel::load_slot(sel, b, t, g, u, nblk, &l, &h);
+      if (h > limit) h = limit;
+      return k > 0 && l < h ? make_int2((int)l, (int)h) : make_int2(0, 0);
+    };
+    int2 nx[kPre];
+    auto load_row = [&](int j) {
+      const long long limit = nsa_sel::row_limit(p0 + j, S, Skv);
+#pragma unroll
+      for (int u = 0; u < kPre; u++) nx[u] = u < n ? slot(p0 + j, u, limit) : make_int2(0, 0);
+    };
+    if (lane < Wn) load_row(lane);
     for (int j = lane; j < Wn; j += 32) {
       const int64_t t = p0 + j;
-      const long long limit = nsa_sel::row_limit(t, S, Skv);
       unsigned *mj = sm + j * NW, *uj = ub + (j / R) * NW;
-      auto list = [&](int k, long long lo, long long hi) {
-        if (k <= 0) return;  // unused or invalid (the planner counts those)
-        if (hi > limit) hi = limit;
-        if (lo >= hi) return;  // clipped away (lo >= 0 for every kept slot)
-        for (int kt = (int)(lo / kT); kt <= (int)((hi - 1) / kT); kt++) {
+      auto list = [&](int2 x) {  // the tiles of [x.x, x.y) (empty: none)
+        for (int kt = x.x / kT; x.x < x.y && kt <= (x.y - 1) / kT; kt++) {
           const unsigned bt = 1u << (kt & 31);
           atomicOr(mj + (kt >> 5), bt);
           atomicOr(uj + (kt >> 5), bt);
         }
       };
-      long long lo[kPre], hi[kPre];
-      int k[kPre];
+      int2 cur[kPre];
 #pragma unroll
-      for (int u = 0; u < kPre; u++) k[u] = u < n ? nsa_sel::load_slot(sel, b, t, g, u, nblk, &lo[u], &hi[u]) : 0;
+      for (int u = 0; u < kPre; u++) cur[u] = nx[u];
+      if (j + 32 < Wn) load_row(j + 32);
 #pragma unroll
-      for (int u = 0; u < kPre; u++) list(k[u], lo[u], hi[u]);
-      for (int u = kPre; u < n; u++) {  // n > 16: the rest one by one
-        long long l1 = 0, h1 = 0;
-        const int k1 = nsa_sel::load_slot(sel, b, t, g, u, nblk, &l1, &h1);
-        list(k1, l1, h1);
+      for (int u = 0; u < kPre; u++) list(cur[u]);
+      if (n > kPre) {  // n > 16: the rest one by one
+        const long long limit = nsa_sel::row_limit(t, S, Skv);
+        for (int u = kPre; u < n; u++) list(slot(t, u, limit));
       }
     }
     __syncwarp();
@@ -658,36 +671,14 @@ __global__ void __launch_bounds__(32) group_rows_kernel(const int2 *__restrict__
   }  // spans
   __syncwarp();
 
-  // This lane's rows: bit k of `left` = the row at bit 32 k + lane exists
-  // and is not placed yet; rm[k] its mask, cr[k] its tile count.
-  unsigned left = 0u;
-  unsigned rm[KW][NW];
-  int cr[KW];
-#pragma unroll
-  for (int k = 0; k < KW; k++) {
-    const int pos = lane & 15, j = (2 * k + (lane >> 4)) * R + pos;
-    const bool ex = pos < R && j < Wn;
-    cr[k] = ex ? cnt[j] : 0;
-    if (ex) left |= 1u << k;
-#pragma unroll
-    for (int h = 0; h < NW / 4; h++) {
-      const uint4 v = ex ? reinterpret_cast<const uint4 *>(sm + j * NW)[h] : make_uint4(0u, 0u, 0u, 0u);
-      rm[k][4 * h] = v.x, rm[k][4 * h + 1] = v.y, rm[k][4 * h + 2] = v.z, rm[k][4 * h + 3] = v.w;
-    }
-  }
   // 2. Rows in t order that already share most tiles (a trained model's
   // neighbouring queries; the bench's corr) cannot gain: when the window's
   // blocks in t order have unions under 2.5x their largest row's tile count
   // in all, keep t order and skip the greedy.
   {
     int tm = 0, su = 0;
-#pragma unroll
-    for (int k = 0; k < KW; k++) {
-      int m = cr[k];
-#pragma unroll
-      for (int o = 8; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(kFull, m, o));
-      if ((lane & 15) == 0) tm += m;
-    }
+    if (lane < NBK)  // lane i: t-order block i's largest row
+      for (int j = lane * R; j < lane * R + R && j < Wn; j++) tm = max(tm, (int)cnt[j]);
     for (int i = lane; i < NBK * NW; i += 32) su += __popc(ub[i]);
     tm = (int)__reduce_add_sync(kFull, (unsigned)tm);
     su = (int)__reduce_add_sync(kFull, (unsigned)su);
@@ -699,79 +690,130 @@ __global__ void __launch_bounds__(32) group_rows_kernel(const int2 *__restrict__
     }
   }
 
-  // 3. The greedy, block by block. c[k] = the row's tiles outside U, kept
-  // up to date: a pick's new tiles (d = its mask & ~U, the same in every
-  // lane) are taken off, word by word where d has any.
-  for (int blk = 0; blk * R < Wn; blk++) {
-    unsigned U[NW];
-    int c[KW];
+  // 3. The greedy, block by block, over the rows not placed yet, packed
+  // densely: before block blk, the nrem remaining rows are idx[0 .. nrem)
+  // (window row numbers j; block 0: idx[i] = i), and lane l holds the rows
+  // idx[32 k + l] for k < kact = ceil(nrem / 32) (id[k] = j, rm[k] its
+  // mask, c[k] its tiles outside U, the union of the block being built;
+  // bit k of `live`: not placed yet). As the window fills, fewer slots are
+  // live and each round recounts only those (the later blocks' rounds cost
+  // a third of the first's). After the block, the live rows write their j
+  // to idx at their rank (slot-major), so the next block starts packed.
+  // A round: key = (tiles outside U) << 8 | (255 - j), whose warp minimum
+  // is the fewest new tiles, then the largest j (= the largest t); for the
+  // seed (m = 0) simply the largest j. The picked row's mask (broadcast
+  // from shared memory) enters U.
+  unsigned char *idx = cnt + W;  // [W]
+  int nrem = Wn;
+  for (int blk = 0; nrem > 0; blk++) {
+    const int kact = (nrem + 31) / 32;
+    unsigned rm[KW][NW];
+    int c[KW], id[KW];
+    unsigned live = 0u;
 #pragma unroll
-    for (int w = 0; w < NW; w++) U[w] = 0u;
+    for (int k = 0; k < KW; k++) {
+      const int i = 32 * k + lane;
+      const bool ex = k < kact && i < nrem;
+      id[k] = ex ? (blk == 0 ? i : (int)idx[i]) : 0;
+      c[k] = ex ? cnt[id[k]] : 0;
+      if (ex) live |= 1u << k;
 #pragma unroll
-    for (int k = 0; k < KW; k++) c[k] = cr[k];
-    const int take = min(R, Wn - blk * R);
-    for (int m = 0; m < take; m++) {
-      // key = (tiles outside U) << 8 | (255 - bit): the minimum is the
-      // fewest new tiles, then the largest bit (= the largest t); for the
-      // seed (m = 0) simply the largest remaining bit.
-      unsigned key = kFull;
-#pragma unroll
-      for (int k = 0; k < KW; k++) {
-        const unsigned kk = ((unsigned)(m > 0 ? c[k] : 0) << 8) | (unsigned)(255 - (32 * k + lane));
-        if ((left >> k) & 1u) key = min(key, kk);
-      }
-      key = __reduce_min_sync(kFull, key);
-      const int bs = 255 - (int)(key & 255u), js = (bs >> 4) * R + (bs & 15);
-      if ((bs & 31) == lane) left &= ~(1u << (bs >> 5));
-      if (lane == 0) ow[blk * R + m] = (int32_t)(p0 + js);
-      const bool last = m + 1 == take;
-      if (last && uw == nullptr) break;
-      // The row's tiles enter U (a broadcast read of its mask); after the
-      // block's last row only U is still needed.
-      if constexpr (kRecount) {
-        // Each row's tiles outside U counted afresh: NW popcounts summed as
-        // a tree, no branch, no chain through the previous count.
-#pragma unroll
-        for (int h = 0; h < NW / 4; h++) {
-          const uint4 v = reinterpret_cast<const uint4 *>(sm + js * NW)[h];
-          U[4 * h] |= v.x, U[4 * h + 1] |= v.y, U[4 * h + 2] |= v.z, U[4 * h + 3] |= v.w;
-        }
-        if (last) break;
-#pragma unroll
-        for (int k = 0; k < KW; k++) {
-          int q[NW];
-#pragma unroll
-          for (int w = 0; w < NW; w++) q[w] = __popc(rm[k][w] & ~U[w]);
-#pragma unroll
-          for (int st = 1; st < NW; st <<= 1)
-#pragma unroll
-            for (int w = 0; w + st < NW; w += 2 * st) q[w] += q[w + st];
-          c[k] = q[0];
-        }
-      } else {
-#pragma unroll
-        for (int h = 0; h < NW / 4; h++) {
-          const uint4 v = reinterpret_cast<const uint4 *>(sm + js * NW)[h];
-          const unsigned vw[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-          for (int e = 0; e < 4; e++) {
-            const int w = 4 * h + e;
-            const unsigned d = vw[e] & ~U[w];
-            U[w] |= vw[e];
-            if (!last && d != 0u) {
-#pragma unroll
-              for (int k = 0; k < KW; k++) c[k] -= __popc(rm[k][w] & d);
-            }
-          }
-        }
-        if (last) break;
+      for (int h = 0; h < NW / 4; h++) {
+        const uint4 v = ex ? reinterpret_cast<const uint4 *>(sm + id[k] * NW)[h] : make_uint4(0u, 0u, 0u, 0u);
+        rm[k][4 * h] = v.x, rm[k][4 * h + 1] = v.y, rm[k][4 * h + 2] = v.z, rm[k][4 * h + 3] = v.w;
       }
     }
+    unsigned U[NW];
+#pragma unroll
+    for (int w = 0; w < NW; w++) U[w] = 0u;
+    const int take = min(R, nrem);
+    // The block's rounds, built for KA = the slots in use (kact rounded up
+    // to 1, 2, 3, 4 or KW), so no round spends work or a branch on the
+    // slots the window has emptied.
+    auto rounds = [&](auto ka) {
+      constexpr int KA = decltype(ka)::value;
+      for (int m = 0; m < take; m++) {
+        unsigned key = kFull;
+#pragma unroll
+        for (int k = 0; k < KA; k++) {
+          const unsigned kk = ((unsigned)(m > 0 ? c[k] : 0) << 8) | (unsigned)(255 - id[k]);
+          if ((live >> k) & 1u) key = min(key, kk);
+        }
+        key = __reduce_min_sync(kFull, key);
+        const int js = 255 - (int)(key & 255u);
+#pragma unroll
+        for (int k = 0; k < KA; k++)
+          if (id[k] == js) live &= ~(1u << k);
+        if (lane == 0) ow[blk * R + m] = (int32_t)(p0 + js);
+        const bool last = m + 1 == take;
+        if (last && uw == nullptr) break;
+        // The row's tiles enter U (a broadcast read of its mask); after the
+        // block's last row only U is still needed.
+        if constexpr (kRecount) {
+          // Each live slot's tiles outside U counted afresh: NW popcounts
+          // summed as a tree, no branch, no chain through the previous count.
+#pragma unroll
+          for (int h = 0; h < NW / 4; h++) {
+            const uint4 v = reinterpret_cast<const uint4 *>(sm + js * NW)[h];
+            U[4 * h] |= v.x, U[4 * h + 1] |= v.y, U[4 * h + 2] |= v.z, U[4 * h + 3] |= v.w;
+          }
+          if (last) break;
+#pragma unroll
+          for (int k = 0; k < KA; k++) {
+            int q[NW];
+#pragma unroll
+            for (int w = 0; w < NW; w++) q[w] = __popc(rm[k][w] & ~U[w]);
+#pragma unroll
+            for (int st = 1; st < NW; st <<= 1)
+#pragma unroll
+              for (int w = 0; w + st < NW; w += 2 * st) q[w] += q[w + st];
+            c[k] = q[0];
+          }
+        } else {
+          // c[k] kept up to date: a pick's new tiles (d = its mask & ~U, the
+          // same in every lane) are taken off, word by word where d has any.
+#pragma unroll
+          for (int h = 0; h < NW / 4; h++) {
+            const uint4 v = reinterpret_cast<const uint4 *>(sm + js * NW)[h];
+            const unsigned vw[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+              const int w = 4 * h + e;
+              const unsigned d = vw[e] & ~U[w];
+              U[w] |= vw[e];
+              if (!last && d != 0u) {
+#pragma unroll
+                for (int k = 0; k < KA; k++) c[k] -= __popc(rm[k][w] & d);
+              }
+            }
+          }
+          if (last) break;
+        }
+      }
+    };
+    if (kact <= 1) rounds(std::integral_constant<int, 1>{});
+    else if (kact == 2) rounds(std::integral_constant<int, KW < 2 ? KW : 2>{});
+    else if (kact == 3) rounds(std::integral_constant<int, KW < 3 ? KW : 3>{});
+    else if (kact == 4) rounds(std::integral_constant<int, KW < 4 ? KW : 4>{});
+    else rounds(std::integral_constant<int, KW>{});
     if (uw != nullptr) {  // lane w stores word w of the block's union
 #pragma unroll
       for (int w = 0; w < NW; w++)
         if (w == lane && w < fnw) uw[blk * fnw + w] = U[w];
     }
+    // The live rows, packed for the next block: rank = live rows in the
+    // slots before plus those of lower lanes in this slot.
+    __syncwarp();
+    int base = 0;
+#pragma unroll
+    for (int k = 0; k < KW; k++) {
+      if (k >= kact) break;
+      const unsigned bl = __ballot_sync(kFull, (live >> k) & 1u);
+      if ((live >> k) & 1u) idx[base + __popc(bl & ((1u << lane) - 1u))] = (unsigned char)id[k];
+      base += __popc(bl);
+    }
+    __syncwarp();
+    nrem -= take;
   }
 }
 
