@@ -252,18 +252,7 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
   int early = 0;                       // steps issued before the lists (hint)
   if (hint && warp == kRows) {
     const unsigned wv = lane < nw ? ubits[((b * a.G + g) * NB + tb) * nw + lane] : 0u;
-    const int k = __popc(wv);
-    int inc = k;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, inc, o);
-      if (lane >= o) inc += v;
-    }
-    int u = inc - k;
-    if (lane < nw) sBm[lane] = wv, sPre[lane] = u;
-    for (unsigned m = wv; m != 0u; m &= m - 1, u++)
-      if (u < kRows * kMaxT) sUt[u] = lane * 32 + __ffs(m) - 1;
-    const int tot = min(__shfl_sync(0xffffffffu, inc, 31), kRows * kMaxT);
+    const int tot = union_from_words(wv, lane, lane < nw, sBm, sPre, sUt, kRows * kMaxT);
     early = invalid > 0 ? 0 : min(tot, kNS);  // (an invalid request's block reads no K / V)
     __syncwarp();                             // sUt of every lane
     if (lane == 0) {

@@ -178,4 +178,26 @@ cudaError_t launch_fwd_rows_persist(const nsa_cuda_attn_t *a, nsa_dtype_t dt, co
                                     const nsa_cuda_fwd_rows_t *M, const int32_t *ord, const unsigned *ubits,
                                     int *claim, cudaStream_t st);
 
+// A row block's union from its bitmap words, by the producer warp: lane i
+// holds word i (0 past the block's words). Each lane lists its word's tiles
+// in ascending order into ut[u] for u < cap (u = the tiles of the lower
+// words plus those before it in the word); lanes with `keep` store the word
+// to bm[lane] and its prefix to pre[lane] (the consumers' bit lookups).
+// Returns the union's size, at most cap, in every lane.
+__device__ __forceinline__ int union_from_words(unsigned wv, int lane, bool keep, unsigned *bm, int *pre, int *ut,
+                                                int cap) {
+  const int k = __popc(wv);
+  int inc = k;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int v = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += v;
+  }
+  int u = inc - k;
+  if (keep) bm[lane] = wv, pre[lane] = u;
+  for (unsigned m = wv; m != 0u; m &= m - 1, u++)
+    if (u < cap) ut[u] = lane * 32 + __ffs(m) - 1;
+  return min(__shfl_sync(0xffffffffu, inc, 31), cap);
+}
+
 }  // namespace nsa_rows

@@ -161,19 +161,8 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
         wv = lane < nw ? ubits[((b2 * a.G + g2) * NB + tb2) * nw + lane] : 0u;
         if (lane == 0) nxt2 = (int)gridDim.x + atomicAdd(claim, 1);
       }
-      const int k = __popc(cur);
-      int inc = k;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int v = __shfl_up_sync(0xffffffffu, inc, o);
-        if (lane >= o) inc += v;
-      }
-      int u = inc - k;
-      sBm[set * 32 + lane] = cur, sPre[set * 32 + lane] = u;
-      for (unsigned m = cur; m != 0u; m &= m - 1, u++)
-        if (u < kUT) sUt[set * kUT + u] = lane * 32 + __ffs(m) - 1;
+      const int U = union_from_words(cur, lane, true, sBm + set * 32, sPre + set * 32, sUt + set * kUT, kUT);
       for (int i = lane; i < kUT; i += 32) sUm[set * kUT + i] = 0u;
-      const int U = min(__shfl_sync(0xffffffffu, inc, 31), kUT);
       if (lane == 0) sBase[set] = gu, sItem[set ^ 1] = min(nxt, nitems);  // (the consumers' next item)
       __syncwarp();
       if (lane == 0) {

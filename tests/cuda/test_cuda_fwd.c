@@ -406,23 +406,20 @@ static void row_block_cases(nsa_cuda_ctx_t *ctx, int64_t dk, const char *alt_row
                    "Dk %lld case %d: sync = 0%s (planner beside the grouping) and sync = 1 differ", (long long)dk, k,
                    graph ? " in a CUDA graph" : "");
     }
-    run_env(ctx, &f, NSA_PATH_VARLEN_V2, "NSA_CUDA_FWD_ROWS_R", alt_rows, o2, l2);
-    cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0, "Dk %lld case %d: 11 and %s rows per CTA differ",
-                 (long long)dk, k, alt_rows);
-    run_env(ctx, &f, NSA_PATH_VARLEN_V2, "NSA_CUDA_FWD_ROWS_GROUP", "0", o2, l2);
-    cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0,
-                 "Dk %lld case %d: rows grouped and in t order differ", (long long)dk, k);
-    run_env(ctx, &f, NSA_PATH_VARLEN_V2, "NSA_CUDA_FWD_ROWS_EARLY", "0", o2, l2);
-    cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0,
-                 "Dk %lld case %d: streaming from the grouping's unions and from the lists differ", (long long)dk, k);
-    if (dk == 128) {
-      run_env(ctx, &f, NSA_PATH_VARLEN_V2, "NSA_CUDA_FWD_ROWS_PERSIST", "3", o2, l2);
-      cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0,
-                   "Dk %lld case %d: persistent (3 CTAs) and one CTA per row block differ", (long long)dk, k);
+    /* knob, value, what the two runs are: each must equal the default run bitwise */
+    const char *knobs[][3] = {
+        {"NSA_CUDA_FWD_ROWS_R", alt_rows, "11 and the other rows per CTA"},
+        {"NSA_CUDA_FWD_ROWS_GROUP", "0", "rows grouped and in t order"},
+        {"NSA_CUDA_FWD_ROWS_EARLY", "0", "streaming from the grouping's unions and from the lists"},
+        {"NSA_CUDA_FWD_ROWS_PERSIST", "3", "persistent (3 CTAs) and one CTA per row block"},
+        {"NSA_CUDA_FWD_ROWS_GROUP", "16", "rows grouped in windows of 8 and of 16 blocks"},
+    };
+    for (size_t i = 0; i < sizeof knobs / sizeof knobs[0]; i++) {
+      if (dk != 128 && strcmp(knobs[i][0], "NSA_CUDA_FWD_ROWS_PERSIST") == 0) continue; /* Dk = 128 only */
+      run_env(ctx, &f, NSA_PATH_VARLEN_V2, knobs[i][0], knobs[i][1], o2, l2);
+      cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0, "Dk %lld case %d: %s differ (%s=%s)",
+                   (long long)dk, k, knobs[i][2], knobs[i][0], knobs[i][1]);
     }
-    run_env(ctx, &f, NSA_PATH_VARLEN_V2, "NSA_CUDA_FWD_ROWS_GROUP", "16", o2, l2);
-    cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0,
-                 "Dk %lld case %d: rows grouped in windows of 8 and of 16 blocks differ", (long long)dk, k);
     run_env(ctx, &f, NSA_PATH_VARLEN_V1, NULL, NULL, o2, l2);
     cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0, "Dk %lld case %d: v1 and v2 planners differ",
                  (long long)dk, k);
