@@ -514,11 +514,9 @@ cudaError_t launch_rows(const A *a, const nsa_plan_t *plan, const nsa_cuda_fwd_r
 // shared memory, enters U, and each lane recounts its live slots' c. No
 // barrier. The slots in use shrink as the window fills (ceil(nrem / 32)).
 // H200, 8-block windows, Nsight Compute (docs/PERF.md): 16k / 64k h = 16
-// random 53 / 254 us with a fixed slot per row (bit 16 (j / R) + j % R),
-// 16k corr (t-order exit) 15 us, against 53 / 293 / 23 for the version
-// before (3 warps, a row per thread, two barriers per round). A round is
-// latency-bound (~830 cycles at 16k), so 16-block windows take about twice
-// as long.
+// random 41 / 270 us, 16k corr (t-order exit) 18 us; 53 / 311 / 21 with a
+// fixed slot per row, whatever was placed (session 23). A round is
+// latency-bound, so 16-block windows take about twice as long (92 us).
 // Shared memory: sm [W][NW] u32 the rows' masks; ub [NBK][NW] u32 the
 // t-order blocks' unions (the t-order check); cnt [W] u8 tile counts; idx
 // [W] u8 the remaining rows, packed (step 3).
