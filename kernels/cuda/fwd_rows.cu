@@ -311,12 +311,7 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
       const int c = c0 + lane;
       unsigned m = c < nb ? (sBm[c >> 2] >> (8 * (c & 3))) & 0xffu : 0u;
       const int k = __popc(m);
-      int inc = k;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int v = __shfl_up_sync(0xffffffffu, inc, o);
-        if (lane >= o) inc += v;
-      }
+      const int inc = warp_inclusive_sum(k, lane);
       int u = base + inc - k;
       if (c < nb && (c & 3) == 0) sPre[c >> 2] = u;
       while (m) {

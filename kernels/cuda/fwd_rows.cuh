@@ -100,6 +100,16 @@ __device__ __forceinline__ void pv_sw(const unsigned (&pa)[4][4], unsigned vs, i
     }
 }
 
+// Inclusive sum of x over lanes 0..lane of the (full) warp.
+__device__ __forceinline__ int warp_inclusive_sum(int x, int lane) {
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int v = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += v;
+  }
+  return x;
+}
+
 // A row's distinct 64-key tiles from its spans, one span per lane (lane i
 // holds span i, xr, of the row's nsr): spans are sorted and disjoint, so a
 // tile is shared only by consecutive spans. Lane i's tiles are first..last
@@ -121,12 +131,7 @@ __device__ __forceinline__ SpanTiles span_tiles(int2 xr, int nsr, int n, int64_t
   if (lane == 0) plast = -3;
   const bool shr = r.ok && r.first == plast;  // first tile already listed by the previous span
   const int nnew = r.ok ? r.last - r.first + 1 - (shr ? 1 : 0) : 0;
-  int inc = nnew;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int v = __shfl_up_sync(0xffffffffu, inc, o);
-    if (lane >= o) inc += v;
-  }
+  const int inc = warp_inclusive_sum(nnew, lane);
   r.cnt = min(__shfl_sync(0xffffffffu, inc, 31), kMaxT);
   r.p0 = inc - nnew - (shr ? 1 : 0);
   return r;
@@ -187,12 +192,7 @@ cudaError_t launch_fwd_rows_persist(const nsa_cuda_attn_t *a, nsa_dtype_t dt, co
 __device__ __forceinline__ int union_from_words(unsigned wv, int lane, bool keep, unsigned *bm, int *pre, int *ut,
                                                 int cap) {
   const int k = __popc(wv);
-  int inc = k;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int v = __shfl_up_sync(0xffffffffu, inc, o);
-    if (lane >= o) inc += v;
-  }
+  const int inc = warp_inclusive_sum(k, lane);
   int u = inc - k;
   if (keep) bm[lane] = wv, pre[lane] = u;
   for (unsigned m = wv; m != 0u; m &= m - 1, u++)
