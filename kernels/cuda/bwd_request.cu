@@ -445,12 +445,7 @@ extern "C" int nsa_cuda_sel_bwd(nsa_cuda_ctx_t *ctx, const nsa_bwd_args_t *a, co
     BCK(cudaStreamSynchronize(stream), "v1 plan copy");  // hsum is on the stack
     info->plan_us = now_us() - plan_t0;
   } else {
-    nsa_cuda_selview_t sv;
-    memset(&sv, 0, sizeof(sv));
-    sv.data = (const int32_t *)a->sel.t.data;
-    sv.kind = a->sel.kind;
-    sv.block_size = a->sel.block_size;
-    for (int i = 0; i < a->sel.t.ndim && i < 5; i++) sv.st[i] = a->sel.t.stride[i];
+    const nsa_cuda_selview_t sv = nsa_cuda_selview_of(&a->sel);
     BCK(nsa_cuda_launch_plan_v2(&sv, d.B, d.S, d.Skv, d.G, d.n, &plan, dsum, (int64_t *)(ws + L.len64),
                                 ws + L.ptemp, L.ptemp_bytes, maybe_packed, stream),
         "v2 planner launch");

@@ -230,16 +230,6 @@ static int stage_reserve(nsa_cuda_ctx_t *ctx, size_t need, char *msg, size_t msg
 
 // ---------------------------------------------------------------- helpers --
 
-static nsa_cuda_selview_t selview(const nsa_selection_t *sel) {
-  nsa_cuda_selview_t v;
-  memset(&v, 0, sizeof(v));
-  v.data = (const int32_t *)sel->t.data;
-  v.kind = sel->kind;
-  v.block_size = sel->block_size;
-  for (int i = 0; i < sel->t.ndim && i < 5; i++) v.st[i] = sel->t.stride[i];
-  return v;
-}
-
 // Elements a strided tensor can reach (0 when empty).
 static int64_t tensor_extent(const nsa_tensor_t *t) {
   int64_t ext = 1;
@@ -454,7 +444,7 @@ extern "C" int nsa_cuda_plan_v2(nsa_cuda_ctx_t *ctx, const nsa_selection_t *sel,
   st = arena_reserve(ctx, L.temp + L.temp_bytes, 0, msg, msglen);
   if (st) return st;
   char *ws = (char *)ctx->arena;
-  nsa_cuda_selview_t sv = selview(sel);
+  nsa_cuda_selview_t sv = nsa_cuda_selview_of(sel);
   nsa_cuda_summary_t *dsum = (nsa_cuda_summary_t *)(ws + L.sum);
   CK(nsa_cuda_launch_plan_v2(&sv, d->B, d->S, d->Skv, d->G, d->n, plan, dsum,
                              (int64_t *)(ws + L.len64), ws + L.temp, L.temp_bytes, 1, ctx->stream),
@@ -531,7 +521,7 @@ extern "C" int nsa_cuda_sel_fwd(nsa_cuda_ctx_t *ctx, const nsa_fwd_args_t *a,
   nsa_cuda_summary_t hsum;
   memset(&hsum, 0, sizeof(hsum));
   double plan_t0 = now_us();
-  const nsa_cuda_selview_t sv = selview(&a->sel);
+  const nsa_cuda_selview_t sv = nsa_cuda_selview_of(&a->sel);
   // With no summary to wait for (v2, sync = 0, packed impossible) the path
   // is v2 whatever the plan says, so the planner is launched below, where
   // the kernel is chosen: beside the row grouping (on the side stream) when

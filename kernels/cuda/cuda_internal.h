@@ -44,6 +44,13 @@ typedef struct {
   int64_t st[5];       /* strides in elements: b, t, g, slot, (pair) */
 } nsa_cuda_selview_t;
 
+/* The view of a request's selection (its tensor's data pointer and strides). */
+static inline nsa_cuda_selview_t nsa_cuda_selview_of(const nsa_selection_t *sel) {
+  nsa_cuda_selview_t v = {(const int32_t *)sel->t.data, (int)sel->kind, sel->block_size, {0, 0, 0, 0, 0}};
+  for (int i = 0; i < sel->t.ndim && i < 5; i++) v.st[i] = sel->t.stride[i];
+  return v;
+}
+
 /* ---- plan_v2.cu ---- */
 
 /* Bytes of CUB scan temp storage for `rows` rows. */

@@ -682,12 +682,7 @@ static void sel_grouping_case(int64_t S, int64_t Skv, int32_t bs, int gapped, in
   cr_assert_gt(dp.invalid, 0, "the case has invalid entries");
   cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
 
-  nsa_cuda_selview_t sv;
-  memset(&sv, 0, sizeof sv);
-  sv.data = (const int32_t *)dv.fwd.sel.t.data;
-  sv.kind = dv.fwd.sel.kind;
-  sv.block_size = dv.fwd.sel.block_size;
-  for (int i = 0; i < dv.fwd.sel.t.ndim && i < 5; i++) sv.st[i] = dv.fwd.sel.t.stride[i];
+  const nsa_cuda_selview_t sv = nsa_cuda_selview_of(&dv.fwd.sel);
   nsa_cuda_attn_t a;
   memset(&a, 0, sizeof a);
   a.B = cfg.B, a.S = S, a.G = cfg.G, a.Skv = Skv, a.h = 16, a.Dk = a.Dv = 128, a.n = n;
