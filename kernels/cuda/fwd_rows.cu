@@ -808,6 +808,7 @@ int group_nw(int64_t NT) { return (NT + 31) / 32 <= 8 ? 8 : (NT + 31) / 32 <= 16
 
 bool group_ok(int64_t Skv, int R, int blocks) {
   const int64_t NT = (Skv + kT - 1) / kT;
+  if (blocks >= 32) return group_wide_ok(NT, R, blocks);  // fwd_rows_group_wide.cu
   return (blocks == 8 || blocks == 16) && R >= 1 && R <= 16 && NT >= 1 && NT <= kGNT &&
          (blocks / 2) * group_nw(NT) <= 128;
 }
@@ -839,6 +840,7 @@ int *claim_of(const nsa_cuda_attn_t *a, const nsa_cuda_fwd_rows_t *M, int32_t *o
 // not NULL, else from the plan's spans. claim, unless NULL, is zeroed.
 cudaError_t launch_group(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa_cuda_selview_t *sel, int R,
                          int blocks, int32_t *ord, unsigned *ubits, int *claim, cudaStream_t st) {
+  if (blocks >= 32) return launch_group_wide(a, plan, sel, R, blocks, ord, ubits, (int)fwd_nw(a->Skv), claim, st);
   const int nw = group_nw((a->Skv + kT - 1) / kT);
   const int64_t nwin = a->B * a->G * ((a->S + blocks * R - 1) / (blocks * R));
   static const int recount = [] {
@@ -1011,13 +1013,19 @@ extern "C" int nsa_cuda_fwd_rows_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, 
   const char *re = getenv("NSA_CUDA_FWD_ROWS_R");
   const int r = re ? atoi(re) : 0;
   M->rows = r == (a->Dk == 192 ? 9 : 15) ? r : kRowsDefault;
-  // Row grouping (group_rows_kernel) in windows of 8 row blocks;
-  // NSA_CUDA_FWD_ROWS_GROUP=0 turns it off, =16 takes 16-block windows
-  // where they fit (A/B: at 16k h = 16 random their forward kernel is 1.5 %
-  // faster, but their grouping takes 67 us more, docs/PERF.md).
+  // Row grouping: windows of 8 row blocks (group_rows_kernel) up to 512
+  // tiles per (b, g), of 64 blocks (fwd_rows_group_wide.cu) past that.
+  // NSA_CUDA_FWD_ROWS_GROUP=0 (or not a number) turns it off, =8, 16, 32,
+  // 64 or 128 takes that window where it fits (else 8). H200, h = 16 random, forward ms
+  // (docs/PERF.md, session 25): 64k 11.54 (8 blocks) / 11.20 (64) / 11.70
+  // (128: one CTA per SM, two waves); 16k 2.33 (8) / 2.84 (128).
   const char *ge = getenv("NSA_CUDA_FWD_ROWS_GROUP");
-  M->group = ge && ge[0] == '0' ? 0 : ge && strcmp(ge, "16") == 0 ? 16 : 8;
-  if (M->group == 16 && !group_ok(a->Skv, M->rows, 16)) M->group = 8;
+  const int64_t NT = (a->Skv + kT - 1) / kT;
+  M->group = NT > 512 && group_ok(a->Skv, M->rows, 64) ? 64 : 8;
+  if (ge != nullptr) {
+    const int want = atoi(ge);
+    M->group = want == 0 || group_ok(a->Skv, M->rows, want) ? want : 8;
+  }
   if (M->group != 0 && !group_ok(a->Skv, M->rows, M->group)) M->group = 0;
   // With the grouping, its union per row block lets each CTA's producer
   // start streaming before the lists (fwd_rows_kernel, ubits);

@@ -183,6 +183,18 @@ cudaError_t launch_fwd_rows_persist(const nsa_cuda_attn_t *a, nsa_dtype_t dt, co
                                     const nsa_cuda_fwd_rows_t *M, const int32_t *ord, const unsigned *ubits,
                                     int *claim, cudaStream_t st);
 
+// The row grouping in wide windows (fwd_rows_group_wide.cu): `blocks` =
+// 32, 64 or 128 row blocks of R <= 16 rows, at most kGroupWideRows rows per
+// window and 1024 tiles per (b, g). launch_group_wide takes the one-warp
+// grouping's arguments (fwd_rows.cu launch_group; fnw: the forward's
+// bitmap words per row block) and its rule, except that a window's blocks
+// are built 16 at a time; cudaErrorInvalidValue for sizes group_wide_ok
+// refuses.
+constexpr int kGroupWideRows = 1408;  // 128 blocks of 11 rows: ~216 KB of shared memory at 32 tiles per row
+bool group_wide_ok(int64_t NT, int R, int blocks);
+cudaError_t launch_group_wide(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa_cuda_selview_t *sel, int R,
+                              int blocks, int32_t *ord, unsigned *ubits, int fnw, int *claim, cudaStream_t st);
+
 // A row block's union from its bitmap words, by the producer warp: lane i
 // holds word i (0 past the block's words). Each lane lists its word's tiles
 // in ascending order into ut[u] for u < cap (u = the tiles of the lower

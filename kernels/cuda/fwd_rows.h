@@ -42,8 +42,10 @@ typedef struct {
   CUtensorMap k, v;
   int rows; /* forward: 11 (default) or, for A/B (NSA_CUDA_FWD_ROWS_R), 15 at Dk = 128 / 9 at Dk = 192; backward dq: 10 */
   int gmaj; /* 1: row blocks of one (b, g) after another (K/V past L2), 0: g fastest */
-  int group; /* forward: row blocks per window of the row grouping (group_rows_kernel: 8, or 16 with
-               * NSA_CUDA_FWD_ROWS_GROUP=16 where they fit), 0 = rows in t order */
+  int group; /* forward: row blocks per window of the row grouping: 8 or 16 (group_rows_kernel, a warp per
+               * window; 8 by default up to 512 tiles per (b, g)), 32, 64 or 128 (fwd_rows_group_wide.cu, a
+               * CTA per window; 64 by default past 512 tiles); NSA_CUDA_FWD_ROWS_GROUP=N picks one where it
+               * fits; 0 = rows in t order */
   int early; /* forward with the grouping: it also writes each row block's union of tiles, so the
               * kernel's producer streams before the rows are listed (NSA_CUDA_FWD_ROWS_EARLY=0: off) */
   int persist; /* forward, with early, Dk = 128 and 11 rows (the default): the persistent kernel
@@ -71,10 +73,11 @@ size_t nsa_cuda_fwd_rows_ws_bytes(const nsa_cuda_attn_t *a, const nsa_cuda_fwd_r
 
 /* The row grouping alone (the first launch of nsa_cuda_launch_fwd_rows with
  * ord; uses a->B, S, G, Skv): for each (b, g), windows of `blocks` (8 or
- * 16) row blocks of `rows` positions (rows <= 16, at most 1024 tiles per
- * (b, g)), each window's rows dealt greedily into its blocks, rows sharing
- * tiles together: ord[(b*G + g)*S + position] = t, a permutation of each
- * window's t. ubits, unless NULL: [B * G][ceil(S / rows)][nw] u32, nw =
+ * 16; or 32, 64 or 128 of at most 1408 positions in all, built 16 blocks
+ * at a time, fwd_rows_group_wide.cu) row blocks of `rows` positions (rows
+ * <= 16, at most 1024 tiles per (b, g)), each window's rows dealt greedily
+ * into its blocks, rows sharing tiles together: ord[(b*G + g)*S +
+ * position] = t, a permutation of each window's t. ubits, unless NULL: [B * G][ceil(S / rows)][nw] u32, nw =
  * ceil(ceil(Skv / 64) / 32), bit k of block p's words = tile k is listed
  * by a row at positions p * rows .. p * rows + rows - 1 (the union the
  * kernel streams). A row's tiles come from sel when it is not NULL (its

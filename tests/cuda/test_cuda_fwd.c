@@ -381,7 +381,7 @@ static int64_t bit_diff(const double *a, const double *b, int64_t n) {
  * the float64 reference; the default rows per CTA (11) and `alt_rows`
  * (NSA_CUDA_FWD_ROWS_R) must agree bitwise (a row's tiles are visited in
  * the same order whatever the blocking), so must the row grouping's
- * windows of 8 blocks (default), of 16 and t order, the producer starting
+ * windows of 8 blocks (default), of 16, of 32 (the wide grouping) and t order, the producer starting
  * from the grouping's unions (default) or from the rows' lists
  * (NSA_CUDA_FWD_ROWS_EARLY=0), so must the v1 and v2 planners, and so
  * must sync = 0 (the planner beside the grouping, which then reads the
@@ -413,6 +413,7 @@ static void row_block_cases(nsa_cuda_ctx_t *ctx, int64_t dk, const char *alt_row
         {"NSA_CUDA_FWD_ROWS_EARLY", "0", "streaming from the grouping's unions and from the lists"},
         {"NSA_CUDA_FWD_ROWS_PERSIST", "3", "persistent (3 CTAs) and one CTA per row block"},
         {"NSA_CUDA_FWD_ROWS_GROUP", "16", "rows grouped in windows of 8 and of 16 blocks"},
+        {"NSA_CUDA_FWD_ROWS_GROUP", "32", "rows grouped in windows of 8 and of 32 blocks (a CTA per window)"},
     };
     for (size_t i = 0; i < sizeof knobs / sizeof knobs[0]; i++) {
       if (dk != 128 && strcmp(knobs[i][0], "NSA_CUDA_FWD_ROWS_PERSIST") == 0) continue; /* Dk = 128 only */

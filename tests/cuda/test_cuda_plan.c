@@ -361,7 +361,8 @@ Test(cuda_plan, all_rows_unused) {
  * block clipped at t, random blocks below; some rows with a long span past
  * the 32-tile cap, some with out-of-range spans, some runs of rows sharing
  * their blocks so that windows take the t-order exit) at 256, 512 and
- * 1024 tiles: ord must equal, position for position, group_ref's — an
+ * 1024 tiles, in windows of 8 and 16 blocks (one warp) and of 32, 64 and
+ * 128 (fwd_rows_group_wide.cu, a CTA per window): ord must equal, position for position, group_ref's — an
  * independent host version of the same rule. In every case the grouping
  * also writes each row block's union of tiles (ubits, poisoned first),
  * which run_group checks word by word against the union of the block's
@@ -376,7 +377,8 @@ Test(cuda_plan, all_rows_unused) {
  * keeps t order when 2 * (sum of its t-order blocks' union sizes) <= 5 *
  * (sum of their largest tile counts); else per block the largest remaining
  * t, then R - 1 times the remaining row with the fewest tiles outside the
- * union (ties: the larger t). */
+ * union (ties: the larger t); wide windows (blocks >= 32) build their
+ * blocks 16 at a time (wide_window). */
 /* Row r's tiles as the grouping (and the kernel) list them: a bitmask of
  * 32 words; returns the tile count. */
 static int row_tiles(const int32_t *hs, const int32_t *hn, int64_t n, int64_t r, int64_t Skv, uint32_t mask[32]) {
@@ -394,6 +396,76 @@ static int row_tiles(const int32_t *hs, const int32_t *hn, int64_t n, int64_t r,
   return c;
 }
 
+/* Whether a window of wn rows keeps t order: 2 * (sum of its t-order
+ * blocks' union sizes) <= 5 * (sum of their largest tile counts). */
+static int t_order_keeps(uint32_t (*mask)[32], const int *cnt, int wn, int R) {
+  long su = 0, tm = 0;
+  for (int j0 = 0; j0 < wn; j0 += R) {
+    uint32_t u[32] = {0};
+    int mx = 0;
+    for (int j = j0; j < wn && j < j0 + R; j++) {
+      for (int w = 0; w < 32; w++) u[w] |= mask[j][w];
+      mx = cnt[j] > mx ? cnt[j] : mx;
+    }
+    for (int w = 0; w < 32; w++) su += __builtin_popcount(u[w]);
+    tm += mx;
+  }
+  return 2 * su <= 5 * tm;
+}
+
+/* The remaining row (placed[j] == 0) with the fewest tiles outside u, ties
+ * the larger j; with u NULL the largest remaining j. */
+static int fewest_new(uint32_t (*mask)[32], const int *placed, int wn, const uint32_t *u) {
+  int best = -1, bc = 0;
+  for (int j = wn - 1; j >= 0; j--) {
+    if (placed[j]) continue;
+    int c = 0;
+    for (int w = 0; u != NULL && w < 32; w++) c += __builtin_popcount(mask[j][w] & ~u[w]);
+    if (best < 0 || c < bc) best = j, bc = c;
+  }
+  return best;
+}
+
+/* Wide windows (blocks >= 32, fwd_rows_group_wide.cu): the window's blocks
+ * built 16 at a time. Block 16 k + w's seed is the (w + 1)-th largest
+ * remaining t; then in rounds every block of the batch with room proposes
+ * its fewest_new row (all against the rows remaining at the round's
+ * start); a row proposed by several goes to the lowest block, the others
+ * propose again next round. */
+static void wide_window(uint32_t (*mask)[32], int *placed, int wn, int R, int64_t p0, int32_t *out) {
+  enum { P = 16 };
+  const int nbw = (wn + R - 1) / R;
+  for (int bat = 0; bat * P < nbw; bat++) {
+    const int nact = nbw - bat * P < P ? nbw - bat * P : P;
+    uint32_t u[P][32];
+    int cap[P], have[P], prop[P];
+    for (int w = 0; w < nact; w++) {
+      const int blk = bat * P + w;
+      cap[w] = wn - blk * R < R ? wn - blk * R : R;
+      const int s = fewest_new(mask, placed, wn, NULL);
+      placed[s] = 1, have[w] = 1;
+      out[p0 + blk * R] = (int32_t)(p0 + s);
+      memcpy(u[w], mask[s], sizeof u[w]);
+    }
+    for (;;) {
+      int any = 0;
+      for (int w = 0; w < nact; w++) {
+        prop[w] = have[w] < cap[w] ? fewest_new(mask, placed, wn, u[w]) : -1;
+        any |= prop[w] >= 0;
+      }
+      if (!any) break;
+      for (int w = 0; w < nact; w++) {
+        int lost = prop[w] < 0;
+        for (int v = 0; v < w && !lost; v++) lost = prop[v] == prop[w];
+        if (lost) continue;
+        placed[prop[w]] = 1;
+        out[p0 + (bat * P + w) * R + have[w]++] = (int32_t)(p0 + prop[w]);
+        for (int x = 0; x < 32; x++) u[w][x] |= mask[prop[w]][x];
+      }
+    }
+  }
+}
+
 static void group_ref(const int32_t *hs, const int32_t *hn, int64_t n, int64_t S, int64_t G, int64_t b, int64_t g,
                       int64_t Skv, int R, int blocks, int32_t *out) {
   const int W = blocks * R;
@@ -406,31 +478,18 @@ static void group_ref(const int32_t *hs, const int32_t *hn, int64_t n, int64_t S
       cnt[j] = row_tiles(hs, hn, n, (b * S + p0 + j) * G + g, Skv, mask[j]);
       placed[j] = 0;
     }
-    long su = 0, tm = 0;
-    for (int j0 = 0; j0 < wn; j0 += R) {
-      uint32_t u[32] = {0};
-      int mx = 0;
-      for (int j = j0; j < wn && j < j0 + R; j++) {
-        for (int w = 0; w < 32; w++) u[w] |= mask[j][w];
-        mx = cnt[j] > mx ? cnt[j] : mx;
-      }
-      for (int w = 0; w < 32; w++) su += __builtin_popcount(u[w]);
-      tm += mx;
-    }
-    if (2 * su <= 5 * tm) {
+    if (t_order_keeps(mask, cnt, wn, R)) {
       for (int j = 0; j < wn; j++) out[p0 + j] = (int32_t)(p0 + j);
+      continue;
+    }
+    if (blocks >= 32) {
+      wide_window(mask, placed, wn, R, p0, out);
       continue;
     }
     for (int j0 = 0; j0 < wn; j0 += R) {
       uint32_t u[32] = {0};
       for (int m = 0; m < R && j0 + m < wn; m++) {
-        int best = -1, bc = 0;
-        for (int j = wn - 1; j >= 0; j--) {
-          if (placed[j]) continue;
-          int c = 0;
-          for (int w = 0; m > 0 && w < 32; w++) c += __builtin_popcount(mask[j][w] & ~u[w]);
-          if (best < 0 || c < bc) best = j, bc = c;
-        }
+        const int best = fewest_new(mask, placed, wn, m > 0 ? u : NULL);
         placed[best] = 1;
         out[p0 + j0 + m] = (int32_t)(p0 + best);
         for (int w = 0; w < 32; w++) u[w] |= mask[best][w];
@@ -628,6 +687,11 @@ Test(cuda_plan, row_grouping_exact) {
   exact_case(32768, 11, 16, 74); /* 512: 16 words */
   exact_case(65536, 11, 8, 75);  /* 1024: 32 words */
   exact_case(65536, 15, 8, 76);
+  /* the wide windows (fwd_rows_group_wide.cu): a CTA per window, the
+   * same rule; from the plan's spans, up to 32 tiles per row */
+  exact_case(65536, 11, 128, 77); /* the forward's default past 512 tiles */
+  exact_case(16384, 11, 64, 78);
+  exact_case(32768, 15, 32, 79);
 }
 
 /* The grouping the forward runs: from the selection's slots (beside the
@@ -731,6 +795,11 @@ Test(cuda_plan, row_grouping_from_selection) {
   sel_grouping_case(6000, 6000, 48, 0, 16, 83);
   sel_grouping_case(8192, 8192, 128, 1, 8, 84);
   sel_grouping_case(4096, 16384, 64, 0, 8, 85); /* 256 tiles: 8-word masks */
+  /* wide windows: from the selection at most 16 tiles per row (blocks of
+   * 64 keys), then 32 (blocks of 48 over two tiles); from the plan 32 */
+  sel_grouping_case(8192, 8192, 64, 0, 64, 86);
+  sel_grouping_case(6000, 6000, 48, 1, 32, 87);
+  sel_grouping_case(3000, 20000, 64, 0, 128, 88);
 }
 
 /* Sizes the grouping does not take are refused, not run. */
@@ -742,5 +811,13 @@ Test(cuda_plan, row_grouping_refused) {
   cr_expect_eq(run_group(hs, hn, 1, 1, 1, 4, 64 * 1025, 11, 8, ho), cudaErrorInvalidValue); /* <= 1024 tiles */
   cr_expect_eq(run_group(hs, hn, 1, 1, 1, 4, 64 * 513, 11, 16, ho), cudaErrorInvalidValue); /* 16 blocks: <= 512 */
   cr_expect_eq(run_group(hs, hn, 1, 1, 1, 4, 64 * 512, 11, 16, ho), cudaSuccess);
+  cr_expect_eq(ho[0], 0);
+  /* wide windows: 32, 64 or 128 blocks, at most 1408 rows, 1024 tiles */
+  cr_expect_eq(run_group(hs, hn, 1, 1, 1, 4, 64, 11, 256, ho), cudaErrorInvalidValue);
+  cr_expect_eq(run_group(hs, hn, 1, 1, 1, 4, 64, 11, 96, ho), cudaErrorInvalidValue);
+  cr_expect_eq(run_group(hs, hn, 1, 1, 1, 4, 64, 12, 128, ho), cudaErrorInvalidValue);        /* 1536 rows */
+  cr_expect_eq(run_group(hs, hn, 1, 1, 1, 4, 64 * 1025, 11, 128, ho), cudaErrorInvalidValue); /* <= 1024 tiles */
+  ho[0] = -1;
+  cr_expect_eq(run_group(hs, hn, 1, 1, 1, 4, 64 * 1024, 11, 128, ho), cudaSuccess);
   cr_expect_eq(ho[0], 0);
 }
