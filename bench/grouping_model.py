@@ -12,7 +12,8 @@ grouping's choice (group_rows_kernel). This script computes that sum for
     remaining row with the largest t seeds it, then R - 1 times the remaining
     row with the fewest tiles outside the union (ties: larger t); a window
     whose t-order blocks already have unions under 2.5x their largest row's
-    tile count keeps t order,
+    tile count keeps t order; windows of 32 blocks or more build their
+    blocks 16 at a time (fwd_rows_group_wide.cu, wide_window below),
 
 on the selections `nsa_bench_cuda --dump-sel DIR --dump-only` writes
 (DIR/sel_T<T>_<random|corr>.i32, int32 [T][G][n], -1 unused; no GPU needed).
@@ -20,6 +21,7 @@ Block ids with block size 64 are tile ids. It is a model of the kernel's
 loads, not of its time: docs/PERF.md has what each ratio bought on the GPU.
 
   python3 bench/grouping_model.py DIR --T 16384 --sel random --windows 8 16
+  python3 bench/grouping_model.py DIR --T 65536 --sel random --windows 8 64 128
 
 prints, per configuration, tile loads per row and the ratio to t order;
 --pairs adds the tiles that blocks 2k and 2k + 1 of a window share.
@@ -68,7 +70,7 @@ def union_sum(masks, blocks):
     return s
 
 
-def greedy(masks, R, W):
+def greedy(masks, R, W, sequential=False):
     """The grouping's blocks, as the union bitmask of each (in window order)."""
     T = len(masks)
     out = []
@@ -84,6 +86,9 @@ def greedy(masks, R, W):
                     u |= masks[r]
                 out.append(u)
             continue
+        if W // R >= 32 and not sequential:  # wide windows (fwd_rows_group_wide.cu)
+            out.extend(wide_window(masks, rows, R))
+            continue
         left = set(rows)
         for _ in torder:
             seed = max(left)
@@ -95,6 +100,42 @@ def greedy(masks, R, W):
                 u |= masks[best]
                 k += 1
             out.append(u)
+    return out
+
+
+def wide_window(masks, rows, R, P=16):
+    """A wide window's blocks (fwd_rows_group_wide.cu), P at a time: block
+    P k + w's seed is the (w + 1)-th largest remaining t; then in rounds
+    every block with room proposes its remaining row with the fewest tiles
+    outside its union (ties: larger t), all against the rows remaining at
+    the round's start; a row proposed by several goes to the lowest block."""
+    left = set(rows)
+    nbw = (len(rows) + R - 1) // R
+    caps = [min(R, len(rows) - b * R) for b in range(nbw)]
+    out = []
+    for b0 in range(0, nbw, P):
+        act = range(b0, min(nbw, b0 + P))
+        seeds = sorted(left, reverse=True)[:len(act)]
+        u = {b: masks[s] for b, s in zip(act, seeds)}
+        have = {b: 1 for b in act}
+        left.difference_update(seeds)
+        while True:
+            prop = {}
+            for b in act:
+                if have[b] < caps[b] and left:
+                    prop[b] = min(left, key=lambda r: ((masks[r] & ~u[b]).bit_count(), -r))
+            if not prop:
+                break
+            taken = set()
+            for b in act:  # ascending: the lowest block wins a row
+                r = prop.get(b)
+                if r is None or r in taken:
+                    continue
+                taken.add(r)
+                u[b] |= masks[r]
+                have[b] += 1
+            left -= taken
+        out.extend(u[b] for b in act)
     return out
 
 
@@ -118,6 +159,8 @@ def main():
     ap.add_argument("--R", type=int, default=11, help="rows per CTA (the kernel's 11)")
     ap.add_argument("--windows", type=int, nargs="+", default=[8, 16], help="row blocks per grouping window")
     ap.add_argument("--heads", type=int, default=1, help="KV heads to model (they are alike)")
+    ap.add_argument("--sequential", action="store_true",
+                    help="wide windows too one block at a time (the one-warp rule), not 16 at once")
     ap.add_argument("--pairs", action="store_true",
                     help="also the tiles two neighbouring blocks share (what a 2-CTA cluster could load once)")
     a = ap.parse_args()
@@ -128,7 +171,7 @@ def main():
         print("T %d %s g %d R %d: t order %.3f tiles per row (%.2f rows per loaded tile)"
               % (a.T, a.sel, g, a.R, c0 / a.T, sum(bin(m).count("1") for m in masks) / c0))
         for nb in a.windows:
-            un = greedy(masks, a.R, nb * a.R)
+            un = greedy(masks, a.R, nb * a.R, a.sequential)
             c = sum(bin(u).count("1") for u in un)
             print("  grouped, windows of %d blocks (%d rows): %.3f tiles per row, %.3f of t order"
                   % (nb, nb * a.R, c / a.T, c / c0), flush=True)

@@ -8,8 +8,8 @@
 // 88 of its own. At T = 64k with random selections (each row's 14 random
 // tiles among up to 1 024), the greedy over 64-block windows (704 rows)
 // finds rows sharing several tiles with a block's union where the 8-block
-// window has none: 9.33 instead of 10.02 tiles loaded per row (9.14 over
-// 128 blocks). H200, forward request ms (docs/PERF.md, session 25): 11.54
+// window has none: 9.33 instead of 10.03 tiles loaded per row (9.13 over
+// 128 blocks; bench/grouping_model.py --T 65536 --windows 8 64 128). H200, forward request ms (docs/PERF.md, session 25): 11.54
 // with 8-block windows, 11.20 with 64 (the default past 512 tiles per
 // (b, g)), 11.70 with 128 (whose 126 KB of shared memory leave one CTA per
 // SM: two waves of windows at 64k, and the grouping costs more than the
@@ -26,10 +26,11 @@
 // batch that still has room proposes the remaining row with the fewest
 // tiles outside its union (ties: the larger t); a row proposed by several
 // blocks goes to the lowest, the others propose again next round. Built
-// one block at a time (the one-warp rule) the same windows load 9.11 tiles
-// per row, so building 16 at once costs 0.3 % and cuts the rounds in a
-// row from W to ~NBw / 16 * R (test_cuda_plan.c group_ref_wide is the
-// host version the tests compare with, position for position).
+// one block at a time (the one-warp rule, grouping_model.py --sequential)
+// 128-block windows load 9.11 tiles per row instead of 9.13: building 16
+// at once costs 0.2 % and cuts the rounds in a row from W to about
+// NBw / 16 * R (test_cuda_plan.c wide_window is the host version the
+// tests compare with, position for position).
 //
 // One CTA of kWT = 512 threads (P = 16 warps) per window. Shared memory (W
 // rows, Wp = W rounded up to 128, MT = 16 or 32 tiles per row at most, NT
