@@ -536,14 +536,11 @@ __global__ void __launch_bounds__(32, 1) group_rows_kernel(const int2 *__restric
   unsigned *ub = sm + (size_t)W * NW;                                        // [NBK][NW]
   unsigned char *cnt = reinterpret_cast<unsigned char *>(ub + NBK * NW);     // [W]
   const int lane = threadIdx.x;
-  const int64_t nwin = (S + W - 1) / W;
-  const int64_t bg = blockIdx.x / nwin, p0 = (blockIdx.x % nwin) * W;  // bg = b * G + g
-  const int64_t b = bg / G, g = bg % G;
-  const int Wn = (int)min((int64_t)W, S - p0);  // rows in this window
-  int32_t *ow = ord + bg * S + p0;
-  // ubits: [B * G][NB = ceil(S / R)][fnw] u32, each row block's union (the
-  // forward's bitmap words); this window's blocks start at p0 / R.
-  unsigned *uw = ubits != nullptr ? ubits + (bg * ((S + R - 1) / R) + p0 / R) * fnw : nullptr;
+  const GroupWindow win(S, G, W, R, ord, ubits, fnw);  // this window (fwd_rows.cuh)
+  const int64_t b = win.b, g = win.g, p0 = win.p0;
+  const int Wn = win.Wn;
+  int32_t *ow = win.ow;
+  unsigned *uw = win.uw;
   for (int i = lane; i < (W + NBK) * NW / 4; i += 32) reinterpret_cast<uint4 *>(sm)[i] = make_uint4(0u, 0u, 0u, 0u);
   // The persistent forward's item counter, zeroed here (it runs after this
   // kernel on the same stream) rather than by a memset of its own.

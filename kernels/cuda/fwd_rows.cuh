@@ -195,6 +195,27 @@ bool group_wide_ok(int64_t NT, int R, int blocks);
 cudaError_t launch_group_wide(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa_cuda_selview_t *sel, int R,
                               int blocks, int32_t *ord, unsigned *ubits, int fnw, int *claim, cudaStream_t st);
 
+// A grouping window (both groupings: one per block of the launch): windows
+// of W positions per (b, g), bg = b * G + g; this window's first position
+// p0, its rows Wn (the last window may be short), its part of ord and of
+// ubits ([B * G][ceil(S / R)][fnw] u32, each row block's union; the
+// window's blocks start at p0 / R; NULL without ubits).
+struct GroupWindow {
+  int64_t bg, b, g, p0;
+  int Wn;
+  int32_t *ow;
+  unsigned *uw;
+  __device__ __forceinline__ GroupWindow(int64_t S, int64_t G, int W, int R, int32_t *ord, unsigned *ubits,
+                                         int fnw) {
+    const int64_t nwin = (S + W - 1) / W;
+    bg = blockIdx.x / nwin, p0 = (blockIdx.x % nwin) * W;
+    b = bg / G, g = bg % G;
+    Wn = (int)min((int64_t)W, S - p0);
+    ow = ord + bg * S + p0;
+    uw = ubits != nullptr ? ubits + (bg * ((S + R - 1) / R) + p0 / R) * fnw : nullptr;
+  }
+};
+
 // A row block's union from its bitmap words, by the producer warp: lane i
 // holds word i (0 past the block's words). Each lane lists its word's tiles
 // in ascending order into ut[u] for u < cap (u = the tiles of the lower

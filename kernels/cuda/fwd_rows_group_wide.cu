@@ -105,13 +105,11 @@ __global__ void __launch_bounds__(kWT, 2)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int NT = (int)((Skv + kT - 1) / kT);
-  const int64_t nwin = (S + W - 1) / W;
-  const int64_t bg = blockIdx.x / nwin, p0 = (blockIdx.x % nwin) * W;  // bg = b * G + g
-  const int64_t b = bg / G, g = bg % G;
-  const int Wn = (int)min((int64_t)W, S - p0);  // rows in this window
-  int32_t *ow = ord + bg * S + p0;
-  // ubits: [B * G][ceil(S / R)][fnw] u32; this window's blocks start at p0 / R.
-  unsigned *uw = ubits != nullptr ? ubits + (bg * ((S + R - 1) / R) + p0 / R) * fnw : nullptr;
+  const GroupWindow win(S, G, W, R, ord, ubits, fnw);  // this window (fwd_rows.cuh)
+  const int64_t b = win.b, g = win.g, p0 = win.p0;
+  const int Wn = win.Wn;
+  int32_t *ow = win.ow;
+  unsigned *uw = win.uw;
   if (claim != nullptr && blockIdx.x == 0 && tid == 0) *claim = 0;  // the persistent forward's item counter
   for (int i = tid; i < NT; i += kWT) cur[i] = 0;
   for (int j = tid; j < Wp; j += kWT) used[j] = j >= Wn, cnt[j] = 0;
