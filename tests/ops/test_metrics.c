@@ -9,6 +9,7 @@
 #include <math.h>
 #include <msgpack.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -182,6 +183,10 @@ typedef struct {
 
 static void *recorder(void *arg) {
   conc_t *c = arg;
+  /* Start only once the renderer has rendered: then recording and
+   * rendering overlap however the threads are scheduled (a loaded CI
+   * machine could otherwise finish all recording before the first render). */
+  while (__atomic_load_n(&c->renders, __ATOMIC_ACQUIRE) == 0) sched_yield();
   nsa_run_info_t info;
   memset(&info, 0, sizeof info);
   info.rows = 3;
@@ -208,7 +213,7 @@ static void *renderer(void *arg) {
       if (!c->bad++) snprintf(c->msg, sizeof c->msg, "%s", t ? msg : "render failed");
     }
     free(t);
-    c->renders++;
+    __atomic_fetch_add(&c->renders, 1, __ATOMIC_RELEASE);
   }
   return NULL;
 }
