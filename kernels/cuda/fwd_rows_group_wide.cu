@@ -45,7 +45,11 @@
 //   prop  [P] i32      this round's proposals; seed [P] i32; red [2] i32;
 //   wb    [P][32] u32  per-warp union words (the t-order check)
 // Each warp keeps its block's union in registers (lane i: word i).
-// W = 1 408, MT = 16: ~125 KB; MT = 32: ~215 KB.
+// W = 1 408, MT = 16: ~125 KB; MT = 32: ~215 KB. At W = 704, MT = 16
+// (64-block windows from a selection of 16 blocks: the 64k default) 69 KB,
+// and at most 40 registers (__launch_bounds__ minimum 3): three CTAs per
+// SM, so T = 64k's 372 windows (G = 4) run in one wave on the H200's 132
+// SMs instead of two (forward request 11.24 -> 11.06 ms, docs/PERF.md).
 #include <cub/block/block_scan.cuh>
 
 #include "fwd_rows.cuh"
@@ -82,7 +86,7 @@ struct WideLayout {
 };
 
 template <int MT, bool kSel>
-__global__ void __launch_bounds__(kWT, 2)
+__global__ void __launch_bounds__(kWT, 3)
     group_wide_kernel(const int2 *__restrict__ spans, const int32_t *__restrict__ nspans, nsa_cuda_selview_t sel,
                       int n, int64_t S, int64_t G, int64_t Skv, int R, int blocks, int32_t *__restrict__ ord,
                       unsigned *__restrict__ ubits, int fnw, int *__restrict__ claim) {
