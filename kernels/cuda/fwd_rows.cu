@@ -830,6 +830,15 @@ int *claim_of(const nsa_cuda_attn_t *a, const nsa_cuda_fwd_rows_t *M, int32_t *o
   return reinterpret_cast<int *>(reinterpret_cast<char *>(ubits_of(a, ord)) + off);
 }
 
+// The persistent forward's step orders (fwd_rows_order.cu): after the
+// counter's 16 bytes, rows * kMaxT u16 per row block.
+size_t sord_bytes(const nsa_cuda_attn_t *a, int R) {
+  return (size_t)a->B * (size_t)a->G * (size_t)((a->S + R - 1) / R) * (size_t)R * kMaxT * 2;
+}
+unsigned short *sord_of(const nsa_cuda_attn_t *a, const nsa_cuda_fwd_rows_t *M, int32_t *ord) {
+  return reinterpret_cast<unsigned short *>(reinterpret_cast<char *>(claim_of(a, M, ord)) + 16);
+}
+
 // Queues the grouping of the (b, g)'s rows into row blocks of R, `blocks`
 // per window (ord: [B * G * S] i32; ubits, unless NULL: each block's union
 // of tiles, [B * G][ceil(S / R)][fwd_nw] u32) on st; group_ok holds. The
@@ -872,6 +881,8 @@ cudaError_t launch_t(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa
   if (ord != nullptr && !group_ok(a->Skv, M->rows, M->group)) ord = nullptr;  // (M->group 0: t order)
   unsigned *ub = nullptr;
   const bool persist = ord != nullptr && M->early && M->persist && M->rows == 11 && a->Dk == 128;
+  // The persistent kernel's step orders (launch_step_order, after the plan).
+  unsigned short *so = persist && M->order ? sord_of(a, M, ord) : nullptr;
   if (ord != nullptr) {
     ub = M->early ? ubits_of(a, ord) : nullptr;
     const cudaError_t e =
@@ -887,8 +898,14 @@ cudaError_t launch_t(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa
     return M->rows == 9
                ? launch_rows<T, 9, false, nsa_cuda_attn_t, false, 192>(a, plan, M, st, nullptr, nullptr, ord, ub)
                : launch_rows<T, 11, false, nsa_cuda_attn_t, false, 192>(a, plan, M, st, nullptr, nullptr, ord, ub);
-  if (persist)
-    return launch_fwd_rows_persist(a, dtype_of(static_cast<const T *>(nullptr)), plan, M, ord, ub, claim_of(a, M, ord), st);
+  if (persist) {
+    if (so != nullptr) {  // from the plan's spans (after plan_ready)
+      const cudaError_t e = launch_step_order(a, plan, M->rows, ord, ub, so, st);
+      if (e != cudaSuccess) return e;
+    }
+    return launch_fwd_rows_persist(a, dtype_of(static_cast<const T *>(nullptr)), plan, M, ord, ub, so,
+                                   claim_of(a, M, ord), st);
+  }
   return M->rows == 15 ? launch_rows<T, 15, false>(a, plan, M, st, nullptr, nullptr, ord, ub)
                        : launch_rows<T, 11, false>(a, plan, M, st, nullptr, nullptr, ord, ub);
 }
@@ -1036,6 +1053,10 @@ extern "C" int nsa_cuda_fwd_rows_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, 
   const char *pe = getenv("NSA_CUDA_FWD_ROWS_PERSIST");
   const int pn = pe ? atoi(pe) : 1;
   M->persist = M->early && a->Dk == 128 && M->rows == 11 && pn > 0 ? pn : 0;
+  // With it, each block's tiles in the step order of fwd_rows_order.cu
+  // (rows spread over the ring). NSA_CUDA_FWD_ROWS_ORDER=0|1 overrides.
+  const char *oe = getenv("NSA_CUDA_FWD_ROWS_ORDER");
+  M->order = M->persist && (oe ? oe[0] == '1' : NT > 512);
   return 1;
 }
 
@@ -1060,10 +1081,17 @@ extern "C" cudaError_t nsa_cuda_fwd_rows_group(const nsa_cuda_attn_t *a, const n
   return launch_group(a, sel != nullptr ? nullptr : plan, sel, rows, blocks, ord, ubits, nullptr, st);
 }
 
+extern "C" cudaError_t nsa_cuda_fwd_rows_step_order(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, int rows,
+                                                    const int32_t *ord, const unsigned *ubits, unsigned short *sord,
+                                                    cudaStream_t st) {
+  return launch_step_order(a, plan, rows, ord, ubits, sord, st);
+}
+
 extern "C" size_t nsa_cuda_fwd_rows_ws_bytes(const nsa_cuda_attn_t *a, const nsa_cuda_fwd_rows_t *M) {
   if (!M->group) return 0;
   size_t bytes = (size_t)a->B * (size_t)a->G * (size_t)a->S * sizeof(int32_t);
   if (M->early) bytes = ((bytes + 15) & ~(size_t)15) + ((ubits_bytes(a, M->rows) + 15) & ~(size_t)15) + 16;
+  if (M->early && M->order) bytes += sord_bytes(a, M->rows);
   return bytes;
 }
 

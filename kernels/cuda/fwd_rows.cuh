@@ -178,10 +178,20 @@ __device__ __forceinline__ void finish_row(float l0, float l1, float m0, float m
 // the launch's order, walked by one CTA per SM (or M->persist CTAs when >
 // 1), taking items from *claim (an int of the workspace that the grouping
 // zeroed: group_rows_kernel's claim); ord and ubits from the grouping (both
-// required). Dk = Dv = 128, 11 rows.
+// required); sord, unless NULL, each block's step order (launch_step_order;
+// NULL: ascending). Dk = Dv = 128, 11 rows.
 cudaError_t launch_fwd_rows_persist(const nsa_cuda_attn_t *a, nsa_dtype_t dt, const nsa_plan_t *plan,
                                     const nsa_cuda_fwd_rows_t *M, const int32_t *ord, const unsigned *ubits,
-                                    int *claim, cudaStream_t st);
+                                    const unsigned short *sord, int *claim, cudaStream_t st);
+
+// The order of each row block's union steps for the persistent forward
+// (fwd_rows_order.cu): sord[(b * G + g) * NB + tb][v] = the tile of step v
+// (u16, R * kMaxT entries per block), each row's tiles ascending in it,
+// from the plan's spans (its rows from ord) and the grouping's unions
+// (ubits). R = 11, at most 1024 tiles per (b, g); cudaErrorInvalidValue
+// otherwise.
+cudaError_t launch_step_order(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, int R, const int32_t *ord,
+                              const unsigned *ubits, unsigned short *sord, cudaStream_t st);
 
 // The row grouping in wide windows (fwd_rows_group_wide.cu): `blocks` =
 // 32, 64 or 128 row blocks of R <= 16 rows, at most kGroupWideRows rows per

@@ -51,6 +51,9 @@ typedef struct {
   int persist; /* forward, with early, Dk = 128 and 11 rows (the default): the persistent kernel
                 * (fwd_rows_persist.cu), 1 = one CTA per SM, N > 1 = N CTAs; 0 = a CTA per row block
                 * (NSA_CUDA_FWD_ROWS_PERSIST=N overrides) */
+  int order; /* forward, persistent: each row block's tiles streamed in the step order of
+              * fwd_rows_order.cu (rows spread over the ring) instead of ascending; same outputs bitwise
+              * (NSA_CUDA_FWD_ROWS_ORDER=0|1 overrides) */
 } nsa_cuda_fwd_rows_t;
 
 /* 1 when this request can run on the row-block kernel: bf16/f16, h = 16,
@@ -68,7 +71,9 @@ int nsa_cuda_fwd_rows_plan(const nsa_cuda_attn_t *a, nsa_dtype_t dt, int sel_kin
  * M->early, 16-byte aligned after it, each row block's union of tiles
  * (B * G * ceil(S / rows) blocks of ceil(ceil(Skv / 64) / 32) u32 words:
  * at most 4 bytes per row, as the grouping takes at most 1024 tiles) and
- * the persistent kernel's item counter (16 bytes); 0 when M->group is 0. */
+ * the persistent kernel's item counter (16 bytes), then with M->order each
+ * row block's step order (rows * 32 u16 per block: 64 bytes per row); 0
+ * when M->group is 0. */
 size_t nsa_cuda_fwd_rows_ws_bytes(const nsa_cuda_attn_t *a, const nsa_cuda_fwd_rows_t *M);
 
 /* The row grouping alone (the first launch of nsa_cuda_launch_fwd_rows with
@@ -88,6 +93,19 @@ size_t nsa_cuda_fwd_rows_ws_bytes(const nsa_cuda_attn_t *a, const nsa_cuda_fwd_r
  * and ubits. cudaErrorInvalidValue for sizes it does not take. */
 cudaError_t nsa_cuda_fwd_rows_group(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa_cuda_selview_t *sel,
                                     int rows, int blocks, int32_t *ord, unsigned *ubits, cudaStream_t st);
+
+/* The persistent forward's step order (fwd_rows_order.cu; what M->order
+ * runs before it): for each row block of `rows` = 11 positions (ord, the
+ * grouping's) with union ubits (its words), sord[(b*G + g)*ceil(S/rows) +
+ * block][v] = the tile the block streams at step v (u16, rows * 32 entries
+ * per block, the union's size used): each row's tiles stay ascending, the
+ * rows spread over the ring (list scheduling: the ready tile whose users'
+ * latest step is earliest, then more users, then the smaller tile). A
+ * row's tiles come from plan's spans. At most 1024 tiles per (b, g);
+ * cudaErrorInvalidValue otherwise. */
+cudaError_t nsa_cuda_fwd_rows_step_order(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, int rows,
+                                         const int32_t *ord, const unsigned *ubits, unsigned short *sord,
+                                         cudaStream_t st);
 
 /* Enqueues the kernel on `st` (o and lse from the plan; no host
  * synchronization). ord: nsa_cuda_fwd_rows_ws_bytes of workspace for the

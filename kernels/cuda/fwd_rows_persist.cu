@@ -59,7 +59,8 @@ struct PersistSmem {
   static constexpr size_t um_off = ut_off + 2 * (size_t)kUT * 4;          // [2][kUT] u32 rows per step
   static constexpr size_t bm_off = um_off + 2 * (size_t)kUT * 4;          // [2][32] u32 union bitmap
   static constexpr size_t pre_off = bm_off + 2 * 32 * 4;                  // [2][32] i32 steps before word
-  static constexpr size_t tag_off = pre_off + 2 * 32 * 4;                 // [kNS] i32
+  static constexpr size_t perm_off = pre_off + 2 * 32 * 4;                // [2][kUT] i32 step of ascending rank
+  static constexpr size_t tag_off = perm_off + 2 * (size_t)kUT * 4;       // [kNS] i32
   static constexpr size_t base_off = tag_off + kNS * 4;                   // [2] i32 first global step
   static constexpr size_t item_off = base_off + 8;                        // [2] i32 item of the set
   static constexpr size_t bar_off = (item_off + 8 + 7) & ~(size_t)7;      // full, empty, fullv [kNS], uready, listed [2]
@@ -71,8 +72,8 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     fwd_rows_persist_kernel(nsa_cuda_attn_t a, const __grid_constant__ CUtensorMap tmk,
                             const __grid_constant__ CUtensorMap tmv, const int2 *__restrict__ spans,
                             const int32_t *__restrict__ nspans, int n, int64_t NB, int nw, int gmaj,
-                            const int32_t *__restrict__ ord, const unsigned *__restrict__ ubits, int nitems,
-                            int *__restrict__ claim) {
+                            const int32_t *__restrict__ ord, const unsigned *__restrict__ ubits,
+                            const unsigned short *__restrict__ sord, int nitems, int *__restrict__ claim) {
   using L = RowsSmem<kRows, 128, 128>;
   using P = PersistSmem<kRows>;
   constexpr int kNS = P::kNS, kUT = P::kUT, DV = 128, CK = 16;
@@ -86,6 +87,7 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
   unsigned *sUm = reinterpret_cast<unsigned *>(smem + P::um_off);
   unsigned *sBm = reinterpret_cast<unsigned *>(smem + P::bm_off);
   int *sPre = reinterpret_cast<int *>(smem + P::pre_off);
+  int *sPerm = reinterpret_cast<int *>(smem + P::perm_off);
   int *sTag = reinterpret_cast<int *>(smem + P::tag_off);
   int *sBase = reinterpret_cast<int *>(smem + P::base_off);
   int *sItem = reinterpret_cast<int *>(smem + P::item_off);
@@ -149,20 +151,68 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     if (lane == 0) nxt = (int)gridDim.x + atomicAdd(claim, 1);
     nxt = __shfl_sync(0xffffffffu, nxt, 0);
     item_at(item, b, g, tb);
+    // The block's step order (sord; its entry lane + 32 k in on[k]),
+    // loaded with the union word, one item ahead.
+    constexpr int kOK = (kUT + 31) / 32;
+    unsigned short on[kOK];
+    auto load_order = [&](int64_t blk) {
+#pragma unroll
+      for (int k = 0; k < kOK; k++)
+        on[k] = sord != nullptr && lane + 32 * k < kUT ? sord[blk * kUT + lane + 32 * k] : (unsigned short)0;
+    };
     unsigned wv = lane < nw ? ubits[((b * a.G + g) * NB + tb) * nw + lane] : 0u;
+    load_order((b * a.G + g) * NB + tb);
     for (; item < nitems; item = nxt, nxt = nxt2, it++) {
       const int set = it & 1;
       item_at(item, b, g, tb);
       const unsigned cur = wv;
+      unsigned short co[kOK];
+#pragma unroll
+      for (int k = 0; k < kOK; k++) co[k] = on[k];
       nxt2 = nitems;
       if (nxt < nitems) {  // the next item's union, loaded under this one; the one after, claimed
         int64_t b2, g2, tb2;
         item_at(nxt, b2, g2, tb2);
         wv = lane < nw ? ubits[((b2 * a.G + g2) * NB + tb2) * nw + lane] : 0u;
+        load_order((b2 * a.G + g2) * NB + tb2);
         if (lane == 0) nxt2 = (int)gridDim.x + atomicAdd(claim, 1);
       }
       const int U = union_from_words(cur, lane, true, sBm + set * 32, sPre + set * 32, sUt + set * kUT, kUT);
       for (int i = lane; i < kUT; i += 32) sUm[set * kUT + i] = 0u;
+      if (sord != nullptr) {
+        // Step v takes tile co[v]: sPerm[ascending rank of the tile] = v.
+        // Checked to be a permutation of the union (else ascending).
+        __syncwarp();
+        bool ok = true;
+#pragma unroll
+        for (int k = 0; k < kOK; k++) {
+          const int v = lane + 32 * k, x = co[k];
+          if (v >= U) continue;
+          const unsigned wb = x < 32 * 32 ? sBm[set * 32 + (x >> 5)] : 0u;
+          if (!((wb >> (x & 31)) & 1u)) {
+            ok = false;
+            continue;
+          }
+          sPerm[set * kUT + sPre[set * 32 + (x >> 5)] + __popc(wb & ((1u << (x & 31)) - 1u))] = v;
+        }
+        __syncwarp();
+#pragma unroll
+        for (int k = 0; k < kOK; k++) {
+          const int v = lane + 32 * k, x = co[k];
+          if (v >= U || !ok) continue;
+          const unsigned wb = sBm[set * 32 + (x >> 5)];
+          ok = sPerm[set * kUT + sPre[set * 32 + (x >> 5)] + __popc(wb & ((1u << (x & 31)) - 1u))] == v;
+        }
+        ok = __all_sync(0xffffffffu, ok);
+        __syncwarp();
+#pragma unroll
+        for (int k = 0; k < kOK; k++) {
+          const int v = lane + 32 * k;
+          if (v >= U) continue;
+          if (ok) sUt[set * kUT + v] = co[k];  // (else sUt stays ascending)
+          else sPerm[set * kUT + v] = v;
+        }
+      }
       if (lane == 0) sBase[set] = gu, sItem[set ^ 1] = min(nxt, nitems);  // (the consumers' next item)
       __syncwarp();
       if (lane == 0) {
@@ -267,7 +317,12 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
       const unsigned wbits = sBm[set * 32 + (kt >> 5)];
       in = (wbits >> (kt & 31)) & 1u;
       mystep = sPre[set * 32 + (kt >> 5)] + __popc(wbits & ((1u << (kt & 31)) - 1u));
+      if (in && sord != nullptr) mystep = sPerm[set * kUT + mystep];
     }
+    // A row walks its steps in its tiles' (ascending) order: the step
+    // order must keep them ascending (launch_step_order's rule does).
+    const int prevstep = __shfl_up_sync(0xffffffffu, mystep, 1);
+    if (lane > 0 && lane < cnt && mystep <= prevstep) in = false;
     const bool lost = !__all_sync(0xffffffffu, in);
     if (lost) cnt = 0;
     if (lane < cnt) atomicOr(&sUm[set * kUT + mystep], 1u << warp);
@@ -298,7 +353,8 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
 
 template <typename T>
 cudaError_t launch_t(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa_cuda_fwd_rows_t *M,
-                     const int32_t *ord, const unsigned *ubits, int *claim, cudaStream_t st) {
+                     const int32_t *ord, const unsigned *ubits, const unsigned short *sord, int *claim,
+                     cudaStream_t st) {
   constexpr int R = 11;
   using P = PersistSmem<R>;
   static unsigned long long set_on = 0;  // bwd_common.cuh: set once per device
@@ -319,7 +375,7 @@ cudaError_t launch_t(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa
   // *claim is 0: the grouping, earlier on st, zeroed it (no memset node).
   fwd_rows_persist_kernel<T, R><<<(unsigned)grid, (R + 1) * 32, P::bytes, st>>>(
       *a, M->k, M->v, (const int2 *)plan->spans, plan->nspans, (int)plan->n, NB, (int)((NT + 31) / 32), M->gmaj, ord,
-      ubits, (int)nitems, claim);
+      ubits, sord, (int)nitems, claim);
   return cudaGetLastError();
 }
 
@@ -327,12 +383,13 @@ cudaError_t launch_t(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, const nsa
 
 cudaError_t nsa_rows::launch_fwd_rows_persist(const nsa_cuda_attn_t *a, nsa_dtype_t dt, const nsa_plan_t *plan,
                                               const nsa_cuda_fwd_rows_t *M, const int32_t *ord,
-                                              const unsigned *ubits, int *claim, cudaStream_t st) {
+                                              const unsigned *ubits, const unsigned short *sord, int *claim,
+                                              cudaStream_t st) {
   if (ord == nullptr || ubits == nullptr || claim == nullptr || a->Dk != 128 || a->Dv != 128 || M->rows != 11)
     return cudaErrorInvalidValue;
   switch (dt) {
-    case NSA_BF16: return launch_t<__nv_bfloat16>(a, plan, M, ord, ubits, claim, st);
-    case NSA_F16: return launch_t<__half>(a, plan, M, ord, ubits, claim, st);
+    case NSA_BF16: return launch_t<__nv_bfloat16>(a, plan, M, ord, ubits, sord, claim, st);
+    case NSA_F16: return launch_t<__half>(a, plan, M, ord, ubits, sord, claim, st);
     default: return cudaErrorInvalidValue;
   }
 }

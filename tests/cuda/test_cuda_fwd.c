@@ -381,7 +381,8 @@ static int64_t bit_diff(const double *a, const double *b, int64_t n) {
  * the float64 reference; the default rows per CTA (11) and `alt_rows`
  * (NSA_CUDA_FWD_ROWS_R) must agree bitwise (a row's tiles are visited in
  * the same order whatever the blocking), so must the row grouping's
- * windows of 8 blocks (default), of 16, of 32 (the wide grouping) and t order, the producer starting
+ * windows of 8 blocks (default), of 16, of 32 (the wide grouping) and t order, the tiles streamed in
+ * ascending and in the step order (NSA_CUDA_FWD_ROWS_ORDER), the producer starting
  * from the grouping's unions (default) or from the rows' lists
  * (NSA_CUDA_FWD_ROWS_EARLY=0), so must the v1 and v2 planners, and so
  * must sync = 0 (the planner beside the grouping, which then reads the
@@ -414,12 +415,27 @@ static void row_block_cases(nsa_cuda_ctx_t *ctx, int64_t dk, const char *alt_row
         {"NSA_CUDA_FWD_ROWS_PERSIST", "3", "persistent (3 CTAs) and one CTA per row block"},
         {"NSA_CUDA_FWD_ROWS_GROUP", "16", "rows grouped in windows of 8 and of 16 blocks"},
         {"NSA_CUDA_FWD_ROWS_GROUP", "32", "rows grouped in windows of 8 and of 32 blocks (a CTA per window)"},
+        {"NSA_CUDA_FWD_ROWS_ORDER", "1", "tiles streamed in ascending and in the step order"},
+        {"NSA_CUDA_FWD_ROWS_ORDER", "0", "tiles streamed in the default and in ascending order"},
     };
     for (size_t i = 0; i < sizeof knobs / sizeof knobs[0]; i++) {
-      if (dk != 128 && strcmp(knobs[i][0], "NSA_CUDA_FWD_ROWS_PERSIST") == 0) continue; /* Dk = 128 only */
+      if (dk != 128 && (strcmp(knobs[i][0], "NSA_CUDA_FWD_ROWS_PERSIST") == 0 ||
+                        strcmp(knobs[i][0], "NSA_CUDA_FWD_ROWS_ORDER") == 0))
+        continue; /* Dk = 128 only (the persistent kernel) */
       run_env(ctx, &f, NSA_PATH_VARLEN_V2, knobs[i][0], knobs[i][1], o2, l2);
       cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0, "Dk %lld case %d: %s differ (%s=%s)",
                    (long long)dk, k, knobs[i][2], knobs[i][0], knobs[i][1]);
+    }
+    if (dk == 128) { /* the step order with 3 persistent CTAs (many blocks each: both union sets reused),
+                      * then as the wide grouping writes it (windows of 32 blocks) */
+      setenv("NSA_CUDA_FWD_ROWS_ORDER", "1", 1);
+      run_env(ctx, &f, NSA_PATH_VARLEN_V2, "NSA_CUDA_FWD_ROWS_PERSIST", "3", o2, l2);
+      cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0,
+                   "Dk 128 case %d: the step order on 3 persistent CTAs differs", k);
+      run_env(ctx, &f, NSA_PATH_VARLEN_V2, "NSA_CUDA_FWD_ROWS_GROUP", "32", o2, l2);
+      cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0,
+                   "Dk 128 case %d: the wide grouping's step order differs", k);
+      unsetenv("NSA_CUDA_FWD_ROWS_ORDER");
     }
     run_env(ctx, &f, NSA_PATH_VARLEN_V1, NULL, NULL, o2, l2);
     cr_expect_eq(bit_diff(o1, o2, f.no) + bit_diff(l1, l2, f.nl), 0, "Dk %lld case %d: v1 and v2 planners differ",

@@ -499,6 +499,41 @@ static void group_ref(const int32_t *hs, const int32_t *hn, int64_t n, int64_t S
   free(mask), free(cnt), free(placed);
 }
 
+/* The persistent forward's step order (fwd_rows_order.cu) on the host, for
+ * one row block: lt[r] = row r's ascending tiles (cnt[r] of them, R <= 16
+ * rows, tiles < 1024). A tile's depth: 0 when none of the rows listing it
+ * has a later tile, else 1 + the largest depth of those rows' next tiles.
+ * Steps: depth descending, then tile ascending. out[v] = the tile of step
+ * v; returns the union's size. */
+static int order_ref(int R, int (*lt)[32], const int *cnt, int *out) {
+  static unsigned char has[16][1024];
+  static int depth[1024];
+  memset(has, 0, sizeof has);
+  for (int r = 0; r < R; r++)
+    for (int j = 0; j < cnt[r]; j++) has[r][lt[r][j]] = 1;
+  int dn[16] = {0}, U = 0, maxd = 0;
+  static int un[1024];
+  for (int x = 1023; x >= 0; x--) {
+    int d = -1;
+    for (int r = 0; r < R; r++)
+      if (has[r][x]) d = dn[r] > d ? dn[r] : d;
+    depth[x] = d; /* -1: not in the union */
+    if (d < 0) continue;
+    un[U++] = x; /* (descending) */
+    maxd = d > maxd ? d : maxd;
+    for (int r = 0; r < R; r++)
+      if (has[r][x]) dn[r] = d + 1;
+  }
+  int v = 0;
+  for (int d = maxd; d >= 0; d--)
+    for (int i = U - 1; i >= 0; i--) /* tiles ascending */
+      if (depth[un[i]] == d) out[v++] = un[i];
+  return U;
+}
+
+/* Blocks whose step order (checked by run_group) differs from ascending. */
+static int64_t order_moved;
+
 /* Runs nsa_cuda_fwd_rows_group on host spans (rows = B*S*G, n slots each)
  * into ho; returns its status. It also asks for the row blocks' unions
  * (ubits, poisoned first) and checks every word against the union of the
@@ -525,6 +560,14 @@ static cudaError_t run_group(const int32_t *hs, const int32_t *hn, int64_t B, in
   nsa_cuda_attn_t a;
   memset(&a, 0, sizeof a);
   a.B = B, a.S = S, a.G = G, a.Skv = Skv, a.h = 16, a.Dk = a.Dv = 128, a.n = n;
+  /* the step orders (R = 11): nsa_cuda_fwd_rows_step_order after the grouping */
+  const int with_order = R == 11 && nw <= 32;
+  const size_t son = (size_t)(B * G * NB * R * 32);
+  unsigned short *dso = NULL;
+  if (with_order) {
+    cr_assert_eq(cudaMalloc((void **)&dso, son * sizeof(unsigned short)), cudaSuccess);
+    cr_assert_eq(cudaMemset(dso, 0xa5, son * sizeof(unsigned short)), cudaSuccess);
+  }
   const cudaError_t e = nsa_cuda_fwd_rows_group(&a, &plan, NULL, R, blocks, dord, dub, 0);
   if (e == cudaSuccess) {
     cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
@@ -543,7 +586,35 @@ static cudaError_t run_group(const int32_t *hs, const int32_t *hn, int64_t B, in
           cr_assert_eq(hub[(bg * NB + p) * nw + w], u[w], "(b, g) %lld block %lld word %lld: union %08x, expected %08x",
                        (long long)bg, (long long)p, (long long)w, hub[(bg * NB + p) * nw + w], u[w]);
       }
+    if (with_order) { /* the step order of every block, against order_ref step for step */
+      unsigned short *hso = malloc(son * sizeof(unsigned short));
+      cr_assert(hso);
+      cr_assert_eq(nsa_cuda_fwd_rows_step_order(&a, &plan, R, dord, dub, dso, 0), cudaSuccess);
+      cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+      cr_assert_eq(cudaMemcpy(hso, dso, son * sizeof(unsigned short), cudaMemcpyDeviceToHost), cudaSuccess);
+      for (int64_t bg = 0; bg < B * G; bg++)
+        for (int64_t p = 0; p < NB; p++) {
+          int lt[16][32], cnt[16] = {0}, ref[16 * 32];
+          uint32_t m[32];
+          for (int64_t q = p * R; q < S && q < p * R + R; q++) {
+            row_tiles(hs, hn, n, ((bg / G) * S + ho[bg * S + q]) * G + bg % G, Skv, m);
+            for (int k = 0; k < 32 * 32; k++)
+              if ((m[k >> 5] >> (k & 31)) & 1u) lt[q - p * R][cnt[q - p * R]++] = k;
+          }
+          const int U = order_ref(R, lt, cnt, ref);
+          const unsigned short *got = hso + (bg * NB + p) * R * 32;
+          int asc = 1;
+          for (int v = 0; v < U; v++) {
+            cr_assert_eq(got[v], ref[v], "(b, g) %lld block %lld step %d: tile %d, reference %d", (long long)bg,
+                         (long long)p, v, got[v], ref[v]);
+            asc &= v == 0 || ref[v] > ref[v - 1];
+          }
+          order_moved += !asc;
+        }
+      free(hso);
+    }
   }
+  cudaFree(dso);
   cudaFree(ds), cudaFree(dn), cudaFree(dord), cudaFree(dub);
   free(hub);
   return e;
@@ -665,7 +736,11 @@ static void exact_case(int64_t T, int R, int blocks, uint64_t seed) {
         hn[r] = nb + 1;
       }
     }
+  order_moved = 0;
   cr_assert_eq(run_group(hs, hn, B, S, G, n, T, R, blocks, ho), cudaSuccess);
+  if (R == 11) /* the step order (run_group) is not ascending in most blocks */
+    cr_assert_gt(order_moved, S / R / 2, "T %lld blocks %d: %lld blocks not in ascending order", (long long)T,
+                 blocks, (long long)order_moved);
   for (int64_t g = 0; g < G; g++) {
     group_ref(hs, hn, n, S, G, 0, g, T, R, blocks, ref);
     int64_t moved = 0;
@@ -756,6 +831,7 @@ static void sel_grouping_case(int64_t S, int64_t Skv, int32_t bs, int gapped, in
   uint32_t *dub[2];
   int32_t *ho[2];
   uint32_t *hub[2];
+
   for (int k = 0; k < 2; k++) { /* k = 0: from the plan, 1: from the selection */
     cr_assert_eq(cudaMalloc((void **)&dord[k], ob), cudaSuccess);
     cr_assert_eq(cudaMalloc((void **)&dub[k], ubb), cudaSuccess);
