@@ -28,44 +28,37 @@
 // (impossible with the grouping's unions) or whose depth passes 63 keeps
 // ascending order, which is always valid.
 //
-// One thread per row block: the block's work is a walk over ~100 union
-// positions with a little arithmetic each, so a warp per block (tried:
-// 6 400 instructions per block, 0.23 ms at T = 64k h = 16 under Nsight
-// Compute; the same walk inside the wide grouping made the grouping 0.16
-// ms slower) wastes 31 lanes. Each thread:
-//   1. loads its block's union words and their prefixes (sWd, sPr);
-//   2. lists its rows' tiles from the plan's spans by the forward's rule
-//      (span_tiles: spans in use inside [0, Skv), a tile shared with the
-//      previous span once, the first kMaxT tiles) into the users mask of
-//      each union position (sUm, bit r = the block's row r);
-//   3. walks the union from the top: d = the largest 1 + depth of its
-//      users' next tiles (dn[r], registers), k = the tiles of depth d seen
-//      so far (sCd), sUm[u] = d << 4 | k (k < 16: a depth's tiles have
-//      distinct users);
-//   4. turns the counts per depth into each depth's last step (deepest
-//      first) and writes out[end(d) - 1 - k] = tile for every position.
-// Shared memory is [index][thread] (kOT threads): the threads of a warp
-// read one 4-byte word apart whatever index each is at (no bank
-// conflicts). Output: sord[(b * G + g) * NB + tb][v] = tile of step v
-// (u16, kUT = R * 32 entries per block, U used).
+// Eight lanes per row block (four blocks per warp). A warp per block
+// wastes most lanes (the walk below is sequential: 6 400 instructions per
+// block, 0.23 ms at T = 64k h = 16 under Nsight Compute, issue-bound; the
+// same walk inside the wide grouping made the grouping 0.16 ms slower), a
+// thread per block is one long dependent chain (35 000 instructions, 0.19
+// ms, latency-bound). Per block, its 8 lanes:
+//   1. load the union's words (lane s: words s, s + 8, s + 16, s + 24) and
+//      their prefixes (a segmented scan) into shared memory;
+//   2. list the rows' tiles (lane s: rows s and s + 8) from the plan's
+//      spans by the forward's rule (span_tiles: spans in use inside [0,
+//      Skv), a tile shared with the previous span once, the first kMaxT
+//      tiles) into the users mask of each union position (bit r = row r);
+//   3. walk the union from the top: d = the largest 1 + depth of the
+//      users' next tiles (lane s holds rows s and s + 8; a 3-step xor
+//      reduction), k = the tiles of depth d so far; um[u] = d << 4 | k
+//      (k < 16: a depth's tiles have distinct users);
+//   4. turn the counts per depth into each depth's last step (deepest
+//      first; lane s: depths 8 s .. 8 s + 7) and write out[end(d) - 1 - k]
+//      = tile for every position.
+// Output: sord[(b * G + g) * NB + tb][v] = tile of step v (u16, kUT = R *
+// 32 entries per block, U used).
 #include "fwd_rows.cuh"
 
 namespace {
 
 using namespace nsa_rows;
 
-constexpr int kOT = 64;             // threads (row blocks) per CTA
+constexpr int kOL = 8;              // lanes per row block
+constexpr int kOT = 128;            // threads per CTA
+constexpr int kOI = kOT / kOL;      // row blocks per CTA
 constexpr int kOrderDepths = 64;   // depths 0 .. 63 (a deeper block keeps ascending order)
-
-template <int kRows>
-struct OrderSmem {
-  static constexpr int kUT = kRows * kMaxT;
-  static constexpr size_t um = 0;                                         // [kUT][kOT] u16 users mask, then d << 4 | k
-  static constexpr size_t wd = um + (size_t)kUT * kOT * 2;                // [32][kOT] u32 union words
-  static constexpr size_t pr = wd + (size_t)32 * kOT * 4;                 // [32][kOT] u16 positions before each word
-  static constexpr size_t cd = pr + (size_t)32 * kOT * 2;                 // [kOrderDepths][kOT] u16 tiles per depth
-  static constexpr size_t bytes = cd + (size_t)kOrderDepths * kOT * 2;
-};
 
 template <int kRows>
 __global__ void __launch_bounds__(kOT) step_order_kernel(const int2 *__restrict__ spans,
@@ -74,109 +67,135 @@ __global__ void __launch_bounds__(kOT) step_order_kernel(const int2 *__restrict_
                                                          const int32_t *__restrict__ ord,
                                                          const unsigned *__restrict__ ubits, int64_t nitems,
                                                          unsigned short *__restrict__ sord) {
-  using L = OrderSmem<kRows>;
-  constexpr int kUT = L::kUT;
-  static_assert(kRows <= 16, "users mask: u16");
-  extern __shared__ __align__(16) unsigned char osm[];
-  const int tid = threadIdx.x;
-  unsigned short *sUm = reinterpret_cast<unsigned short *>(osm + L::um) + tid;  // [u * kOT]
-  unsigned *sWd = reinterpret_cast<unsigned *>(osm + L::wd) + tid;             // [w * kOT]
-  unsigned short *sPr = reinterpret_cast<unsigned short *>(osm + L::pr) + tid;  // [w * kOT]
-  unsigned short *sCd = reinterpret_cast<unsigned short *>(osm + L::cd) + tid;  // [d * kOT]
-  const int64_t item = (int64_t)blockIdx.x * kOT + tid;  // = (b * G + g) * NB + tb
-  if (item >= nitems) return;
-  const int64_t bg = item / NB, tb = item % NB, b = bg / G, g = bg % G;
-  unsigned short *out = sord + item * kUT;
-
-  // 1. The union.
-  int U = 0;
-  for (int w = 0; w < nw; w++) {
-    const unsigned x = ubits[item * nw + w];
-    sWd[w * kOT] = x, sPr[w * kOT] = (unsigned short)U;
-    U += __popc(x);
-  }
-  U = min(U, kUT);
-  for (int u = 0; u < U; u++) sUm[u * kOT] = 0;
-  auto upos = [&](int kt) {
-    return (int)sPr[(kt >> 5) * kOT] + __popc(sWd[(kt >> 5) * kOT] & ((1u << (kt & 31)) - 1u));
+  constexpr int kUT = kRows * kMaxT;
+  constexpr unsigned kFull = 0xffffffffu;
+  static_assert(kRows <= 2 * kOL && kRows <= 16, "rows: two per lane, users mask u16");
+  __shared__ __align__(4) unsigned short sUm[kOI][kUT];  // users mask of union position u, then d << 4 | k
+  __shared__ unsigned sWd[kOI][32];                       // union words
+  __shared__ unsigned short sPr[kOI][32];                 // union positions before each word
+  __shared__ unsigned short sCd[kOI][kOrderDepths];       // tiles per depth, then each depth's end
+  const int tid = threadIdx.x, lane = tid & 31, sub = lane & (kOL - 1), blk = tid / kOL;
+  const int64_t item = (int64_t)blockIdx.x * kOI + blk;  // = (b * G + g) * NB + tb
+  const bool live = item < nitems;  // (every lane takes part in the shuffles)
+  const int64_t bg = live ? item / NB : 0, tb = live ? item % NB : 0, b = bg / G, g = bg % G;
+  unsigned short *um = sUm[blk], *pr = sPr[blk], *cd = sCd[blk];
+  unsigned *wd = sWd[blk];
+  auto seg_incl = [&](int x) {  // inclusive sum over the block's lanes 0 .. sub
+#pragma unroll
+    for (int o = 1; o < kOL; o <<= 1) {
+      const int v = __shfl_up_sync(kFull, x, o, kOL);
+      if (sub >= o) x += v;
+    }
+    return x;
   };
 
-  // 2. The rows' tiles (fwd_rows.cuh span_tiles, one span at a time). The
-  // rows' t, span counts and a row's spans are each loaded together: one
-  // latency per row, not one per span (~0.2 ms at T = 64k otherwise).
-  int tr[kRows], nr[kRows];
+  // 1. The union: word 8 i + s in lane s.
+  int base = 0;
 #pragma unroll
-  for (int r = 0; r < kRows; r++) tr[r] = tb * kRows + r < S ? ord[bg * S + tb * kRows + r] : -1;
-#pragma unroll
-  for (int r = 0; r < kRows; r++) nr[r] = tr[r] >= 0 ? min((int)nspans[(b * S + tr[r]) * G + g], n) : 0;
+  for (int i = 0; i < 32 / kOL; i++) {
+    const int w = kOL * i + sub;
+    const unsigned x = live && w < nw ? ubits[item * nw + w] : 0u;
+    const int inc = seg_incl(__popc(x));
+    wd[w] = x, pr[w] = (unsigned short)(base + inc - __popc(x));
+    base += __shfl_sync(kFull, inc, kOL - 1, kOL);
+  }
+  const int U = min(base, kUT);
+  for (int i = sub; 2 * i < U; i += kOL) reinterpret_cast<unsigned *>(um)[i] = 0u;
+  for (int d = sub; d < kOrderDepths; d += kOL) cd[d] = 0;
+  __syncwarp();
+  auto upos = [&](int kt) { return (int)pr[kt >> 5] + __popc(wd[kt >> 5] & ((1u << (kt & 31)) - 1u)); };
+
+  // 2. The rows' tiles (fwd_rows.cuh span_tiles, one span at a time); a
+  // row's spans are loaded together (one latency per row).
   bool bad = false;
-#pragma unroll
-  for (int r = 0; r < kRows; r++) {
-    if (tr[r] < 0) break;
-    const int64_t row = (b * S + tr[r]) * G + g;
-    const int nsp = nr[r];
+  for (int h = 0; h < 2; h++) {
+    const int r = sub + kOL * h;
+    if (!live || r >= kRows || tb * kRows + r >= S) continue;
+    const int64_t row = (b * S + ord[bg * S + tb * kRows + r]) * G + g;
+    const int nsp = min((int)nspans[row], n);
     int2 xs[kMaxT];  // (n <= 32)
 #pragma unroll
     for (int i = 0; i < kMaxT; i++) xs[i] = i < nsp ? spans[row * n + i] : make_int2(0, 0);
     int c = 0, plast = -3;
-    for (int s = 0; s < nsp && c < kMaxT; s++) {
-      const int2 x = xs[s];
-      const bool ok = x.y > x.x && x.x >= 0 && x.y <= Skv;
-      if (!ok) {
+    for (int sp = 0; sp < nsp && c < kMaxT; sp++) {
+      const int2 x = xs[sp];
+      if (!(x.y > x.x && x.x >= 0 && x.y <= Skv)) {
         plast = -2;
         continue;
       }
       const int first = x.x / kT, last = (x.y - 1) / kT;
       for (int kt = first == plast ? first + 1 : first; kt <= last && c < kMaxT; kt++, c++) {
-        if (kt < nw * 32 && ((sWd[(kt >> 5) * kOT] >> (kt & 31)) & 1u))
-          sUm[upos(kt) * kOT] |= (unsigned short)(1u << r);
-        else
+        if (kt < nw * 32 && ((wd[kt >> 5] >> (kt & 31)) & 1u)) {
+          const int up = upos(kt);
+          atomicOr(reinterpret_cast<unsigned *>(um) + (up >> 1), 1u << (r + 16 * (up & 1)));
+        } else {
           bad = true;
+        }
       }
       plast = last;
     }
   }
+  bad = ((__ballot_sync(kFull, bad) >> (lane & ~(kOL - 1))) & ((1u << kOL) - 1u)) != 0u;  // the block's
+  __syncwarp();
 
-  // 3. Depths from the top.
-  int dn[kRows];
+  // 3. Depths from the top (lane s: rows s and s + 8).
+  const int r0 = sub, r1 = sub + kOL;
+  int dn0 = 0, dn1 = 0;
+  const int steps = (int)__reduce_max_sync(kFull, (unsigned)U);
+  for (int i = 0; i < steps; i++) {
+    const int u = U - 1 - i;
+    const bool act = u >= 0 && !bad;  // (uniform in the block's lanes)
+    const unsigned m = act ? um[u] : 0u;
+    const bool us0 = (m >> r0) & 1u, us1 = r1 < kRows && ((m >> r1) & 1u);
+    int d = max(us0 ? dn0 : 0, us1 ? dn1 : 0);
 #pragma unroll
-  for (int r = 0; r < kRows; r++) dn[r] = 0;
-  for (int d = 0; d < kOrderDepths; d++) sCd[d * kOT] = 0;
-  int maxd = 0;
-  for (int u = U - 1; u >= 0 && !bad; u--) {
-    const unsigned m = sUm[u * kOT];
-    int d = 0;
-#pragma unroll
-    for (int r = 0; r < kRows; r++) d = (m >> r) & 1u ? max(d, dn[r]) : d;
-    if (d >= kOrderDepths) {
-      bad = true;
-      break;
+    for (int o = 1; o < kOL; o <<= 1) d = max(d, __shfl_xor_sync(kFull, d, o, kOL));
+    if (us0) dn0 = d + 1;
+    if (us1) dn1 = d + 1;
+    if (act && d >= kOrderDepths) bad = true;
+    if (act && !bad && sub == 0) {
+      const int k = cd[d];
+      cd[d] = (unsigned short)(k + 1);
+      um[u] = (unsigned short)((d << 4) | k);
     }
+  }
+  __syncwarp();
+
+  // 4. Depth d's steps end (one past) at the count of tiles of depth >= d
+  // (lane s: depths 8 s .. 8 s + 7).
+  {
+    int c[kOrderDepths / kOL], sum = 0;
 #pragma unroll
-    for (int r = 0; r < kRows; r++) dn[r] = (m >> r) & 1u ? d + 1 : dn[r];
-    const int k = sCd[d * kOT];
-    sCd[d * kOT] = (unsigned short)(k + 1);
-    sUm[u * kOT] = (unsigned short)((d << 4) | k);
-    maxd = max(maxd, d);
-  }
-  if (bad) {  // ascending
-    int u = 0;
-    for (int w = 0; w < nw; w++)
-      for (unsigned m = sWd[w * kOT]; m != 0u && u < kUT; m &= m - 1, u++)
-        out[u] = (unsigned short)(w * 32 + __ffs(m) - 1);
-    return;
-  }
-  // 4. Depth d's steps end (one past) at the count of tiles of depth >= d.
-  for (int d = maxd, acc = 0; d >= 0; d--) {
-    acc += sCd[d * kOT];
-    sCd[d * kOT] = (unsigned short)acc;
-  }
-  int u = 0;
-  for (int w = 0; w < nw; w++)
-    for (unsigned m = sWd[w * kOT]; m != 0u && u < U; m &= m - 1, u++) {
-      const int e = sUm[u * kOT];
-      out[sCd[(e >> 4) * kOT] - 1 - (e & 15)] = (unsigned short)(w * 32 + __ffs(m) - 1);
+    for (int j = 0; j < kOrderDepths / kOL; j++) c[j] = cd[(kOrderDepths / kOL) * sub + j], sum += c[j];
+    int above = sum;
+#pragma unroll
+    for (int o = 1; o < kOL; o <<= 1) {
+      const int v = __shfl_down_sync(kFull, above, o, kOL);
+      if (sub + o < kOL) above += v;
     }
+    int acc = above - sum;  // tiles deeper than this lane's depths
+#pragma unroll
+    for (int j = kOrderDepths / kOL - 1; j >= 0; j--) {
+      acc += c[j];
+      cd[(kOrderDepths / kOL) * sub + j] = (unsigned short)acc;
+    }
+  }
+  __syncwarp();
+  if (!live) return;
+  unsigned short *out = sord + item * kUT;
+  for (int i = 0; i < 32 / kOL; i++) {
+    const int w = kOL * i + sub;
+    int u = pr[w];
+    for (unsigned m = wd[w]; m != 0u && u < U; m &= m - 1, u++) {
+      const unsigned short tile = (unsigned short)(w * 32 + __ffs(m) - 1);
+      if (bad) {  // ascending
+        out[u] = tile;
+      } else {
+        const int e = um[u];
+        out[cd[e >> 4] - 1 - (e & 15)] = tile;
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -189,11 +208,7 @@ cudaError_t nsa_rows::launch_step_order(const nsa_cuda_attn_t *a, const nsa_plan
     return cudaErrorInvalidValue;
   const int64_t NB = (a->S + R - 1) / R, nitems = a->B * a->G * NB;
   if (nitems <= 0) return cudaSuccess;
-  static unsigned long long set_on = 0;  // bwd_common.cuh: set once per device
-  int dev = 0;
-  const cudaError_t e = set_smem_once(step_order_kernel<11>, (int)OrderSmem<11>::bytes, &set_on, &dev);
-  if (e != cudaSuccess) return e;
-  step_order_kernel<11><<<(unsigned)((nitems + kOT - 1) / kOT), kOT, OrderSmem<11>::bytes, st>>>(
+  step_order_kernel<11><<<(unsigned)((nitems + kOI - 1) / kOI), kOT, 0, st>>>(
       (const int2 *)plan->spans, plan->nspans, (int)plan->n, a->S, a->G, a->Skv, NB, (int)nw, ord, ubits, nitems,
       sord);
   return cudaGetLastError();
