@@ -103,12 +103,13 @@ def greedy(masks, R, W, sequential=False):
     return out
 
 
-def wide_window(masks, rows, R, P=16):
-    """A wide window's blocks (fwd_rows_group_wide.cu), P at a time: block
-    P k + w's seed is the (w + 1)-th largest remaining t; then in rounds
-    every block with room proposes its remaining row with the fewest tiles
-    outside its union (ties: larger t), all against the rows remaining at
-    the round's start; a row proposed by several goes to the lowest block."""
+def wide_window_rows(masks, rows, R, P=16):
+    """A wide window's blocks (fwd_rows_group_wide.cu), P at a time, as the
+    rows of each block in the order they joined: block P k + w's seed is
+    the (w + 1)-th largest remaining t; then in rounds every block with room
+    proposes its remaining row with the fewest tiles outside its union
+    (ties: larger t), all against the rows remaining at the round's start;
+    a row proposed by several goes to the lowest block."""
     left = set(rows)
     nbw = (len(rows) + R - 1) // R
     caps = [min(R, len(rows) - b * R) for b in range(nbw)]
@@ -117,12 +118,12 @@ def wide_window(masks, rows, R, P=16):
         act = range(b0, min(nbw, b0 + P))
         seeds = sorted(left, reverse=True)[:len(act)]
         u = {b: masks[s] for b, s in zip(act, seeds)}
-        have = {b: 1 for b in act}
+        mem = {b: [s] for b, s in zip(act, seeds)}
         left.difference_update(seeds)
         while True:
             prop = {}
             for b in act:
-                if have[b] < caps[b] and left:
+                if len(mem[b]) < caps[b] and left:
                     prop[b] = min(left, key=lambda r: ((masks[r] & ~u[b]).bit_count(), -r))
             if not prop:
                 break
@@ -133,9 +134,20 @@ def wide_window(masks, rows, R, P=16):
                     continue
                 taken.add(r)
                 u[b] |= masks[r]
-                have[b] += 1
+                mem[b].append(r)
             left -= taken
-        out.extend(u[b] for b in act)
+        out.extend(mem[b] for b in act)
+    return out
+
+
+def wide_window(masks, rows, R, P=16):
+    """wide_window_rows' blocks as the union bitmask of each."""
+    out = []
+    for mem in wide_window_rows(masks, rows, R, P):
+        u = 0
+        for r in mem:
+            u |= masks[r]
+        out.append(u)
     return out
 
 

@@ -33,41 +33,8 @@ ascending came out as 3.3 % of the forward kernel's time on the GPU
 import argparse
 import heapq
 import random
-import sys
 
 import grouping_model as gm
-
-
-def wide_rows(masks, rows, R, P=16):
-    """grouping_model.wide_window's rule, returning each block's rows."""
-    left = set(rows)
-    nbw = (len(rows) + R - 1) // R
-    caps = [min(R, len(rows) - b * R) for b in range(nbw)]
-    out = []
-    for b0 in range(0, nbw, P):
-        act = range(b0, min(nbw, b0 + P))
-        seeds = sorted(left, reverse=True)[:len(act)]
-        u = {b: masks[s] for b, s in zip(act, seeds)}
-        mem = {b: [s] for b, s in zip(act, seeds)}
-        left.difference_update(seeds)
-        while True:
-            prop = {}
-            for b in act:
-                if len(mem[b]) < caps[b] and left:
-                    prop[b] = min(left, key=lambda r: ((masks[r] & ~u[b]).bit_count(), -r))
-            if not prop:
-                break
-            taken = set()
-            for b in act:
-                r = prop.get(b)
-                if r is None or r in taken:
-                    continue
-                taken.add(r)
-                u[b] |= masks[r]
-                mem[b].append(r)
-            left -= taken
-        out.extend(mem[b] for b in act)
-    return out
 
 
 def tiles(m):
@@ -186,7 +153,7 @@ def main():
     blocks = []
     for k in range(0, a.T // W, max(1, a.T // W // 6)):
         p0 = a.T - W * (k + 1)
-        blocks.extend(wide_rows(masks, list(range(p0, p0 + W)), a.R))
+        blocks.extend(gm.wide_window_rows(masks, list(range(p0, p0 + W)), a.R))
     rng.shuffle(blocks)
     rts = [[tiles(masks[r]) for r in b] for b in blocks[:a.blocks]]
     fn = {"asc": order_asc, "depth": order_depth, "lru": order_lru}
