@@ -99,10 +99,11 @@ cudaError_t nsa_cuda_fwd_rows_group(const nsa_cuda_attn_t *a, const nsa_plan_t *
  * grouping's) with union ubits (its words), sord[(b*G + g)*ceil(S/rows) +
  * block][v] = the tile the block streams at step v (u16, rows * 32 entries
  * per block, the union's size used): each row's tiles stay ascending, the
- * rows spread over the ring (list scheduling: the ready tile whose users'
- * latest step is earliest, then more users, then the smaller tile). A
- * row's tiles come from plan's spans. At most 1024 tiles per (b, g);
- * cudaErrorInvalidValue otherwise. */
+ * rows spread over the ring (depth order: a tile's depth is 0 when none of
+ * its rows has a later tile, else 1 + the largest depth of its rows' next
+ * tiles; depth descending, then tile ascending). A row's tiles come from
+ * plan's spans. At most 1024 tiles per (b, g); cudaErrorInvalidValue
+ * otherwise. */
 cudaError_t nsa_cuda_fwd_rows_step_order(const nsa_cuda_attn_t *a, const nsa_plan_t *plan, int rows,
                                          const int32_t *ord, const unsigned *ubits, unsigned short *sord,
                                          cudaStream_t st);

@@ -29,6 +29,11 @@
 //     spans, lists its tiles, waits on uready[set], maps its tiles to steps,
 //     ORs its bit into sUm and arrives on listed[set]; then walks its steps
 //     (fwd_rows.cuh walk_steps with global steps) and stores o and lse.
+// With a step order (sord, fwd_rows_order.cu; loaded with the union word,
+// one item ahead) the producer checks it is a permutation of the union
+// (else keeps ascending), puts it in sUt and writes sPerm[ascending rank]
+// = step; a consumer maps its tiles' ranks through sPerm and leaves the
+// ring (as a lost row) if its steps are not increasing.
 // Set reuse is safe: the producer writes set x for item it + 2 only after
 // listed[it + 1], i.e. after every consumer has finished reading set x for
 // item it; phases of uready / listed are it >> 1.
@@ -39,7 +44,7 @@
 // producer waits for each slot's last step to land (no bulk copy into the
 // shared memory of an exited CTA).
 // Shared memory (11 rows): ring 5 x 32 KB, Q 47 KB, lists 4.1 KB, two
-// union sets 5.8 KB: ~218 KB.
+// union sets 8.6 KB (with the order's rank map): ~221 KB.
 #include "fwd_rows.cuh"
 
 using namespace nsa_rows;
