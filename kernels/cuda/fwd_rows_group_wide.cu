@@ -41,10 +41,12 @@
 //   toff  [kGNT + 1] i32, cur [kGNT] i32 (tile counts, then fill cursors)
 //   cnt   [Wp] u8      row j's tile count
 //   used  [Wp] u8      1: placed (and every j >= Wn)
-//   sc    [P][Wp] u8   warp w's block: row j's tiles inside its union
+//   sc    [P][Wp] u8   warp w's block: row j's score, its tiles outside
+//                      the block's union (never below 0); | 0x80 once j
+//                      is placed
 //   prop  [P] i32      this round's proposals; seed [P] i32; red [2] i32;
-//   wb    [P][32] u32  per-warp union words (the t-order check)
-// Each warp keeps its block's union in registers (lane i: word i).
+//   wb    [P][32] u32  per-warp union words: the t-order check, then the
+//                      union of the warp's block in the greedy
 // W = 1 408, MT = 16: ~125 KB; MT = 32: ~215 KB. At W = 704, MT = 16
 // (64-block windows from a selection of 16 blocks: the 64k default) 69 KB,
 // and at most 40 registers (__launch_bounds__ minimum 3): three CTAs per
@@ -105,7 +107,7 @@ __global__ void __launch_bounds__(kWT, 3)
   int *seed = reinterpret_cast<int *>(gsm + L.seed);
   int *red = reinterpret_cast<int *>(gsm + L.red);
   unsigned *wb = reinterpret_cast<unsigned *>(gsm + L.wb) + (threadIdx.x / 32) * 32;  // this warp's words
-  unsigned char *sc = gsm + L.sc + (size_t)(threadIdx.x / 32) * Wp;                   // this warp's scores
+  unsigned *sc4 = reinterpret_cast<unsigned *>(gsm + L.sc);  // every warp's scores, 4 rows per word
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int NT = (int)((Skv + kT - 1) / kT);
@@ -117,7 +119,6 @@ __global__ void __launch_bounds__(kWT, 3)
   if (claim != nullptr && blockIdx.x == 0 && tid == 0) *claim = 0;  // the persistent forward's item counter
   for (int i = tid; i < NT; i += kWT) cur[i] = 0;
   for (int j = tid; j < Wp; j += kWT) used[j] = j >= Wn, cnt[j] = 0;
-  for (int i = tid; i < kWarpsW * Wp / 4; i += kWT) reinterpret_cast<unsigned *>(gsm + L.sc)[i] = 0u;
   if (tid < 2) red[tid] = 0;
   __syncthreads();
 
@@ -216,11 +217,19 @@ __global__ void __launch_bounds__(kWT, 3)
     __syncthreads();
   }
 
-  // 4. The greedy, a batch of P blocks at a time. key = (tiles outside the
-  // block's union) << 16 | (0xffff - j): its minimum is the fewest new
-  // tiles, then the largest j (= the largest t). A warp scans four rows per
-  // 32-bit load of used / cnt / sc (rows j >= Wn are marked used).
+  // 4. The greedy, a batch of P blocks at a time. Warp w's block takes the
+  // remaining row with the lowest score (its tiles outside the block's
+  // union), ties to the largest j (= the largest t). The scores live in
+  // bytes, four rows per word (sc4: warp w's words at w * nq), set from cnt
+  // at the batch's start and taken down as tiles join the union; a placed
+  // row's byte gets 0x80 in every warp's words (atomically, as other warps
+  // may be taking it down in the same phase), so one load gives four rows'
+  // keys. Rows j >= Wn are marked placed.
   const int NBw = (Wn + R - 1) / R;
+  const int nq = Wp / 4;  // words of scores per warp
+  const unsigned *cnt4 = reinterpret_cast<const unsigned *>(cnt);
+  const unsigned *used4 = reinterpret_cast<const unsigned *>(used);
+  unsigned *my4 = sc4 + warp * nq;
   for (int bat = 0; bat * kWarpsW < NBw; bat++) {
     const int blk = bat * kWarpsW + warp;
     const int cap = blk < NBw ? min(R, Wn - blk * R) : 0;  // this warp's block's rows
@@ -240,61 +249,90 @@ __global__ void __launch_bounds__(kWT, 3)
       if (lane < nact) used[seed[lane]] = 1;
     }
     __syncthreads();
-    unsigned Ur = 0u;  // lane i: word i of this warp's block's union
-    int have = 0;      // rows placed in this warp's block
+    for (int q = lane; q < nq; q += 32) my4[q] = cnt4[q] | (used4[q] << 7);  // (cnt <= 32)
+    wb[lane] = 0u;  // this warp's block's union (word i in wb[i])
+    __syncwarp();
+    int have = 0;  // rows placed in this warp's block
     // Row j enters this warp's block at position `have`: its new tiles join
-    // the union and (while the block has room) count in the scores of the
-    // rows listing them (a tile's rows are distinct: no atomics).
+    // the union and (while the block has room) take one off the scores of
+    // the rows listing them. A row's tiles are distinct, so each new tile is
+    // one lane's. A tile with few rows is walked by its lane; one with many
+    // (every row may list block 0) by the whole warp. Two new tiles may
+    // share rows: atomics.
     auto place = [&](int j) {
       if (lane == 0) ow[blk * R + have] = (int32_t)(p0 + j);
       have++;
       const int c = cnt[j];
       const int kt = lane < c ? lst[j * MT + lane] : 0;
-      const unsigned uword = __shfl_sync(kFull, Ur, (kt >> 5) & 31);  // every lane: a full-mask shuffle
-      const bool isnew = lane < c && ((uword >> (kt & 31)) & 1u) == 0u;
-      unsigned nm = __ballot_sync(kFull, isnew);
-      while (nm != 0u) {
-        const int e = __ffs(nm) - 1;
-        nm &= nm - 1;
-        const int k = __shfl_sync(kFull, kt, e);
-        if (lane == (k >> 5)) Ur |= 1u << (k & 31);
-        if (have < cap)
-          for (int q = toff[k] + lane; q < toff[k + 1]; q += 32) sc[inv[q]]++;
-        __syncwarp();
+      const bool isnew = lane < c && ((wb[kt >> 5] >> (kt & 31)) & 1u) == 0u;
+      __syncwarp();  // every lane has read the union before it grows
+      if (isnew) atomicOr(&wb[kt >> 5], 1u << (kt & 31));
+      if (have < cap) {
+        const int lo = isnew ? toff[kt] : 0, hi = isnew ? toff[kt + 1] : 0;
+        const bool few = hi - lo <= 16;
+        if (few)
+          for (int q = lo; q < hi; q++) {
+            const int r = inv[q];
+            atomicSub(&my4[r >> 2], 1u << (8 * (r & 3)));
+          }
+        for (unsigned mb = __ballot_sync(kFull, !few); mb != 0u; mb &= mb - 1) {
+          const int e = __ffs(mb) - 1;
+          const int l = __shfl_sync(kFull, lo, e), h = __shfl_sync(kFull, hi, e);
+          for (int q = l + lane; q < h; q += 32) {
+            const int r = inv[q];
+            atomicSub(&my4[r >> 2], 1u << (8 * (r & 3)));
+          }
+        }
       }
+      __syncwarp();
     };
     if (cap > 0) place(seed[warp]);
     for (;;) {
       const bool want = have < cap;
-      unsigned key = kFull;
+      int js = -1;
       if (want) {
-        for (int q = lane; 4 * q < Wp; q += 32) {
-          const unsigned u4 = reinterpret_cast<const unsigned *>(used)[q];
-          if (u4 == 0x01010101u) continue;
-          const unsigned c4 = reinterpret_cast<const unsigned *>(cnt)[q];
-          const unsigned s4 = reinterpret_cast<const unsigned *>(sc)[q];
-#pragma unroll
-          for (int i = 0; i < 4; i++) {
-            const unsigned nw = ((c4 >> (8 * i)) & 255u) - ((s4 >> (8 * i)) & 255u);
-            if (((u4 >> (8 * i)) & 255u) == 0u) key = min(key, (nw << 16) | (unsigned)(0xffff - (4 * q + i)));
+        if constexpr (MT == 16) {
+          // Keys of 16 bits, two rows per word (even / odd bytes): score << 11
+          // | (2047 - j), 0xffff once placed; min.u16x2 keeps the smaller.
+          unsigned m = 0xffffffffu;
+          unsigned je = (2047u - 4u * (unsigned)lane) * 0x10001u - 0x20000u;  // rows 4q, 4q + 2
+          for (int q = lane; q < nq; q += 32, je -= 128u * 0x10001u) {
+            const unsigned v = my4[q];
+            const unsigned ke = ((v & 0x001f001fu) << 11) | je | (((v >> 7) & 0x00010001u) * 0xffffu);
+            const unsigned ko =
+                (((v >> 8) & 0x001f001fu) << 11) | (je - 0x10001u) | (((v >> 15) & 0x00010001u) * 0xffffu);
+            unsigned t;
+            asm("min.u16x2 %0, %1, %2;" : "=r"(t) : "r"(ke), "r"(ko));
+            asm("min.u16x2 %0, %1, %2;" : "=r"(m) : "r"(m), "r"(t));
           }
+          const unsigned key = __reduce_min_sync(kFull, min(m & 0xffffu, m >> 16));
+          js = 2047 - (int)(key & 2047u);
+        } else {
+          unsigned key = kFull;  // score << 16 | (0xffff - j)
+          for (int q = lane; q < nq; q += 32) {
+            const unsigned v = my4[q];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+              const unsigned x = (v >> (8 * i)) & 255u;
+              if (x < 0x80u) key = min(key, (x << 16) | (unsigned)(0xffff - (4 * q + i)));
+            }
+          }
+          js = 0xffff - (int)(__reduce_min_sync(kFull, key) & 0xffffu);
         }
-        key = __reduce_min_sync(kFull, key);
       }
-      const int js = want ? 0xffff - (int)(key & 0xffffu) : -1;
       if (lane == 0) prop[warp] = js;
       __syncthreads();
       // A row proposed by a lower warp of the batch is that warp's.
       const bool lost = want && __any_sync(kFull, lane < warp && prop[lane] == js);
       if (want && !lost) {
         if (lane == 0) used[js] = 1;
+        if (lane < kWarpsW) atomicOr(&sc4[lane * nq + (js >> 2)], 0x80u << (8 * (js & 3)));
         place(js);
       }
       if (!__syncthreads_or(have < cap)) break;
     }
-    // The block's union; the scores start afresh for the next batch.
-    if (cap > 0 && uw != nullptr && lane < fnw) uw[blk * fnw + lane] = Ur;
-    for (int q = lane; 4 * q < Wp; q += 32) reinterpret_cast<unsigned *>(sc)[q] = 0u;
+    // The block's union.
+    if (cap > 0 && uw != nullptr && lane < fnw) uw[blk * fnw + lane] = wb[lane];
     __syncthreads();
   }
 }
