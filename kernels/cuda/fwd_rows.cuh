@@ -143,14 +143,19 @@ __device__ __forceinline__ SpanTiles span_tiles(int2 xr, int nsr, int n, int64_t
 // so the fill of step u - kNS has landed and the parity wait names the right
 // phase), waits for K (full[s]), runs tile(j, slot address, s, u) (which
 // waits for V, fullv[s], itself), and releases the slot (empty[s]).
-template <int kNS, int kSlotB, typename F>
+// kPollNs: the sleep between two reads of the tag. A warp that polls takes
+// issue slots from the warps computing on its sub-partition; the persistent
+// forward, where most rows wait on the ring, polls every ~400 ns (64k h16
+// random forward 0.8 % faster than at 20 ns, 800 ns 2.6 % slower;
+// docs/PERF.md, session 27).
+template <int kNS, int kSlotB, int kPollNs = 20, typename F>
 __device__ __forceinline__ void walk_steps(int cnt, int mystep, const int *sTag, unsigned ring, unsigned full0,
                                            unsigned empty0, int lane, F &&tile) {
   int j = 0;
   int next = __shfl_sync(0xffffffffu, mystep, 0);
   for (int u = next; j < cnt; u = next) {
     const int s = u % kNS;
-    while (nsa_mbar::flag_load(smem_u32(&sTag[s])) != u) __nanosleep(20);
+    while (nsa_mbar::flag_load(smem_u32(&sTag[s])) != u) __nanosleep(kPollNs);
     nsa_mbar::wait(full0 + 8 * s, (u / kNS) & 1);
     tile(j, ring + s * kSlotB, s, u);
     j++;
