@@ -144,11 +144,12 @@ __device__ __forceinline__ SpanTiles span_tiles(int2 xr, int nsr, int n, int64_t
 // phase), waits for K (full[s]), runs tile(j, slot address, s, u) (which
 // waits for V, fullv[s], itself), and releases the slot (empty[s]).
 // kPollNs: the sleep between two reads of the tag. A warp that polls takes
-// issue slots from the warps computing on its sub-partition; the persistent
-// forward, where most rows wait on the ring, polls every ~400 ns (64k h16
-// random forward 0.8 % faster than at 20 ns, 800 ns 2.6 % slower;
-// docs/PERF.md, session 27).
-template <int kNS, int kSlotB, int kPollNs = 20, typename F>
+// issue slots from the warps computing on its sub-partition. At ~400 ns
+// instead of 20 the persistent forward at 64k h16 random took 0.8 % less
+// time (and 13 % fewer instructions), the Dk = 192 forward 0.7 % less, the
+// backward's dq the same; 550 ns was 3.5 % slower at 64k, where a step
+// takes ~560 ns per SM (docs/PERF.md, session 27).
+template <int kNS, int kSlotB, int kPollNs = 400, typename F>
 __device__ __forceinline__ void walk_steps(int cnt, int mystep, const int *sTag, unsigned ring, unsigned full0,
                                            unsigned empty0, int lane, F &&tile) {
   int j = 0;

@@ -338,7 +338,7 @@ __global__ void __launch_bounds__((kRows + 1) * 32, 1)
     float mr0 = -INFINITY, mr1 = -INFINITY, l0 = 0.f, l1 = 0.f;
     cp_wait<0>();
     __syncwarp();
-    walk_steps<kNS, L::kSlotB, 400>(cnt, gstep, sTag, ring, full0, empty0, lane, [&](int j, unsigned slot, int s, int u) {
+    walk_steps<kNS, L::kSlotB>(cnt, gstep, sTag, ring, full0, empty0, lane, [&](int j, unsigned slot, int s, int u) {
       float sc[8][4];
       qk_sw<T, L::QS, 128>(q_s, slot, lane, sc);
       softmax_tile<DV>(sc, mk[j], mk[j], cq, c2, mr0, mr1, l0, l1, o);
