@@ -64,6 +64,7 @@ using namespace nsa_rows;
 constexpr int kWT = 512;           // threads per window
 constexpr int kWarpsW = kWT / 32;  // warps per window
 constexpr int kGNTw = 1024;        // tiles per (b, g) at most (32 union words)
+static_assert(((kGroupWideRows + 127) & ~127) <= 2048, "the greedy's 16-bit keys hold j in 11 bits");
 
 // The layout's byte offsets, 16-byte aligned (host and device).
 struct WideLayout {
