@@ -143,15 +143,16 @@ __device__ __forceinline__ SpanTiles span_tiles(int2 xr, int nsr, int n, int64_t
 // so the fill of step u - kNS has landed and the parity wait names the right
 // phase), waits for K (full[s]), runs tile(j, slot address, s, u) (which
 // waits for V, fullv[s], itself), and releases the slot (empty[s]).
-// kPollNs: the sleep between two reads of the tag. A warp that polls takes
+// kPollNs (below): the sleep between two reads of the tag. A warp that polls takes
 // issue slots from the warps computing on its sub-partition. At ~400 ns
 // instead of 20 the persistent forward at 64k h16 random took 0.8 % less
 // time (and 13 % fewer instructions), the Dk = 192 forward 0.7 % less, the
 // backward's dq the same; 550 ns was 3.5 % slower at 64k, where a step
 // takes ~560 ns per SM (docs/PERF.md, session 27).
-template <int kNS, int kSlotB, int kPollNs = 400, typename F>
+template <int kNS, int kSlotB, typename F>
 __device__ __forceinline__ void walk_steps(int cnt, int mystep, const int *sTag, unsigned ring, unsigned full0,
                                            unsigned empty0, int lane, F &&tile) {
+  constexpr unsigned kPollNs = 400;
   int j = 0;
   int next = __shfl_sync(0xffffffffu, mystep, 0);
   for (int u = next; j < cnt; u = next) {

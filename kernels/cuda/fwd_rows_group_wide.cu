@@ -269,20 +269,18 @@ __global__ void __launch_bounds__(kWT, 3)
       __syncwarp();  // every lane has read the union before it grows
       if (isnew) atomicOr(&wb[kt >> 5], 1u << (kt & 31));
       if (have < cap) {
+        auto take = [&](int q) {  // one off the score of the index's q-th row
+          const int r = inv[q];
+          atomicSub(&my4[r >> 2], 1u << (8 * (r & 3)));
+        };
         const int lo = isnew ? toff[kt] : 0, hi = isnew ? toff[kt + 1] : 0;
         const bool few = hi - lo <= 16;
         if (few)
-          for (int q = lo; q < hi; q++) {
-            const int r = inv[q];
-            atomicSub(&my4[r >> 2], 1u << (8 * (r & 3)));
-          }
+          for (int q = lo; q < hi; q++) take(q);
         for (unsigned mb = __ballot_sync(kFull, !few); mb != 0u; mb &= mb - 1) {
           const int e = __ffs(mb) - 1;
           const int l = __shfl_sync(kFull, lo, e), h = __shfl_sync(kFull, hi, e);
-          for (int q = l + lane; q < h; q += 32) {
-            const int r = inv[q];
-            atomicSub(&my4[r >> 2], 1u << (8 * (r & 3)));
-          }
+          for (int q = l + lane; q < h; q += 32) take(q);
         }
       }
       __syncwarp();
